@@ -1,0 +1,937 @@
+//! The shared token cache: one entry per key, one refresh task per entry,
+//! and every waiter for a key served by the same upstream fetch.
+//!
+//! Each entry publishes a [`Snapshot`] on a `watch` channel. Readers take
+//! the current token from it without waiting; a reader that finds no usable
+//! token asks the entry's task for a newer *generation* and waits for it, so
+//! any number of concurrent readers cause one fetch. The task also refreshes
+//! the token before it expires, keeps the old token when a refresh fails,
+//! and removes the entry once nobody has used or watched it for the idle
+//! timeout.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use moka::ops::compute::Op;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::BrokerError;
+use crate::request::{TokenKey, TokenRequest};
+use crate::schedule::{self, Backoff, refresh_delay};
+use crate::token::Token;
+use crate::upstream::{FetchError, TokenSource};
+
+/// Default idle timeout (30 minutes): a key nobody asked for or watched for
+/// this long stops being refreshed and is dropped.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Default bound on cached keys (10 000).
+pub const DEFAULT_MAX_KEYS: usize = 10_000;
+/// Default expiry skew (10 s): a token this close to expiry is treated as
+/// expired, so it is still valid when the receiving service checks it.
+pub const DEFAULT_EXPIRY_SKEW: Duration = Duration::from_secs(10);
+
+/// Tunables of the cache; [`Default`] gives the documented defaults.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// How long before expiry tokens are refreshed ([`schedule::DEFAULT_REFRESH_MARGIN`]).
+    pub refresh_margin: Duration,
+    /// Tokens closer than this to expiry are never handed out ([`DEFAULT_EXPIRY_SKEW`]).
+    pub expiry_skew: Duration,
+    /// Unused, unwatched keys are dropped after this ([`DEFAULT_IDLE_TIMEOUT`]).
+    pub idle_timeout: Duration,
+    /// Most keys held at once ([`DEFAULT_MAX_KEYS`]).
+    pub max_keys: usize,
+    /// First wait after a failed refresh ([`schedule::DEFAULT_RETRY_INITIAL`]).
+    pub retry_initial: Duration,
+    /// Longest wait between failed refreshes ([`schedule::DEFAULT_RETRY_MAX`]).
+    pub retry_max: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            refresh_margin: schedule::DEFAULT_REFRESH_MARGIN,
+            expiry_skew: DEFAULT_EXPIRY_SKEW,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_keys: DEFAULT_MAX_KEYS,
+            retry_initial: schedule::DEFAULT_RETRY_INITIAL,
+            retry_max: schedule::DEFAULT_RETRY_MAX,
+        }
+    }
+}
+
+/// How a request was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// From the cache, without waiting.
+    Hit,
+    /// This request caused an upstream fetch.
+    Miss,
+    /// This request waited for a fetch another request or a refresh started.
+    Coalesced,
+}
+
+impl Outcome {
+    /// A stable name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Coalesced => "coalesced",
+        }
+    }
+}
+
+/// A token handed to a caller, and how it was obtained.
+#[derive(Clone, Debug)]
+pub struct Served {
+    /// The token; valid for at least the request's `min_valid_for`.
+    pub token: Arc<Token>,
+    /// Hit, miss or coalesced.
+    pub outcome: Outcome,
+}
+
+/// The cache shared by every client of the broker. Cloning is cheap.
+#[derive(Clone)]
+pub struct TokenCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    entries: moka::sync::Cache<TokenKey, Arc<KeyEntry>>,
+    source: Arc<dyn TokenSource>,
+    config: CacheConfig,
+    live_keys: AtomicUsize,
+    epoch: Instant,
+    /// Stops every refresh task when the last handle to the cache is gone.
+    stop: CancellationToken,
+}
+
+/// What an entry publishes to its readers.
+#[derive(Clone, Debug, Default)]
+struct Snapshot {
+    /// The newest token; a failed refresh never replaces it.
+    token: Option<Arc<Token>>,
+    /// Counts completed fetches, successful or not.
+    generation: u64,
+    /// The error of the latest fetch, if it failed.
+    error: Option<FetchError>,
+    /// Whether a fetch is under way.
+    fetching: bool,
+    /// The entry was dropped from the cache; look the key up again.
+    closed: bool,
+}
+
+struct KeyEntry {
+    key: TokenKey,
+    state: watch::Sender<Snapshot>,
+    /// The generation readers wait for; the task fetches while it is ahead
+    /// of the published one.
+    wanted: watch::Sender<u64>,
+    /// Milliseconds since the cache's epoch when the key was last asked for.
+    last_used_ms: AtomicU64,
+    watchers: AtomicUsize,
+}
+
+impl TokenCache {
+    /// A cache fetching through `source`.
+    pub fn new(source: Arc<dyn TokenSource>, config: CacheConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                entries: moka::sync::Cache::builder().build(),
+                source,
+                config,
+                live_keys: AtomicUsize::new(0),
+                epoch: Instant::now(),
+                stop: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Returns a token for the request's key that stays valid at least
+    /// `min_valid_for` (plus the expiry skew), fetching one if needed.
+    /// Callers bound the wait with their own deadline.
+    pub async fn get(&self, request: &TokenRequest) -> Result<Served, BrokerError> {
+        loop {
+            let entry = self.inner.entry(&request.key)?;
+            if let Some(served) = self.inner.serve(&entry, request).await? {
+                return Ok(served);
+            }
+        }
+    }
+
+    /// Like [`get`](Self::get), then keeps following the key: the returned
+    /// [`TokenWatch`] yields every later token of the key.
+    pub async fn watch(&self, request: &TokenRequest) -> Result<(Served, TokenWatch), BrokerError> {
+        loop {
+            let entry = self.inner.entry(&request.key)?;
+            let watcher = WatcherGuard::new(entry, self.inner.clone());
+            let states = watcher.entry.state.subscribe();
+            if let Some(served) = self.inner.serve(&watcher.entry, request).await? {
+                let watch = TokenWatch {
+                    watcher,
+                    states,
+                    current: served.token.clone(),
+                    expiry_skew: self.inner.config.expiry_skew,
+                };
+                return Ok((served, watch));
+            }
+        }
+    }
+
+    /// How many keys the cache holds.
+    pub fn len(&self) -> usize {
+        self.inner.live_keys.load(Ordering::Relaxed)
+    }
+
+    /// Whether the cache holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+// === impl Inner ===
+
+impl Inner {
+    fn now_ms(&self, now: Instant) -> u64 {
+        u64::try_from((now - self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The key's entry, created (with its refresh task) if missing.
+    fn entry(self: &Arc<Self>, key: &TokenKey) -> Result<Arc<KeyEntry>, BrokerError> {
+        if let Some(entry) = self.entries.get(key) {
+            return Ok(entry);
+        }
+        let mut created = None;
+        let inserted = self
+            .entries
+            .entry_by_ref(key)
+            .or_optionally_insert_with(|| {
+                let reserved = self
+                    .live_keys
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < self.config.max_keys).then_some(n + 1)
+                    })
+                    .is_ok();
+                if !reserved {
+                    return None;
+                }
+                let (entry, wanted) = KeyEntry::new(key.clone(), self.now_ms(Instant::now()));
+                created = Some(wanted);
+                Some(entry)
+            });
+        let Some(inserted) = inserted else {
+            return Err(BrokerError::LimitExceeded {
+                what: "too many cached keys",
+                limit: self.config.max_keys,
+            });
+        };
+        let entry = inserted.into_value();
+        if let Some(wanted) = created {
+            tokio::spawn(refresh_task(
+                Arc::downgrade(self),
+                entry.clone(),
+                wanted,
+                self.stop.clone(),
+            ));
+        }
+        Ok(entry)
+    }
+
+    /// Serves `request` from `entry`, waiting for a fetch if needed.
+    /// `Ok(None)` means the entry was dropped meanwhile: look it up again.
+    async fn serve(
+        &self,
+        entry: &KeyEntry,
+        request: &TokenRequest,
+    ) -> Result<Option<Served>, BrokerError> {
+        let required = request.min_valid_for + self.config.expiry_skew;
+        let now = Instant::now();
+        entry.touch(self.now_ms(now));
+        let (seen, fetching) = {
+            let snapshot = entry.state.borrow();
+            if let Some(token) = usable(&snapshot, now, required) {
+                return Ok(Some(Served {
+                    token,
+                    outcome: Outcome::Hit,
+                }));
+            }
+            if snapshot.closed {
+                return Ok(None);
+            }
+            (snapshot.generation, snapshot.fetching)
+        };
+        let caused = entry.want(seen + 1);
+        let outcome = if caused && !fetching {
+            Outcome::Miss
+        } else {
+            Outcome::Coalesced
+        };
+        let mut states = entry.state.subscribe();
+        let snapshot = states
+            .wait_for(|s| s.generation > seen || s.closed)
+            .await
+            .map_err(|_| BrokerError::ShuttingDown)?
+            .clone();
+        if snapshot.generation <= seen {
+            return Ok(None);
+        }
+        let now = Instant::now();
+        if let Some(token) = usable(&snapshot, now, required) {
+            return Ok(Some(Served { token, outcome }));
+        }
+        Err(match (snapshot.error, snapshot.token) {
+            (Some(source), _) => BrokerError::Upstream {
+                account: request.key.account().to_string(),
+                source,
+            },
+            (None, token) => BrokerError::MinValidForUnmet {
+                wanted: request.min_valid_for,
+                remaining: token.map_or(Duration::ZERO, |t| {
+                    t.remaining(now).saturating_sub(self.config.expiry_skew)
+                }),
+            },
+        })
+    }
+
+    /// Publishes the result of a fetch and returns when to refresh next
+    /// (`None`: only when asked).
+    fn record(
+        &self,
+        entry: &KeyEntry,
+        result: Result<Token, FetchError>,
+        backoff: &mut Backoff,
+    ) -> Option<Instant> {
+        let now = Instant::now();
+        let skew = self.config.expiry_skew;
+        match result {
+            Ok(token) => {
+                backoff.reset();
+                let usable_for = token.remaining(now).saturating_sub(skew);
+                entry.state.send_modify(|s| {
+                    // The metadata server hands back the same token until
+                    // shortly before expiry: keep the one readers already
+                    // have, so watchers are not sent a duplicate.
+                    let unchanged = s
+                        .token
+                        .as_ref()
+                        .is_some_and(|old| old.secret() == token.secret());
+                    if !unchanged {
+                        s.token = Some(Arc::new(token));
+                    }
+                    s.error = None;
+                    s.generation += 1;
+                    s.fetching = false;
+                });
+                tracing::debug!(key = ?entry.key, valid_for = ?usable_for, "token fetched");
+                Some(now + refresh_delay(usable_for, self.config.refresh_margin, fastrand::f64()))
+            }
+            Err(error) => {
+                let mut still_usable = None;
+                entry.state.send_modify(|s| {
+                    s.error = Some(error.clone());
+                    s.generation += 1;
+                    s.fetching = false;
+                    still_usable = s
+                        .token
+                        .as_ref()
+                        .map(|t| t.remaining(now).saturating_sub(skew))
+                        .filter(|usable| !usable.is_zero());
+                });
+                tracing::warn!(
+                    kind = entry.key.kind().as_str(),
+                    account = %entry.key.account(),
+                    error = %error,
+                    serving_cached_for = ?still_usable,
+                    "token fetch failed"
+                );
+                // Keep serving the old token and try again before it
+                // expires; without one, wait until somebody asks.
+                still_usable.map(|usable| {
+                    let wait = backoff.next_delay(fastrand::f64()).min(usable / 2);
+                    now + wait.max(schedule::MIN_RETRY_DELAY)
+                })
+            }
+        }
+    }
+
+    /// Drops `entry` if nobody used, watched or asked for it within the idle
+    /// timeout. Returns whether it was dropped.
+    fn evict_if_idle(&self, entry: &Arc<KeyEntry>) -> bool {
+        let idle = self
+            .now_ms(Instant::now())
+            .saturating_sub(entry.last_used_ms())
+            >= self.idle_timeout_ms();
+        let pending = *entry.wanted.borrow() > entry.state.borrow().generation;
+        if !idle || pending || entry.watchers.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        self.entries
+            .entry_by_ref(&entry.key)
+            .and_compute_with(|current| match current {
+                Some(current) if Arc::ptr_eq(current.value(), entry) => Op::Remove,
+                _ => Op::Nop,
+            });
+        tracing::debug!(key = ?entry.key, "idle key dropped");
+        true
+    }
+
+    fn idle_timeout_ms(&self) -> u64 {
+        u64::try_from(self.config.idle_timeout.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn idle_deadline(&self, entry: &KeyEntry) -> Instant {
+        self.epoch + Duration::from_millis(entry.last_used_ms()) + self.config.idle_timeout
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn usable(snapshot: &Snapshot, now: Instant, required: Duration) -> Option<Arc<Token>> {
+    snapshot
+        .token
+        .as_ref()
+        .filter(|token| token.remaining(now) > required)
+        .cloned()
+}
+
+/// The life of one key: fetch when asked, refresh before expiry, retry
+/// failed refreshes while the old token lasts, and leave when idle.
+async fn refresh_task(
+    cache: Weak<Inner>,
+    entry: Arc<KeyEntry>,
+    mut wanted: watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
+    let mut backoff = match cache.upgrade() {
+        Some(inner) => Backoff::new(inner.config.retry_initial, inner.config.retry_max),
+        None => return,
+    };
+    let mut refresh_at: Option<Instant> = None;
+    loop {
+        let generation = entry.state.borrow().generation;
+        let asked = *wanted.borrow_and_update() > generation;
+        if !asked {
+            let Some(inner) = cache.upgrade() else { break };
+            // A watched key is never idle; the last watcher to leave wakes
+            // this task so the idle clock starts again.
+            let idle_at =
+                (entry.watchers.load(Ordering::Acquire) == 0).then(|| inner.idle_deadline(&entry));
+            drop(inner);
+            tokio::select! {
+                () = stop.cancelled() => break,
+                changed = wanted.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                () = sleep_until(refresh_at.unwrap_or_else(Instant::now)), if refresh_at.is_some() => {}
+                () = sleep_until(idle_at.unwrap_or_else(Instant::now)), if idle_at.is_some() => {
+                    match cache.upgrade() {
+                        Some(inner) if inner.evict_if_idle(&entry) => break,
+                        Some(_) => continue,
+                        None => break,
+                    }
+                }
+            }
+        }
+        let Some(inner) = cache.upgrade() else { break };
+        entry.state.send_if_modified(|s| {
+            s.fetching = true;
+            false
+        });
+        let result = inner.source.fetch(&entry.key).await;
+        refresh_at = inner.record(&entry, result, &mut backoff);
+    }
+    entry.state.send_modify(|s| {
+        s.closed = true;
+        s.fetching = false;
+    });
+    if let Some(inner) = cache.upgrade() {
+        inner.live_keys.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+// === impl KeyEntry ===
+
+impl KeyEntry {
+    fn new(key: TokenKey, now_ms: u64) -> (Arc<Self>, watch::Receiver<u64>) {
+        let (wanted, wanted_rx) = watch::channel(0);
+        let entry = Arc::new(Self {
+            key,
+            state: watch::Sender::new(Snapshot::default()),
+            wanted,
+            last_used_ms: AtomicU64::new(now_ms),
+            watchers: AtomicUsize::new(0),
+        });
+        (entry, wanted_rx)
+    }
+
+    fn touch(&self, now_ms: u64) {
+        self.last_used_ms.fetch_max(now_ms, Ordering::Relaxed);
+    }
+
+    fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+
+    /// Asks the task for generation `generation`; returns whether this call
+    /// raised the demand (rather than joining one already made).
+    fn want(&self, generation: u64) -> bool {
+        self.wanted.send_if_modified(|wanted| {
+            let raise = *wanted < generation;
+            if raise {
+                *wanted = generation;
+            }
+            raise
+        })
+    }
+}
+
+/// Counts a watcher on an entry for as long as it lives; the entry is not
+/// dropped while watched, and its idle clock restarts when the last watcher
+/// leaves.
+struct WatcherGuard {
+    entry: Arc<KeyEntry>,
+    cache: Arc<Inner>,
+}
+
+impl WatcherGuard {
+    fn new(entry: Arc<KeyEntry>, cache: Arc<Inner>) -> Self {
+        entry.watchers.fetch_add(1, Ordering::AcqRel);
+        Self { entry, cache }
+    }
+}
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.entry.touch(self.cache.now_ms(Instant::now()));
+        if self.entry.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.entry.wanted.send_modify(|_| {});
+        }
+    }
+}
+
+/// Follows one key after [`TokenCache::watch`]: yields each new token.
+pub struct TokenWatch {
+    watcher: WatcherGuard,
+    states: watch::Receiver<Snapshot>,
+    current: Arc<Token>,
+    expiry_skew: Duration,
+}
+
+impl TokenWatch {
+    /// Waits for the next token of the key. Fails with
+    /// [`BrokerError::Expired`] when the current token expires before a
+    /// replacement arrives.
+    pub async fn next(&mut self) -> Result<Arc<Token>, BrokerError> {
+        loop {
+            let usable_until = self
+                .current
+                .expires_at()
+                .checked_sub(self.expiry_skew)
+                .unwrap_or_else(Instant::now);
+            tokio::select! {
+                changed = self.states.changed() => {
+                    if changed.is_err() {
+                        return Err(BrokerError::ShuttingDown);
+                    }
+                    if let Some(token) = self.replacement() {
+                        return Ok(token);
+                    }
+                    if self.states.borrow().closed {
+                        self.reattach()?;
+                    }
+                }
+                () = sleep_until(usable_until) => {
+                    if let Some(token) = self.replacement() {
+                        return Ok(token);
+                    }
+                    let last_error = self.states.borrow().error.clone();
+                    return Err(BrokerError::Expired { last_error });
+                }
+            }
+        }
+    }
+
+    /// The published token, if it is usable and not the one last yielded.
+    fn replacement(&mut self) -> Option<Arc<Token>> {
+        let snapshot = self.states.borrow_and_update();
+        let token = snapshot.token.as_ref()?;
+        let fresh = !Arc::ptr_eq(token, &self.current)
+            && token.remaining(Instant::now()) > self.expiry_skew;
+        fresh.then(|| {
+            self.current = token.clone();
+            token.clone()
+        })
+    }
+
+    /// Moves to the key's new entry after the old one was dropped (possible
+    /// only in the instant a watch starts on a key being evicted as idle),
+    /// and asks it for a token.
+    fn reattach(&mut self) -> Result<(), BrokerError> {
+        let cache = self.watcher.cache.clone();
+        let entry = cache.entry(&self.watcher.entry.key)?;
+        self.watcher = WatcherGuard::new(entry, cache);
+        self.states = self.watcher.entry.state.subscribe();
+        let generation = self.states.borrow().generation;
+        self.watcher.entry.want(generation + 1);
+        Ok(())
+    }
+
+    /// The key being watched.
+    pub fn key(&self) -> &TokenKey {
+        &self.watcher.entry.key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    use futures_util::FutureExt;
+    use futures_util::future::BoxFuture;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::request::{IdTokenFormat, IdTokenKey, ServiceAccount};
+    use crate::secret::Secret;
+
+    /// A source minting `token-N` with a set lifetime, optionally failing or
+    /// held at a gate, and counting its fetches.
+    struct FakeSource {
+        fetches: AtomicUsize,
+        lifetime: Mutex<Duration>,
+        failure: Mutex<Option<FetchError>>,
+        gate: Option<Semaphore>,
+    }
+
+    impl FakeSource {
+        fn new(lifetime: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                fetches: AtomicUsize::new(0),
+                lifetime: Mutex::new(lifetime),
+                failure: Mutex::new(None),
+                gate: None,
+            })
+        }
+
+        fn gated(lifetime: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                gate: Some(Semaphore::new(0)),
+                ..Arc::into_inner(Self::new(lifetime)).unwrap()
+            })
+        }
+
+        fn fetches(&self) -> usize {
+            self.fetches.load(Ordering::SeqCst)
+        }
+
+        fn fail_with(&self, error: Option<FetchError>) {
+            *self.failure.lock().unwrap() = error;
+        }
+    }
+
+    impl TokenSource for FakeSource {
+        fn fetch<'a>(&'a self, _key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
+            async move {
+                let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+                if let Some(gate) = &self.gate {
+                    gate.acquire().await.unwrap().forget();
+                }
+                if let Some(error) = self.failure.lock().unwrap().clone() {
+                    return Err(error);
+                }
+                let lifetime = *self.lifetime.lock().unwrap();
+                Ok(Token::expiring_in(
+                    Secret::new(format!("token-{n}")),
+                    "Bearer".into(),
+                    lifetime,
+                    (Instant::now(), SystemTime::now()),
+                ))
+            }
+            .boxed()
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn unavailable() -> FetchError {
+        FetchError::Status {
+            status: 503,
+            retry_after: None,
+        }
+    }
+
+    fn request(audience: &str) -> TokenRequest {
+        TokenRequest {
+            key: TokenKey::Id(IdTokenKey {
+                account: ServiceAccount::Default,
+                audience: audience.into(),
+                format: IdTokenFormat::Standard,
+                include_licenses: false,
+            }),
+            min_valid_for: Duration::ZERO,
+        }
+    }
+
+    /// A cache with default settings, except that keys stay for 4 hours
+    /// unused, so tests can look at hour-long lifetimes.
+    fn cache(source: Arc<FakeSource>) -> TokenCache {
+        let config = CacheConfig {
+            idle_timeout: 4 * HOUR,
+            ..CacheConfig::default()
+        };
+        TokenCache::new(source, config)
+    }
+
+    fn secret(served: &Served) -> &str {
+        served.token.secret().expose()
+    }
+
+    /// Lets every spawned task run until all are parked: with the clock
+    /// paused, time only advances once nothing else can make progress.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_misses_share_one_fetch() {
+        let source = FakeSource::gated(HOUR);
+        let cache = cache(source.clone());
+        let waiters: Vec<_> = (0..200)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&request("aud")).await })
+            })
+            .collect();
+        settle().await;
+        assert_eq!(source.fetches(), 1);
+        source.gate.as_ref().unwrap().add_permits(1);
+        let mut outcomes = Vec::new();
+        for waiter in waiters {
+            let served = waiter.await.unwrap().unwrap();
+            assert_eq!(secret(&served), "token-1");
+            outcomes.push(served.outcome);
+        }
+        assert_eq!(source.fetches(), 1);
+        assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Miss).count(), 1);
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| **o == Outcome::Coalesced)
+                .count(),
+            199
+        );
+        let hit = cache.get(&request("aud")).await.unwrap();
+        assert_eq!(hit.outcome, Outcome::Hit);
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_key_has_its_own_token() {
+        let source = FakeSource::new(HOUR);
+        let cache = cache(source.clone());
+        let a = cache.get(&request("a")).await.unwrap();
+        let b = cache.get(&request("b")).await.unwrap();
+        assert_ne!(secret(&a), secret(&b));
+        assert_eq!(secret(&cache.get(&request("a")).await.unwrap()), secret(&a));
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refreshes_before_expiry_without_being_asked() {
+        let source = FakeSource::new(HOUR);
+        let cache = cache(source.clone());
+        let first = cache.get(&request("aud")).await.unwrap();
+        // Usable until an hour minus the skew; refreshed 300 to 240 s before.
+        let usable = HOUR - DEFAULT_EXPIRY_SKEW;
+        tokio::time::advance(usable - Duration::from_secs(301)).await;
+        settle().await;
+        assert_eq!(source.fetches(), 1, "refreshed earlier than the margin");
+        tokio::time::advance(Duration::from_secs(62)).await;
+        settle().await;
+        assert_eq!(source.fetches(), 2, "not refreshed within the margin");
+        let second = cache.get(&request("aud")).await.unwrap();
+        assert_eq!(second.outcome, Outcome::Hit);
+        assert_ne!(secret(&second), secret(&first));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_refresh_keeps_serving_the_valid_token() {
+        let source = FakeSource::new(HOUR);
+        let cache = cache(source.clone());
+        let first = cache.get(&request("aud")).await.unwrap();
+        source.fail_with(Some(unavailable()));
+        tokio::time::advance(HOUR - Duration::from_secs(200)).await;
+        settle().await;
+        let failed_refreshes = source.fetches() - 1;
+        assert!(failed_refreshes >= 1);
+        let served = cache.get(&request("aud")).await.unwrap();
+        assert_eq!(served.outcome, Outcome::Hit);
+        assert_eq!(secret(&served), secret(&first));
+        tokio::time::advance(Duration::from_secs(150)).await;
+        settle().await;
+        assert!(
+            source.fetches() > failed_refreshes + 1,
+            "no retries with backoff"
+        );
+        // Past expiry (minus skew) the old token is never returned.
+        tokio::time::advance(Duration::from_secs(50)).await;
+        let error = cache.get(&request("aud")).await.unwrap_err();
+        assert!(matches!(error, BrokerError::Upstream { .. }), "{error:?}");
+        source.fail_with(None);
+        let recovered = cache.get(&request("aud")).await.unwrap();
+        assert_eq!(recovered.outcome, Outcome::Miss);
+        assert_ne!(secret(&recovered), secret(&first));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_reach_every_waiter_and_are_not_cached() {
+        let source = FakeSource::gated(HOUR);
+        source.fail_with(Some(unavailable()));
+        let cache = cache(source.clone());
+        let waiters: Vec<_> = (0..10)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&request("aud")).await })
+            })
+            .collect();
+        settle().await;
+        source.gate.as_ref().unwrap().add_permits(2);
+        for waiter in waiters {
+            assert!(waiter.await.unwrap().is_err());
+        }
+        assert_eq!(source.fetches(), 1);
+        source.fail_with(None);
+        assert!(cache.get(&request("aud")).await.is_ok());
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn min_valid_for_forces_one_fresh_fetch() {
+        let source = FakeSource::new(Duration::from_secs(600));
+        let cache = cache(source.clone());
+        cache.get(&request("aud")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(120)).await;
+        let mut demanding = request("aud");
+        demanding.min_valid_for = Duration::from_secs(500);
+        let fresh = cache.get(&demanding).await.unwrap();
+        assert_eq!(fresh.outcome, Outcome::Miss);
+        assert_eq!(source.fetches(), 2);
+        demanding.min_valid_for = Duration::from_secs(700);
+        let error = cache.get(&demanding).await.unwrap_err();
+        assert!(
+            matches!(error, BrokerError::MinValidForUnmet { .. }),
+            "{error:?}"
+        );
+        assert_eq!(source.fetches(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_hands_out_a_token_inside_the_skew() {
+        let source = FakeSource::new(Duration::from_secs(5));
+        let cache = cache(source.clone());
+        let error = cache.get(&request("aud")).await.unwrap_err();
+        assert!(
+            matches!(error, BrokerError::MinValidForUnmet { .. }),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keys_are_dropped_and_stop_refreshing() {
+        let source = FakeSource::new(HOUR);
+        let cache = TokenCache::new(source.clone(), CacheConfig::default());
+        cache.get(&request("aud")).await.unwrap();
+        tokio::time::advance(DEFAULT_IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(cache.len(), 0);
+        tokio::time::advance(4 * HOUR).await;
+        settle().await;
+        assert_eq!(source.fetches(), 1);
+        assert_eq!(
+            cache.get(&request("aud")).await.unwrap().outcome,
+            Outcome::Miss
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watched_keys_stay_and_stream_every_refresh() {
+        let source = FakeSource::new(HOUR);
+        let cache = TokenCache::new(source.clone(), CacheConfig::default());
+        let (first, mut watch) = cache.watch(&request("aud")).await.unwrap();
+        let (_, mut second_watch) = cache.watch(&request("aud")).await.unwrap();
+        let mut previous = first.token;
+        for round in 2..=4 {
+            let next = watch.next().await.unwrap();
+            assert!(next.expires_at() > previous.expires_at());
+            assert!(
+                Instant::now() < previous.expires_at(),
+                "refresh came after expiry"
+            );
+            assert_eq!(second_watch.next().await.unwrap().secret(), next.secret());
+            assert_eq!(source.fetches(), round, "watchers do not share refreshes");
+            previous = next;
+        }
+        assert_eq!(cache.len(), 1);
+        drop((watch, second_watch));
+        tokio::time::advance(DEFAULT_IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(cache.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watch_ends_when_the_token_expires_without_replacement() {
+        let source = FakeSource::new(HOUR);
+        let cache = cache(source.clone());
+        let (_, mut watch) = cache.watch(&request("aud")).await.unwrap();
+        source.fail_with(Some(unavailable()));
+        let error = watch.next().await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                BrokerError::Expired {
+                    last_error: Some(_)
+                }
+            ),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_number_of_keys_is_bounded() {
+        let source = FakeSource::new(HOUR);
+        let config = CacheConfig {
+            max_keys: 2,
+            ..CacheConfig::default()
+        };
+        let cache = TokenCache::new(source, config);
+        cache.get(&request("a")).await.unwrap();
+        cache.get(&request("b")).await.unwrap();
+        let error = cache.get(&request("c")).await.unwrap_err();
+        assert!(matches!(error, BrokerError::LimitExceeded { limit: 2, .. }));
+        assert!(cache.get(&request("a")).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_cache_stops_its_tasks() {
+        let source = FakeSource::new(HOUR);
+        let cache = cache(source.clone());
+        cache.get(&request("aud")).await.unwrap();
+        drop(cache);
+        tokio::time::advance(3 * HOUR).await;
+        settle().await;
+        assert_eq!(source.fetches(), 1);
+        assert_eq!(Arc::strong_count(&source), 1);
+    }
+}

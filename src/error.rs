@@ -1,0 +1,170 @@
+//! The broker's errors, and their one mapping to gRPC status codes.
+
+use std::time::Duration;
+
+use humantime::format_duration;
+use tonic::{Code, Status};
+
+use crate::upstream::FetchError;
+
+/// Everything that can stop a request from getting a token. Messages say
+/// what to fix and never contain a token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// A request field failed validation; nothing was sent upstream.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The offending field, e.g. `scopes[2]`.
+        field: String,
+        /// What is wrong with it and what is accepted.
+        reason: String,
+    },
+    /// A configured bound was reached (keys, watchers, scopes per request).
+    #[error("{what}: the limit is {limit}")]
+    LimitExceeded {
+        /// What ran out, e.g. "too many cached keys".
+        what: &'static str,
+        /// The configured bound.
+        limit: usize,
+    },
+    /// The metadata server could not give a token for this account.
+    #[error("{}", upstream_message(account, source))]
+    Upstream {
+        /// The service account asked for (an email or `default`).
+        account: String,
+        /// What went wrong upstream.
+        source: FetchError,
+    },
+    /// A fresh token was fetched but does not live as long as asked.
+    #[error(
+        "the freshest token is valid for {}, less than the {} asked for by min_valid_for; the metadata server hands out tokens with about an hour of life and reuses them until about 5 minutes before expiry, so ask for less",
+        format_duration(*remaining),
+        format_duration(*wanted)
+    )]
+    MinValidForUnmet {
+        /// The requested `min_valid_for` (plus the broker's expiry skew).
+        wanted: Duration,
+        /// How long the freshest token stays valid.
+        remaining: Duration,
+    },
+    /// A watched token expired and no replacement could be fetched.
+    #[error("the token expired and no replacement could be fetched: {}", last_error.as_ref().map_or_else(|| "no fetch succeeded".to_string(), ToString::to_string))]
+    Expired {
+        /// Why the last refresh failed, if one did.
+        last_error: Option<FetchError>,
+    },
+    /// The caller's deadline passed while waiting for the metadata server.
+    #[error(
+        "no token within the call's deadline of {}; the fetch goes on in the background, so a retry may be served from the cache",
+        format_duration(*.0)
+    )]
+    DeadlineExceeded(Duration),
+    /// The broker is stopping.
+    #[error("broker shutting down")]
+    ShuttingDown,
+}
+
+fn upstream_message(account: &str, source: &FetchError) -> String {
+    match source {
+        FetchError::Status { status: 404, .. } => format!(
+            "the metadata server does not know service account \"{account}\" (HTTP 404): use \"default\" or an email listed under computeMetadata/v1/instance/service-accounts/"
+        ),
+        FetchError::Status { status: 403, .. } => format!(
+            "the metadata server refused a token for \"{account}\" (HTTP 403): check the VM's access scopes and that nothing between the broker and the metadata server adds X-Forwarded-For"
+        ),
+        FetchError::Status { status: 400, .. } => format!(
+            "the metadata server rejected the request for \"{account}\" as invalid (HTTP 400)"
+        ),
+        other => format!("no token for \"{account}\": {other}"),
+    }
+}
+
+impl BrokerError {
+    /// Shorthand for [`BrokerError::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The gRPC status code this error is reported with.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::LimitExceeded { .. } => Code::ResourceExhausted,
+            Self::Upstream { source, .. } => match source {
+                FetchError::Status { status: 400, .. } => Code::InvalidArgument,
+                FetchError::Status { status: 403, .. } => Code::PermissionDenied,
+                FetchError::Status { status: 404, .. } => Code::NotFound,
+                _ => Code::Unavailable,
+            },
+            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::MinValidForUnmet { .. } | Self::Expired { .. } | Self::ShuttingDown => {
+                Code::Unavailable
+            }
+        }
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(error: BrokerError) -> Self {
+        Status::new(error.code(), error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(status: u16) -> BrokerError {
+        BrokerError::Upstream {
+            account: "build@p.iam.gserviceaccount.com".into(),
+            source: FetchError::Status {
+                status,
+                retry_after: None,
+            },
+        }
+    }
+
+    #[test]
+    fn upstream_statuses_map_to_the_documented_codes() {
+        assert_eq!(upstream(404).code(), Code::NotFound);
+        assert_eq!(upstream(403).code(), Code::PermissionDenied);
+        assert_eq!(upstream(400).code(), Code::InvalidArgument);
+        for status in [429, 500, 503] {
+            assert_eq!(upstream(status).code(), Code::Unavailable);
+        }
+        let timeout = BrokerError::Upstream {
+            account: "default".into(),
+            source: FetchError::Timeout(Duration::from_secs(5)),
+        };
+        assert_eq!(timeout.code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn not_found_names_the_account_and_the_fix() {
+        let status = Status::from(upstream(404));
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.message().contains("build@p.iam.gserviceaccount.com"));
+        assert!(status.message().contains("\"default\""));
+    }
+
+    #[test]
+    fn local_errors_map_to_their_codes() {
+        assert_eq!(
+            BrokerError::invalid("audience", "empty").code(),
+            Code::InvalidArgument
+        );
+        let limit = BrokerError::LimitExceeded {
+            what: "too many cached keys",
+            limit: 1,
+        };
+        assert_eq!(limit.code(), Code::ResourceExhausted);
+        assert_eq!(
+            BrokerError::DeadlineExceeded(Duration::from_secs(1)).code(),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(BrokerError::ShuttingDown.code(), Code::Unavailable);
+    }
+}

@@ -1,0 +1,124 @@
+//! Just enough JWT: read the `exp` and `aud` claims without verifying the
+//! signature (the receiving service verifies it), and sign HS256 tokens for
+//! the emulator.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+
+/// Why a JWT could not be read. The messages never quote the token.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JwtError {
+    /// Not `header.payload.signature`.
+    #[error("not a JWT (expected three dot-separated parts)")]
+    Shape,
+    /// A part is not unpadded base64url.
+    #[error("JWT {0} is not base64url")]
+    Encoding(&'static str),
+    /// The payload is not a JSON object with the claims we need.
+    #[error("JWT payload is not a JSON object with a numeric `exp` claim")]
+    Claims,
+}
+
+/// The claims the broker relies on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claims {
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: i64,
+    /// The audiences the token is for (`aud` may be a string or a list).
+    pub aud: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct RawClaims {
+    exp: i64,
+    #[serde(default)]
+    aud: Audience,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum Audience {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Reads the claims of a compact JWT without checking its signature.
+pub fn decode_claims(jwt: &str) -> Result<Claims, JwtError> {
+    let mut parts = jwt.split('.');
+    let (Some(header), Some(payload), Some(signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Shape);
+    };
+    for (name, part) in [("header", header), ("signature", signature)] {
+        if part.is_empty() || !part.bytes().all(is_base64url) {
+            return Err(JwtError::Encoding(name));
+        }
+    }
+    let payload = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| JwtError::Encoding("payload"))?;
+    let raw: RawClaims = serde_json::from_slice(&payload).map_err(|_| JwtError::Claims)?;
+    let aud = match raw.aud {
+        Audience::None => Vec::new(),
+        Audience::One(aud) => vec![aud],
+        Audience::Many(auds) => auds,
+    };
+    Ok(Claims { exp: raw.exp, aud })
+}
+
+fn is_base64url(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_'
+}
+
+/// Signs `claims` as an HS256 JWT with `key` (used by the emulator).
+pub fn sign_hs256(claims: &serde_json::Value, key: &[u8]) -> String {
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signing_input = format!("{header}.{payload}");
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(signing_input.as_bytes());
+    let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{signing_input}.{signature}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_exp_and_audience_of_a_signed_token() {
+        let jwt = sign_hs256(
+            &json!({"exp": 1_900_000_000, "aud": "https://a.run.app"}),
+            b"k",
+        );
+        let claims = decode_claims(&jwt).unwrap();
+        assert_eq!(claims.exp, 1_900_000_000);
+        assert_eq!(claims.aud, vec!["https://a.run.app".to_string()]);
+    }
+
+    #[test]
+    fn accepts_a_list_of_audiences() {
+        let jwt = sign_hs256(&json!({"exp": 1, "aud": ["a", "b"]}), b"k");
+        assert_eq!(decode_claims(&jwt).unwrap().aud, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_jwt_with_exp() {
+        let no_exp = sign_hs256(&json!({"aud": "a"}), b"k");
+        let string_exp = sign_hs256(&json!({"exp": "soon"}), b"k");
+        assert_eq!(decode_claims(&no_exp), Err(JwtError::Claims));
+        assert_eq!(decode_claims(&string_exp), Err(JwtError::Claims));
+        assert_eq!(decode_claims("garbage"), Err(JwtError::Shape));
+        assert_eq!(decode_claims("a.b.c.d"), Err(JwtError::Shape));
+        assert_eq!(decode_claims("a.!!!.c"), Err(JwtError::Encoding("payload")));
+        assert_eq!(decode_claims(".e30.c"), Err(JwtError::Encoding("header")));
+        assert_eq!(decode_claims("a.e30.c"), Err(JwtError::Claims));
+    }
+}

@@ -1,0 +1,61 @@
+//! The generated gRPC contract (`proto/tokenbroker/v1/tokenbroker.proto`).
+
+/// `tokenbroker.v1`: messages, the `TokenBroker` client and server.
+#[allow(missing_docs, clippy::doc_markdown)]
+pub mod v1 {
+    use std::fmt;
+
+    tonic::include_proto!("tokenbroker.v1");
+
+    /// The encoded descriptor set of the contract, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/tokenbroker_descriptor.bin"));
+
+    impl fmt::Debug for AccessToken {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("AccessToken")
+                .field("token", &"[redacted]")
+                .field("token_type", &self.token_type)
+                .field("expire_time", &self.expire_time)
+                .finish()
+        }
+    }
+
+    impl fmt::Debug for IdToken {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("IdToken")
+                .field("token", &"[redacted]")
+                .field("expire_time", &self.expire_time)
+                .finish()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v1::{AccessToken, IdToken, Token, token};
+
+    #[test]
+    fn debug_output_never_shows_a_token() {
+        let access = AccessToken {
+            token: "ya29.secret".into(),
+            token_type: "Bearer".into(),
+            expire_time: None,
+        };
+        let id = IdToken {
+            token: "eyJ.secret.jwt".into(),
+            expire_time: None,
+        };
+        let wrapped = Token {
+            token: Some(token::Token::IdToken(id.clone())),
+        };
+        for printed in [
+            format!("{access:?}"),
+            format!("{id:?}"),
+            format!("{wrapped:?}"),
+        ] {
+            assert!(!printed.contains("secret"), "{printed}");
+            assert!(printed.contains("[redacted]"), "{printed}");
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! Validated requests and the cache keys they name. Every field is checked
+//! here, before anything reaches the cache or the metadata server.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::BrokerError;
+use crate::proto::v1 as pb;
+use crate::token::TokenKind;
+
+/// Most scopes one access-token request may name.
+pub const MAX_SCOPES: usize = 32;
+/// Longest accepted scope, in bytes.
+pub const MAX_SCOPE_LEN: usize = 256;
+/// Longest accepted audience, in bytes (2 KiB).
+pub const MAX_AUDIENCE_LEN: usize = 2048;
+/// Longest accepted service-account email, in bytes.
+pub const MAX_ACCOUNT_LEN: usize = 254;
+/// Largest accepted `min_valid_for`: metadata server tokens live about an hour.
+pub const MAX_MIN_VALID_FOR: Duration = Duration::from_secs(3600);
+
+/// The service account a token is for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ServiceAccount {
+    /// The VM's default account (`default`, also what an empty field means).
+    Default,
+    /// An account named by its email.
+    Email(String),
+}
+
+impl ServiceAccount {
+    /// Validates a request's `service_account` field (empty = `default`).
+    pub fn parse(field: &'static str, value: String) -> Result<Self, BrokerError> {
+        if value.is_empty() || value == "default" {
+            return Ok(Self::Default);
+        }
+        check_email(&value).map_err(|reason| BrokerError::invalid(field, reason))?;
+        Ok(Self::Email(value))
+    }
+
+    /// The path segment the metadata server expects.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Default => "default",
+            Self::Email(email) => email,
+        }
+    }
+}
+
+impl fmt::Display for ServiceAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn check_email(value: &str) -> Result<(), String> {
+    const HINT: &str =
+        "use \"default\" or a service account email such as name@project.iam.gserviceaccount.com";
+    if value.len() > MAX_ACCOUNT_LEN {
+        return Err(format!("longer than {MAX_ACCOUNT_LEN} bytes; {HINT}"));
+    }
+    let Some((local, domain)) = value.split_once('@') else {
+        return Err(format!("not an email; {HINT}"));
+    };
+    let local_ok = !local.is_empty()
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
+    let domain_ok = domain.contains('.')
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !local_ok || !domain_ok || value.contains("..") {
+        return Err(format!(
+            "may hold only letters, digits and . _ + - around one @, with no empty or '..' parts; {HINT}"
+        ));
+    }
+    Ok(())
+}
+
+/// The ID token's `format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IdTokenFormat {
+    /// Identity claims only (`format=standard`, the default).
+    Standard,
+    /// Adds instance and project claims (`format=full`).
+    Full,
+}
+
+/// What identifies one access token: account and the *set* of scopes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AccessTokenKey {
+    /// The service account.
+    pub account: ServiceAccount,
+    /// Sorted and without duplicates; empty means the account's defaults.
+    pub scopes: Vec<String>,
+}
+
+/// What identifies one ID token.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IdTokenKey {
+    /// The service account.
+    pub account: ServiceAccount,
+    /// The `aud` claim asked for.
+    pub audience: String,
+    /// Standard or full claims.
+    pub format: IdTokenFormat,
+    /// Whether license codes are included (only with `Full`).
+    pub include_licenses: bool,
+}
+
+/// A cache key: one key, one token. A token is never served for another key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TokenKey {
+    /// An access token.
+    Access(AccessTokenKey),
+    /// An ID token.
+    Id(IdTokenKey),
+}
+
+impl TokenKey {
+    /// Access or ID token.
+    pub fn kind(&self) -> TokenKind {
+        match self {
+            Self::Access(_) => TokenKind::Access,
+            Self::Id(_) => TokenKind::Id,
+        }
+    }
+
+    /// The service account the key is for.
+    pub fn account(&self) -> &ServiceAccount {
+        match self {
+            Self::Access(key) => &key.account,
+            Self::Id(key) => &key.account,
+        }
+    }
+}
+
+/// A validated request: which token, and how long it must stay valid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRequest {
+    /// The token asked for.
+    pub key: TokenKey,
+    /// The token returned must stay valid at least this long.
+    pub min_valid_for: Duration,
+}
+
+impl TryFrom<pb::GetAccessTokenRequest> for TokenRequest {
+    type Error = BrokerError;
+
+    fn try_from(request: pb::GetAccessTokenRequest) -> Result<Self, BrokerError> {
+        let account = ServiceAccount::parse("service_account", request.service_account)?;
+        let scopes = scope_set(request.scopes)?;
+        let min_valid_for = min_valid_for(request.min_valid_for)?;
+        Ok(Self {
+            key: TokenKey::Access(AccessTokenKey { account, scopes }),
+            min_valid_for,
+        })
+    }
+}
+
+impl TryFrom<pb::GetIdTokenRequest> for TokenRequest {
+    type Error = BrokerError;
+
+    fn try_from(request: pb::GetIdTokenRequest) -> Result<Self, BrokerError> {
+        check_audience(&request.audience)?;
+        let account = ServiceAccount::parse("service_account", request.service_account)?;
+        let format = match pb::IdTokenFormat::try_from(request.format) {
+            Ok(pb::IdTokenFormat::Unspecified | pb::IdTokenFormat::Standard) => {
+                IdTokenFormat::Standard
+            }
+            Ok(pb::IdTokenFormat::Full) => IdTokenFormat::Full,
+            Err(_) => {
+                return Err(BrokerError::invalid(
+                    "format",
+                    format!(
+                        "unknown value {}; use ID_TOKEN_FORMAT_STANDARD or ID_TOKEN_FORMAT_FULL",
+                        request.format
+                    ),
+                ));
+            }
+        };
+        if request.include_licenses && format != IdTokenFormat::Full {
+            return Err(BrokerError::invalid(
+                "include_licenses",
+                "licenses are only included in full tokens; set format to ID_TOKEN_FORMAT_FULL",
+            ));
+        }
+        let min_valid_for = min_valid_for(request.min_valid_for)?;
+        Ok(Self {
+            key: TokenKey::Id(IdTokenKey {
+                account,
+                audience: request.audience,
+                format,
+                include_licenses: request.include_licenses,
+            }),
+            min_valid_for,
+        })
+    }
+}
+
+impl TryFrom<pb::WatchTokenRequest> for TokenRequest {
+    type Error = BrokerError;
+
+    fn try_from(request: pb::WatchTokenRequest) -> Result<Self, BrokerError> {
+        match request.request {
+            Some(pb::watch_token_request::Request::AccessToken(access)) => access.try_into(),
+            Some(pb::watch_token_request::Request::IdToken(id)) => id.try_into(),
+            None => Err(BrokerError::invalid(
+                "request",
+                "set either access_token or id_token",
+            )),
+        }
+    }
+}
+
+/// Validates scopes and turns them into a set: sorted, duplicates removed.
+fn scope_set(mut scopes: Vec<String>) -> Result<Vec<String>, BrokerError> {
+    if scopes.len() > MAX_SCOPES {
+        return Err(BrokerError::LimitExceeded {
+            what: "too many scopes in one request",
+            limit: MAX_SCOPES,
+        });
+    }
+    for (index, scope) in scopes.iter().enumerate() {
+        check_scope(scope)
+            .map_err(|reason| BrokerError::invalid(format!("scopes[{index}]"), reason))?;
+    }
+    scopes.sort_unstable();
+    scopes.dedup();
+    Ok(scopes)
+}
+
+fn check_scope(scope: &str) -> Result<(), String> {
+    if scope.is_empty() {
+        return Err("empty; leave scopes out to get the account's default scopes".into());
+    }
+    if scope.len() > MAX_SCOPE_LEN {
+        return Err(format!("longer than {MAX_SCOPE_LEN} bytes"));
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b":/._-~+".contains(&b);
+    if !scope.bytes().all(allowed) {
+        return Err(
+            "a scope is a URL such as https://www.googleapis.com/auth/cloud-platform (letters, digits and : / . _ - ~ + only; no spaces, commas or &)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+fn check_audience(audience: &str) -> Result<(), BrokerError> {
+    if audience.is_empty() {
+        return Err(BrokerError::invalid(
+            "audience",
+            "required: the URL of the service the token is for, e.g. https://my-service-abc123-uc.a.run.app",
+        ));
+    }
+    if audience.len() > MAX_AUDIENCE_LEN {
+        return Err(BrokerError::invalid(
+            "audience",
+            format!("longer than {MAX_AUDIENCE_LEN} bytes"),
+        ));
+    }
+    if audience.chars().any(char::is_control) {
+        return Err(BrokerError::invalid(
+            "audience",
+            "contains control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn min_valid_for(value: Option<prost_types::Duration>) -> Result<Duration, BrokerError> {
+    let Some(value) = value else {
+        return Ok(Duration::ZERO);
+    };
+    let duration = u64::try_from(value.seconds)
+        .ok()
+        .zip(
+            u32::try_from(value.nanos)
+                .ok()
+                .filter(|n| *n < 1_000_000_000),
+        )
+        .map(|(seconds, nanos)| Duration::new(seconds, nanos))
+        .ok_or_else(|| {
+            BrokerError::invalid(
+                "min_valid_for",
+                "must be a non-negative duration (seconds >= 0, 0 <= nanos < 1e9)",
+            )
+        })?;
+    if duration > MAX_MIN_VALID_FOR {
+        return Err(BrokerError::invalid(
+            "min_valid_for",
+            format!(
+                "{} is longer than any metadata server token lives; ask for at most {}",
+                humantime::format_duration(duration),
+                humantime::format_duration(MAX_MIN_VALID_FOR)
+            ),
+        ));
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(account: &str, scopes: &[&str]) -> pb::GetAccessTokenRequest {
+        pb::GetAccessTokenRequest {
+            service_account: account.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            min_valid_for: None,
+        }
+    }
+
+    fn id(audience: &str) -> pb::GetIdTokenRequest {
+        pb::GetIdTokenRequest {
+            audience: audience.into(),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(error: BrokerError) -> String {
+        match error {
+            BrokerError::InvalidArgument { field, .. } => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn scopes_are_a_set() {
+        let a = TokenRequest::try_from(access("", &["b:x", "a:y", "b:x"])).unwrap();
+        let b = TokenRequest::try_from(access("default", &["a:y", "b:x"])).unwrap();
+        assert_eq!(a.key, b.key);
+        let TokenKey::Access(key) = a.key else {
+            panic!()
+        };
+        assert_eq!(key.scopes, vec!["a:y", "b:x"]);
+        assert_eq!(key.account, ServiceAccount::Default);
+    }
+
+    #[test]
+    fn accepts_real_accounts_and_scopes() {
+        let request = access(
+            "build-bot@my-project.iam.gserviceaccount.com",
+            &["https://www.googleapis.com/auth/cloud-platform", "openid"],
+        );
+        assert!(TokenRequest::try_from(request).is_ok());
+    }
+
+    #[test]
+    fn rejects_accounts_that_could_escape_the_path() {
+        for account in [
+            "../token",
+            "a/b@c.com",
+            "a..b@c.com",
+            "x@y..com",
+            "noatsign",
+            "a@b",
+            "a@b.com\n",
+            "a b@c.com",
+            "@c.com",
+            "a@c.com@d.com",
+        ] {
+            let error = TokenRequest::try_from(access(account, &[])).unwrap_err();
+            assert_eq!(field_of(error), "service_account", "{account:?}");
+        }
+        let long = format!("{}@x.com", "a".repeat(MAX_ACCOUNT_LEN));
+        assert!(TokenRequest::try_from(access(&long, &[])).is_err());
+    }
+
+    #[test]
+    fn rejects_scopes_that_would_change_the_query() {
+        for scope in ["a,b", "a&b=c", "a b", "", "a\tb", "x?y", "a#b", "é"] {
+            let error = TokenRequest::try_from(access("", &["ok", scope])).unwrap_err();
+            assert_eq!(field_of(error), "scopes[1]", "{scope:?}");
+        }
+        let long = "s".repeat(MAX_SCOPE_LEN + 1);
+        assert!(TokenRequest::try_from(access("", &[&long])).is_err());
+    }
+
+    #[test]
+    fn too_many_scopes_is_a_limit() {
+        let scopes: Vec<String> = (0..=MAX_SCOPES).map(|i| format!("s{i}")).collect();
+        let scopes: Vec<&str> = scopes.iter().map(String::as_str).collect();
+        let error = TokenRequest::try_from(access("", &scopes)).unwrap_err();
+        assert!(matches!(error, BrokerError::LimitExceeded { .. }));
+    }
+
+    #[test]
+    fn audience_is_required_bounded_and_kept_verbatim() {
+        assert_eq!(
+            field_of(TokenRequest::try_from(id("")).unwrap_err()),
+            "audience"
+        );
+        let long = "a".repeat(MAX_AUDIENCE_LEN + 1);
+        assert_eq!(
+            field_of(TokenRequest::try_from(id(&long)).unwrap_err()),
+            "audience"
+        );
+        assert!(TokenRequest::try_from(id("a\u{0}b")).is_err());
+        let odd = "https://x.run.app/p?q=1&r=2#frag with space";
+        let TokenKey::Id(key) = TokenRequest::try_from(id(odd)).unwrap().key else {
+            panic!()
+        };
+        assert_eq!(key.audience, odd);
+        assert_eq!(key.format, IdTokenFormat::Standard);
+    }
+
+    #[test]
+    fn licenses_need_the_full_format() {
+        let mut request = id("aud");
+        request.include_licenses = true;
+        assert_eq!(
+            field_of(TokenRequest::try_from(request.clone()).unwrap_err()),
+            "include_licenses"
+        );
+        request.format = pb::IdTokenFormat::Full as i32;
+        assert!(TokenRequest::try_from(request).is_ok());
+    }
+
+    #[test]
+    fn unknown_format_is_rejected() {
+        let mut request = id("aud");
+        request.format = 7;
+        assert_eq!(
+            field_of(TokenRequest::try_from(request).unwrap_err()),
+            "format"
+        );
+    }
+
+    #[test]
+    fn min_valid_for_must_be_a_sane_duration() {
+        let with = |seconds, nanos| {
+            let mut request = id("aud");
+            request.min_valid_for = Some(prost_types::Duration { seconds, nanos });
+            TokenRequest::try_from(request)
+        };
+        assert_eq!(with(60, 5).unwrap().min_valid_for, Duration::new(60, 5));
+        for (seconds, nanos) in [(-1, 0), (0, -1), (0, 1_000_000_000), (3601, 0)] {
+            assert_eq!(field_of(with(seconds, nanos).unwrap_err()), "min_valid_for");
+        }
+    }
+
+    #[test]
+    fn a_watch_must_name_a_token() {
+        let error = TokenRequest::try_from(pb::WatchTokenRequest { request: None }).unwrap_err();
+        assert_eq!(field_of(error), "request");
+    }
+
+    #[test]
+    fn keys_differ_by_every_field() {
+        let base = id("aud");
+        let variants = [
+            pb::GetIdTokenRequest {
+                audience: "aud2".into(),
+                ..base.clone()
+            },
+            pb::GetIdTokenRequest {
+                service_account: "a@b.com".into(),
+                ..base.clone()
+            },
+            pb::GetIdTokenRequest {
+                format: pb::IdTokenFormat::Full as i32,
+                ..base.clone()
+            },
+            pb::GetIdTokenRequest {
+                format: pb::IdTokenFormat::Full as i32,
+                include_licenses: true,
+                ..base.clone()
+            },
+        ];
+        let base_key = TokenRequest::try_from(base).unwrap().key;
+        let mut keys = vec![base_key];
+        for variant in variants {
+            let key = TokenRequest::try_from(variant).unwrap().key;
+            assert!(!keys.contains(&key), "{key:?}");
+            keys.push(key);
+        }
+    }
+}
