@@ -1,17 +1,22 @@
 //! tokenbroker: one shared, always-fresh cache of Google Cloud access and ID
 //! tokens for every process on a machine, served over gRPC on a Unix socket.
 //!
-//! The binary (`src/main.rs`) only wires these modules together:
-//! - [`request`] validates requests into cache keys,
-//! - [`cache`] shares, coalesces and refreshes tokens,
-//! - [`metadata`] fetches them from the GCE metadata server,
-//! - [`service`] and [`server`] expose them over gRPC on a Unix socket,
-//! - [`emulator`] stands in for the metadata server off Google Cloud.
+//! The binary (`src/main.rs`) only parses the command line; [`app`] wires:
+//! - [`request`]: validates requests into exact cache keys,
+//! - [`cache`]: shares, coalesces and refreshes tokens,
+//! - [`metadata`]: fetches them from the GCE metadata server,
+//! - [`service`], [`server`], [`socket`]: gRPC on a Unix socket,
+//! - [`emulator`]: stands in for the metadata server off Google Cloud,
+//! - [`client`]: connects Rust programs to a running broker.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod app;
 pub mod cache;
+pub mod client;
+pub mod config;
+pub mod emulator;
 pub mod error;
 pub mod jwt;
 pub mod metadata;
@@ -19,5 +24,9 @@ pub mod proto;
 pub mod request;
 pub mod schedule;
 pub mod secret;
+pub mod server;
+pub mod service;
+pub mod socket;
+pub mod telemetry;
 pub mod token;
 pub mod upstream;

@@ -1,0 +1,238 @@
+//! The command line: every flag has an environment fallback and its
+//! default in `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::cache::CacheConfig;
+use crate::emulator::EmulatorConfig;
+use crate::socket::DEFAULT_SOCKET;
+
+/// Shares Google Cloud access and ID tokens between every process on a
+/// machine, over gRPC on a Unix socket.
+///
+/// Start the broker with `tokenbroker serve` (or `tokenbroker serve
+/// --emulator` off Google Cloud), then ask it for tokens with any gRPC
+/// client generated from proto/tokenbroker/v1/tokenbroker.proto, or with
+/// `tokenbroker print-access-token` / `print-identity-token`.
+#[derive(Debug, Parser)]
+#[command(name = "tokenbroker", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker: serve tokens on a Unix socket.
+    Serve(ServeArgs),
+    /// Run the metadata server emulator alone (for tests and demos).
+    Emulator(EmulatorArgs),
+    /// Print an access token from a running broker.
+    PrintAccessToken(AccessTokenArgs),
+    /// Print an ID token from a running broker.
+    PrintIdentityToken(IdTokenArgs),
+}
+
+/// `tokenbroker serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Unix socket to listen on; parent directories are created.
+    #[arg(long, env = "TOKENBROKER_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// Permissions of the socket (octal). Connecting needs write permission,
+    /// so 0660 lets the owner and the socket's group in.
+    #[arg(long, env = "TOKENBROKER_SOCKET_MODE", default_value = "0660", value_parser = parse_mode)]
+    pub socket_mode: u32,
+
+    /// Metadata server as host[:port]. Ignored with --emulator.
+    #[arg(long, env = "GCE_METADATA_HOST", default_value = crate::metadata::DEFAULT_METADATA_HOST)]
+    pub metadata_host: String,
+
+    /// Run a metadata server emulator in-process and fetch from it (for
+    /// machines outside Google Cloud).
+    #[arg(long, env = "TOKENBROKER_EMULATOR")]
+    pub emulator: bool,
+
+    /// Lifetime of the tokens the in-process emulator issues.
+    #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub emulator_token_lifetime: Duration,
+
+    /// Longest one request to the metadata server may take, connect to last
+    /// byte. A request for an uncached token fails after this.
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Refresh tokens this long before they expire (up to 20% later, for
+    /// jitter). Tokens living less than twice this are refreshed at half
+    /// their remaining life.
+    #[arg(long, env = "TOKENBROKER_REFRESH_MARGIN", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub refresh_margin: Duration,
+
+    /// Never hand out a token closer than this to its expiry.
+    #[arg(long, env = "TOKENBROKER_EXPIRY_SKEW", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub expiry_skew: Duration,
+
+    /// Stop refreshing and forget a token nobody asked for or watched in this long.
+    #[arg(long, env = "TOKENBROKER_IDLE_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Most distinct tokens (keys) held at once; more gives RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TOKENBROKER_MAX_KEYS", default_value_t = crate::cache::DEFAULT_MAX_KEYS)]
+    pub max_keys: usize,
+
+    /// Time in-flight calls get to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "TOKENBROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl ServeArgs {
+    /// The cache settings these flags ask for.
+    pub fn cache_config(&self) -> CacheConfig {
+        CacheConfig {
+            refresh_margin: self.refresh_margin,
+            expiry_skew: self.expiry_skew,
+            idle_timeout: self.idle_timeout,
+            max_keys: self.max_keys,
+            ..CacheConfig::default()
+        }
+    }
+}
+
+/// `tokenbroker emulator`.
+#[derive(Debug, Args)]
+pub struct EmulatorArgs {
+    /// Address to listen on (loopback only, unless you mean it).
+    #[arg(
+        long,
+        env = "TOKENBROKER_EMULATOR_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: SocketAddr,
+
+    /// Service account emails; the first is also `default`.
+    #[arg(long = "account", env = "TOKENBROKER_EMULATOR_ACCOUNTS", value_delimiter = ',', default_value = crate::emulator::DEFAULT_ACCOUNT)]
+    pub accounts: Vec<String>,
+
+    /// Lifetime of issued access tokens.
+    #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub token_lifetime: Duration,
+
+    /// Lifetime of issued ID tokens.
+    #[arg(long, env = "TOKENBROKER_EMULATOR_ID_TOKEN_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub id_token_lifetime: Duration,
+}
+
+impl EmulatorArgs {
+    /// The emulated VM these flags describe.
+    pub fn emulator_config(&self) -> EmulatorConfig {
+        EmulatorConfig {
+            accounts: self.accounts.clone(),
+            access_token_lifetime: self.token_lifetime,
+            id_token_lifetime: self.id_token_lifetime,
+        }
+    }
+}
+
+/// Flags every client subcommand shares.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The broker's socket.
+    #[arg(long, env = "TOKENBROKER_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// Service account email, or "default".
+    #[arg(long, default_value = "default")]
+    pub service_account: String,
+
+    /// Only accept a token valid at least this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub min_valid_for: Option<Duration>,
+
+    /// Keep running and print every refreshed token on its own line.
+    #[arg(long)]
+    pub watch: bool,
+
+    /// Print JSON ({"token", "expire_time"}) instead of the bare token.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tokenbroker print-access-token`.
+#[derive(Debug, Args)]
+pub struct AccessTokenArgs {
+    /// OAuth2 scopes (repeat or separate with commas); none means the
+    /// account's default scopes.
+    #[arg(long = "scope", value_delimiter = ',')]
+    pub scopes: Vec<String>,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientArgs,
+}
+
+/// `tokenbroker print-identity-token`.
+#[derive(Debug, Args)]
+pub struct IdTokenArgs {
+    /// The audience: usually the URL of the service to call.
+    #[arg(long)]
+    pub audience: String,
+
+    /// Ask for the full format (adds instance and project claims).
+    #[arg(long)]
+    pub full: bool,
+
+    /// Include license codes (needs --full).
+    #[arg(long, requires = "full")]
+    pub include_licenses: bool,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientArgs,
+}
+
+fn parse_mode(value: &str) -> Result<u32, String> {
+    let mode = u32::from_str_radix(value.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("{value:?} is not an octal mode such as 0660"))?;
+    if mode > 0o777 {
+        return Err(format!("{value:?} is not a permission mode (at most 0777)"));
+    }
+    Ok(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn modes_are_octal() {
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0o640"), Ok(0o640));
+        assert!(parse_mode("999").is_err());
+        assert!(parse_mode("1777").is_err());
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let cli =
+            Cli::try_parse_from(["tokenbroker", "serve", "--refresh-margin", "4m30s"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.refresh_margin, Duration::from_secs(270));
+    }
+}

@@ -1,0 +1,278 @@
+//! The broker's Unix socket: where it lives, and binding it so that exactly
+//! one broker serves a path, stale sockets are replaced, and the socket
+//! never exists with looser permissions than asked for.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use tokio::net::UnixListener;
+
+/// Where the broker listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/tokenbroker/tokenbroker.sock";
+/// The environment variable brokers and clients read the socket path from.
+pub const SOCKET_ENV: &str = "TOKENBROKER_SOCKET";
+/// Default socket permissions: owner and group may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// Longest socket path Linux accepts (`sun_path` holds 108 bytes with NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// The socket path clients use: `$TOKENBROKER_SOCKET`, else [`DEFAULT_SOCKET`].
+pub fn default_socket_path() -> PathBuf {
+    std::env::var_os(SOCKET_ENV)
+        .filter(|path| !path.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from)
+}
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Another process serves this path.
+    #[error("another broker is already serving {0}; stop it first or choose another --socket")]
+    InUse(PathBuf),
+    /// Something that is not a socket is in the way.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// The path does not fit in a socket address.
+    #[error("socket path {path} is {len} bytes; Unix sockets allow at most {MAX_SOCKET_PATH}")]
+    PathTooLong {
+        /// The path asked for.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A file-system operation failed.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SocketError {
+    let path = path.to_path_buf();
+    move |source| SocketError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// A bound, listening socket; dropping [`SocketOwner`] removes it.
+pub struct BoundSocket {
+    /// Accepts client connections.
+    pub listener: UnixListener,
+    /// Removes the socket file when dropped.
+    pub owner: SocketOwner,
+}
+
+/// Holds the path's lock for the broker's lifetime and removes the socket
+/// file on drop (if it is still the one this broker created).
+pub struct SocketOwner {
+    path: PathBuf,
+    inode: (u64, u64),
+    _lock: File,
+}
+
+impl SocketOwner {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketOwner {
+    fn drop(&mut self) {
+        let ours = fs::symlink_metadata(&self.path)
+            .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.inode);
+        if ours && let Err(error) = fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), %error, "could not remove socket");
+        }
+    }
+}
+
+/// Binds `path` with permissions `mode`, creating parent directories.
+///
+/// A lock file beside the socket (`PATH.lock`) makes sure one broker owns the
+/// path. The socket is bound inside a private (0700) directory, given its
+/// mode, then renamed into place, so no client can connect before the
+/// permissions are final; the rename also replaces a stale socket left by a
+/// broker that died.
+pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, SocketError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(SocketError::PathTooLong {
+            path: path.to_path_buf(),
+            len,
+        });
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io_error("create directory", parent))?;
+    let lock = acquire_lock(path)?;
+    check_existing(path)?;
+
+    let staging = parent.join(format!(
+        ".tokenbroker.{}.{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .map_err(io_error("create directory", &staging))?;
+    let result = bind_in(&staging, path, mode);
+    let _ = fs::remove_dir_all(&staging);
+    let listener = result?;
+
+    let meta = fs::symlink_metadata(path).map_err(io_error("inspect", path))?;
+    Ok(BoundSocket {
+        listener,
+        owner: SocketOwner {
+            path: path.to_path_buf(),
+            inode: (meta.dev(), meta.ino()),
+            _lock: lock,
+        },
+    })
+}
+
+fn acquire_lock(path: &Path) -> Result<File, SocketError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io_error("open lock file", &lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => Err(SocketError::InUse(path.to_path_buf())),
+        Err(fs::TryLockError::Error(source)) => Err(SocketError::Io {
+            action: "lock",
+            path: lock_path,
+            source,
+        }),
+    }
+}
+
+/// Refuses to start over a live socket or a file that is not a socket.
+fn check_existing(path: &Path) -> Result<(), SocketError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(io_error("inspect", path)(error)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(SocketError::NotASocket(path.to_path_buf()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(SocketError::InUse(path.to_path_buf())),
+        Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+            tracing::info!(path = %path.display(), "replacing stale socket");
+            Ok(())
+        }
+        Err(error) => Err(io_error("probe", path)(error)),
+    }
+}
+
+fn bind_in(staging: &Path, path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
+    let staged = staging.join("s");
+    let listener =
+        std::os::unix::net::UnixListener::bind(&staged).map_err(io_error("bind", &staged))?;
+    fs::set_permissions(&staged, fs::Permissions::from_mode(mode))
+        .map_err(io_error("set permissions of", &staged))?;
+    fs::rename(&staged, path).map_err(io_error("move socket to", path))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_error("configure", path))?;
+    UnixListener::from_std(listener).map_err(io_error("listen on", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn binds_with_the_mode_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/dir/broker.sock");
+        let bound = bind(&path, 0o600).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let leftovers: Vec<_> = fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|name| name.to_string_lossy().starts_with(".tokenbroker"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        drop(bound);
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_second_broker_on_the_same_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sock");
+        let _first = bind(&path, DEFAULT_SOCKET_MODE).unwrap();
+        assert!(matches!(
+            bind(&path, DEFAULT_SOCKET_MODE),
+            Err(SocketError::InUse(_))
+        ));
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_of_another_program_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sock");
+        let _other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(matches!(
+            bind(&path, DEFAULT_SOCKET_MODE),
+            Err(SocketError::InUse(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let bound = bind(&path, DEFAULT_SOCKET_MODE).unwrap();
+        UnixStream::connect(&path).expect("new socket accepts connections");
+        drop(bound);
+    }
+
+    #[tokio::test]
+    async fn a_regular_file_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sock");
+        fs::write(&path, "precious").unwrap();
+        assert!(matches!(
+            bind(&path, DEFAULT_SOCKET_MODE),
+            Err(SocketError::NotASocket(_))
+        ));
+        assert_eq!(fs::read_to_string(&path).unwrap(), "precious");
+    }
+
+    #[test]
+    fn overlong_paths_are_refused_up_front() {
+        let path = PathBuf::from(format!("/tmp/{}", "x".repeat(120)));
+        assert!(matches!(
+            bind(&path, DEFAULT_SOCKET_MODE),
+            Err(SocketError::PathTooLong { .. })
+        ));
+    }
+}

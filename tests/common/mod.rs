@@ -1,0 +1,191 @@
+//! Test harness: an in-process metadata server emulator and the real
+//! `tokenbroker` binary serving on a Unix socket in a temporary directory.
+
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokenbroker::emulator::{Emulator, EmulatorConfig};
+use tokenbroker::proto::v1::token_broker_client::TokenBrokerClient;
+use tokenbroker::proto::v1::{GetAccessTokenRequest, GetIdTokenRequest};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+/// The binary under test.
+pub const BINARY: &str = env!("CARGO_BIN_EXE_tokenbroker");
+/// Bound on anything a test waits for, so a broken broker fails the test
+/// instead of hanging it.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Starts an emulator on a free loopback port.
+pub async fn emulator(config: EmulatorConfig) -> Emulator {
+    Emulator::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config)
+        .await
+        .expect("emulator starts")
+}
+
+/// An emulator whose tokens live `lifetime`.
+pub async fn emulator_with_lifetime(lifetime: Duration) -> Emulator {
+    emulator(EmulatorConfig {
+        access_token_lifetime: lifetime,
+        id_token_lifetime: lifetime,
+        ..EmulatorConfig::default()
+    })
+    .await
+}
+
+/// A running `tokenbroker serve`; killed when dropped.
+pub struct Broker {
+    child: Child,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+    logs: Arc<Mutex<String>>,
+    log_lines: watch::Receiver<usize>,
+}
+
+impl Broker {
+    /// `tokenbroker serve` against `emulator`, with extra flags.
+    pub async fn start(emulator: &Emulator, extra: &[&str]) -> Broker {
+        let mut args = vec!["--metadata-host".to_string(), emulator.host()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::spawn(args, &[]).await
+    }
+
+    /// `tokenbroker serve --socket DIR/tokenbroker.sock ARGS`, waiting until
+    /// it logs that it is ready.
+    pub async fn spawn(args: Vec<String>, env: &[(&str, &str)]) -> Broker {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("tokenbroker.sock");
+        let broker = Self::spawn_at(&socket, dir, args, env);
+        broker.wait_for_log("tokenbroker ready").await;
+        broker
+    }
+
+    /// Starts the binary without waiting for readiness.
+    pub fn spawn_at(
+        socket: &Path,
+        dir: tempfile::TempDir,
+        args: Vec<String>,
+        env: &[(&str, &str)],
+    ) -> Broker {
+        let mut command = Command::new(BINARY);
+        command
+            .arg("serve")
+            .arg("--socket")
+            .arg(socket)
+            .args(&args)
+            .env_remove("TOKENBROKER_SOCKET")
+            .env_remove("GCE_METADATA_HOST")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_BROKER_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("tokenbroker binary starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (lines_tx, log_lines) = watch::channel(0);
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[broker] {line}");
+                let mut logs = sink.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+                drop(logs);
+                lines_tx.send_modify(|n| *n += 1);
+            }
+        });
+        Broker {
+            child,
+            socket: socket.to_path_buf(),
+            dir,
+            logs,
+            log_lines,
+        }
+    }
+
+    /// Everything the broker logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits until the logs contain `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let mut lines = self.log_lines.clone();
+        let found =
+            tokio::time::timeout(PATIENCE, lines.wait_for(|_| self.logs().contains(needle))).await;
+        assert!(
+            matches!(found, Ok(Ok(_))),
+            "broker never logged {needle:?}; logs:\n{}",
+            self.logs()
+        );
+    }
+
+    /// A client connected over the socket.
+    pub async fn client(&self) -> TokenBrokerClient<Channel> {
+        tokenbroker::client::connect(&self.socket)
+            .await
+            .expect("client connects")
+    }
+
+    /// Sends `signal` to the broker.
+    pub fn signal(&self, signal: Signal) {
+        let pid = self.child.id().expect("broker is running");
+        kill(Pid::from_raw(pid as i32), signal).expect("signal delivered");
+    }
+
+    /// Waits for the broker to exit.
+    pub async fn wait(&mut self) -> ExitStatus {
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("broker exits in time")
+            .expect("wait works")
+    }
+}
+
+/// A `GetIdTokenRequest` for `audience` with defaults elsewhere.
+pub fn id_request(audience: &str) -> GetIdTokenRequest {
+    GetIdTokenRequest {
+        audience: audience.into(),
+        ..Default::default()
+    }
+}
+
+/// A `GetAccessTokenRequest` for the default account and `scopes`.
+pub fn access_request(scopes: &[&str]) -> GetAccessTokenRequest {
+    GetAccessTokenRequest {
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A request carrying a gRPC deadline.
+pub fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+/// The claims of a JWT, decoded without verification.
+pub fn claims(jwt: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = jwt.split('.').nth(1).expect("JWT has a payload");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("payload is base64url");
+    serde_json::from_slice(&bytes).expect("payload is JSON")
+}

@@ -1,0 +1,241 @@
+//! The broker process: socket handling, signals, the built-in emulator and
+//! the command-line client.
+
+mod common;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::time::Duration;
+
+use common::{BINARY, Broker, PATIENCE, emulator, id_request};
+use nix::sys::signal::Signal;
+use tokenbroker::emulator::EmulatorConfig;
+use tokenbroker::proto::v1::{WatchTokenRequest, watch_token_request};
+use tokio::process::Command;
+use tonic::Code;
+
+#[tokio::test]
+async fn sigterm_ends_streams_and_exits_cleanly() {
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let mut broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
+        let mut client = broker.client().await;
+        let request = WatchTokenRequest {
+            request: Some(watch_token_request::Request::IdToken(id_request(
+                "https://a.run.app",
+            ))),
+        };
+        let mut watch = client.watch_token(request).await.unwrap().into_inner();
+        assert!(watch.message().await.unwrap().is_some());
+
+        broker.signal(signal);
+        let status = tokio::time::timeout(PATIENCE, watch.message())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("shutting down"),
+            "{}",
+            status.message()
+        );
+        assert!(broker.wait().await.success(), "{signal:?}");
+        assert!(
+            !broker.socket.exists(),
+            "socket left behind after {signal:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn socket_gets_the_requested_mode() {
+    let broker = Broker::spawn(
+        vec!["--emulator".into(), "--socket-mode".into(), "0600".into()],
+        &[],
+    )
+    .await;
+    let meta = std::fs::metadata(&broker.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn a_second_broker_on_the_same_socket_is_refused() {
+    let first = Broker::spawn(vec!["--emulator".into()], &[]).await;
+    let output = Command::new(BINARY)
+        .args(["serve", "--emulator", "--socket"])
+        .arg(&first.socket)
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("already serving"), "{stderr}");
+    // The first broker is untouched.
+    let mut client = first.client().await;
+    assert!(client.get_id_token(id_request("aud")).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_stale_socket_is_replaced_and_other_files_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("tokenbroker.sock");
+    // A socket nobody listens on, as a killed broker leaves behind.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let broker = Broker::spawn_at(&socket, dir, vec!["--emulator".into()], &[]);
+    broker.wait_for_log("tokenbroker ready").await;
+    assert!(broker.logs().contains("replacing stale socket"));
+    let mut client = broker.client().await;
+    assert!(client.get_id_token(id_request("aud")).await.is_ok());
+
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_socket = dir.path().join("tokenbroker.sock");
+    std::fs::write(&not_a_socket, "keep me").unwrap();
+    let output = Command::new(BINARY)
+        .args(["serve", "--emulator", "--socket"])
+        .arg(&not_a_socket)
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read_to_string(&not_a_socket).unwrap(), "keep me");
+}
+
+#[tokio::test]
+async fn socket_path_comes_from_the_environment_for_broker_and_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nested/dir/env.sock");
+    let socket_str = socket.to_str().unwrap();
+    let mut command = Command::new(BINARY);
+    command
+        .args(["serve", "--emulator"])
+        .env("TOKENBROKER_SOCKET", socket_str)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut broker = command.spawn().unwrap();
+    let stderr = broker.stderr.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let ready = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("tokenbroker ready") {
+                return;
+            }
+        }
+        panic!("broker exited before it was ready");
+    });
+    ready.await.unwrap();
+
+    let output = Command::new(BINARY)
+        .args([
+            "print-identity-token",
+            "--audience",
+            "https://a.run.app",
+            "--json",
+        ])
+        .env("TOKENBROKER_SOCKET", socket_str)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        common::claims(printed["token"].as_str().unwrap())["aud"],
+        "https://a.run.app"
+    );
+    assert!(printed["expire_time"].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test]
+async fn the_client_command_explains_a_missing_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BINARY)
+        .args(["print-access-token", "--socket"])
+        .arg(dir.path().join("nothing.sock"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is `tokenbroker serve` running"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_client_command_prints_and_watches_tokens() {
+    let emulator = emulator(EmulatorConfig {
+        access_token_lifetime: Duration::from_secs(4),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let broker = Broker::start(&emulator, &["--expiry-skew", "1s"]).await;
+    let output = Command::new(BINARY)
+        .args([
+            "print-access-token",
+            "--scope",
+            "scope:a,scope:b",
+            "--socket",
+        ])
+        .arg(&broker.socket)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success());
+    let token = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        emulator.token_info(token.trim()).unwrap().scopes,
+        vec!["scope:a", "scope:b"]
+    );
+
+    let mut watcher = Command::new(BINARY)
+        .args(["print-access-token", "--watch", "--socket"])
+        .arg(&broker.socket)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = watcher.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let first = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let second = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_ne!(first, second);
+    assert!(emulator.token_info(&second).is_some());
+}
+
+#[tokio::test]
+async fn help_explains_every_flag_with_its_default() {
+    let output = Command::new(BINARY)
+        .args(["serve", "--help"])
+        .output()
+        .await
+        .unwrap();
+    let help = String::from_utf8(output.stdout).unwrap();
+    for flag in [
+        "--socket",
+        "--socket-mode",
+        "--metadata-host",
+        "--emulator",
+        "--upstream-timeout",
+        "--refresh-margin",
+        "--expiry-skew",
+        "--idle-timeout",
+        "--max-keys",
+        "--shutdown-grace",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+    assert!(help.contains("[default: /run/tokenbroker/tokenbroker.sock]"));
+    assert!(help.contains("[env: GCE_METADATA_HOST="));
+}
