@@ -5,21 +5,28 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::cache::TokenCache;
 use crate::config::{AccessTokenArgs, ClientArgs, EmulatorArgs, IdTokenArgs, ServeArgs};
 use crate::emulator::{Emulator, EmulatorConfig};
+use crate::health::Health;
 use crate::metadata::MetadataClient;
+use crate::metrics::{Metrics, register_cache_gauge};
 use crate::proto::v1 as pb;
-use crate::{client, server, socket};
+use crate::server::Broker;
+use crate::telemetry::Telemetry;
+use crate::upstream::Instrumented;
+use crate::{admin, client, server, socket};
 
 /// What a subcommand fails with; printed by `main`.
 pub type AppResult = Result<(), Box<dyn Error + Send + Sync>>;
 
 /// `tokenbroker serve`.
-pub async fn serve(args: ServeArgs) -> AppResult {
+pub async fn serve(args: ServeArgs, telemetry: &Telemetry) -> AppResult {
     // Installed first: a SIGTERM during start-up still means a clean exit.
     let shutdown = shutdown_signal()?;
     let emulator = if args.emulator {
@@ -41,10 +48,48 @@ pub async fn serve(args: ServeArgs) -> AppResult {
         emulator = args.emulator,
         "fetching tokens"
     );
-    let cache = TokenCache::new(Arc::new(upstream), args.cache_config());
+
+    let meter = telemetry.meter();
+    let metrics = Metrics::new(&meter, args.metrics_label_audience);
+    let health = Health::new();
+    let source = Instrumented::new(upstream.clone(), metrics.clone(), health.clone());
+    let cache = TokenCache::new(Arc::new(source), args.cache_config(), metrics.clone());
+    register_cache_gauge(&meter, {
+        let cache = cache.clone();
+        move |kind| cache.len_of(kind)
+    });
+
+    let stop = CancellationToken::new();
+    let _stop_background = stop.clone().drop_guard();
+    let probe = move || {
+        let upstream = upstream.clone();
+        async move { upstream.probe().await }
+    };
+    tokio::spawn(health.clone().monitor(cache.clone(), probe, stop.clone()));
+    if let Some(addr) = args.metrics_addr {
+        let registry = telemetry
+            .registry()
+            .cloned()
+            .ok_or("metrics registry missing")?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|error| format!("cannot listen for metrics on {addr}: {error}"))?;
+        tracing::info!(metrics_addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+        tokio::spawn(admin::serve(
+            listener,
+            registry,
+            health.clone(),
+            stop.clone(),
+        ));
+    }
+
     let socket = socket::bind(&args.socket, args.socket_mode)?;
-    server::serve(socket, cache, shutdown, args.shutdown_grace).await?;
-    Ok(())
+    let broker = Broker {
+        cache,
+        metrics,
+        health,
+    };
+    server::serve(socket, broker, shutdown, args.shutdown_grace).await
 }
 
 /// `tokenbroker emulator`.
@@ -97,7 +142,7 @@ pub async fn print_identity_token(args: IdTokenArgs) -> AppResult {
     .await
 }
 
-type Broker = pb::token_broker_client::TokenBrokerClient<tonic::transport::Channel>;
+type BrokerClient = pb::token_broker_client::TokenBrokerClient<tonic::transport::Channel>;
 
 /// Prints one token (via `get`), or with `--watch` every token of the key.
 async fn print_tokens<F, Fut>(
@@ -106,7 +151,7 @@ async fn print_tokens<F, Fut>(
     get: F,
 ) -> AppResult
 where
-    F: FnOnce(Broker) -> Fut,
+    F: FnOnce(BrokerClient) -> Fut,
     Fut: std::future::Future<Output = Result<pb::token::Token, Status>>,
 {
     let mut broker = client::connect(&args.socket).await.map_err(|error| {

@@ -19,9 +19,10 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::BrokerError;
+use crate::metrics::Metrics;
 use crate::request::{TokenKey, TokenRequest};
 use crate::schedule::{self, Backoff, refresh_delay};
-use crate::token::Token;
+use crate::token::{Token, TokenKind};
 use crate::upstream::{FetchError, TokenSource};
 
 /// Default idle timeout (30 minutes): a key nobody asked for or watched for
@@ -104,7 +105,10 @@ struct Inner {
     entries: moka::sync::Cache<TokenKey, Arc<KeyEntry>>,
     source: Arc<dyn TokenSource>,
     config: CacheConfig,
+    metrics: Metrics,
     live_keys: AtomicUsize,
+    /// Live keys per token kind, indexed by [`kind_index`].
+    live_by_kind: [AtomicUsize; 2],
     epoch: Instant,
     /// Stops every refresh task when the last handle to the cache is gone.
     stop: CancellationToken,
@@ -137,14 +141,17 @@ struct KeyEntry {
 }
 
 impl TokenCache {
-    /// A cache fetching through `source`.
-    pub fn new(source: Arc<dyn TokenSource>, config: CacheConfig) -> Self {
+    /// A cache fetching through `source`, counting background refreshes
+    /// in `metrics`.
+    pub fn new(source: Arc<dyn TokenSource>, config: CacheConfig, metrics: Metrics) -> Self {
         Self {
             inner: Arc::new(Inner {
                 entries: moka::sync::Cache::builder().build(),
                 source,
                 config,
+                metrics,
                 live_keys: AtomicUsize::new(0),
+                live_by_kind: Default::default(),
                 epoch: Instant::now(),
                 stop: CancellationToken::new(),
             }),
@@ -191,6 +198,21 @@ impl TokenCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// How many keys of one kind the cache holds.
+    pub fn len_of(&self, kind: TokenKind) -> usize {
+        self.inner.live_by_kind[kind_index(kind)].load(Ordering::Relaxed)
+    }
+
+    /// Whether any key holds a token that could be handed out now.
+    pub fn has_usable_token(&self) -> bool {
+        let now = Instant::now();
+        let skew = self.inner.config.expiry_skew;
+        self.inner
+            .entries
+            .iter()
+            .any(|(_, entry)| usable(&entry.state.borrow(), now, skew).is_some())
+    }
 }
 
 // === impl Inner ===
@@ -231,6 +253,7 @@ impl Inner {
         };
         let entry = inserted.into_value();
         if let Some(wanted) = created {
+            self.live_by_kind[kind_index(key.kind())].fetch_add(1, Ordering::AcqRel);
             tokio::spawn(refresh_task(
                 Arc::downgrade(self),
                 entry.clone(),
@@ -394,6 +417,13 @@ impl Drop for Inner {
     }
 }
 
+fn kind_index(kind: TokenKind) -> usize {
+    match kind {
+        TokenKind::Access => 0,
+        TokenKind::Id => 1,
+    }
+}
+
 fn usable(snapshot: &Snapshot, now: Instant, required: Duration) -> Option<Arc<Token>> {
     snapshot
         .token
@@ -449,6 +479,9 @@ async fn refresh_task(
             false
         });
         let result = inner.source.fetch(&entry.key).await;
+        if !asked {
+            inner.metrics.refreshed(entry.key.kind(), result.is_ok());
+        }
         refresh_at = inner.record(&entry, result, &mut backoff);
     }
     entry.state.send_modify(|s| {
@@ -457,6 +490,7 @@ async fn refresh_task(
     });
     if let Some(inner) = cache.upgrade() {
         inner.live_keys.fetch_sub(1, Ordering::AcqRel);
+        inner.live_by_kind[kind_index(entry.key.kind())].fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -691,7 +725,7 @@ mod tests {
             idle_timeout: 4 * HOUR,
             ..CacheConfig::default()
         };
-        TokenCache::new(source, config)
+        TokenCache::new(source, config, Metrics::disabled())
     }
 
     fn secret(served: &Served) -> &str {
@@ -851,7 +885,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_keys_are_dropped_and_stop_refreshing() {
         let source = FakeSource::new(HOUR);
-        let cache = TokenCache::new(source.clone(), CacheConfig::default());
+        let cache = TokenCache::new(source.clone(), CacheConfig::default(), Metrics::disabled());
         cache.get(&request("aud")).await.unwrap();
         tokio::time::advance(DEFAULT_IDLE_TIMEOUT + Duration::from_secs(1)).await;
         settle().await;
@@ -868,7 +902,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn watched_keys_stay_and_stream_every_refresh() {
         let source = FakeSource::new(HOUR);
-        let cache = TokenCache::new(source.clone(), CacheConfig::default());
+        let cache = TokenCache::new(source.clone(), CacheConfig::default(), Metrics::disabled());
         let (first, mut watch) = cache.watch(&request("aud")).await.unwrap();
         let (_, mut second_watch) = cache.watch(&request("aud")).await.unwrap();
         let mut previous = first.token;
@@ -915,7 +949,7 @@ mod tests {
             max_keys: 2,
             ..CacheConfig::default()
         };
-        let cache = TokenCache::new(source, config);
+        let cache = TokenCache::new(source, config, Metrics::disabled());
         cache.get(&request("a")).await.unwrap();
         cache.get(&request("b")).await.unwrap();
         let error = cache.get(&request("c")).await.unwrap_err();

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::cache::CacheConfig;
 use crate::emulator::EmulatorConfig;
 use crate::socket::DEFAULT_SOCKET;
+use crate::telemetry::LogFormat;
 
 /// Shares Google Cloud access and ID tokens between every process on a
 /// machine, over gRPC on a Unix socket.
@@ -21,6 +22,10 @@ use crate::socket::DEFAULT_SOCKET;
 #[derive(Debug, Parser)]
 #[command(name = "tokenbroker", version, propagate_version = true)]
 pub struct Cli {
+    /// Log format: text on a terminal and JSON otherwise (auto), or forced.
+    #[arg(long, global = true, env = "TOKENBROKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -86,6 +91,16 @@ pub struct ServeArgs {
     /// Most distinct tokens (keys) held at once; more gives RESOURCE_EXHAUSTED.
     #[arg(long, env = "TOKENBROKER_MAX_KEYS", default_value_t = crate::cache::DEFAULT_MAX_KEYS)]
     pub max_keys: usize,
+
+    /// Serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP
+    /// on this address, e.g. 127.0.0.1:9464. Off unless set.
+    #[arg(long, env = "TOKENBROKER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Label ID-token request metrics with the audience. Off by default:
+    /// every distinct audience becomes a time series.
+    #[arg(long, env = "TOKENBROKER_METRICS_LABEL_AUDIENCE")]
+    pub metrics_label_audience: bool,
 
     /// Time in-flight calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "TOKENBROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]

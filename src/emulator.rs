@@ -182,6 +182,7 @@ struct Shared {
 pub struct Emulator {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    accepting: Option<tokio::task::JoinHandle<()>>,
 }
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -203,9 +204,22 @@ impl Emulator {
             signing_key,
             stop: CancellationToken::new(),
         });
-        tokio::spawn(accept_loop(listener, shared.clone()));
+        let accepting = tokio::spawn(accept_loop(listener, shared.clone()));
         tracing::info!(%addr, "metadata server emulator listening");
-        Ok(Self { addr, shared })
+        Ok(Self {
+            addr,
+            shared,
+            accepting: Some(accepting),
+        })
+    }
+
+    /// Stops serving and waits until the port is free again (so that a
+    /// test can take the metadata server down and bring it back).
+    pub async fn stop(mut self) {
+        self.shared.stop.cancel();
+        if let Some(accepting) = self.accepting.take() {
+            let _ = accepting.await;
+        }
     }
 
     /// The address it listens on.

@@ -7,19 +7,23 @@
 //! - [`metadata`]: fetches them from the GCE metadata server,
 //! - [`service`], [`server`], [`socket`]: gRPC on a Unix socket,
 //! - [`emulator`]: stands in for the metadata server off Google Cloud,
-//! - [`client`]: connects Rust programs to a running broker.
+//! - [`client`]: connects Rust programs to a running broker,
+//! - [`metrics`], [`health`], [`admin`], [`telemetry`]: what operators see.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod cache;
 pub mod client;
 pub mod config;
 pub mod emulator;
 pub mod error;
+pub mod health;
 pub mod jwt;
 pub mod metadata;
+pub mod metrics;
 pub mod proto;
 pub mod request;
 pub mod schedule;

@@ -5,15 +5,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokenbroker::app;
 use tokenbroker::config::{Cli, Command};
-use tokenbroker::telemetry;
+use tokenbroker::telemetry::{self, Exports};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_log = match cli.command {
-        Command::Serve(_) | Command::Emulator(_) => "info",
-        Command::PrintAccessToken(_) | Command::PrintIdentityToken(_) => "warn",
-    };
-    telemetry::init_logging(default_log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -22,12 +17,28 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        match cli.command {
-            Command::Serve(args) => app::serve(args).await,
+        let (default_log, exports) = match &cli.command {
+            Command::Serve(args) => (
+                "info",
+                Exports {
+                    prometheus: args.metrics_addr.is_some(),
+                    otlp: true,
+                },
+            ),
+            Command::Emulator(_) => ("info", Exports::default()),
+            Command::PrintAccessToken(_) | Command::PrintIdentityToken(_) => {
+                ("warn", Exports::default())
+            }
+        };
+        let telemetry = telemetry::init(cli.log_format, default_log, exports)?;
+        let result = match cli.command {
+            Command::Serve(args) => app::serve(args, &telemetry).await,
             Command::Emulator(args) => app::emulator(args).await,
             Command::PrintAccessToken(args) => app::print_access_token(args).await,
             Command::PrintIdentityToken(args) => app::print_identity_token(args).await,
-        }
+        };
+        telemetry.shutdown();
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -88,7 +89,24 @@ impl MetadataClient {
         }
     }
 
-    async fn get(&self, url: &str) -> Result<Bytes, FetchError> {
+    /// Checks that a metadata server answers at all (listing the service
+    /// accounts, which costs no token): any status but a 5xx, with the
+    /// `Metadata-Flavor: Google` header, counts.
+    pub async fn probe(&self) -> Result<(), FetchError> {
+        let url = format!("http://{}{ACCOUNTS_PATH}", self.host);
+        let response = tokio::time::timeout(self.timeout, self.send(&url))
+            .await
+            .map_err(|_| FetchError::Timeout(self.timeout))??;
+        if response.status().is_server_error() {
+            return Err(FetchError::Status {
+                status: response.status().as_u16(),
+                retry_after: retry_after(response.headers()),
+            });
+        }
+        check_flavor(response.headers())
+    }
+
+    async fn send(&self, url: &str) -> Result<http::Response<Incoming>, FetchError> {
         let request = Request::get(url)
             .header(FLAVOR, "Google")
             .header(
@@ -97,11 +115,14 @@ impl MetadataClient {
             )
             .body(Empty::new())
             .map_err(|e| FetchError::Malformed(format!("cannot build request: {e}")))?;
-        let response = self
-            .http
+        self.http
             .request(request)
             .await
-            .map_err(|e| FetchError::Connect(error_chain(&e)))?;
+            .map_err(|e| FetchError::Connect(error_chain(&e)))
+    }
+
+    async fn get(&self, url: &str) -> Result<Bytes, FetchError> {
+        let response = self.send(url).await?;
         let status = response.status();
         if status != StatusCode::OK {
             return Err(FetchError::Status {
@@ -109,12 +130,7 @@ impl MetadataClient {
                 retry_after: retry_after(response.headers()),
             });
         }
-        if response.headers().get(FLAVOR).map(|v| v.as_bytes()) != Some(b"Google") {
-            return Err(FetchError::Malformed(
-                "no `Metadata-Flavor: Google` response header; is GCE_METADATA_HOST a metadata server?"
-                    .into(),
-            ));
-        }
+        check_flavor(response.headers())?;
         let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
             .collect()
             .await
@@ -240,6 +256,16 @@ fn parse_id_token(body: &[u8], audience: &str) -> Result<Token, FetchError> {
         Secret::new(jwt.to_string()),
         String::new(),
         expire_time,
+    ))
+}
+
+fn check_flavor(headers: &HeaderMap) -> Result<(), FetchError> {
+    if headers.get(FLAVOR).map(|v| v.as_bytes()) == Some(b"Google") {
+        return Ok(());
+    }
+    Err(FetchError::Malformed(
+        "no `Metadata-Flavor: Google` response header; is GCE_METADATA_HOST a metadata server?"
+            .into(),
     ))
 }
 

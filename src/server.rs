@@ -1,15 +1,21 @@
-//! Runs the gRPC server on the broker's socket until shutdown, then ends
-//! watch streams, lets in-flight calls finish within a grace period, and
-//! removes the socket.
+//! Runs the gRPC server on the broker's socket: the token service, gRPC
+//! health and reflection. On shutdown it ends watch streams, lets in-flight
+//! calls finish within a grace period, and removes the socket.
 
 use std::future::Future;
 use std::time::Duration;
 
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::cache::TokenCache;
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::proto::v1::FILE_DESCRIPTOR_SET;
 use crate::proto::v1::token_broker_server::TokenBrokerServer;
 use crate::service::BrokerService;
 use crate::socket::BoundSocket;
@@ -17,20 +23,36 @@ use crate::socket::BoundSocket;
 /// Default time in-flight calls get to finish after a shutdown signal (5 s).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// The parts of a broker the server exposes.
+pub struct Broker {
+    /// The shared token cache.
+    pub cache: TokenCache,
+    /// Where calls are counted.
+    pub metrics: Metrics,
+    /// What `grpc.health.v1.Health` reports.
+    pub health: Health,
+}
+
 /// Serves the broker on `socket` until `shutdown` completes.
 ///
-/// On shutdown the listener stops accepting, every watch stream ends with
-/// `UNAVAILABLE` ("broker shutting down"), unary calls in flight get `grace`
-/// to finish, and the socket file is removed.
+/// On shutdown the listener stops accepting, health turns NOT_SERVING, every
+/// watch stream ends with `UNAVAILABLE` ("broker shutting down"), unary
+/// calls in flight get `grace` to finish, and the socket file is removed.
 pub async fn serve(
     socket: BoundSocket,
-    cache: TokenCache,
+    broker: Broker,
     shutdown: impl Future<Output = ()> + Send,
     grace: Duration,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let BoundSocket { listener, owner } = socket;
     let stopping = CancellationToken::new();
-    let service = BrokerService::new(cache, stopping.clone());
+    let service = BrokerService::new(broker.cache, broker.metrics, stopping.clone());
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(publish_health(broker.health, reporter, stopping.clone()));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
     let signal = {
         let stopping = stopping.clone();
         async move {
@@ -40,6 +62,8 @@ pub async fn serve(
         }
     };
     let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
         .add_service(TokenBrokerServer::new(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
     tracing::info!(socket = %owner.path().display(), "tokenbroker ready");
@@ -52,5 +76,25 @@ pub async fn serve(
     };
     drop(owner);
     tracing::info!("stopped");
-    result
+    Ok(result?)
+}
+
+/// Mirrors [`Health`] into gRPC health, for the whole server ("") and the
+/// token service, until shutdown turns both NOT_SERVING.
+async fn publish_health(health: Health, reporter: HealthReporter, stopping: CancellationToken) {
+    const SERVICE: &str = <TokenBrokerServer<BrokerService> as NamedService>::NAME;
+    let mut serving = health.subscribe();
+    loop {
+        let status = if *serving.borrow_and_update() && !stopping.is_cancelled() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter.set_service_status(SERVICE, status).await;
+        tokio::select! {
+            changed = serving.changed() => if changed.is_err() { return },
+            () = stopping.cancelled(), if !stopping.is_cancelled() => {}
+        }
+    }
 }

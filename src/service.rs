@@ -1,5 +1,6 @@
 //! The gRPC face of the broker: validates each call, serves it from the
-//! cache within the caller's deadline, and streams watched tokens.
+//! cache within the caller's deadline, streams watched tokens, and records
+//! a span and metrics per call.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,38 +8,88 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt, stream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::cache::{Served, TokenCache, TokenWatch};
 use crate::error::BrokerError;
+use crate::metrics::{Metrics, Rpc, code_name};
 use crate::proto::v1 as pb;
-use crate::request::TokenRequest;
+use crate::request::{TokenKey, TokenRequest};
 use crate::token::{Token, TokenKind};
 
 /// Implements `tokenbroker.v1.TokenBroker` over a [`TokenCache`].
 #[derive(Clone)]
 pub struct BrokerService {
     cache: TokenCache,
+    metrics: Metrics,
     shutdown: CancellationToken,
 }
 
 impl BrokerService {
     /// A service answering from `cache`; watch streams end with
     /// `UNAVAILABLE` once `shutdown` is cancelled.
-    pub fn new(cache: TokenCache, shutdown: CancellationToken) -> Self {
-        Self { cache, shutdown }
+    pub fn new(cache: TokenCache, metrics: Metrics, shutdown: CancellationToken) -> Self {
+        Self {
+            cache,
+            metrics,
+            shutdown,
+        }
     }
 
-    async fn token(
+    /// Validates, serves and records one unary call.
+    async fn unary<M>(
         &self,
-        request: TokenRequest,
-        deadline: Option<Duration>,
-    ) -> Result<Served, Status> {
-        let kind = request.key.kind();
-        let result = within(deadline, self.cache.get(&request)).await;
-        log_result(kind, result.as_ref());
-        Ok(result?)
+        rpc: Rpc,
+        kind: TokenKind,
+        request: Request<M>,
+    ) -> Result<Arc<Token>, Status>
+    where
+        M: TryInto<TokenRequest, Error = BrokerError>,
+    {
+        let deadline = deadline_of(&request);
+        let call = async {
+            let request: TokenRequest = request.into_inner().try_into().inspect_err(|error| {
+                self.report(rpc, Some(kind), None, Err(error));
+            })?;
+            let result = within(deadline, self.cache.get(&request)).await;
+            self.report(rpc, Some(kind), audience(&request.key), result.as_ref());
+            Ok::<_, BrokerError>(result?.token)
+        };
+        Ok(call.instrument(rpc_span(rpc, Some(kind))).await?)
+    }
+
+    /// Records the result of a call in the current span and in the metrics,
+    /// and logs failures. A watch without a request has no kind and is only
+    /// logged.
+    fn report(
+        &self,
+        rpc: Rpc,
+        kind: Option<TokenKind>,
+        audience: Option<&str>,
+        result: Result<&Served, &BrokerError>,
+    ) {
+        let span = tracing::Span::current();
+        match (result, kind) {
+            (Ok(served), Some(kind)) => {
+                span.record("outcome", served.outcome.as_str());
+                let remaining = served.token.remaining(Instant::now());
+                self.metrics
+                    .served(rpc, kind, served.outcome, remaining, audience);
+            }
+            (Ok(_), None) => {}
+            (Err(error), kind) => {
+                let code = error.code();
+                span.record("outcome", "error");
+                span.record("code", code_name(code));
+                if let Some(kind) = kind {
+                    self.metrics.failed(rpc, kind, code, audience);
+                }
+                tracing::info!(code = code_name(code), %error, "request failed");
+            }
+        }
     }
 }
 
@@ -48,20 +99,18 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
         &self,
         request: Request<pb::GetAccessTokenRequest>,
     ) -> Result<Response<pb::AccessToken>, Status> {
-        let deadline = deadline_of(&request);
-        let request = TokenRequest::try_from(request.into_inner())?;
-        let served = self.token(request, deadline).await?;
-        Ok(Response::new(access_token(&served.token)))
+        let token = self
+            .unary(Rpc::GetAccessToken, TokenKind::Access, request)
+            .await?;
+        Ok(Response::new(access_token(&token)))
     }
 
     async fn get_id_token(
         &self,
         request: Request<pb::GetIdTokenRequest>,
     ) -> Result<Response<pb::IdToken>, Status> {
-        let deadline = deadline_of(&request);
-        let request = TokenRequest::try_from(request.into_inner())?;
-        let served = self.token(request, deadline).await?;
-        Ok(Response::new(id_token(&served.token)))
+        let token = self.unary(Rpc::GetIdToken, TokenKind::Id, request).await?;
+        Ok(Response::new(id_token(&token)))
     }
 
     type WatchTokenStream = Pin<Box<dyn Stream<Item = Result<pb::Token, Status>> + Send>>;
@@ -71,40 +120,111 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
         request: Request<pb::WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
         let deadline = deadline_of(&request);
-        let request = TokenRequest::try_from(request.into_inner())?;
-        let kind = request.key.kind();
-        let result = within(deadline, self.cache.watch(&request)).await;
-        log_result(kind, result.as_ref().map(|(served, _)| served));
-        let (first, watch) = result?;
-        let stream = watch_stream(first.token, watch, kind, self.shutdown.clone());
+        let kind = match &request.get_ref().request {
+            Some(pb::watch_token_request::Request::AccessToken(_)) => Some(TokenKind::Access),
+            Some(pb::watch_token_request::Request::IdToken(_)) => Some(TokenKind::Id),
+            None => None,
+        };
+        let span = rpc_span(Rpc::WatchToken, kind);
+        let call = async {
+            let request: TokenRequest = request.into_inner().try_into().inspect_err(|error| {
+                self.report(Rpc::WatchToken, kind, None, Err(error));
+            })?;
+            let result = within(deadline, self.cache.watch(&request)).await;
+            let audience = audience(&request.key);
+            self.report(
+                Rpc::WatchToken,
+                kind,
+                audience,
+                result.as_ref().map(|(served, _)| served),
+            );
+            Ok::<_, BrokerError>((request.key.kind(), result?))
+        };
+        let (kind, (first, watch)) = call.instrument(span.clone()).await?;
+        let watcher = Watcher::new(self.metrics.clone(), kind);
+        let stream = watch_stream(first.token, watch, watcher, self.shutdown.clone(), span);
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
+/// Counts an open watch stream in the `tokenbroker_watchers` gauge.
+struct Watcher {
+    metrics: Metrics,
+    kind: TokenKind,
+}
+
+impl Watcher {
+    fn new(metrics: Metrics, kind: TokenKind) -> Self {
+        metrics.watchers(kind, 1);
+        Self { metrics, kind }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.metrics.watchers(self.kind, -1);
+    }
+}
+
 /// The first token, then each refreshed one; ends with an error status when
-/// the token expires unreplaced or the broker shuts down.
+/// the token expires unreplaced or the broker shuts down. Runs in the call's
+/// span.
 fn watch_stream(
     first: Arc<Token>,
     watch: TokenWatch,
-    kind: TokenKind,
+    watcher: Watcher,
     shutdown: CancellationToken,
+    span: tracing::Span,
 ) -> impl Stream<Item = Result<pb::Token, Status>> + Send {
+    let kind = watcher.kind;
     let first = stream::once(std::future::ready(Ok(token_message(kind, &first))));
-    let rest = stream::unfold(Some((watch, shutdown)), move |state| async move {
-        let (mut watch, shutdown) = state?;
-        let next = tokio::select! {
-            () = shutdown.cancelled() => Err(BrokerError::ShuttingDown),
-            next = watch.next() => next,
-        };
-        match next {
-            Ok(token) => Some((Ok(token_message(kind, &token)), Some((watch, shutdown)))),
-            Err(error) => {
-                tracing::debug!(kind = kind.as_str(), %error, "watch ended");
-                Some((Err(error.into()), None))
-            }
-        }
+    let rest = stream::unfold(Some((watch, watcher, shutdown)), move |state| {
+        next_watched(state, kind).instrument(span.clone())
     });
     first.chain(rest)
+}
+
+type WatchState = Option<(TokenWatch, Watcher, CancellationToken)>;
+
+/// One step of a watch stream: the next token, or the final error.
+async fn next_watched(
+    state: WatchState,
+    kind: TokenKind,
+) -> Option<(Result<pb::Token, Status>, WatchState)> {
+    let (mut watch, watcher, shutdown) = state?;
+    let next = tokio::select! {
+        () = shutdown.cancelled() => Err(BrokerError::ShuttingDown),
+        next = watch.next() => next,
+    };
+    match next {
+        Ok(token) => {
+            let remaining = token.remaining(Instant::now());
+            watcher.metrics.streamed(kind, remaining);
+            let message = token_message(kind, &token);
+            Some((Ok(message), Some((watch, watcher, shutdown))))
+        }
+        Err(error) => {
+            tracing::info!(%error, "watch ended");
+            Some((Err(error.into()), None))
+        }
+    }
+}
+
+fn rpc_span(rpc: Rpc, kind: Option<TokenKind>) -> tracing::Span {
+    tracing::info_span!(
+        "rpc",
+        rpc = rpc.as_str(),
+        token_kind = kind.map(TokenKind::as_str),
+        outcome = tracing::field::Empty,
+        code = tracing::field::Empty,
+    )
+}
+
+fn audience(key: &TokenKey) -> Option<&str> {
+    match key {
+        TokenKey::Id(key) => Some(&key.audience),
+        TokenKey::Access(_) => None,
+    }
 }
 
 fn token_message(kind: TokenKind, token: &Token) -> pb::Token {
@@ -127,19 +247,6 @@ fn id_token(token: &Token) -> pb::IdToken {
     pb::IdToken {
         token: token.secret().expose().to_string(),
         expire_time: Some(token.expire_time().into()),
-    }
-}
-
-fn log_result(kind: TokenKind, result: Result<&Served, &BrokerError>) {
-    match result {
-        Ok(served) => tracing::debug!(
-            kind = kind.as_str(),
-            outcome = served.outcome.as_str(),
-            "served"
-        ),
-        Err(error) => {
-            tracing::info!(kind = kind.as_str(), code = ?error.code(), %error, "request failed")
-        }
     }
 }
 

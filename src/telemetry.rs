@@ -1,17 +1,178 @@
-//! Logging: `tracing` to stderr, filtered by `RUST_LOG`.
+//! Logs, metrics and traces: `tracing` to stderr (text or JSON), metrics
+//! through the OpenTelemetry SDK to a Prometheus registry and, when the
+//! standard `OTEL_EXPORTER_OTLP_*` variables are set, to an OTLP collector
+//! together with the spans.
 
+use std::error::Error;
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use clap::ValueEnum;
+use opentelemetry::metrics::{Meter, MeterProvider};
+use opentelemetry::trace::TracerProvider;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-/// Installs the global subscriber; `default_filter` applies when `RUST_LOG`
-/// is unset (e.g. `info` for the daemon, `warn` for client commands).
-pub fn init_logging(default_filter: &str) {
+use crate::metrics::METER_NAME;
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    #[default]
+    Auto,
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// What [`init`] should set up besides logs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Exports {
+    /// Keep a Prometheus registry for `/metrics`.
+    pub prometheus: bool,
+    /// Export to OTLP if the environment asks for it.
+    pub otlp: bool,
+}
+
+/// The installed telemetry; call [`Telemetry::shutdown`] before exiting so
+/// that OTLP exporters flush.
+pub struct Telemetry {
+    meter_provider: SdkMeterProvider,
+    tracer_provider: Option<SdkTracerProvider>,
+    registry: Option<prometheus::Registry>,
+}
+
+impl Telemetry {
+    /// The broker's meter.
+    pub fn meter(&self) -> Meter {
+        self.meter_provider.meter(METER_NAME)
+    }
+
+    /// The Prometheus registry, if one was asked for.
+    pub fn registry(&self) -> Option<&prometheus::Registry> {
+        self.registry.as_ref()
+    }
+
+    /// Flushes and stops the exporters.
+    pub fn shutdown(self) {
+        if let Err(error) = self.meter_provider.shutdown() {
+            tracing::debug!(%error, "metrics shutdown");
+        }
+        if let Some(tracer_provider) = self.tracer_provider
+            && let Err(error) = tracer_provider.shutdown()
+        {
+            tracing::debug!(%error, "tracer shutdown");
+        }
+    }
+}
+
+/// Installs the global `tracing` subscriber and the metric and span
+/// exporters. `default_filter` applies when `RUST_LOG` is unset. Must run
+/// inside a tokio runtime (the OTLP exporters use it).
+pub fn init(
+    format: LogFormat,
+    default_filter: &str,
+    exports: Exports,
+) -> Result<Telemetry, Box<dyn Error + Send + Sync>> {
+    let resource = resource();
+    let mut meter_provider = SdkMeterProvider::builder().with_resource(resource.clone());
+    let mut registry = None;
+    if exports.prometheus {
+        let prometheus = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(prometheus.clone())
+            .scope_info_enabled(false)
+            .build()?;
+        meter_provider = meter_provider.with_reader(exporter);
+        registry = Some(prometheus);
+    }
+    let otlp_metrics = exports.otlp && otlp_configured("METRICS");
+    if otlp_metrics {
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .build()?;
+        meter_provider = meter_provider.with_periodic_exporter(exporter);
+    }
+    let tracer_provider = if exports.otlp && otlp_configured("TRACES") {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()?;
+        Some(
+            SdkTracerProvider::builder()
+                .with_resource(resource)
+                .with_batch_exporter(exporter)
+                .build(),
+        )
+    } else {
+        None
+    };
+
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let json = match format {
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+        LogFormat::Text => false,
+        LogFormat::Json => true,
+    };
+    let logs = if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .boxed()
+    };
+    let spans = tracer_provider
+        .as_ref()
+        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("tokenbroker")));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(spans)
+        .try_init()?;
+    if otlp_metrics || tracer_provider.is_some() {
+        tracing::info!(
+            metrics = otlp_metrics,
+            traces = tracer_provider.is_some(),
+            "exporting over OTLP"
+        );
+    }
+    Ok(Telemetry {
+        meter_provider: meter_provider.build(),
+        tracer_provider,
+        registry,
+    })
+}
+
+/// `service.name` is `tokenbroker` unless `OTEL_SERVICE_NAME` or
+/// `OTEL_RESOURCE_ATTRIBUTES` say otherwise.
+fn resource() -> Resource {
+    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|a| a.contains("service.name="));
+    let builder = Resource::builder();
+    if named {
+        builder.build()
+    } else {
+        builder.with_service_name("tokenbroker").build()
+    }
+}
+
+/// Whether the environment names an OTLP endpoint for `signal` (`METRICS`
+/// or `TRACES`), and the SDK is not disabled.
+fn otlp_configured(signal: &str) -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    !disabled
+        && (set("OTEL_EXPORTER_OTLP_ENDPOINT")
+            || set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")))
 }

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use tracing::Instrument;
 
+use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::request::TokenKey;
 use crate::token::Token;
 
@@ -48,6 +51,16 @@ impl FetchError {
         }
     }
 
+    /// Whether the metadata server could not be reached at all: no
+    /// connection, no answer in time, or a 5xx from something in between.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Connect(_) | Self::Timeout(_) => true,
+            Self::Status { status, .. } => *status >= 500,
+            Self::Malformed(_) => false,
+        }
+    }
+
     /// A bounded label for metrics: `http_4xx`, `http_5xx`, `rate_limited`,
     /// `timeout`, `connect` or `malformed`.
     pub fn reason(&self) -> &'static str {
@@ -59,6 +72,54 @@ impl FetchError {
             Self::Status { .. } => "http_4xx",
             Self::Malformed(_) => "malformed",
         }
+    }
+}
+
+/// Wraps a source to record every fetch: metrics, health and a tracing
+/// span (token kind, result, duration; never the token).
+pub struct Instrumented<S> {
+    inner: S,
+    metrics: Metrics,
+    health: Health,
+}
+
+impl<S: TokenSource> Instrumented<S> {
+    /// Records the fetches of `inner`.
+    pub fn new(inner: S, metrics: Metrics, health: Health) -> Self {
+        Self {
+            inner,
+            metrics,
+            health,
+        }
+    }
+}
+
+impl<S: TokenSource> TokenSource for Instrumented<S> {
+    fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
+        let kind = key.kind();
+        let span = tracing::info_span!(
+            "upstream_fetch",
+            token_kind = kind.as_str(),
+            result = tracing::field::Empty,
+            reason = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        );
+        let fetch = async move {
+            let started = tokio::time::Instant::now();
+            let result = self.inner.fetch(key).await;
+            let elapsed = started.elapsed();
+            let outcome = result.as_ref().map(|_| ()).map_err(FetchError::reason);
+            self.metrics.upstream_fetch(kind, outcome, elapsed);
+            self.health.record(&result);
+            let span = tracing::Span::current();
+            span.record("result", if outcome.is_ok() { "ok" } else { "error" });
+            if let Err(reason) = outcome {
+                span.record("reason", reason);
+            }
+            span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
+            result
+        };
+        Box::pin(fetch.instrument(span))
     }
 }
 

@@ -239,3 +239,21 @@ async fn help_explains_every_flag_with_its_default() {
     assert!(help.contains("[default: /run/tokenbroker/tokenbroker.sock]"));
     assert!(help.contains("[env: GCE_METADATA_HOST="));
 }
+
+#[tokio::test]
+async fn logs_are_json_or_text_as_asked() {
+    for (format, json) in [("json", true), ("text", false)] {
+        let mut broker = Broker::spawn(
+            vec!["--emulator".into(), "--log-format".into(), format.into()],
+            &[],
+        )
+        .await;
+        broker.signal(Signal::SIGTERM);
+        assert!(broker.wait().await.success());
+        broker.wait_for_log("stopped").await;
+        for line in broker.logs().lines() {
+            let parsed = serde_json::from_str::<serde_json::Value>(line);
+            assert_eq!(parsed.is_ok(), json, "{format}: {line}");
+        }
+    }
+}

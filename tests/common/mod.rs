@@ -189,3 +189,83 @@ pub fn claims(jwt: &str) -> serde_json::Value {
         .expect("payload is base64url");
     serde_json::from_slice(&bytes).expect("payload is JSON")
 }
+
+impl Broker {
+    /// The address of `--metrics-addr`, read from the broker's logs.
+    pub async fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.wait_for_log("metrics_addr").await;
+        let logs = self.logs();
+        let start = logs.find("metrics_addr").unwrap() + "metrics_addr".len();
+        let addr: String = logs[start..]
+            .trim_start_matches(|c: char| !c.is_ascii_digit())
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect();
+        addr.parse().expect("metrics address in the logs")
+    }
+}
+
+/// `GET http://{addr}{path}`: status and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use http_body_util::{BodyExt, Empty};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    let response = client
+        .get(format!("http://{addr}{path}").parse().unwrap())
+        .await
+        .expect("HTTP request");
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// The Prometheus text of a broker's `/metrics`.
+pub struct Scrape(pub String);
+
+impl Scrape {
+    /// Scrapes `addr`.
+    pub async fn of(addr: std::net::SocketAddr) -> Scrape {
+        let (status, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        Scrape(body)
+    }
+
+    /// The value of the series `name` whose labels include all of
+    /// `labels`, summed over the other labels; 0 if there is none.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+                (series_name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())?
+            })
+            .sum()
+    }
+}
+
+/// Scrapes until `condition` holds (metrics of stream ends are recorded
+/// when the broker notices the client left, which no client can await).
+pub async fn scrape_until(
+    addr: std::net::SocketAddr,
+    condition: impl Fn(&Scrape) -> bool,
+) -> Scrape {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let scrape = Scrape::of(addr).await;
+        if condition(&scrape) {
+            return scrape;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never matched:\n{}",
+            scrape.0
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

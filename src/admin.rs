@@ -1,0 +1,95 @@
+//! The operators' HTTP listener (`--metrics-addr`): `/metrics` in the
+//! Prometheus text format, `/healthz` (the process is alive) and `/readyz`
+//! (the broker can hand out tokens, as in gRPC health).
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+
+/// Serves the admin endpoints on `listener` until `stop`.
+pub async fn serve(
+    listener: TcpListener,
+    registry: prometheus::Registry,
+    health: Health,
+    stop: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "metrics listener accept failed");
+                    continue;
+                }
+            },
+        };
+        let (registry, health, stop) = (registry.clone(), health.clone(), stop.clone());
+        tokio::spawn(async move {
+            let service = service_fn(|request| {
+                std::future::ready(Ok::<_, Infallible>(respond(&request, &registry, &health)))
+            });
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                () = stop.cancelled() => {}
+                _ = connection => {}
+            }
+        });
+    }
+}
+
+fn respond(
+    request: &Request<Incoming>,
+    registry: &prometheus::Registry,
+    health: &Health,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match request.uri().path() {
+        "/metrics" => {
+            let mut body = Vec::new();
+            match TextEncoder::new().encode(&registry.gather(), &mut body) {
+                Ok(()) => {
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        prometheus::TEXT_FORMAT.parse().expect("valid header"),
+                    );
+                    response
+                }
+                Err(error) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("cannot encode metrics: {error}\n"),
+                ),
+            }
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if health.is_serving() => text(StatusCode::OK, "serving\n"),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not serving: the metadata server cannot be reached and no cached token is valid\n",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "endpoints: /metrics /healthz /readyz\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+}

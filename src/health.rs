@@ -1,0 +1,195 @@
+//! Whether the broker can hand out tokens. It is SERVING once the metadata
+//! server has answered, and NOT_SERVING while the metadata server cannot be
+//! reached and no cached token is usable. The state feeds gRPC health and
+//! `/readyz`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::TokenCache;
+use crate::schedule::Backoff;
+use crate::upstream::FetchError;
+
+/// First wait between probes of an unreachable metadata server (500 ms).
+pub const PROBE_INITIAL: Duration = Duration::from_millis(500);
+/// Longest wait between probes of an unreachable metadata server (5 s).
+pub const PROBE_MAX: Duration = Duration::from_secs(5);
+
+/// The outcome of the latest contact with the metadata server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Contact {
+    /// Not tried yet.
+    Unknown,
+    /// It answered.
+    Reached,
+    /// No connection, no answer in time, or a 5xx.
+    Unreachable,
+}
+
+/// Shared health state. Cloning is cheap; all clones see the same state.
+#[derive(Clone)]
+pub struct Health {
+    contact: watch::Sender<Contact>,
+    serving: watch::Sender<bool>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Health {
+    /// Not serving until the metadata server has answered once.
+    pub fn new() -> Self {
+        Self {
+            contact: watch::Sender::new(Contact::Unknown),
+            serving: watch::Sender::new(false),
+        }
+    }
+
+    /// Notes the outcome of a request to the metadata server.
+    pub fn record<T>(&self, result: &Result<T, FetchError>) {
+        let contact = match result {
+            Err(error) if error.is_unreachable() => Contact::Unreachable,
+            _ => Contact::Reached,
+        };
+        self.contact.send_if_modified(|current| {
+            let changed = *current != contact;
+            *current = contact;
+            changed
+        });
+    }
+
+    /// Whether the broker is serving now.
+    pub fn is_serving(&self) -> bool {
+        *self.serving.borrow()
+    }
+
+    /// Follows the serving state.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.serving.subscribe()
+    }
+
+    /// Keeps the serving state current until `stop`: recomputes it after
+    /// every change of contact, and while the metadata server is not known
+    /// to answer, probes it with `probe` (backing off to [`PROBE_MAX`]) and
+    /// notices when the last cached token expires.
+    pub async fn monitor<F, Fut>(self, cache: TokenCache, probe: F, stop: CancellationToken)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), FetchError>>,
+    {
+        let mut contact = self.contact.subscribe();
+        let mut backoff = Backoff::new(PROBE_INITIAL, PROBE_MAX);
+        loop {
+            let current = *contact.borrow_and_update();
+            let serving = current == Contact::Reached || cache.has_usable_token();
+            if self
+                .serving
+                .send_if_modified(|s| std::mem::replace(s, serving) != serving)
+            {
+                tracing::info!(serving, ?current, "health changed");
+            }
+            if current == Contact::Reached {
+                backoff.reset();
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = contact.changed() => continue,
+                }
+            }
+            let probed = probe().await;
+            if let Err(error) = &probed {
+                tracing::debug!(%error, "metadata server probe failed");
+            }
+            self.record(&probed);
+            if probed.is_ok() {
+                continue;
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = contact.changed() => {}
+                () = tokio::time::sleep(backoff.next_delay(fastrand::f64())) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::cache::CacheConfig;
+    use crate::metrics::Metrics;
+    use crate::request::TokenKey;
+    use crate::token::Token;
+    use crate::upstream::TokenSource;
+
+    struct NoTokens;
+
+    impl TokenSource for NoTokens {
+        fn fetch<'a>(
+            &'a self,
+            _key: &'a TokenKey,
+        ) -> futures_util::future::BoxFuture<'a, Result<Token, FetchError>> {
+            Box::pin(async { Err(FetchError::Connect("down".into())) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn serving_follows_reachability_and_probes_recover_it() {
+        let health = Health::new();
+        let cache = TokenCache::new(
+            Arc::new(NoTokens),
+            CacheConfig::default(),
+            Metrics::disabled(),
+        );
+        let up = Arc::new(AtomicBool::new(false));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let probe = {
+            let (up, probes) = (up.clone(), probes.clone());
+            move || {
+                let reachable = up.load(Ordering::SeqCst);
+                probes.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if reachable {
+                        Ok(())
+                    } else {
+                        Err(FetchError::Connect("refused".into()))
+                    }
+                }
+            }
+        };
+        let stop = CancellationToken::new();
+        tokio::spawn(health.clone().monitor(cache, probe, stop.clone()));
+        let mut serving = health.subscribe();
+
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!health.is_serving());
+        assert!(
+            probes.load(Ordering::SeqCst) >= 6,
+            "keeps probing while down"
+        );
+
+        up.store(true, Ordering::SeqCst);
+        serving.wait_for(|s| *s).await.unwrap();
+
+        // A fetch that cannot connect, with nothing cached: not serving.
+        health.record::<()>(&Err(FetchError::Connect("refused".into())));
+        up.store(false, Ordering::SeqCst);
+        serving.wait_for(|s| !*s).await.unwrap();
+
+        // A 404 is an answer: the server is reachable.
+        health.record::<()>(&Err(FetchError::Status {
+            status: 404,
+            retry_after: None,
+        }));
+        serving.wait_for(|s| *s).await.unwrap();
+        stop.cancel();
+    }
+}

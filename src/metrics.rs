@@ -1,0 +1,268 @@
+//! The broker's metrics, recorded through the OpenTelemetry API. Names and
+//! labels are a contract with operators' dashboards: see the README's table.
+//! Labels never hold tokens, and hold audiences only when the operator opts
+//! in (`--metrics-label-audience`).
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{
+    Counter, Histogram, Meter, MeterProvider, NoopMeterProvider, UpDownCounter,
+};
+use tonic::Code;
+
+use crate::cache::Outcome;
+use crate::token::TokenKind;
+
+/// The instrumentation scope of every instrument.
+pub const METER_NAME: &str = "tokenbroker";
+
+/// Bucket bounds of the upstream fetch duration histogram, in seconds.
+const FETCH_SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Bucket bounds of the remaining-lifetime histogram, in seconds.
+const REMAINING_SECONDS_BUCKETS: &[f64] = &[
+    10.0, 30.0, 60.0, 120.0, 240.0, 300.0, 600.0, 1200.0, 1800.0, 2700.0, 3600.0,
+];
+
+/// The RPC a request came through (the `rpc` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rpc {
+    /// `GetAccessToken`.
+    GetAccessToken,
+    /// `GetIdToken`.
+    GetIdToken,
+    /// `WatchToken`.
+    WatchToken,
+}
+
+impl Rpc {
+    /// The label value: the RPC's name in the proto.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::GetAccessToken => "GetAccessToken",
+            Self::GetIdToken => "GetIdToken",
+            Self::WatchToken => "WatchToken",
+        }
+    }
+}
+
+/// Every instrument the broker records to. Cloning is cheap.
+#[derive(Clone)]
+pub struct Metrics {
+    requests: Counter<u64>,
+    request_errors: Counter<u64>,
+    upstream_fetches: Counter<u64>,
+    upstream_failures: Counter<u64>,
+    upstream_fetch_duration: Histogram<f64>,
+    refreshes: Counter<u64>,
+    watchers: UpDownCounter<i64>,
+    token_remaining: Histogram<f64>,
+    policy_denials: Counter<u64>,
+    label_audience: bool,
+}
+
+impl Metrics {
+    /// Creates the instruments on `meter`. With `label_audience`, request
+    /// metrics of ID tokens carry an `audience` label.
+    pub fn new(meter: &Meter, label_audience: bool) -> Self {
+        let metrics = Self {
+            requests: meter
+                .u64_counter("tokenbroker.requests")
+                .with_description(
+                    "Token requests by RPC, token kind and outcome (hit, miss, coalesced, error).",
+                )
+                .build(),
+            request_errors: meter
+                .u64_counter("tokenbroker.request_errors")
+                .with_description("Failed token requests by gRPC status code.")
+                .build(),
+            upstream_fetches: meter
+                .u64_counter("tokenbroker.upstream_fetches")
+                .with_description("Requests to the metadata server by result (ok, error).")
+                .build(),
+            upstream_failures: meter
+                .u64_counter("tokenbroker.upstream_failures")
+                .with_description("Failed requests to the metadata server by reason.")
+                .build(),
+            upstream_fetch_duration: meter
+                .f64_histogram("tokenbroker.upstream_fetch_duration")
+                .with_unit("s")
+                .with_description("Time one request to the metadata server took.")
+                .with_boundaries(FETCH_SECONDS_BUCKETS.to_vec())
+                .build(),
+            refreshes: meter
+                .u64_counter("tokenbroker.refreshes")
+                .with_description("Background refreshes of cached tokens by result (ok, error).")
+                .build(),
+            watchers: meter
+                .i64_up_down_counter("tokenbroker.watchers")
+                .with_description("Open WatchToken streams.")
+                .build(),
+            token_remaining: meter
+                .f64_histogram("tokenbroker.token_remaining")
+                .with_unit("s")
+                .with_description("Remaining lifetime of the tokens handed to clients.")
+                .with_boundaries(REMAINING_SECONDS_BUCKETS.to_vec())
+                .build(),
+            policy_denials: meter
+                .u64_counter("tokenbroker.policy_denials")
+                .with_description("Requests refused by the access policy, by RPC and token kind.")
+                .build(),
+            label_audience,
+        };
+        // Gauges read 0 before the first stream, rather than nothing.
+        for kind in [TokenKind::Access, TokenKind::Id] {
+            metrics.watchers(kind, 0);
+        }
+        metrics
+    }
+
+    /// Instruments that record nothing (metrics off, unit tests).
+    pub fn disabled() -> Self {
+        Self::new(&NoopMeterProvider::new().meter(METER_NAME), false)
+    }
+
+    /// A token handed to a client.
+    pub fn served(
+        &self,
+        rpc: Rpc,
+        kind: TokenKind,
+        outcome: Outcome,
+        remaining: Duration,
+        audience: Option<&str>,
+    ) {
+        let labels = [
+            rpc_label(rpc),
+            kind_label(kind),
+            KeyValue::new("outcome", outcome.as_str()),
+        ];
+        self.requests.add(1, &self.with_audience(&labels, audience));
+        self.token_remaining
+            .record(remaining.as_secs_f64(), &labels[..2]);
+    }
+
+    /// A token handed to a watcher after a refresh.
+    pub fn streamed(&self, kind: TokenKind, remaining: Duration) {
+        let labels = [rpc_label(Rpc::WatchToken), kind_label(kind)];
+        self.token_remaining
+            .record(remaining.as_secs_f64(), &labels);
+    }
+
+    /// A request that failed with `code`.
+    pub fn failed(&self, rpc: Rpc, kind: TokenKind, code: Code, audience: Option<&str>) {
+        let mut labels = [
+            rpc_label(rpc),
+            kind_label(kind),
+            KeyValue::new("outcome", "error"),
+        ];
+        self.requests.add(1, &self.with_audience(&labels, audience));
+        labels[2] = KeyValue::new("code", code_name(code));
+        self.request_errors
+            .add(1, &self.with_audience(&labels, audience));
+    }
+
+    /// A request refused by the access policy.
+    pub fn denied(&self, rpc: Rpc, kind: TokenKind) {
+        self.policy_denials
+            .add(1, &[rpc_label(rpc), kind_label(kind)]);
+    }
+
+    /// One request to the metadata server: `Err` holds the failure reason.
+    pub fn upstream_fetch(
+        &self,
+        kind: TokenKind,
+        result: Result<(), &'static str>,
+        duration: Duration,
+    ) {
+        let kind = kind_label(kind);
+        self.upstream_fetch_duration
+            .record(duration.as_secs_f64(), std::slice::from_ref(&kind));
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.upstream_fetches
+            .add(1, &[kind.clone(), KeyValue::new("result", outcome)]);
+        if let Err(reason) = result {
+            self.upstream_failures
+                .add(1, &[kind, KeyValue::new("reason", reason)]);
+        }
+    }
+
+    /// A scheduled background refresh finished.
+    pub fn refreshed(&self, kind: TokenKind, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.refreshes
+            .add(1, &[kind_label(kind), KeyValue::new("result", result)]);
+    }
+
+    /// A watch stream opened (`+1`) or closed (`-1`).
+    pub fn watchers(&self, kind: TokenKind, delta: i64) {
+        self.watchers.add(delta, &[kind_label(kind)]);
+    }
+
+    /// `labels`, plus the audience when the operator opted in (the only
+    /// case that allocates).
+    fn with_audience<'a>(
+        &self,
+        labels: &'a [KeyValue],
+        audience: Option<&str>,
+    ) -> Cow<'a, [KeyValue]> {
+        match audience.filter(|_| self.label_audience) {
+            Some(audience) => {
+                let mut labels = labels.to_vec();
+                labels.push(KeyValue::new("audience", audience.to_string()));
+                Cow::Owned(labels)
+            }
+            None => Cow::Borrowed(labels),
+        }
+    }
+}
+
+/// Registers the `tokenbroker.cache_entries` gauge, read from `entries` at
+/// each collection.
+pub fn register_cache_gauge(
+    meter: &Meter,
+    entries: impl Fn(TokenKind) -> usize + Send + Sync + 'static,
+) {
+    meter
+        .u64_observable_gauge("tokenbroker.cache_entries")
+        .with_description("Keys held in the cache by token kind.")
+        .with_callback(move |observer| {
+            for kind in [TokenKind::Access, TokenKind::Id] {
+                observer.observe(entries(kind) as u64, &[kind_label(kind)]);
+            }
+        })
+        .build();
+}
+
+fn rpc_label(rpc: Rpc) -> KeyValue {
+    KeyValue::new("rpc", rpc.as_str())
+}
+
+fn kind_label(kind: TokenKind) -> KeyValue {
+    KeyValue::new("token_kind", kind.as_str())
+}
+
+/// The canonical name of a gRPC status code, e.g. `UNAVAILABLE`.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

@@ -1,0 +1,370 @@
+//! What operators see: metrics that move, health that follows the metadata
+//! server, reflection, and OTLP export.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    Broker, PATIENCE, Scrape, access_request, emulator, emulator_with_lifetime, http_get,
+    id_request, scrape_until,
+};
+use tokenbroker::emulator::{EmulatorConfig, Fault, FaultRule, Target};
+use tokenbroker::proto::v1::{GetAccessTokenRequest, WatchTokenRequest, watch_token_request};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const REQUESTS: &str = "tokenbroker_requests_total";
+const FAILURES: &str = "tokenbroker_upstream_failures_total";
+
+fn metrics_flags() -> Vec<&'static str> {
+    vec!["--metrics-addr", "127.0.0.1:0"]
+}
+
+#[tokio::test]
+async fn hits_misses_and_coalesced_requests_are_counted() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    emulator.set_fault(Some(FaultRule::always(Fault::Delay { millis: 200 })));
+    let broker = Broker::start(&emulator, &metrics_flags()).await;
+    let addr = broker.metrics_addr().await;
+    let client = broker.client().await;
+    let calls = (0..10).map(|_| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_id_token(id_request("https://a.run.app"))
+                .await
+                .unwrap()
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    let labels = |outcome| {
+        [
+            ("rpc", "GetIdToken"),
+            ("token_kind", "id_token"),
+            ("outcome", outcome),
+        ]
+    };
+    let before = Scrape::of(addr).await;
+    assert_eq!(before.value(REQUESTS, &labels("miss")), 1.0);
+    assert_eq!(before.value(REQUESTS, &labels("coalesced")), 9.0);
+
+    for _ in 0..25 {
+        client
+            .clone()
+            .get_id_token(id_request("https://a.run.app"))
+            .await
+            .unwrap();
+    }
+    let after = Scrape::of(addr).await;
+    assert_eq!(
+        after.value(REQUESTS, &labels("hit")) - before.value(REQUESTS, &labels("hit")),
+        25.0
+    );
+    assert_eq!(
+        after.value("tokenbroker_upstream_fetches_total", &[("result", "ok")]),
+        1.0
+    );
+    assert_eq!(
+        after.value("tokenbroker_cache_entries", &[("token_kind", "id_token")]),
+        1.0
+    );
+    assert_eq!(
+        after.value(
+            "tokenbroker_token_remaining_seconds_count",
+            &[("rpc", "GetIdToken")]
+        ),
+        35.0
+    );
+    assert!(
+        after.value(
+            "tokenbroker_upstream_fetch_duration_seconds_sum",
+            &[("token_kind", "id_token")]
+        ) >= 0.2
+    );
+    // Nothing in the labels identifies the audience by default.
+    assert!(!after.0.contains("a.run.app"));
+}
+
+#[tokio::test]
+async fn upstream_failures_are_counted_by_reason() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let mut flags = metrics_flags();
+    flags.extend(["--upstream-timeout", "300ms"]);
+    let broker = Broker::start(&emulator, &flags).await;
+    let addr = broker.metrics_addr().await;
+    let mut client = broker.client().await;
+    let faults = [
+        (
+            Fault::Status {
+                status: 503,
+                retry_after_secs: None,
+            },
+            "http_5xx",
+        ),
+        (
+            Fault::Status {
+                status: 429,
+                retry_after_secs: None,
+            },
+            "rate_limited",
+        ),
+        (
+            Fault::Status {
+                status: 403,
+                retry_after_secs: None,
+            },
+            "http_4xx",
+        ),
+        (Fault::Garbage, "malformed"),
+        (Fault::Hang, "timeout"),
+    ];
+    for (i, (fault, reason)) in faults.into_iter().enumerate() {
+        emulator.set_fault(Some(FaultRule {
+            fault,
+            target: Target::Identity,
+            times: None,
+        }));
+        let before = Scrape::of(addr)
+            .await
+            .value(FAILURES, &[("reason", reason)]);
+        let audience = format!("https://fault-{i}.run.app");
+        assert!(client.get_id_token(id_request(&audience)).await.is_err());
+        let after = Scrape::of(addr)
+            .await
+            .value(FAILURES, &[("reason", reason), ("token_kind", "id_token")]);
+        assert!(after > before, "{reason}: {before} -> {after}");
+    }
+    emulator.set_fault(None);
+    emulator.stop().await;
+    assert!(client.get_access_token(access_request(&[])).await.is_err());
+    let scrape = Scrape::of(addr).await;
+    assert!(
+        scrape.value(
+            FAILURES,
+            &[("reason", "connect"), ("token_kind", "access_token")]
+        ) >= 1.0
+    );
+    let unavailable = [("code", "UNAVAILABLE"), ("rpc", "GetIdToken")];
+    assert!(scrape.value("tokenbroker_request_errors_total", &unavailable) >= 4.0);
+    assert!(
+        scrape.value(
+            "tokenbroker_request_errors_total",
+            &[("code", "PERMISSION_DENIED")]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn the_watchers_gauge_follows_open_streams() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &metrics_flags()).await;
+    let addr = broker.metrics_addr().await;
+    let client = broker.client().await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let request = WatchTokenRequest {
+            request: Some(watch_token_request::Request::AccessToken(
+                GetAccessTokenRequest::default(),
+            )),
+        };
+        let mut stream = client
+            .clone()
+            .watch_token(request)
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap();
+        streams.push(stream);
+    }
+    let watchers =
+        |scrape: &Scrape| scrape.value("tokenbroker_watchers", &[("token_kind", "access_token")]);
+    assert_eq!(watchers(&Scrape::of(addr).await), 3.0);
+    streams.truncate(1);
+    scrape_until(addr, |s| watchers(s) == 1.0).await;
+    drop(streams);
+    scrape_until(addr, |s| watchers(s) == 0.0).await;
+}
+
+#[tokio::test]
+async fn background_refreshes_are_counted() {
+    let emulator = emulator_with_lifetime(Duration::from_secs(4)).await;
+    let mut flags = metrics_flags();
+    flags.extend(["--expiry-skew", "1s"]);
+    let broker = Broker::start(&emulator, &flags).await;
+    let addr = broker.metrics_addr().await;
+    let mut client = broker.client().await;
+    let request = WatchTokenRequest {
+        request: Some(watch_token_request::Request::IdToken(id_request(
+            "https://a.run.app",
+        ))),
+    };
+    let mut stream = client.watch_token(request).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    stream.message().await.unwrap().unwrap();
+    let scrape = Scrape::of(addr).await;
+    assert!(
+        scrape.value(
+            "tokenbroker_refreshes_total",
+            &[("result", "ok"), ("token_kind", "id_token")]
+        ) >= 1.0
+    );
+    assert!(
+        scrape.value(
+            "tokenbroker_token_remaining_seconds_count",
+            &[("rpc", "WatchToken")]
+        ) >= 2.0
+    );
+}
+
+#[tokio::test]
+async fn audiences_become_labels_only_when_asked() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let mut flags = metrics_flags();
+    flags.push("--metrics-label-audience");
+    let broker = Broker::start(&emulator, &flags).await;
+    let addr = broker.metrics_addr().await;
+    broker
+        .client()
+        .await
+        .get_id_token(id_request("https://labelled.run.app"))
+        .await
+        .unwrap();
+    let scrape = Scrape::of(addr).await;
+    assert_eq!(
+        scrape.value(
+            REQUESTS,
+            &[
+                ("audience", "https://labelled.run.app"),
+                ("outcome", "miss")
+            ]
+        ),
+        1.0
+    );
+}
+
+async fn health_status(
+    client: &mut HealthClient<tonic::transport::Channel>,
+    service: &str,
+) -> ServingStatus {
+    let request = HealthCheckRequest {
+        service: service.into(),
+    };
+    let response = client.check(request).await.unwrap().into_inner();
+    ServingStatus::try_from(response.status).unwrap()
+}
+
+#[tokio::test]
+async fn health_follows_the_metadata_server() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let metadata_addr = emulator.addr();
+    let broker = Broker::start(&emulator, &metrics_flags()).await;
+    let addr = broker.metrics_addr().await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("unix://{}", broker.socket.display()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "tokenbroker.v1.TokenBroker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || {
+        let message = tokio::time::timeout(PATIENCE, watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        ServingStatus::try_from(message.status).unwrap()
+    };
+    let mut status = next_status().await;
+    if status != ServingStatus::Serving {
+        status = next_status().await;
+    }
+    assert_eq!(status, ServingStatus::Serving);
+    assert_eq!(health_status(&mut health, "").await, ServingStatus::Serving);
+    assert_eq!(http_get(addr, "/readyz").await.0, 200);
+
+    // Down, and nothing cached: the next fetch fails and health turns.
+    emulator.stop().await;
+    let mut client = broker.client().await;
+    assert!(
+        client
+            .get_id_token(id_request("https://a.run.app"))
+            .await
+            .is_err()
+    );
+    assert_eq!(next_status().await, ServingStatus::NotServing);
+    assert_eq!(
+        health_status(&mut health, "").await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(http_get(addr, "/readyz").await.0, 503);
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+
+    // Back: the broker's probes notice without any client request.
+    let _emulator =
+        tokenbroker::emulator::Emulator::start(metadata_addr, EmulatorConfig::default())
+            .await
+            .unwrap();
+    assert_eq!(next_status().await, ServingStatus::Serving);
+    assert_eq!(http_get(addr, "/readyz").await.0, 200);
+}
+
+#[tokio::test]
+async fn reflection_describes_the_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("unix://{}", broker.socket.display()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let ask = |message| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    let requests = futures_util::stream::iter([
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(
+            "tokenbroker.v1.TokenBroker".into(),
+        )),
+    ]);
+    let mut responses = reflection
+        .server_reflection_info(requests)
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in ["tokenbroker.v1.TokenBroker", "grpc.health.v1.Health"] {
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} not in {names:?}"
+        );
+    }
+    let Some(MessageResponse::FileDescriptorResponse(files)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a file descriptor");
+    };
+    let descriptor = String::from_utf8_lossy(&files.file_descriptor_proto[0]).into_owned();
+    assert!(descriptor.contains("tokenbroker/v1/tokenbroker.proto"));
+    assert!(descriptor.contains("GetIdTokenRequest"));
+}
