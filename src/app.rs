@@ -14,9 +14,12 @@ use crate::cache::TokenCache;
 use crate::config::{AccessTokenArgs, ClientArgs, EmulatorArgs, IdTokenArgs, ServeArgs};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::health::Health;
+use crate::limits::{RateLimited, WatchLimits};
 use crate::metadata::MetadataClient;
 use crate::metrics::{Metrics, register_cache_gauge};
+use crate::policy::PolicyStore;
 use crate::proto::v1 as pb;
+use crate::retry::{RetryPolicy, Retrying};
 use crate::server::Broker;
 use crate::telemetry::Telemetry;
 use crate::upstream::Instrumented;
@@ -52,14 +55,31 @@ pub async fn serve(args: ServeArgs, telemetry: &Telemetry) -> AppResult {
     let meter = telemetry.meter();
     let metrics = Metrics::new(&meter, args.metrics_label_audience);
     let health = Health::new();
-    let source = Instrumented::new(upstream.clone(), metrics.clone(), health.clone());
+    // Each attempt waits for the global limits, then is recorded; retries
+    // wrap it all.
+    let attempt = Instrumented::new(upstream.clone(), metrics.clone(), health.clone());
+    let limited = RateLimited::new(
+        attempt,
+        args.upstream_max_rps,
+        args.upstream_max_concurrency,
+    );
+    let retry = RetryPolicy {
+        max_attempts: args.upstream_max_attempts.max(1),
+        budget: args.upstream_retry_budget,
+    };
+    let source = Retrying::new(limited, retry);
     let cache = TokenCache::new(Arc::new(source), args.cache_config(), metrics.clone());
     register_cache_gauge(&meter, {
         let cache = cache.clone();
         move |kind| cache.len_of(kind)
     });
 
+    let policy = Arc::new(PolicyStore::open(args.policy.clone())?);
+    if let Some(path) = &args.policy {
+        tracing::info!(policy = %path.display(), "access policy in force; SIGHUP re-reads it");
+    }
     let stop = CancellationToken::new();
+    tokio::spawn(reload_policy_on_sighup(policy.clone(), stop.clone()));
     let _stop_background = stop.clone().drop_guard();
     let probe = move || {
         let upstream = upstream.clone();
@@ -83,11 +103,14 @@ pub async fn serve(args: ServeArgs, telemetry: &Telemetry) -> AppResult {
         ));
     }
 
-    let socket = socket::bind(&args.socket, args.socket_mode)?;
+    let socket = socket::bind(&args.socket, args.socket_mode, args.socket_group)?;
+    let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
     let broker = Broker {
         cache,
         metrics,
         health,
+        policy,
+        watch_limits,
     };
     server::serve(socket, broker, shutdown, args.shutdown_grace).await
 }
@@ -210,6 +233,30 @@ fn min_valid_for(args: &ClientArgs) -> Option<prost_types::Duration> {
             nanos: 0,
         })
     })
+}
+
+/// Re-reads the policy on every SIGHUP; a bad file keeps the old rules.
+async fn reload_policy_on_sighup(policy: Arc<PolicyStore>, stop: CancellationToken) {
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP; the policy cannot be reloaded");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            received = hangups.recv() => if received.is_none() { return },
+        }
+        match policy.reload() {
+            Ok(Some(rules)) => tracing::info!(rules, "policy reloaded"),
+            Ok(None) => tracing::info!("SIGHUP: no --policy to reload"),
+            Err(error) => {
+                tracing::error!(%error, "policy not reloaded; the previous rules stay in force")
+            }
+        }
+    }
 }
 
 /// Completes on the first SIGTERM or SIGINT.

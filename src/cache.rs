@@ -392,14 +392,19 @@ impl Inner {
         if !idle || pending || entry.watchers.load(Ordering::Acquire) > 0 {
             return false;
         }
+        self.remove(entry);
+        tracing::debug!(key = ?entry.key, "idle key dropped");
+        true
+    }
+
+    /// Takes `entry` out of the index, unless another entry replaced it.
+    fn remove(&self, entry: &Arc<KeyEntry>) {
         self.entries
             .entry_by_ref(&entry.key)
             .and_compute_with(|current| match current {
                 Some(current) if Arc::ptr_eq(current.value(), entry) => Op::Remove,
                 _ => Op::Nop,
             });
-        tracing::debug!(key = ?entry.key, "idle key dropped");
-        true
     }
 
     fn idle_timeout_ms(&self) -> u64 {
@@ -440,6 +445,10 @@ async fn refresh_task(
     mut wanted: watch::Receiver<u64>,
     stop: CancellationToken,
 ) {
+    let _retire = Retire {
+        cache: cache.clone(),
+        entry: entry.clone(),
+    };
     let mut backoff = match cache.upgrade() {
         Some(inner) => Backoff::new(inner.config.retry_initial, inner.config.retry_max),
         None => return,
@@ -484,13 +493,32 @@ async fn refresh_task(
         }
         refresh_at = inner.record(&entry, result, &mut backoff);
     }
-    entry.state.send_modify(|s| {
-        s.closed = true;
-        s.fetching = false;
-    });
-    if let Some(inner) = cache.upgrade() {
-        inner.live_keys.fetch_sub(1, Ordering::AcqRel);
-        inner.live_by_kind[kind_index(entry.key.kind())].fetch_sub(1, Ordering::AcqRel);
+}
+
+/// Retires a key when its refresh task ends, however it ends (a panic
+/// included): out of the index, waiters told to look again, counts down.
+struct Retire {
+    cache: Weak<Inner>,
+    entry: Arc<KeyEntry>,
+}
+
+impl Drop for Retire {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(key = ?self.entry.key, "refresh task panicked; key dropped");
+        }
+        let inner = self.cache.upgrade();
+        if let Some(inner) = &inner {
+            inner.remove(&self.entry);
+        }
+        self.entry.state.send_modify(|s| {
+            s.closed = true;
+            s.fetching = false;
+        });
+        if let Some(inner) = inner {
+            inner.live_keys.fetch_sub(1, Ordering::AcqRel);
+            inner.live_by_kind[kind_index(self.entry.key.kind())].fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -647,6 +675,7 @@ mod tests {
         lifetime: Mutex<Duration>,
         failure: Mutex<Option<FetchError>>,
         gate: Option<Semaphore>,
+        panic_once: std::sync::atomic::AtomicBool,
     }
 
     impl FakeSource {
@@ -656,6 +685,7 @@ mod tests {
                 lifetime: Mutex::new(lifetime),
                 failure: Mutex::new(None),
                 gate: None,
+                panic_once: Default::default(),
             })
         }
 
@@ -681,6 +711,9 @@ mod tests {
                 let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
                 if let Some(gate) = &self.gate {
                     gate.acquire().await.unwrap().forget();
+                }
+                if self.panic_once.swap(false, Ordering::SeqCst) {
+                    panic!("source bug");
                 }
                 if let Some(error) = self.failure.lock().unwrap().clone() {
                     return Err(error);
@@ -955,6 +988,16 @@ mod tests {
         let error = cache.get(&request("c")).await.unwrap_err();
         assert!(matches!(error, BrokerError::LimitExceeded { limit: 2, .. }));
         assert!(cache.get(&request("a")).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_fetch_strands_no_waiter() {
+        let source = FakeSource::new(HOUR);
+        source.panic_once.store(true, Ordering::SeqCst);
+        let cache = cache(source.clone());
+        let served = cache.get(&request("aud")).await.unwrap();
+        assert_eq!(secret(&served), "token-2");
+        assert_eq!(cache.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -56,6 +56,17 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENBROKER_SOCKET_MODE", default_value = "0660", value_parser = parse_mode)]
     pub socket_mode: u32,
 
+    /// Group of the socket, by name or number (default: the broker's own).
+    /// With mode 0660, members of this group may connect.
+    #[arg(long, env = "TOKENBROKER_SOCKET_GROUP", value_parser = parse_group)]
+    pub socket_group: Option<u32>,
+
+    /// Access policy (TOML): which uids/gids may get which tokens. Without
+    /// it, every process that can open the socket gets any token. Re-read
+    /// on SIGHUP.
+    #[arg(long, env = "TOKENBROKER_POLICY")]
+    pub policy: Option<PathBuf>,
+
     /// Metadata server as host[:port]. Ignored with --emulator.
     #[arg(long, env = "GCE_METADATA_HOST", default_value = crate::metadata::DEFAULT_METADATA_HOST)]
     pub metadata_host: String,
@@ -73,6 +84,24 @@ pub struct ServeArgs {
     /// byte. A request for an uncached token fails after this.
     #[arg(long, env = "TOKENBROKER_UPSTREAM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Duration,
+
+    /// Most requests per second to the metadata server, all keys together
+    /// (the metadata server itself allows about 50).
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_MAX_RPS", default_value_t = crate::limits::DEFAULT_UPSTREAM_MAX_RPS)]
+    pub upstream_max_rps: u32,
+
+    /// Most requests to the metadata server in flight at once.
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_MAX_CONCURRENCY", default_value_t = crate::limits::DEFAULT_UPSTREAM_MAX_CONCURRENCY)]
+    pub upstream_max_concurrency: usize,
+
+    /// Most attempts per fetch: connect errors, timeouts, 408, 429 and 5xx
+    /// are retried with exponential backoff and full jitter.
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_MAX_ATTEMPTS", default_value_t = crate::retry::DEFAULT_MAX_ATTEMPTS)]
+    pub upstream_max_attempts: u32,
+
+    /// Time for all attempts of one fetch, waits (and Retry-After) included.
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_RETRY_BUDGET", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub upstream_retry_budget: Duration,
 
     /// Refresh tokens this long before they expire (up to 20% later, for
     /// jitter). Tokens living less than twice this are refreshed at half
@@ -101,6 +130,14 @@ pub struct ServeArgs {
     /// every distinct audience becomes a time series.
     #[arg(long, env = "TOKENBROKER_METRICS_LABEL_AUDIENCE")]
     pub metrics_label_audience: bool,
+
+    /// Most open WatchToken streams in all.
+    #[arg(long, env = "TOKENBROKER_MAX_WATCHERS", default_value_t = crate::limits::DEFAULT_MAX_WATCHERS)]
+    pub max_watchers: usize,
+
+    /// Most open WatchToken streams of one peer uid.
+    #[arg(long, env = "TOKENBROKER_MAX_WATCHERS_PER_UID", default_value_t = crate::limits::DEFAULT_MAX_WATCHERS_PER_UID)]
+    pub max_watchers_per_uid: usize,
 
     /// Time in-flight calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "TOKENBROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -212,6 +249,17 @@ pub struct IdTokenArgs {
     pub client: ClientArgs,
 }
 
+fn parse_group(value: &str) -> Result<u32, String> {
+    if let Ok(gid) = value.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(value) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("no group named {value:?}")),
+        Err(error) => Err(format!("cannot look up group {value:?}: {error}")),
+    }
+}
+
 fn parse_mode(value: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(value.trim_start_matches("0o"), 8)
         .map_err(|_| format!("{value:?} is not an octal mode such as 0660"))?;
@@ -239,6 +287,13 @@ mod tests {
         assert_eq!(parse_mode("0o640"), Ok(0o640));
         assert!(parse_mode("999").is_err());
         assert!(parse_mode("1777").is_err());
+    }
+
+    #[test]
+    fn groups_are_names_or_numbers() {
+        assert_eq!(parse_group("0"), Ok(0));
+        assert_eq!(parse_group("root"), Ok(0));
+        assert!(parse_group("no-such-group-here").is_err());
     }
 
     #[test]

@@ -34,7 +34,8 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 pub const DEFAULT_SCOPES: &[&str] = &["https://www.googleapis.com/auth/cloud-platform"];
 
 const PREFIX: &str = "/computeMetadata/v1/instance/service-accounts/";
-const MAX_REMEMBERED_TOKENS: usize = 100_000;
+/// How many issued tokens and request arrivals the emulator remembers.
+pub const MAX_REMEMBERED_TOKENS: usize = 100_000;
 
 /// What the emulated VM looks like.
 #[derive(Clone, Debug)]
@@ -169,6 +170,8 @@ struct State {
     config: EmulatorConfig,
     fault: Option<FaultRule>,
     issued: HashMap<String, TokenInfo>,
+    /// When each token or identity request arrived (the latest ones).
+    arrivals: Vec<std::time::Instant>,
 }
 
 struct Shared {
@@ -199,6 +202,7 @@ impl Emulator {
                 config,
                 fault: None,
                 issued: HashMap::new(),
+                arrivals: Vec::new(),
             }),
             stats: watch::Sender::new(Stats::default()),
             signing_key,
@@ -254,6 +258,12 @@ impl Emulator {
         let _ = stats.wait_for(condition).await;
     }
 
+    /// When each token and identity request arrived, oldest first (at most
+    /// the latest [`MAX_REMEMBERED_TOKENS`]).
+    pub fn arrivals(&self) -> Vec<std::time::Instant> {
+        self.shared.lock().arrivals.clone()
+    }
+
     /// What the emulator issued an access token for, if it issued it.
     pub fn token_info(&self, access_token: &str) -> Option<TokenInfo> {
         self.shared.lock().issued.get(access_token).cloned()
@@ -276,6 +286,15 @@ impl Shared {
 
     fn count(&self, update: impl FnOnce(&mut Stats)) {
         self.stats.send_modify(update);
+    }
+
+    /// Notes the arrival of a token or identity request.
+    fn arrived(&self) {
+        let mut state = self.lock();
+        if state.arrivals.len() >= MAX_REMEMBERED_TOKENS {
+            state.arrivals.clear();
+        }
+        state.arrivals.push(std::time::Instant::now());
     }
 }
 
@@ -410,6 +429,7 @@ async fn metadata_api(
         )),
         "token" => {
             shared.count(|s| s.token_requests += 1);
+            shared.arrived();
             let scopes = query.get("scopes").map_or_else(
                 || DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect(),
                 |s| s.split(',').map(str::to_string).collect(),
@@ -422,6 +442,7 @@ async fn metadata_api(
         }
         "identity" => {
             shared.count(|s| s.identity_requests += 1);
+            shared.arrived();
             let Some(audience) = query.get("audience").filter(|a| !a.is_empty()) else {
                 return Ok(text(
                     StatusCode::BAD_REQUEST,
@@ -712,6 +733,7 @@ mod tests {
                 times: Some(2),
             }),
             issued: HashMap::new(),
+            arrivals: Vec::new(),
         };
         assert_eq!(state.take_fault(Target::Token), None);
         assert_eq!(state.take_fault(Target::Identity), Some(Fault::Garbage));

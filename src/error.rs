@@ -53,6 +53,16 @@ pub enum BrokerError {
         /// Why the last refresh failed, if one did.
         last_error: Option<FetchError>,
     },
+    /// The access policy has no rule that lets this peer have this token.
+    #[error("denied by policy {policy}: no [[allow]] rule lets {peer} have {request}")]
+    PolicyDenied {
+        /// The policy file.
+        policy: String,
+        /// Who asked (uid and gid).
+        peer: String,
+        /// What was asked for, in words (never a token).
+        request: String,
+    },
     /// The caller's deadline passed while waiting for the metadata server.
     #[error(
         "no token within the call's deadline of {}; the fetch goes on in the background, so a retry may be served from the cache",
@@ -99,6 +109,7 @@ impl BrokerError {
                 FetchError::Status { status: 404, .. } => Code::NotFound,
                 _ => Code::Unavailable,
             },
+            Self::PolicyDenied { .. } => Code::PermissionDenied,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::MinValidForUnmet { .. } | Self::Expired { .. } | Self::ShuttingDown => {
                 Code::Unavailable

@@ -31,6 +31,11 @@ fn main() -> ExitCode {
             }
         };
         let telemetry = telemetry::init(cli.log_format, default_log, exports)?;
+        // A panicking task must not vanish silently: log it (the runtime
+        // keeps the process and the other tasks going).
+        std::panic::set_hook(Box::new(|panic| {
+            tracing::error!(%panic, "panic");
+        }));
         let result = match cli.command {
             Command::Serve(args) => app::serve(args, &telemetry).await,
             Command::Emulator(args) => app::emulator(args).await,

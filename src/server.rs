@@ -12,9 +12,15 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use std::sync::Arc;
+
+use tower::util::MapResponseLayer;
+
 use crate::cache::TokenCache;
 use crate::health::Health;
+use crate::limits::WatchLimits;
 use crate::metrics::Metrics;
+use crate::policy::PolicyStore;
 use crate::proto::v1::FILE_DESCRIPTOR_SET;
 use crate::proto::v1::token_broker_server::TokenBrokerServer;
 use crate::service::BrokerService;
@@ -22,6 +28,10 @@ use crate::socket::BoundSocket;
 
 /// Default time in-flight calls get to finish after a shutdown signal (5 s).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Largest request message accepted (16 KiB): the largest valid request
+/// (32 scopes of 256 bytes, a 2 KiB audience) fits well within it.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
 /// The parts of a broker the server exposes.
 pub struct Broker {
@@ -31,6 +41,10 @@ pub struct Broker {
     pub metrics: Metrics,
     /// What `grpc.health.v1.Health` reports.
     pub health: Health,
+    /// Who may ask for which token.
+    pub policy: Arc<PolicyStore>,
+    /// Bounds on open watch streams.
+    pub watch_limits: WatchLimits,
 }
 
 /// Serves the broker on `socket` until `shutdown` completes.
@@ -46,7 +60,14 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let BoundSocket { listener, owner } = socket;
     let stopping = CancellationToken::new();
-    let service = BrokerService::new(broker.cache, broker.metrics, stopping.clone());
+    let service = BrokerService::new(
+        broker.cache,
+        broker.metrics,
+        broker.policy,
+        broker.watch_limits,
+        stopping.clone(),
+    );
+    let service = TokenBrokerServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(publish_health(broker.health, reporter, stopping.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
@@ -62,9 +83,10 @@ pub async fn serve(
         }
     };
     let server = Server::builder()
+        .layer(MapResponseLayer::new(oversized_is_resource_exhausted))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(TokenBrokerServer::new(service))
+        .add_service(service)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
     tracing::info!(socket = %owner.path().display(), "tokenbroker ready");
     let result = tokio::select! {
@@ -77,6 +99,22 @@ pub async fn serve(
     drop(owner);
     tracing::info!("stopped");
     Ok(result?)
+}
+
+/// Reports an oversized request as `RESOURCE_EXHAUSTED`, as gRPC specifies
+/// for exceeded limits; tonic rejects it with `OUT_OF_RANGE` before any
+/// handler runs, so the status is rewritten here, at the edge.
+fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let oversized = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("message length too large"));
+    if oversized {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 /// Mirrors [`Health`] into gRPC health, for the whole server ("") and the

@@ -10,12 +10,15 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt, stream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::cache::{Served, TokenCache, TokenWatch};
 use crate::error::BrokerError;
+use crate::limits::{WatchLimits, WatchPermit};
 use crate::metrics::{Metrics, Rpc, code_name};
+use crate::policy::{Peer, PolicyStore};
 use crate::proto::v1 as pb;
 use crate::request::{TokenKey, TokenRequest};
 use crate::token::{Token, TokenKind};
@@ -25,18 +28,49 @@ use crate::token::{Token, TokenKind};
 pub struct BrokerService {
     cache: TokenCache,
     metrics: Metrics,
+    policy: Arc<PolicyStore>,
+    watch_limits: WatchLimits,
     shutdown: CancellationToken,
 }
 
 impl BrokerService {
-    /// A service answering from `cache`; watch streams end with
-    /// `UNAVAILABLE` once `shutdown` is cancelled.
-    pub fn new(cache: TokenCache, metrics: Metrics, shutdown: CancellationToken) -> Self {
+    /// A service answering from `cache` to the peers `policy` allows; watch
+    /// streams are bounded by `watch_limits` and end with `UNAVAILABLE` once
+    /// `shutdown` is cancelled.
+    pub fn new(
+        cache: TokenCache,
+        metrics: Metrics,
+        policy: Arc<PolicyStore>,
+        watch_limits: WatchLimits,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             cache,
             metrics,
+            policy,
+            watch_limits,
             shutdown,
         }
+    }
+
+    /// Applies the access policy, logging and counting denials.
+    fn authorize(
+        &self,
+        rpc: Rpc,
+        kind: TokenKind,
+        peer: Option<&Peer>,
+        key: &TokenKey,
+    ) -> Result<(), BrokerError> {
+        self.policy.check(peer, key).inspect_err(|error| {
+            self.metrics.denied(rpc, kind);
+            tracing::warn!(
+                uid = peer.map(|p| p.uid),
+                gid = peer.map(|p| p.gid),
+                pid = peer.and_then(|p| p.pid),
+                %error,
+                "request denied by policy"
+            );
+        })
     }
 
     /// Validates, serves and records one unary call.
@@ -50,12 +84,16 @@ impl BrokerService {
         M: TryInto<TokenRequest, Error = BrokerError>,
     {
         let deadline = deadline_of(&request);
+        let peer = peer_of(&request);
         let call = async {
             let request: TokenRequest = request.into_inner().try_into().inspect_err(|error| {
                 self.report(rpc, Some(kind), None, Err(error));
             })?;
+            let audience = audience(&request.key);
+            self.authorize(rpc, kind, peer.as_ref(), &request.key)
+                .inspect_err(|error| self.report(rpc, Some(kind), audience, Err(error)))?;
             let result = within(deadline, self.cache.get(&request)).await;
-            self.report(rpc, Some(kind), audience(&request.key), result.as_ref());
+            self.report(rpc, Some(kind), audience, result.as_ref());
             Ok::<_, BrokerError>(result?.token)
         };
         Ok(call.instrument(rpc_span(rpc, Some(kind))).await?)
@@ -126,37 +164,51 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
             None => None,
         };
         let span = rpc_span(Rpc::WatchToken, kind);
+        let peer = peer_of(&request);
         let call = async {
             let request: TokenRequest = request.into_inner().try_into().inspect_err(|error| {
                 self.report(Rpc::WatchToken, kind, None, Err(error));
             })?;
-            let result = within(deadline, self.cache.watch(&request)).await;
+            let kind = request.key.kind();
             let audience = audience(&request.key);
+            let permit = self
+                .authorize(Rpc::WatchToken, kind, peer.as_ref(), &request.key)
+                .and_then(|()| self.watch_limits.acquire(peer.map(|p| p.uid)))
+                .inspect_err(|error| {
+                    self.report(Rpc::WatchToken, Some(kind), audience, Err(error))
+                })?;
+            let result = within(deadline, self.cache.watch(&request)).await;
             self.report(
                 Rpc::WatchToken,
-                kind,
+                Some(kind),
                 audience,
                 result.as_ref().map(|(served, _)| served),
             );
-            Ok::<_, BrokerError>((request.key.kind(), result?))
+            Ok::<_, BrokerError>((kind, permit, result?))
         };
-        let (kind, (first, watch)) = call.instrument(span.clone()).await?;
-        let watcher = Watcher::new(self.metrics.clone(), kind);
+        let (kind, permit, (first, watch)) = call.instrument(span.clone()).await?;
+        let watcher = Watcher::new(self.metrics.clone(), kind, permit);
         let stream = watch_stream(first.token, watch, watcher, self.shutdown.clone(), span);
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
-/// Counts an open watch stream in the `tokenbroker_watchers` gauge.
+/// An open watch stream: counted in the `tokenbroker_watchers` gauge and
+/// holding its place under the watch limits until dropped.
 struct Watcher {
     metrics: Metrics,
     kind: TokenKind,
+    _permit: WatchPermit,
 }
 
 impl Watcher {
-    fn new(metrics: Metrics, kind: TokenKind) -> Self {
+    fn new(metrics: Metrics, kind: TokenKind, permit: WatchPermit) -> Self {
         metrics.watchers(kind, 1);
-        Self { metrics, kind }
+        Self {
+            metrics,
+            kind,
+            _permit: permit,
+        }
     }
 }
 
@@ -208,6 +260,16 @@ async fn next_watched(
             Some((Err(error.into()), None))
         }
     }
+}
+
+/// The connecting process, from the Unix socket's peer credentials.
+fn peer_of<T>(request: &Request<T>) -> Option<Peer> {
+    let credentials = request.extensions().get::<UdsConnectInfo>()?.peer_cred?;
+    Some(Peer {
+        uid: credentials.uid(),
+        gid: credentials.gid(),
+        pid: credentials.pid(),
+    })
 }
 
 fn rpc_span(rpc: Rpc, kind: Option<TokenKind>) -> tracing::Span {

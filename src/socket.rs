@@ -97,14 +97,15 @@ impl Drop for SocketOwner {
     }
 }
 
-/// Binds `path` with permissions `mode`, creating parent directories.
+/// Binds `path` with permissions `mode` (and group `group`, if given),
+/// creating parent directories.
 ///
 /// A lock file beside the socket (`PATH.lock`) makes sure one broker owns the
 /// path. The socket is bound inside a private (0700) directory, given its
 /// mode, then renamed into place, so no client can connect before the
 /// permissions are final; the rename also replaces a stale socket left by a
 /// broker that died.
-pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, SocketError> {
+pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSocket, SocketError> {
     let len = path.as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(SocketError::PathTooLong {
@@ -129,7 +130,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<BoundSocket, SocketError> {
         .mode(0o700)
         .create(&staging)
         .map_err(io_error("create directory", &staging))?;
-    let result = bind_in(&staging, path, mode);
+    let result = bind_in(&staging, path, mode, group);
     let _ = fs::remove_dir_all(&staging);
     let listener = result?;
 
@@ -186,10 +187,19 @@ fn check_existing(path: &Path) -> Result<(), SocketError> {
     }
 }
 
-fn bind_in(staging: &Path, path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
+fn bind_in(
+    staging: &Path,
+    path: &Path,
+    mode: u32,
+    group: Option<u32>,
+) -> Result<UnixListener, SocketError> {
     let staged = staging.join("s");
     let listener =
         std::os::unix::net::UnixListener::bind(&staged).map_err(io_error("bind", &staged))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(&staged, None, Some(gid))
+            .map_err(io_error("set the group of", &staged))?;
+    }
     fs::set_permissions(&staged, fs::Permissions::from_mode(mode))
         .map_err(io_error("set permissions of", &staged))?;
     fs::rename(&staged, path).map_err(io_error("move socket to", path))?;
@@ -207,10 +217,12 @@ mod tests {
     async fn binds_with_the_mode_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/dir/broker.sock");
-        let bound = bind(&path, 0o600).unwrap();
+        let gid = nix::unistd::getgid().as_raw();
+        let bound = bind(&path, 0o600, Some(gid)).unwrap();
         let meta = fs::metadata(&path).unwrap();
         assert!(meta.file_type().is_socket());
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(meta.gid(), gid);
         let leftovers: Vec<_> = fs::read_dir(path.parent().unwrap())
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -225,9 +237,9 @@ mod tests {
     async fn a_second_broker_on_the_same_path_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.sock");
-        let _first = bind(&path, DEFAULT_SOCKET_MODE).unwrap();
+        let _first = bind(&path, DEFAULT_SOCKET_MODE, None).unwrap();
         assert!(matches!(
-            bind(&path, DEFAULT_SOCKET_MODE),
+            bind(&path, DEFAULT_SOCKET_MODE, None),
             Err(SocketError::InUse(_))
         ));
         assert!(path.exists());
@@ -239,7 +251,7 @@ mod tests {
         let path = dir.path().join("broker.sock");
         let _other = std::os::unix::net::UnixListener::bind(&path).unwrap();
         assert!(matches!(
-            bind(&path, DEFAULT_SOCKET_MODE),
+            bind(&path, DEFAULT_SOCKET_MODE, None),
             Err(SocketError::InUse(_))
         ));
     }
@@ -250,7 +262,7 @@ mod tests {
         let path = dir.path().join("broker.sock");
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(path.exists());
-        let bound = bind(&path, DEFAULT_SOCKET_MODE).unwrap();
+        let bound = bind(&path, DEFAULT_SOCKET_MODE, None).unwrap();
         UnixStream::connect(&path).expect("new socket accepts connections");
         drop(bound);
     }
@@ -261,7 +273,7 @@ mod tests {
         let path = dir.path().join("broker.sock");
         fs::write(&path, "precious").unwrap();
         assert!(matches!(
-            bind(&path, DEFAULT_SOCKET_MODE),
+            bind(&path, DEFAULT_SOCKET_MODE, None),
             Err(SocketError::NotASocket(_))
         ));
         assert_eq!(fs::read_to_string(&path).unwrap(), "precious");
@@ -271,7 +283,7 @@ mod tests {
     fn overlong_paths_are_refused_up_front() {
         let path = PathBuf::from(format!("/tmp/{}", "x".repeat(120)));
         assert!(matches!(
-            bind(&path, DEFAULT_SOCKET_MODE),
+            bind(&path, DEFAULT_SOCKET_MODE, None),
             Err(SocketError::PathTooLong { .. })
         ));
     }
