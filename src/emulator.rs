@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures_util::stream;
+use futures_util::{StreamExt, stream};
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -494,10 +494,13 @@ async fn respond(
         Some(Fault::Truncated) => {
             let body = token(None);
             let partial = Bytes::from(body[..body.len() / 2].to_string());
-            let chunks = stream::iter([
-                Ok(Frame::data(partial)),
-                Err(std::io::Error::other("emulated truncation")),
-            ]);
+            // A pause after the first chunk makes hyper send the head and
+            // that chunk before the error aborts the connection.
+            let cut = async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Err(std::io::Error::other("emulated truncation"))
+            };
+            let chunks = stream::iter([Ok(Frame::data(partial))]).chain(stream::once(cut));
             let mut response = Response::new(BodyExt::boxed(StreamBody::new(chunks)));
             let headers = response.headers_mut();
             headers.insert(header::CONTENT_LENGTH, body.len().into());

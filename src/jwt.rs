@@ -122,3 +122,36 @@ mod tests {
         assert_eq!(decode_claims("a.e30.c"), Err(JwtError::Claims));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,600}") {
+            let _ = decode_claims(&text);
+        }
+
+        #[test]
+        fn arbitrary_parts_never_panic(
+            header in "[A-Za-z0-9_-]{0,40}",
+            payload in proptest::collection::vec(any::<u8>(), 0..200),
+            signature in "[A-Za-z0-9_-]{0,40}",
+        ) {
+            let jwt = format!("{header}.{}.{signature}", URL_SAFE_NO_PAD.encode(payload));
+            let _ = decode_claims(&jwt);
+        }
+
+        #[test]
+        fn signed_claims_read_back(exp in any::<i64>(), aud in ".{0,100}") {
+            let jwt = sign_hs256(&json!({"exp": exp, "aud": aud.clone()}), b"key");
+            let claims = decode_claims(&jwt).unwrap();
+            prop_assert_eq!(claims.exp, exp);
+            prop_assert_eq!(claims.aud, vec![aud]);
+        }
+    }
+}

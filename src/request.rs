@@ -482,3 +482,87 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn any_access() -> impl Strategy<Value = pb::GetAccessTokenRequest> {
+        (
+            ".{0,300}",
+            proptest::collection::vec(".{0,300}", 0..40),
+            proptest::option::of((any::<i64>(), any::<i32>())),
+        )
+            .prop_map(|(service_account, scopes, min)| pb::GetAccessTokenRequest {
+                service_account,
+                scopes,
+                min_valid_for: min.map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+            })
+    }
+
+    fn any_id() -> impl Strategy<Value = pb::GetIdTokenRequest> {
+        (".{0,2100}", ".{0,300}", any::<i32>(), any::<bool>()).prop_map(
+            |(audience, service_account, format, include_licenses)| pb::GetIdTokenRequest {
+                audience,
+                service_account,
+                format,
+                include_licenses,
+                min_valid_for: None,
+            },
+        )
+    }
+
+    /// What reaches the metadata server must not be able to change the
+    /// path or the query.
+    fn account_is_path_safe(account: &ServiceAccount) -> bool {
+        let text = account.as_str();
+        text.len() <= MAX_ACCOUNT_LEN
+            && !text.contains("..")
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._+-@".contains(&b))
+    }
+
+    proptest! {
+        #[test]
+        fn access_requests_never_panic_and_accepted_ones_are_safe(request in any_access()) {
+            if let Ok(valid) = TokenRequest::try_from(request) {
+                let TokenKey::Access(key) = valid.key else { panic!("wrong kind") };
+                prop_assert!(account_is_path_safe(&key.account));
+                prop_assert!(key.scopes.len() <= MAX_SCOPES);
+                prop_assert!(key.scopes.windows(2).all(|w| w[0] < w[1]), "sorted set");
+                for scope in &key.scopes {
+                    prop_assert!(!scope.is_empty() && scope.len() <= MAX_SCOPE_LEN);
+                    prop_assert!(!scope.contains([',', '&', ' ', '?', '#', '=']));
+                }
+                prop_assert!(valid.min_valid_for <= MAX_MIN_VALID_FOR);
+            }
+        }
+
+        #[test]
+        fn id_requests_never_panic_and_accepted_ones_are_sane(request in any_id()) {
+            let licenses = request.include_licenses;
+            if let Ok(valid) = TokenRequest::try_from(request) {
+                let TokenKey::Id(key) = valid.key else { panic!("wrong kind") };
+                prop_assert!(account_is_path_safe(&key.account));
+                prop_assert!(!key.audience.is_empty() && key.audience.len() <= MAX_AUDIENCE_LEN);
+                prop_assert!(!key.audience.chars().any(char::is_control));
+                prop_assert_eq!(key.include_licenses, licenses);
+                prop_assert!(!licenses || key.format == IdTokenFormat::Full);
+            }
+        }
+
+        #[test]
+        fn email_shaped_accounts_are_accepted(
+            local in "[a-z0-9][a-z0-9._+-]{0,20}",
+            project in "[a-z][a-z0-9-]{0,20}",
+        ) {
+            prop_assume!(!local.contains(".."));
+            let email = format!("{local}@{project}.iam.gserviceaccount.com");
+            let parsed = ServiceAccount::parse("service_account", email.clone());
+            prop_assert_eq!(parsed, Ok(ServiceAccount::Email(email)));
+        }
+    }
+}

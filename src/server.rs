@@ -14,6 +14,10 @@ use tonic_health::server::HealthReporter;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use http_body_util::combinators::MapFrame;
 use tower::util::MapResponseLayer;
 
 use crate::cache::TokenCache;
@@ -102,19 +106,43 @@ pub async fn serve(
 }
 
 /// Reports an oversized request as `RESOURCE_EXHAUSTED`, as gRPC specifies
-/// for exceeded limits; tonic rejects it with `OUT_OF_RANGE` before any
-/// handler runs, so the status is rewritten here, at the edge.
-fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
-    let headers = response.headers_mut();
+/// for exceeded limits: tonic rejects it with `OUT_OF_RANGE` before any
+/// handler runs, in the headers or the trailers, so the status is rewritten
+/// here, at the edge.
+fn oversized_is_resource_exhausted<B>(
+    response: http::Response<B>,
+) -> http::Response<MapFrame<B, RewriteFrame>>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    let (mut parts, body) = response.into_parts();
+    rewrite_oversized_status(&mut parts.headers);
+    http::Response::from_parts(parts, body.map_frame(rewrite_trailers as RewriteFrame))
+}
+
+type RewriteFrame = fn(Frame<Bytes>) -> Frame<Bytes>;
+
+fn rewrite_trailers(frame: Frame<Bytes>) -> Frame<Bytes> {
+    match frame.into_trailers() {
+        Ok(mut trailers) => {
+            rewrite_oversized_status(&mut trailers);
+            Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    }
+}
+
+/// Rewrites tonic's status for an oversized message (its `grpc-message` is
+/// percent-encoded, spaces included).
+fn rewrite_oversized_status(headers: &mut http::HeaderMap) {
     let oversized = headers.get("grpc-status").is_some_and(|s| s == "11")
         && headers
             .get("grpc-message")
             .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("message length too large"));
+            .is_some_and(|m| m.contains("message%20length%20too%20large"));
     if oversized {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
-    response
 }
 
 /// Mirrors [`Health`] into gRPC health, for the whole server ("") and the
@@ -134,5 +162,26 @@ async fn publish_health(health: Health, reporter: HealthReporter, stopping: Canc
             changed = serving.changed() => if changed.is_err() { return },
             () = stopping.cancelled(), if !stopping.is_cancelled() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_tonics_oversize_status_is_rewritten() {
+        let status = |code: &str, message: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("grpc-status", code.parse().unwrap());
+            headers.insert("grpc-message", message.parse().unwrap());
+            rewrite_oversized_status(&mut headers);
+            headers["grpc-status"].to_str().unwrap().to_string()
+        };
+        let oversized =
+            "Error,%20decoded%20message%20length%20too%20large:%20found%2020484%20bytes";
+        assert_eq!(status("11", oversized), "8");
+        assert_eq!(status("11", "something%20else"), "11");
+        assert_eq!(status("14", oversized), "14");
     }
 }

@@ -46,15 +46,28 @@ async fn sigterm_ends_streams_and_exits_cleanly() {
 }
 
 #[tokio::test]
-async fn socket_gets_the_requested_mode() {
+async fn socket_gets_the_requested_mode_and_group() {
+    // Root may give the socket any group; others only one of their own.
+    let gid = if nix::unistd::geteuid().is_root() {
+        12345
+    } else {
+        nix::unistd::getegid().as_raw()
+    };
     let broker = Broker::spawn(
-        vec!["--emulator".into(), "--socket-mode".into(), "0600".into()],
+        vec![
+            "--emulator".into(),
+            "--socket-mode".into(),
+            "0600".into(),
+            "--socket-group".into(),
+            gid.to_string(),
+        ],
         &[],
     )
     .await;
     let meta = std::fs::metadata(&broker.socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
 }
 
 #[tokio::test]
