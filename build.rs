@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
+        // Small per-call buffers: see `src/codec.rs`.
+        .codec_path("crate::codec::CompactCodec")
         // These carry credentials: `src/proto.rs` gives them a redacting `Debug`.
         .skip_debug([".tokenbroker.v1.AccessToken", ".tokenbroker.v1.IdToken"])
         .compile_fds(descriptors)?;

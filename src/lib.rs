@@ -17,6 +17,7 @@ pub mod admin;
 pub mod app;
 pub mod cache;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod emulator;
 pub mod error;
