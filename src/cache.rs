@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use moka::ops::compute::Op;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -134,7 +134,9 @@ struct KeyEntry {
     state: watch::Sender<Snapshot>,
     /// The generation readers wait for; the task fetches while it is ahead
     /// of the published one.
-    wanted: watch::Sender<u64>,
+    wanted: AtomicU64,
+    /// Wakes the task: a reader raised `wanted`, or the last watcher left.
+    wake: Notify,
     /// Milliseconds since the cache's epoch when the key was last asked for.
     last_used_ms: AtomicU64,
     watchers: AtomicUsize,
@@ -241,8 +243,8 @@ impl Inner {
                 if !reserved {
                     return None;
                 }
-                let (entry, wanted) = KeyEntry::new(key.clone(), self.now_ms(Instant::now()));
-                created = Some(wanted);
+                let entry = KeyEntry::new(key.clone(), self.now_ms(Instant::now()));
+                created = Some(entry.clone());
                 Some(entry)
             });
         let Some(inserted) = inserted else {
@@ -252,12 +254,11 @@ impl Inner {
             });
         };
         let entry = inserted.into_value();
-        if let Some(wanted) = created {
+        if let Some(created) = created {
             self.live_by_kind[kind_index(key.kind())].fetch_add(1, Ordering::AcqRel);
             tokio::spawn(refresh_task(
                 Arc::downgrade(self),
-                entry.clone(),
-                wanted,
+                created,
                 self.stop.clone(),
             ));
         }
@@ -388,7 +389,7 @@ impl Inner {
             .now_ms(Instant::now())
             .saturating_sub(entry.last_used_ms())
             >= self.idle_timeout_ms();
-        let pending = *entry.wanted.borrow() > entry.state.borrow().generation;
+        let pending = entry.wanted.load(Ordering::Acquire) > entry.state.borrow().generation;
         if !idle || pending || entry.watchers.load(Ordering::Acquire) > 0 {
             return false;
         }
@@ -439,12 +440,7 @@ fn usable(snapshot: &Snapshot, now: Instant, required: Duration) -> Option<Arc<T
 
 /// The life of one key: fetch when asked, refresh before expiry, retry
 /// failed refreshes while the old token lasts, and leave when idle.
-async fn refresh_task(
-    cache: Weak<Inner>,
-    entry: Arc<KeyEntry>,
-    mut wanted: watch::Receiver<u64>,
-    stop: CancellationToken,
-) {
+async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: CancellationToken) {
     let _retire = Retire {
         cache: cache.clone(),
         entry: entry.clone(),
@@ -456,7 +452,7 @@ async fn refresh_task(
     let mut refresh_at: Option<Instant> = None;
     loop {
         let generation = entry.state.borrow().generation;
-        let asked = *wanted.borrow_and_update() > generation;
+        let asked = entry.wanted.load(Ordering::Acquire) > generation;
         if !asked {
             let Some(inner) = cache.upgrade() else { break };
             // A watched key is never idle; the last watcher to leave wakes
@@ -464,22 +460,27 @@ async fn refresh_task(
             let idle_at =
                 (entry.watchers.load(Ordering::Acquire) == 0).then(|| inner.idle_deadline(&entry));
             drop(inner);
+            // One timer for whichever comes first (a task per key: small
+            // futures keep the cache small).
+            let wake_at = match (refresh_at, idle_at) {
+                (Some(refresh), Some(idle)) => Some(refresh.min(idle)),
+                (refresh, idle) => refresh.or(idle),
+            };
             tokio::select! {
                 () = stop.cancelled() => break,
-                changed = wanted.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    continue;
+                () = entry.wake.notified() => continue,
+                () = sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
+            }
+            let now = Instant::now();
+            if idle_at.is_some_and(|idle| now >= idle) {
+                match cache.upgrade() {
+                    Some(inner) if inner.evict_if_idle(&entry) => break,
+                    Some(_) => {}
+                    None => break,
                 }
-                () = sleep_until(refresh_at.unwrap_or_else(Instant::now)), if refresh_at.is_some() => {}
-                () = sleep_until(idle_at.unwrap_or_else(Instant::now)), if idle_at.is_some() => {
-                    match cache.upgrade() {
-                        Some(inner) if inner.evict_if_idle(&entry) => break,
-                        Some(_) => continue,
-                        None => break,
-                    }
-                }
+            }
+            if refresh_at.is_none_or(|refresh| now < refresh) {
+                continue;
             }
         }
         let Some(inner) = cache.upgrade() else { break };
@@ -525,16 +526,15 @@ impl Drop for Retire {
 // === impl KeyEntry ===
 
 impl KeyEntry {
-    fn new(key: TokenKey, now_ms: u64) -> (Arc<Self>, watch::Receiver<u64>) {
-        let (wanted, wanted_rx) = watch::channel(0);
-        let entry = Arc::new(Self {
+    fn new(key: TokenKey, now_ms: u64) -> Arc<Self> {
+        Arc::new(Self {
             key,
             state: watch::Sender::new(Snapshot::default()),
-            wanted,
+            wanted: AtomicU64::new(0),
+            wake: Notify::new(),
             last_used_ms: AtomicU64::new(now_ms),
             watchers: AtomicUsize::new(0),
-        });
-        (entry, wanted_rx)
+        })
     }
 
     fn touch(&self, now_ms: u64) {
@@ -548,13 +548,12 @@ impl KeyEntry {
     /// Asks the task for generation `generation`; returns whether this call
     /// raised the demand (rather than joining one already made).
     fn want(&self, generation: u64) -> bool {
-        self.wanted.send_if_modified(|wanted| {
-            let raise = *wanted < generation;
-            if raise {
-                *wanted = generation;
-            }
-            raise
-        })
+        let raised = self.wanted.fetch_max(generation, Ordering::AcqRel) < generation;
+        if raised {
+            // A stored permit wakes the task even if it is not waiting yet.
+            self.wake.notify_one();
+        }
+        raised
     }
 }
 
@@ -577,7 +576,7 @@ impl Drop for WatcherGuard {
     fn drop(&mut self) {
         self.entry.touch(self.cache.now_ms(Instant::now()));
         if self.entry.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.entry.wanted.send_modify(|_| {});
+            self.entry.wake.notify_one();
         }
     }
 }
@@ -593,8 +592,9 @@ pub struct TokenWatch {
 impl TokenWatch {
     /// Waits for the next token of the key. Fails with
     /// [`BrokerError::Expired`] when the current token expires before a
-    /// replacement arrives.
-    pub async fn next(&mut self) -> Result<Arc<Token>, BrokerError> {
+    /// replacement arrives, and with [`BrokerError::ShuttingDown`] once
+    /// `stop` is cancelled.
+    pub async fn next(&mut self, stop: &CancellationToken) -> Result<Arc<Token>, BrokerError> {
         loop {
             let usable_until = self
                 .current
@@ -602,6 +602,7 @@ impl TokenWatch {
                 .checked_sub(self.expiry_skew)
                 .unwrap_or_else(Instant::now);
             tokio::select! {
+                () = stop.cancelled() => return Err(BrokerError::ShuttingDown),
                 changed = self.states.changed() => {
                     if changed.is_err() {
                         return Err(BrokerError::ShuttingDown);
@@ -940,13 +941,20 @@ mod tests {
         let (_, mut second_watch) = cache.watch(&request("aud")).await.unwrap();
         let mut previous = first.token;
         for round in 2..=4 {
-            let next = watch.next().await.unwrap();
+            let next = watch.next(&CancellationToken::new()).await.unwrap();
             assert!(next.expires_at() > previous.expires_at());
             assert!(
                 Instant::now() < previous.expires_at(),
                 "refresh came after expiry"
             );
-            assert_eq!(second_watch.next().await.unwrap().secret(), next.secret());
+            assert_eq!(
+                second_watch
+                    .next(&CancellationToken::new())
+                    .await
+                    .unwrap()
+                    .secret(),
+                next.secret()
+            );
             assert_eq!(source.fetches(), round, "watchers do not share refreshes");
             previous = next;
         }
@@ -963,7 +971,7 @@ mod tests {
         let cache = cache(source.clone());
         let (_, mut watch) = cache.watch(&request("aud")).await.unwrap();
         source.fail_with(Some(unavailable()));
-        let error = watch.next().await.unwrap_err();
+        let error = watch.next(&CancellationToken::new()).await.unwrap_err();
         assert!(
             matches!(
                 error,

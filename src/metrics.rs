@@ -4,6 +4,7 @@
 //! in (`--metrics-label-audience`).
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
@@ -49,9 +50,12 @@ impl Rpc {
     }
 }
 
-/// Every instrument the broker records to. Cloning is cheap.
+/// Every instrument the broker records to. Cloning is cheap (one `Arc`),
+/// which matters: every open watch stream holds a clone.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(Arc<Instruments>);
+
+struct Instruments {
     requests: Counter<u64>,
     request_errors: Counter<u64>,
     upstream_fetches: Counter<u64>,
@@ -68,7 +72,7 @@ impl Metrics {
     /// Creates the instruments on `meter`. With `label_audience`, request
     /// metrics of ID tokens carry an `audience` label.
     pub fn new(meter: &Meter, label_audience: bool) -> Self {
-        let metrics = Self {
+        let metrics = Self(Arc::new(Instruments {
             requests: meter
                 .u64_counter("tokenbroker.requests")
                 .with_description(
@@ -112,7 +116,7 @@ impl Metrics {
                 .with_description("Requests refused by the access policy, by RPC and token kind.")
                 .build(),
             label_audience,
-        };
+        }));
         // Gauges read 0 before the first stream, rather than nothing.
         for kind in [TokenKind::Access, TokenKind::Id] {
             metrics.watchers(kind, 0);
@@ -139,15 +143,19 @@ impl Metrics {
             kind_label(kind),
             KeyValue::new("outcome", outcome.as_str()),
         ];
-        self.requests.add(1, &self.with_audience(&labels, audience));
-        self.token_remaining
+        self.0
+            .requests
+            .add(1, &self.with_audience(&labels, audience));
+        self.0
+            .token_remaining
             .record(remaining.as_secs_f64(), &labels[..2]);
     }
 
     /// A token handed to a watcher after a refresh.
     pub fn streamed(&self, kind: TokenKind, remaining: Duration) {
         let labels = [rpc_label(Rpc::WatchToken), kind_label(kind)];
-        self.token_remaining
+        self.0
+            .token_remaining
             .record(remaining.as_secs_f64(), &labels);
     }
 
@@ -158,15 +166,19 @@ impl Metrics {
             kind_label(kind),
             KeyValue::new("outcome", "error"),
         ];
-        self.requests.add(1, &self.with_audience(&labels, audience));
+        self.0
+            .requests
+            .add(1, &self.with_audience(&labels, audience));
         labels[2] = KeyValue::new("code", code_name(code));
-        self.request_errors
+        self.0
+            .request_errors
             .add(1, &self.with_audience(&labels, audience));
     }
 
     /// A request refused by the access policy.
     pub fn denied(&self, rpc: Rpc, kind: TokenKind) {
-        self.policy_denials
+        self.0
+            .policy_denials
             .add(1, &[rpc_label(rpc), kind_label(kind)]);
     }
 
@@ -178,13 +190,16 @@ impl Metrics {
         duration: Duration,
     ) {
         let kind = kind_label(kind);
-        self.upstream_fetch_duration
+        self.0
+            .upstream_fetch_duration
             .record(duration.as_secs_f64(), std::slice::from_ref(&kind));
         let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.upstream_fetches
+        self.0
+            .upstream_fetches
             .add(1, &[kind.clone(), KeyValue::new("result", outcome)]);
         if let Err(reason) = result {
-            self.upstream_failures
+            self.0
+                .upstream_failures
                 .add(1, &[kind, KeyValue::new("reason", reason)]);
         }
     }
@@ -192,13 +207,14 @@ impl Metrics {
     /// A scheduled background refresh finished.
     pub fn refreshed(&self, kind: TokenKind, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.refreshes
+        self.0
+            .refreshes
             .add(1, &[kind_label(kind), KeyValue::new("result", result)]);
     }
 
     /// A watch stream opened (`+1`) or closed (`-1`).
     pub fn watchers(&self, kind: TokenKind, delta: i64) {
-        self.watchers.add(delta, &[kind_label(kind)]);
+        self.0.watchers.add(delta, &[kind_label(kind)]);
     }
 
     /// `labels`, plus the audience when the operator opted in (the only
@@ -208,7 +224,7 @@ impl Metrics {
         labels: &'a [KeyValue],
         audience: Option<&str>,
     ) -> Cow<'a, [KeyValue]> {
-        match audience.filter(|_| self.label_audience) {
+        match audience.filter(|_| self.0.label_audience) {
             Some(audience) => {
                 let mut labels = labels.to_vec();
                 labels.push(KeyValue::new("audience", audience.to_string()));

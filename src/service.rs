@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt, stream};
+use futures_util::{Stream, stream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::UdsConnectInfo;
@@ -125,7 +125,13 @@ impl BrokerService {
                 if let Some(kind) = kind {
                     self.metrics.failed(rpc, kind, code, audience);
                 }
-                tracing::info!(code = code_name(code), %error, "request failed");
+                tracing::info!(
+                    rpc = rpc.as_str(),
+                    token_kind = kind.map(TokenKind::as_str),
+                    code = code_name(code),
+                    %error,
+                    "request failed"
+                );
             }
         }
     }
@@ -220,7 +226,7 @@ impl Drop for Watcher {
 
 /// The first token, then each refreshed one; ends with an error status when
 /// the token expires unreplaced or the broker shuts down. Runs in the call's
-/// span.
+/// span. Every open stream holds this state, so it is kept lean.
 fn watch_stream(
     first: Arc<Token>,
     watch: TokenWatch,
@@ -228,32 +234,40 @@ fn watch_stream(
     shutdown: CancellationToken,
     span: tracing::Span,
 ) -> impl Stream<Item = Result<pb::Token, Status>> + Send {
-    let kind = watcher.kind;
-    let first = stream::once(std::future::ready(Ok(token_message(kind, &first))));
-    let rest = stream::unfold(Some((watch, watcher, shutdown)), move |state| {
-        next_watched(state, kind).instrument(span.clone())
-    });
-    first.chain(rest)
+    let state = WatchState {
+        first: Some(first),
+        watch,
+        watcher,
+        shutdown,
+    };
+    stream::unfold(Some(state), move |state| {
+        next_watched(state).instrument(span.clone())
+    })
 }
 
-type WatchState = Option<(TokenWatch, Watcher, CancellationToken)>;
+/// What a watch stream holds between messages.
+struct WatchState {
+    /// The token to send first, until it is sent.
+    first: Option<Arc<Token>>,
+    watch: TokenWatch,
+    watcher: Watcher,
+    shutdown: CancellationToken,
+}
 
 /// One step of a watch stream: the next token, or the final error.
 async fn next_watched(
-    state: WatchState,
-    kind: TokenKind,
-) -> Option<(Result<pb::Token, Status>, WatchState)> {
-    let (mut watch, watcher, shutdown) = state?;
-    let next = tokio::select! {
-        () = shutdown.cancelled() => Err(BrokerError::ShuttingDown),
-        next = watch.next() => next,
-    };
-    match next {
+    state: Option<WatchState>,
+) -> Option<(Result<pb::Token, Status>, Option<WatchState>)> {
+    let mut state = state?;
+    let kind = state.watcher.kind;
+    if let Some(first) = state.first.take() {
+        return Some((Ok(token_message(kind, &first)), Some(state)));
+    }
+    match state.watch.next(&state.shutdown).await {
         Ok(token) => {
             let remaining = token.remaining(Instant::now());
-            watcher.metrics.streamed(kind, remaining);
-            let message = token_message(kind, &token);
-            Some((Ok(message), Some((watch, watcher, shutdown))))
+            state.watcher.metrics.streamed(kind, remaining);
+            Some((Ok(token_message(kind, &token)), Some(state)))
         }
         Err(error) => {
             tracing::info!(%error, "watch ended");
@@ -272,8 +286,10 @@ fn peer_of<T>(request: &Request<T>) -> Option<Peer> {
     })
 }
 
+/// The span of one call: at debug level, so that it costs nothing unless
+/// debug logs or trace export ask for it.
 fn rpc_span(rpc: Rpc, kind: Option<TokenKind>) -> tracing::Span {
-    tracing::info_span!(
+    tracing::debug_span!(
         "rpc",
         rpc = rpc.as_str(),
         token_kind = kind.map(TokenKind::as_str),

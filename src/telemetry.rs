@@ -12,6 +12,8 @@ use opentelemetry::trace::TracerProvider;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -119,24 +121,31 @@ pub fn init(
         LogFormat::Text => false,
         LogFormat::Json => true,
     };
+    // Each layer has its own filter: the logs follow RUST_LOG, and the span
+    // exporter takes the broker's spans (debug level) only when OTLP is on.
+    // With neither interested, a span callsite is disabled and costs nothing
+    // on the request path.
     let logs = if json {
         tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(false)
             .with_writer(std::io::stderr)
+            .with_filter(filter)
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(filter)
             .boxed()
     };
-    let spans = tracer_provider
-        .as_ref()
-        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer("tokenbroker")));
+    let spans = tracer_provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("tokenbroker"))
+            .with_filter(Targets::new().with_target("tokenbroker", Level::DEBUG))
+    });
     tracing_subscriber::registry()
-        .with(filter)
         .with(logs)
         .with(spans)
         .try_init()?;

@@ -97,7 +97,7 @@ impl<S: TokenSource> Instrumented<S> {
 impl<S: TokenSource> TokenSource for Instrumented<S> {
     fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
         let kind = key.kind();
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "upstream_fetch",
             token_kind = kind.as_str(),
             result = tracing::field::Empty,
