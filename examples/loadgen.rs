@@ -1,0 +1,673 @@
+//! Load generator: what the broker costs over a bare gRPC call on the same
+//! socket, and how small it stays.
+//!
+//! ```sh
+//! cargo run --release --example loadgen -- [--keys 100] [--clients 64] [--connections 8] [--duration 4s] [--rounds 3] [--json]
+//! ```
+//!
+//! In one run it starts the broker (this binary re-executed as the broker,
+//! the same code as `tokenbroker serve`) against a metadata server emulator
+//! living in this process, and a baseline server answering the same RPC
+//! from an empty handler with a response of the same size; it drives both
+//! with the same clients, alternating rounds, and measures start-up time,
+//! a cold-miss storm, and memory with many keys and idle watch streams.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::Stream;
+use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultRule};
+use tokenbroker::proto::v1::token_broker_client::TokenBrokerClient;
+use tokenbroker::proto::v1::token_broker_server::{TokenBroker, TokenBrokerServer};
+use tokenbroker::proto::v1::{
+    AccessToken, GetAccessTokenRequest, GetIdTokenRequest, IdToken, Token, WatchTokenRequest,
+    watch_token_request,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+/// Set in a child process to make it a broker or the baseline server.
+const ROLE: &str = "LOADGEN_ROLE";
+
+#[derive(Clone, Debug, Parser)]
+#[command(about = "Measures the broker against a bare gRPC server on the same socket")]
+struct Args {
+    /// Distinct ID-token keys warmed and then requested round-robin.
+    #[arg(long, default_value_t = 100)]
+    keys: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// Connections the clients share.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Length of each measured round.
+    #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Measured rounds per server, alternating broker and baseline so that
+    /// both see the same machine.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Concurrent requests for one uncached key in the storm.
+    #[arg(long, default_value_t = 1000)]
+    storm: usize,
+    /// Keys cached for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    rss_keys: usize,
+    /// Idle watch streams for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    rss_watchers: usize,
+    /// Watch streams per connection in the memory measurement.
+    #[arg(long, default_value_t = 100)]
+    watchers_per_connection: usize,
+    /// Broker starts timed for the start-up measurement.
+    #[arg(long, default_value_t = 10)]
+    starts: usize,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Measure only cache hits against the baseline (for profiling).
+    #[arg(long)]
+    hits_only: bool,
+}
+
+fn main() {
+    match std::env::var(ROLE).as_deref() {
+        Ok("broker") => run_broker(),
+        Ok("baseline") => run_baseline(),
+        _ => {
+            let args = Args::parse();
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(benchmark(args));
+        }
+    }
+}
+
+// === the child processes ===
+
+/// `tokenbroker serve ...`, exactly as the binary runs it.
+fn run_broker() {
+    use clap::Parser as _;
+    let cli = tokenbroker::config::Cli::parse_from(
+        std::iter::once("tokenbroker".to_string()).chain(std::env::args().skip(1)),
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async move {
+        let tokenbroker::config::Command::Serve(args) = cli.command else {
+            panic!("the broker role runs `serve`");
+        };
+        let exports = tokenbroker::telemetry::Exports {
+            prometheus: false,
+            otlp: false,
+        };
+        let telemetry =
+            tokenbroker::telemetry::init(cli.log_format, "info", exports).expect("telemetry");
+        tokenbroker::app::serve(args, &telemetry)
+            .await
+            .expect("broker runs");
+    });
+}
+
+/// The baseline: the same service on the same kind of socket, answering
+/// `GetIdToken` with a fixed token of the given size and nothing else.
+fn run_baseline() {
+    let mut args = std::env::args().skip(1);
+    let socket = PathBuf::from(args.next().expect("socket path"));
+    let token_len: usize = args
+        .next()
+        .expect("token length")
+        .parse()
+        .expect("a number");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async move {
+        let response = IdToken {
+            token: "t".repeat(token_len),
+            expire_time: Some(std::time::SystemTime::now().into()),
+        };
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind baseline socket");
+        tonic::transport::Server::builder()
+            .add_service(TokenBrokerServer::new(Baseline { response }))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await
+            .expect("baseline serves");
+    });
+}
+
+struct Baseline {
+    response: IdToken,
+}
+
+#[tonic::async_trait]
+impl TokenBroker for Baseline {
+    async fn get_access_token(
+        &self,
+        _: Request<GetAccessTokenRequest>,
+    ) -> Result<Response<AccessToken>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn get_id_token(
+        &self,
+        _: Request<GetIdTokenRequest>,
+    ) -> Result<Response<IdToken>, Status> {
+        Ok(Response::new(self.response.clone()))
+    }
+
+    type WatchTokenStream = Pin<Box<dyn Stream<Item = Result<Token, Status>> + Send>>;
+
+    async fn watch_token(
+        &self,
+        _: Request<WatchTokenRequest>,
+    ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+}
+
+/// A child process serving on a socket; killed when dropped.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts a broker against `metadata`; returns it once its socket accepts.
+    async fn broker(metadata: SocketAddr, threads: Option<usize>) -> (Server, Duration) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("broker.sock");
+        let mut command = Command::new(std::env::current_exe().expect("own path"));
+        command
+            .env(ROLE, "broker")
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .args([
+                "--metadata-host",
+                &metadata.to_string(),
+                "--upstream-max-rps",
+                "1000000",
+                "--upstream-max-concurrency",
+                "256",
+                "--max-keys",
+                "1000000",
+                "--max-watchers",
+                "1000000",
+                "--max-watchers-per-uid",
+                "1000000",
+            ]);
+        if let Some(threads) = threads {
+            command.env("TOKIO_WORKER_THREADS", threads.to_string());
+        }
+        Self::start(command, socket, dir).await
+    }
+
+    async fn baseline(token_len: usize) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("baseline.sock");
+        let mut command = Command::new(std::env::current_exe().expect("own path"));
+        command
+            .env(ROLE, "baseline")
+            .arg(&socket)
+            .arg(token_len.to_string());
+        Self::start(command, socket, dir).await.0
+    }
+
+    /// Spawns and waits for the socket to accept; the time that took.
+    async fn start(
+        mut command: Command,
+        socket: PathBuf,
+        dir: tempfile::TempDir,
+    ) -> (Server, Duration) {
+        let started = Instant::now();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn server");
+        // Polling is the measurement here: the socket is ready when it
+        // accepts a connection.
+        loop {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "server never became ready"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let ready = started.elapsed();
+        (
+            Server {
+                child,
+                socket,
+                _dir: dir,
+            },
+            ready,
+        )
+    }
+
+    /// Resident memory of the server process, in bytes.
+    fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("proc status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .expect("VmRSS");
+        let kib: u64 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS value");
+        kib * 1024
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === driving load ===
+
+async fn channels(socket: &Path, count: usize) -> Vec<TokenBrokerClient<Channel>> {
+    let mut clients = Vec::new();
+    for _ in 0..count {
+        let channel = Endpoint::from_shared(format!("unix://{}", socket.display()))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        clients.push(TokenBrokerClient::new(channel));
+    }
+    clients
+}
+
+fn audience(i: usize) -> String {
+    format!("https://service-{i:05}-abcdefghij-uc.a.run.app")
+}
+
+/// Requests per second and latencies of `clients` callers looping over
+/// `keys` ID-token keys for `duration`.
+#[derive(Default)]
+struct Load {
+    calls: usize,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+impl Load {
+    fn rps(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&mut self, p: f64) -> f64 {
+        self.latencies_us.sort_unstable();
+        let index = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.latencies_us[index])
+    }
+
+    fn mean(&self) -> f64 {
+        self.latencies_us.iter().map(|l| f64::from(*l)).sum::<f64>()
+            / self.latencies_us.len() as f64
+    }
+
+    fn merge(&mut self, other: Load) {
+        self.calls += other.calls;
+        self.elapsed += other.elapsed;
+        self.latencies_us.extend(other.latencies_us);
+    }
+}
+
+async fn drive(socket: &Path, args: &Args, duration: Duration) -> Load {
+    let clients = channels(socket, args.connections).await;
+    let requests: Vec<GetIdTokenRequest> = (0..args.keys)
+        .map(|i| GetIdTokenRequest {
+            audience: audience(i),
+            ..Default::default()
+        })
+        .collect();
+    let started = Instant::now();
+    let until = started + duration;
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|c| {
+            let mut client = clients[c % clients.len()].clone();
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(100_000);
+                let mut i = c;
+                while Instant::now() < until {
+                    let request = requests[i % requests.len()].clone();
+                    let sent = Instant::now();
+                    client.get_id_token(request).await.expect("a cache hit");
+                    latencies.push(sent.elapsed().as_micros() as u32);
+                    i += 1;
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut load = Load::default();
+    for task in tasks {
+        let latencies = task.await.expect("client task");
+        load.calls += latencies.len();
+        load.latencies_us.extend(latencies);
+    }
+    load.elapsed = started.elapsed();
+    load
+}
+
+/// Fetches every key once, `parallel` at a time.
+async fn warm(socket: &Path, keys: impl Iterator<Item = usize>, parallel: usize) -> usize {
+    let clients = channels(socket, 8).await;
+    let keys: Vec<usize> = keys.collect();
+    let mut token_len = 0;
+    for chunk in keys.chunks(parallel) {
+        let calls = chunk.iter().enumerate().map(|(n, i)| {
+            let mut client = clients[n % clients.len()].clone();
+            let request = GetIdTokenRequest {
+                audience: audience(*i),
+                ..Default::default()
+            };
+            async move {
+                client
+                    .get_id_token(request)
+                    .await
+                    .expect("warm-up fetch")
+                    .into_inner()
+                    .token
+                    .len()
+            }
+        });
+        token_len = *futures_util::future::join_all(calls)
+            .await
+            .iter()
+            .max()
+            .unwrap_or(&0);
+    }
+    token_len
+}
+
+// === the run ===
+
+async fn benchmark(args: Args) {
+    let emulator = Emulator::start(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        EmulatorConfig::default(),
+    )
+    .await
+    .expect("emulator");
+    let metadata = emulator.addr();
+    let mut report: HashMap<&str, serde_json::Value> = HashMap::new();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    report.insert("cores", cores.into());
+    eprintln!(
+        "loadgen: {cores} cores, {} clients on {} connections, {} keys",
+        args.clients, args.connections, args.keys
+    );
+
+    // Start-up: from spawn to a socket that accepts.
+    let mut starts = Vec::new();
+    for _ in 0..args.starts {
+        let (_broker, ready) = Server::broker(metadata, None).await;
+        starts.push(ready);
+    }
+    starts.sort();
+    let start_ms = starts[starts.len() / 2].as_secs_f64() * 1000.0;
+    report.insert("start_to_ready_ms", start_ms.into());
+
+    // Cache hits against the baseline, alternating rounds.
+    let (broker, _) = Server::broker(metadata, None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = broker.rss();
+    report.insert("idle_rss_mib", (idle_rss as f64 / 1048576.0).into());
+    let token_len = warm(&broker.socket, 0..args.keys, 100).await;
+    let baseline = Server::baseline(token_len).await;
+    let _ = drive(&broker.socket, &args, Duration::from_secs(1)).await;
+    let _ = drive(&baseline.socket, &args, Duration::from_secs(1)).await;
+    let (mut on_broker, mut on_baseline) = (Load::default(), Load::default());
+    for _ in 0..args.rounds.max(1) {
+        on_broker.merge(drive(&broker.socket, &args, args.duration).await);
+        on_baseline.merge(drive(&baseline.socket, &args, args.duration).await);
+    }
+    let (broker_rps, baseline_rps) = (on_broker.rps(), on_baseline.rps());
+    let (broker_p50, broker_p99) = (on_broker.percentile(0.5), on_broker.percentile(0.99));
+    let (baseline_p50, baseline_p99) = (on_baseline.percentile(0.5), on_baseline.percentile(0.99));
+    report.insert("broker_rps", broker_rps.round().into());
+    report.insert("baseline_rps", baseline_rps.round().into());
+    report.insert("rps_ratio", round3(broker_rps / baseline_rps).into());
+    report.insert("broker_p50_us", broker_p50.into());
+    report.insert("broker_p99_us", broker_p99.into());
+    report.insert("baseline_p50_us", baseline_p50.into());
+    report.insert("baseline_p99_us", baseline_p99.into());
+    report.insert("p50_ratio", round3(broker_p50 / baseline_p50).into());
+    report.insert("broker_mean_us", on_broker.mean().round().into());
+    report.insert("baseline_mean_us", on_baseline.mean().round().into());
+
+    // One caller at a time: the latency of a single call, not of a queue.
+    let single = Args {
+        clients: 1,
+        connections: 1,
+        ..args.clone()
+    };
+    let (mut alone_broker, mut alone_baseline) = (Load::default(), Load::default());
+    for _ in 0..args.rounds.max(1) {
+        alone_broker.merge(drive(&broker.socket, &single, args.duration / 2).await);
+        alone_baseline.merge(drive(&baseline.socket, &single, args.duration / 2).await);
+    }
+    let (alone_broker_p50, alone_baseline_p50) =
+        (alone_broker.percentile(0.5), alone_baseline.percentile(0.5));
+    report.insert("single_client_broker_p50_us", alone_broker_p50.into());
+    report.insert("single_client_baseline_p50_us", alone_baseline_p50.into());
+    report.insert(
+        "single_client_p50_ratio",
+        round3(alone_broker_p50 / alone_baseline_p50).into(),
+    );
+    drop(baseline);
+    if args.hits_only {
+        print_report(report, args.json, print_hits);
+        return;
+    }
+
+    report.insert("token_bytes", token_len.into());
+
+    // A cold-miss storm on one key.
+    emulator.set_fault(Some(FaultRule::always(Fault::Delay { millis: 50 })));
+    let before = emulator.stats().identity_requests;
+    let storm_clients = channels(&broker.socket, 16).await;
+    let calls = (0..args.storm).map(|n| {
+        let mut client = storm_clients[n % storm_clients.len()].clone();
+        let request = GetIdTokenRequest {
+            audience: "https://storm.run.app".into(),
+            ..Default::default()
+        };
+        async move { client.get_id_token(request).await.is_ok() }
+    });
+    let served = futures_util::future::join_all(calls)
+        .await
+        .iter()
+        .filter(|ok| **ok)
+        .count();
+    emulator.set_fault(None);
+    report.insert("storm_requests", args.storm.into());
+    report.insert("storm_served", served.into());
+    report.insert(
+        "storm_upstream_calls",
+        (emulator.stats().identity_requests - before).into(),
+    );
+
+    // Memory: many cached keys, then many idle watch streams.
+    let before_keys = broker.rss();
+    warm(&broker.socket, args.keys..args.keys + args.rss_keys, 64).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let per_key = (broker.rss().saturating_sub(before_keys)) as f64 / args.rss_keys as f64;
+    report.insert("rss_per_key_bytes", per_key.round().into());
+    report.insert(
+        "rss_per_key_beyond_token_bytes",
+        (per_key - token_len as f64).round().into(),
+    );
+
+    let before_watchers = broker.rss();
+    let per_connection = args.watchers_per_connection.max(1);
+    let watch_clients = channels(&broker.socket, args.rss_watchers.div_ceil(per_connection)).await;
+    let mut streams = Vec::with_capacity(args.rss_watchers);
+    for n in 0..args.rss_watchers {
+        let mut client = watch_clients[n / per_connection].clone();
+        let request = WatchTokenRequest {
+            request: Some(watch_token_request::Request::IdToken(GetIdTokenRequest {
+                audience: audience(n % args.keys),
+                ..Default::default()
+            })),
+        };
+        let mut stream = client
+            .watch_token(request)
+            .await
+            .expect("watch")
+            .into_inner();
+        stream
+            .message()
+            .await
+            .expect("first token")
+            .expect("a token");
+        streams.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let per_watcher =
+        (broker.rss().saturating_sub(before_watchers)) as f64 / args.rss_watchers as f64;
+    report.insert("rss_per_watcher_bytes", per_watcher.round().into());
+    report.insert(
+        "rss_with_keys_and_watchers_mib",
+        (broker.rss() as f64 / 1048576.0).into(),
+    );
+    drop(streams);
+    drop(broker);
+
+    // Scaling: the same hit load on brokers with 1 and 2 worker threads.
+    for threads in [1, 2] {
+        let (broker, _) = Server::broker(metadata, Some(threads)).await;
+        warm(&broker.socket, 0..args.keys, 100).await;
+        let load = drive(&broker.socket, &args, args.duration).await;
+        report.insert(
+            if threads == 1 {
+                "rps_1_worker"
+            } else {
+                "rps_2_workers"
+            },
+            load.rps().round().into(),
+        );
+    }
+
+    print_report(report, args.json, print_tables);
+}
+
+/// One JSON object, or the tables `tables` prints.
+fn print_report(
+    report: HashMap<&str, serde_json::Value>,
+    json: bool,
+    tables: fn(&HashMap<&str, serde_json::Value>),
+) {
+    if json {
+        let ordered: serde_json::Map<String, serde_json::Value> = report
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        println!("{}", serde_json::Value::Object(ordered));
+    } else {
+        tables(&report);
+    }
+}
+
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+fn print_hits(report: &HashMap<&str, serde_json::Value>) {
+    let get = |key: &str| report[key].as_f64().unwrap_or(0.0);
+    let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
+    println!("cache hits vs a bare gRPC call ({} cores)", get("cores"));
+    println!("  {:<10} {:>10} {:>9} {:>9}", "", "rps", "p50 us", "p99 us");
+    println!(
+        "  {:<10} {:>10} {:>9} {:>9}",
+        "broker",
+        get("broker_rps"),
+        get("broker_p50_us"),
+        get("broker_p99_us")
+    );
+    println!(
+        "  {:<10} {:>10} {:>9} {:>9}",
+        "baseline",
+        get("baseline_rps"),
+        get("baseline_p50_us"),
+        get("baseline_p99_us")
+    );
+    println!(
+        "  throughput ratio {:.3} (target >= 0.90: {})",
+        get("rps_ratio"),
+        verdict(get("rps_ratio") >= 0.9)
+    );
+    println!(
+        "  p50 ratio        {:.3} (target <= 1.10: {})",
+        get("p50_ratio"),
+        verdict(get("p50_ratio") <= 1.1)
+    );
+    println!(
+        "  mean latency     broker {} us, baseline {} us",
+        get("broker_mean_us"),
+        get("baseline_mean_us")
+    );
+    println!(
+        "  one client alone: p50 broker {} us, baseline {} us, ratio {:.3}",
+        get("single_client_broker_p50_us"),
+        get("single_client_baseline_p50_us"),
+        get("single_client_p50_ratio")
+    );
+}
+
+fn print_tables(report: &HashMap<&str, serde_json::Value>) {
+    let get = |key: &str| report[key].as_f64().unwrap_or(0.0);
+    let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
+    print_hits(report);
+    println!();
+    println!(
+        "cold-miss storm: {} requests for one key -> {} upstream call(s), {} served (target 1: {})",
+        get("storm_requests"),
+        get("storm_upstream_calls"),
+        get("storm_served"),
+        verdict(get("storm_upstream_calls") == 1.0)
+    );
+    println!(
+        "start to ready: {:.1} ms median (target <= 50: {})",
+        get("start_to_ready_ms"),
+        verdict(get("start_to_ready_ms") <= 50.0)
+    );
+    println!(
+        "idle RSS: {:.1} MiB (target <= 15: {})",
+        get("idle_rss_mib"),
+        verdict(get("idle_rss_mib") <= 15.0)
+    );
+    println!(
+        "RSS per cached key: {} B, {} B beyond the {} B token (target <= 2048: {})",
+        get("rss_per_key_bytes"),
+        get("rss_per_key_beyond_token_bytes"),
+        get("token_bytes"),
+        verdict(get("rss_per_key_beyond_token_bytes") <= 2048.0)
+    );
+    println!(
+        "RSS per idle watcher: {} B (target <= 2048: {})",
+        get("rss_per_watcher_bytes"),
+        verdict(get("rss_per_watcher_bytes") <= 2048.0)
+    );
+    println!(
+        "scaling: {} rps with 1 worker thread, {} rps with 2",
+        get("rps_1_worker"),
+        get("rps_2_workers")
+    );
+}
