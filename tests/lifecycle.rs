@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
 
-use common::{BINARY, Broker, PATIENCE, emulator, id_request};
+use common::{BINARY, Broker, PATIENCE, binary_fails, emulator, id_request};
 use nix::sys::signal::Signal;
 use tokenbroker::emulator::EmulatorConfig;
 use tokenbroker::proto::v1::{WatchTokenRequest, watch_token_request};
@@ -73,14 +73,8 @@ async fn socket_gets_the_requested_mode_and_group() {
 #[tokio::test]
 async fn a_second_broker_on_the_same_socket_is_refused() {
     let first = Broker::spawn(vec!["--emulator".into()], &[]).await;
-    let output = Command::new(BINARY)
-        .args(["serve", "--emulator", "--socket"])
-        .arg(&first.socket)
-        .output()
-        .await
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let socket = first.socket.to_str().unwrap();
+    let stderr = binary_fails(["serve", "--emulator", "--socket", socket]).await;
     assert!(stderr.contains("already serving"), "{stderr}");
     // The first broker is untouched.
     let mut client = first.client().await;
@@ -102,14 +96,9 @@ async fn a_stale_socket_is_replaced_and_other_files_are_not() {
     let dir = tempfile::tempdir().unwrap();
     let not_a_socket = dir.path().join("tokenbroker.sock");
     std::fs::write(&not_a_socket, "keep me").unwrap();
-    let output = Command::new(BINARY)
-        .args(["serve", "--emulator", "--socket"])
-        .arg(&not_a_socket)
-        .output()
-        .await
-        .unwrap();
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("not a socket"));
+    let socket = not_a_socket.to_str().unwrap();
+    let stderr = binary_fails(["serve", "--emulator", "--socket", socket]).await;
+    assert!(stderr.contains("not a socket"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&not_a_socket).unwrap(), "keep me");
 }
 
@@ -164,14 +153,8 @@ async fn socket_path_comes_from_the_environment_for_broker_and_client() {
 #[tokio::test]
 async fn the_client_command_explains_a_missing_broker() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(BINARY)
-        .args(["print-access-token", "--socket"])
-        .arg(dir.path().join("nothing.sock"))
-        .output()
-        .await
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let socket = dir.path().join("nothing.sock");
+    let stderr = binary_fails(["print-access-token", "--socket", socket.to_str().unwrap()]).await;
     assert!(
         stderr.contains("is `tokenbroker serve` running"),
         "{stderr}"

@@ -5,7 +5,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::{BINARY, Broker, Scrape, access_request, emulator, id_request};
+use common::{BINARY, Broker, Scrape, access_request, binary_fails, emulator, id_request};
 use nix::sys::signal::Signal;
 use tokenbroker::emulator::EmulatorConfig;
 use tokenbroker::proto::v1::{GetIdTokenRequest, WatchTokenRequest, token, watch_token_request};
@@ -214,16 +214,16 @@ async fn a_bad_policy_file_stops_the_broker_from_starting() {
         "[[allow]]\nservice_accounts = [\"*\"]\naudience = [\"typo\"]\n",
     )
     .unwrap();
-    let output = Command::new(BINARY)
-        .args(["serve", "--emulator", "--socket"])
-        .arg(dir.path().join("s.sock"))
-        .arg("--policy")
-        .arg(&path)
-        .output()
-        .await
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let socket = dir.path().join("s.sock");
+    let args = [
+        "serve",
+        "--emulator",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--policy",
+        path.to_str().unwrap(),
+    ];
+    let stderr = binary_fails(args).await;
     assert!(
         stderr.contains("audience") && stderr.contains("policy.toml"),
         "{stderr}"

@@ -269,3 +269,18 @@ pub async fn scrape_until(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Runs the binary with `args`, which must fail; returns what it printed
+/// on stderr.
+pub async fn binary_fails<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let output = tokio::time::timeout(PATIENCE, Command::new(BINARY).args(args).output())
+        .await
+        .expect("the binary exits in time")
+        .expect("the binary runs");
+    assert!(!output.status.success(), "succeeded unexpectedly");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
