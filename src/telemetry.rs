@@ -7,7 +7,7 @@ use std::error::Error;
 use std::io::IsTerminal;
 
 use clap::ValueEnum;
-use opentelemetry::metrics::{Meter, MeterProvider};
+use opentelemetry::metrics::{Meter, MeterProvider, NoopMeterProvider};
 use opentelemetry::trace::TracerProvider;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
@@ -44,15 +44,21 @@ pub struct Exports {
 /// The installed telemetry; call [`Telemetry::shutdown`] before exiting so
 /// that OTLP exporters flush.
 pub struct Telemetry {
-    meter_provider: SdkMeterProvider,
+    /// `None` when no metric exporter is configured.
+    meter_provider: Option<SdkMeterProvider>,
     tracer_provider: Option<SdkTracerProvider>,
     registry: Option<prometheus::Registry>,
 }
 
 impl Telemetry {
     /// The broker's meter.
+    /// The broker's meter; a no-op one when no metric exporter is
+    /// configured, so that recording costs nothing.
     pub fn meter(&self) -> Meter {
-        self.meter_provider.meter(METER_NAME)
+        match &self.meter_provider {
+            Some(provider) => provider.meter(METER_NAME),
+            None => NoopMeterProvider::new().meter(METER_NAME),
+        }
     }
 
     /// The Prometheus registry, if one was asked for.
@@ -62,7 +68,9 @@ impl Telemetry {
 
     /// Flushes and stops the exporters.
     pub fn shutdown(self) {
-        if let Err(error) = self.meter_provider.shutdown() {
+        if let Some(meter_provider) = self.meter_provider
+            && let Err(error) = meter_provider.shutdown()
+        {
             tracing::debug!(%error, "metrics shutdown");
         }
         if let Some(tracer_provider) = self.tracer_provider
@@ -157,7 +165,7 @@ pub fn init(
         );
     }
     Ok(Telemetry {
-        meter_provider: meter_provider.build(),
+        meter_provider: (registry.is_some() || otlp_metrics).then(|| meter_provider.build()),
         tracer_provider,
         registry,
     })
