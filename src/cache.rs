@@ -34,6 +34,10 @@ pub const DEFAULT_MAX_KEYS: usize = 10_000;
 /// expired, so it is still valid when the receiving service checks it.
 pub const DEFAULT_EXPIRY_SKEW: Duration = Duration::from_secs(10);
 
+/// How many times a call looks its key up again after the key's entry was
+/// retired under it (idle eviction racing the call, or a failed task).
+const MAX_LOOKUPS: usize = 3;
+
 /// Tunables of the cache; [`Default`] gives the documented defaults.
 #[derive(Clone, Debug)]
 pub struct CacheConfig {
@@ -164,31 +168,39 @@ impl TokenCache {
     /// `min_valid_for` (plus the expiry skew), fetching one if needed.
     /// Callers bound the wait with their own deadline.
     pub async fn get(&self, request: &TokenRequest) -> Result<Served, BrokerError> {
-        loop {
+        for _ in 0..MAX_LOOKUPS {
             let entry = self.inner.entry(&request.key)?;
             if let Some(served) = self.inner.serve(&entry, request).await? {
                 return Ok(served);
             }
         }
+        Err(BrokerError::EntryRetired)
     }
 
     /// Like [`get`](Self::get), then keeps following the key: the returned
     /// [`TokenWatch`] yields every later token of the key.
     pub async fn watch(&self, request: &TokenRequest) -> Result<(Served, TokenWatch), BrokerError> {
-        loop {
+        for _ in 0..MAX_LOOKUPS {
             let entry = self.inner.entry(&request.key)?;
             let watcher = WatcherGuard::new(entry, self.inner.clone());
             let states = watcher.entry.state.subscribe();
-            if let Some(served) = self.inner.serve(&watcher.entry, request).await? {
-                let watch = TokenWatch {
-                    watcher,
-                    states,
-                    current: served.token.clone(),
-                    expiry_skew: self.inner.config.expiry_skew,
-                };
-                return Ok((served, watch));
+            let Some(served) = self.inner.serve(&watcher.entry, request).await? else {
+                continue;
+            };
+            // Subscribing marks the current state as seen, so an entry
+            // retired just before would never signal it: look again.
+            if states.borrow().closed {
+                continue;
             }
+            let watch = TokenWatch {
+                watcher,
+                states,
+                current: served.token.clone(),
+                expiry_skew: self.inner.config.expiry_skew,
+            };
+            return Ok((served, watch));
         }
+        Err(BrokerError::EntryRetired)
     }
 
     /// How many keys the cache holds.
@@ -595,7 +607,16 @@ impl TokenWatch {
     /// replacement arrives, and with [`BrokerError::ShuttingDown`] once
     /// `stop` is cancelled.
     pub async fn next(&mut self, stop: &CancellationToken) -> Result<Arc<Token>, BrokerError> {
+        let mut lookups = 0;
         loop {
+            if self.states.borrow().closed {
+                lookups += 1;
+                if lookups > MAX_LOOKUPS {
+                    return Err(BrokerError::EntryRetired);
+                }
+                self.reattach()?;
+                continue;
+            }
             let usable_until = self
                 .current
                 .expires_at()
@@ -609,9 +630,6 @@ impl TokenWatch {
                     }
                     if let Some(token) = self.replacement() {
                         return Ok(token);
-                    }
-                    if self.states.borrow().closed {
-                        self.reattach()?;
                     }
                 }
                 () = sleep_until(usable_until) => {

@@ -69,6 +69,11 @@ pub enum BrokerError {
         format_duration(*.0)
     )]
     DeadlineExceeded(Duration),
+    /// The key's cache entry kept being retired while the call waited.
+    #[error(
+        "the token's cache entry was retired while this call waited (the broker is stopping or a refresh failed hard); try again"
+    )]
+    EntryRetired,
     /// The broker is stopping.
     #[error("broker shutting down")]
     ShuttingDown,
@@ -111,9 +116,10 @@ impl BrokerError {
             },
             Self::PolicyDenied { .. } => Code::PermissionDenied,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Self::MinValidForUnmet { .. } | Self::Expired { .. } | Self::ShuttingDown => {
-                Code::Unavailable
-            }
+            Self::MinValidForUnmet { .. }
+            | Self::Expired { .. }
+            | Self::EntryRetired
+            | Self::ShuttingDown => Code::Unavailable,
         }
     }
 }

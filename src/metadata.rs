@@ -269,9 +269,14 @@ fn check_flavor(headers: &HeaderMap) -> Result<(), FetchError> {
     ))
 }
 
+/// Longest `Retry-After` taken from the server (1 hour); more is read as
+/// that, so a hostile value cannot overflow a clock.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let seconds = value.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 /// An error and its causes on one line (hyper's own message is terse).
@@ -399,6 +404,8 @@ mod tests {
         assert_eq!(retry_after(&headers), None);
         headers.insert(header::RETRY_AFTER, "7".parse().unwrap());
         assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(header::RETRY_AFTER, u64::MAX.to_string().parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
         headers.insert(
             header::RETRY_AFTER,
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),

@@ -73,7 +73,7 @@ impl<S: TokenSource> Retrying<S> {
                 } => *retry_after,
                 _ => backoff.next_delay(fastrand::f64()),
             };
-            if Instant::now() + wait >= deadline {
+            if wait >= deadline.saturating_duration_since(Instant::now()) {
                 return Err(error);
             }
             tracing::debug!(attempt, %error, ?wait, "retrying upstream fetch");
@@ -215,6 +215,16 @@ mod tests {
         let attempts = source.inner.attempts();
         assert_eq!(attempts[1] - attempts[0], Duration::from_secs(3));
         assert!(Instant::now() - started < DEFAULT_RETRY_BUDGET);
+
+        // Any Retry-After, however absurd, is compared, never added to a clock.
+        let source = Retrying::new(
+            Scripted::new(vec![Err(FetchError::Status {
+                status: 503,
+                retry_after: Some(Duration::MAX),
+            })]),
+            RetryPolicy::default(),
+        );
+        assert!(source.fetch(&key()).await.is_err());
 
         // A Retry-After beyond the budget fails now rather than waiting.
         let source = Retrying::new(
