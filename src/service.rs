@@ -61,16 +61,7 @@ impl BrokerService {
         peer: Option<&Peer>,
         key: &TokenKey,
     ) -> Result<(), BrokerError> {
-        self.policy.check(peer, key).inspect_err(|error| {
-            self.metrics.denied(rpc, kind);
-            tracing::warn!(
-                uid = peer.map(|p| p.uid),
-                gid = peer.map(|p| p.gid),
-                pid = peer.and_then(|p| p.pid),
-                %error,
-                "request denied by policy"
-            );
-        })
+        authorize(&self.policy, &self.metrics, rpc, kind, peer, key)
     }
 
     /// Validates, serves and records one unary call.
@@ -193,7 +184,7 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
             Ok::<_, BrokerError>((kind, permit, result?))
         };
         let (kind, permit, (first, watch)) = call.instrument(span.clone()).await?;
-        let watcher = Watcher::new(self.metrics.clone(), kind, permit);
+        let watcher = Watcher::new(self, kind, peer, permit);
         let stream = watch_stream(first.token, watch, watcher, self.shutdown.clone(), span);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -204,15 +195,25 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
 struct Watcher {
     metrics: Metrics,
     kind: TokenKind,
+    /// Who watches, for the policy check of every token sent.
+    peer: Option<Peer>,
+    policy: Arc<PolicyStore>,
     _permit: WatchPermit,
 }
 
 impl Watcher {
-    fn new(metrics: Metrics, kind: TokenKind, permit: WatchPermit) -> Self {
-        metrics.watchers(kind, 1);
+    fn new(
+        service: &BrokerService,
+        kind: TokenKind,
+        peer: Option<Peer>,
+        permit: WatchPermit,
+    ) -> Self {
+        service.metrics.watchers(kind, 1);
         Self {
-            metrics,
+            metrics: service.metrics.clone(),
             kind,
+            peer,
+            policy: service.policy.clone(),
             _permit: permit,
         }
     }
@@ -263,7 +264,22 @@ async fn next_watched(
     if let Some(first) = state.first.take() {
         return Some((Ok(token_message(kind, &first)), Some(state)));
     }
-    match state.watch.next(&state.shutdown).await {
+    // The policy may have been reloaded since the stream began: a peer that
+    // lost its rule gets no more tokens.
+    let next = state.watch.next(&state.shutdown).await.and_then(|token| {
+        let watcher = &state.watcher;
+        let key = state.watch.key();
+        authorize(
+            &watcher.policy,
+            &watcher.metrics,
+            Rpc::WatchToken,
+            kind,
+            watcher.peer.as_ref(),
+            key,
+        )
+        .map(|()| token)
+    });
+    match next {
         Ok(token) => {
             let remaining = token.remaining(Instant::now());
             state.watcher.metrics.streamed(kind, remaining);
@@ -274,6 +290,27 @@ async fn next_watched(
             Some((Err(error.into()), None))
         }
     }
+}
+
+/// Applies the access policy, logging and counting denials.
+fn authorize(
+    policy: &PolicyStore,
+    metrics: &Metrics,
+    rpc: Rpc,
+    kind: TokenKind,
+    peer: Option<&Peer>,
+    key: &TokenKey,
+) -> Result<(), BrokerError> {
+    policy.check(peer, key).inspect_err(|error| {
+        metrics.denied(rpc, kind);
+        tracing::warn!(
+            uid = peer.map(|p| p.uid),
+            gid = peer.map(|p| p.gid),
+            pid = peer.and_then(|p| p.pid),
+            %error,
+            "request denied by policy"
+        );
+    })
 }
 
 /// The connecting process, from the Unix socket's peer credentials.

@@ -311,3 +311,45 @@ async fn an_oversized_request_is_resource_exhausted() {
         .unwrap_err();
     assert_eq!(long.code(), Code::InvalidArgument, "{long:?}");
 }
+
+#[tokio::test]
+async fn a_reloaded_policy_cuts_off_open_watch_streams() {
+    let me = nix::unistd::geteuid().as_raw();
+    let emulator = common::emulator_with_lifetime(Duration::from_secs(4)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.toml");
+    std::fs::write(&policy_path, policy(me, false)).unwrap();
+    let policy_flag = policy_path.to_str().unwrap().to_string();
+    let broker = Broker::start(
+        &emulator,
+        &["--policy", &policy_flag, "--expiry-skew", "1s"],
+    )
+    .await;
+    let mut client = broker.client().await;
+    let watch = WatchTokenRequest {
+        request: Some(watch_token_request::Request::IdToken(id_request(
+            "https://allowed.run.app",
+        ))),
+    };
+    let mut stream = client.watch_token(watch).await.unwrap().into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+
+    // The rule for this uid is gone: the next refreshed token is not sent.
+    std::fs::write(
+        &policy_path,
+        "[[allow]]\nuids = [4242]\nservice_accounts = [\"*\"]\naudiences = [\"*\"]\n",
+    )
+    .unwrap();
+    broker.signal(Signal::SIGHUP);
+    broker.wait_for_log("policy reloaded").await;
+    let status = tokio::time::timeout(common::PATIENCE, stream.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains(&policy_flag),
+        "{}",
+        status.message()
+    );
+}
