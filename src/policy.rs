@@ -173,14 +173,18 @@ impl Rule {
 }
 
 /// Matches an audience against a pattern: `*` alone matches anything;
-/// elsewhere `*` stands for any run of characters except `/ ? # @`, so
-/// `https://*.a.run.app` matches a host name but cannot be stretched over a
-/// path, query, fragment or user info.
+/// elsewhere `*` stands for any run of characters except `/ \ ? # @ %` and
+/// whitespace, so `https://*.a.run.app` matches a host name but cannot be
+/// stretched over a path (URL parsers read `\` as `/`), query, fragment,
+/// user info or an escaped character.
 pub fn glob_matches(pattern: &str, text: &str) -> bool {
     if pattern == "*" {
         return true;
     }
-    let gap_ok = |gap: &str| !gap.contains(['/', '?', '#', '@']);
+    let gap_ok = |gap: &str| {
+        !gap.chars()
+            .any(|c| matches!(c, '/' | '\\' | '?' | '#' | '@' | '%') || c.is_whitespace())
+    };
     let mut segments = pattern.split('*');
     let first = segments.next().unwrap_or_default();
     let Some(mut rest) = text.strip_prefix(first) else {
@@ -404,6 +408,9 @@ mod tests {
             "https://evil.com?.a.run.app",
             "https://evil.com#.a.run.app",
             "https://evil.com@x.a.run.app",
+            "https://evil.com\\.a.run.app",
+            "https://evil.com%2F.a.run.app",
+            "https://evil.com .a.run.app",
             "https://svc.a.run.app.evil.com",
             "http://svc.a.run.app",
         ] {
