@@ -36,7 +36,9 @@ pub enum SocketError {
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
     /// The path does not fit in a socket address.
-    #[error("socket path {path} is {len} bytes; Unix sockets allow at most {MAX_SOCKET_PATH}")]
+    #[error(
+        "socket path {path} is too long ({len} bytes with the staging name the broker binds through first); Unix sockets allow at most {MAX_SOCKET_PATH}"
+    )]
     PathTooLong {
         /// The path asked for.
         path: PathBuf,
@@ -106,31 +108,28 @@ impl Drop for SocketOwner {
 /// permissions are final; the rename also replaces a stale socket left by a
 /// broker that died.
 pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSocket, SocketError> {
-    let len = path.as_os_str().len();
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let staging = parent.join(format!(".tb-{:08x}", fastrand::u32(..)));
+    let staged = staging.join("s");
+    let len = path.as_os_str().len().max(staged.as_os_str().len());
     if len > MAX_SOCKET_PATH {
         return Err(SocketError::PathTooLong {
             path: path.to_path_buf(),
             len,
         });
     }
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io_error("create directory", parent))?;
     let lock = acquire_lock(path)?;
     check_existing(path)?;
 
-    let staging = parent.join(format!(
-        ".tokenbroker.{}.{}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
     DirBuilder::new()
         .mode(0o700)
         .create(&staging)
         .map_err(io_error("create directory", &staging))?;
-    let result = bind_in(&staging, path, mode, group);
+    let result = bind_in(&staged, path, mode, group);
     let _ = fs::remove_dir_all(&staging);
     let listener = result?;
 
@@ -188,21 +187,20 @@ fn check_existing(path: &Path) -> Result<(), SocketError> {
 }
 
 fn bind_in(
-    staging: &Path,
+    staged: &Path,
     path: &Path,
     mode: u32,
     group: Option<u32>,
 ) -> Result<UnixListener, SocketError> {
-    let staged = staging.join("s");
     let listener =
-        std::os::unix::net::UnixListener::bind(&staged).map_err(io_error("bind", &staged))?;
+        std::os::unix::net::UnixListener::bind(staged).map_err(io_error("bind", staged))?;
     if let Some(gid) = group {
-        std::os::unix::fs::chown(&staged, None, Some(gid))
-            .map_err(io_error("set the group of", &staged))?;
+        std::os::unix::fs::chown(staged, None, Some(gid))
+            .map_err(io_error("set the group of", staged))?;
     }
-    fs::set_permissions(&staged, fs::Permissions::from_mode(mode))
-        .map_err(io_error("set permissions of", &staged))?;
-    fs::rename(&staged, path).map_err(io_error("move socket to", path))?;
+    fs::set_permissions(staged, fs::Permissions::from_mode(mode))
+        .map_err(io_error("set permissions of", staged))?;
+    fs::rename(staged, path).map_err(io_error("move socket to", path))?;
     listener
         .set_nonblocking(true)
         .map_err(io_error("configure", path))?;
@@ -226,7 +224,7 @@ mod tests {
         let leftovers: Vec<_> = fs::read_dir(path.parent().unwrap())
             .unwrap()
             .map(|e| e.unwrap().file_name())
-            .filter(|name| name.to_string_lossy().starts_with(".tokenbroker"))
+            .filter(|name| name.to_string_lossy().starts_with(".tb-"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
         drop(bound);
@@ -286,5 +284,13 @@ mod tests {
             bind(&path, DEFAULT_SOCKET_MODE, None),
             Err(SocketError::PathTooLong { .. })
         ));
+        // Short enough itself, but not the staging path in its directory.
+        let path = PathBuf::from(format!("/tmp/{}/s", "d".repeat(96)));
+        assert!(path.as_os_str().len() <= MAX_SOCKET_PATH);
+        assert!(matches!(
+            bind(&path, DEFAULT_SOCKET_MODE, None),
+            Err(SocketError::PathTooLong { .. })
+        ));
+        assert!(!path.parent().unwrap().exists(), "nothing created");
     }
 }
