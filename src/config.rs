@@ -77,12 +77,12 @@ pub struct ServeArgs {
     pub emulator: bool,
 
     /// Lifetime of the tokens the in-process emulator issues.
-    #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = positive_at_most::<86_400>)]
     pub emulator_token_lifetime: Duration,
 
     /// Longest one request to the metadata server may take, connect to last
     /// byte. A request for an uncached token fails after this.
-    #[arg(long, env = "TOKENBROKER_UPSTREAM_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_TIMEOUT", default_value = "5s", value_parser = positive_at_most::<300>)]
     pub upstream_timeout: Duration,
 
     /// Most requests per second to the metadata server, all keys together
@@ -100,21 +100,21 @@ pub struct ServeArgs {
     pub upstream_max_attempts: u32,
 
     /// Time for all attempts of one fetch, waits (and Retry-After) included.
-    #[arg(long, env = "TOKENBROKER_UPSTREAM_RETRY_BUDGET", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_RETRY_BUDGET", default_value = "10s", value_parser = positive_at_most::<600>)]
     pub upstream_retry_budget: Duration,
 
     /// Refresh tokens this long before they expire (up to 20% later, for
     /// jitter). Tokens living less than twice this are refreshed at half
     /// their remaining life.
-    #[arg(long, env = "TOKENBROKER_REFRESH_MARGIN", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOKENBROKER_REFRESH_MARGIN", default_value = "5m", value_parser = positive_at_most::<3600>)]
     pub refresh_margin: Duration,
 
     /// Never hand out a token closer than this to its expiry.
-    #[arg(long, env = "TOKENBROKER_EXPIRY_SKEW", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOKENBROKER_EXPIRY_SKEW", default_value = "10s", value_parser = at_most::<600>)]
     pub expiry_skew: Duration,
 
     /// Stop refreshing and forget a token nobody asked for or watched in this long.
-    #[arg(long, env = "TOKENBROKER_IDLE_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOKENBROKER_IDLE_TIMEOUT", default_value = "30m", value_parser = positive_at_most::<2_592_000>)]
     pub idle_timeout: Duration,
 
     /// Most distinct tokens (keys) held at once; more gives RESOURCE_EXHAUSTED.
@@ -140,7 +140,7 @@ pub struct ServeArgs {
     pub max_watchers_per_uid: usize,
 
     /// Time in-flight calls get to finish after SIGTERM/SIGINT.
-    #[arg(long, env = "TOKENBROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOKENBROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = at_most::<3600>)]
     pub shutdown_grace: Duration,
 }
 
@@ -173,11 +173,11 @@ pub struct EmulatorArgs {
     pub accounts: Vec<String>,
 
     /// Lifetime of issued access tokens.
-    #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = positive_at_most::<86_400>)]
     pub token_lifetime: Duration,
 
     /// Lifetime of issued ID tokens.
-    #[arg(long, env = "TOKENBROKER_EMULATOR_ID_TOKEN_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TOKENBROKER_EMULATOR_ID_TOKEN_LIFETIME", default_value = "1h", value_parser = positive_at_most::<86_400>)]
     pub id_token_lifetime: Duration,
 }
 
@@ -249,6 +249,28 @@ pub struct IdTokenArgs {
     pub client: ClientArgs,
 }
 
+/// A duration of at most `MAX_SECS` seconds, e.g. `10s` or `4m30s`.
+fn at_most<const MAX_SECS: u64>(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value).map_err(|e| format!("{value:?}: {e}"))?;
+    let max = Duration::from_secs(MAX_SECS);
+    if duration > max {
+        return Err(format!(
+            "{value:?} is more than {}",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(duration)
+}
+
+/// Like [`at_most`], and not zero.
+fn positive_at_most<const MAX_SECS: u64>(value: &str) -> Result<Duration, String> {
+    let duration = at_most::<MAX_SECS>(value)?;
+    if duration.is_zero() {
+        return Err(format!("{value:?} must be more than zero"));
+    }
+    Ok(duration)
+}
+
 fn parse_group(value: &str) -> Result<u32, String> {
     if let Ok(gid) = value.parse::<u32>() {
         return Ok(gid);
@@ -294,6 +316,22 @@ mod tests {
         assert_eq!(parse_group("0"), Ok(0));
         assert_eq!(parse_group("root"), Ok(0));
         assert!(parse_group("no-such-group-here").is_err());
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        assert_eq!(at_most::<60>("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(at_most::<60>("0s"), Ok(Duration::ZERO));
+        assert!(at_most::<60>("61s").is_err());
+        assert!(at_most::<60>("soon").is_err());
+        assert!(positive_at_most::<60>("0s").is_err());
+        let huge = Cli::try_parse_from([
+            "tokenbroker",
+            "serve",
+            "--idle-timeout",
+            "100000000000years",
+        ]);
+        assert!(huge.is_err());
     }
 
     #[test]
