@@ -53,17 +53,6 @@ impl BrokerService {
         }
     }
 
-    /// Applies the access policy, logging and counting denials.
-    fn authorize(
-        &self,
-        rpc: Rpc,
-        kind: TokenKind,
-        peer: Option<&Peer>,
-        key: &TokenKey,
-    ) -> Result<(), BrokerError> {
-        authorize(&self.policy, &self.metrics, rpc, kind, peer, key)
-    }
-
     /// Validates, serves and records one unary call.
     async fn unary<M>(
         &self,
@@ -81,8 +70,15 @@ impl BrokerService {
                 self.report(rpc, Some(kind), None, Err(error));
             })?;
             let audience = audience(&request.key);
-            self.authorize(rpc, kind, peer.as_ref(), &request.key)
-                .inspect_err(|error| self.report(rpc, Some(kind), audience, Err(error)))?;
+            authorize(
+                &self.policy,
+                &self.metrics,
+                rpc,
+                kind,
+                peer.as_ref(),
+                &request.key,
+            )
+            .inspect_err(|error| self.report(rpc, Some(kind), audience, Err(error)))?;
             let result = within(deadline, self.cache.get(&request)).await;
             self.report(rpc, Some(kind), audience, result.as_ref());
             Ok::<_, BrokerError>(result?.token)
@@ -168,12 +164,16 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
             })?;
             let kind = request.key.kind();
             let audience = audience(&request.key);
-            let permit = self
-                .authorize(Rpc::WatchToken, kind, peer.as_ref(), &request.key)
-                .and_then(|()| self.watch_limits.acquire(peer.map(|p| p.uid)))
-                .inspect_err(|error| {
-                    self.report(Rpc::WatchToken, Some(kind), audience, Err(error))
-                })?;
+            let permit = authorize(
+                &self.policy,
+                &self.metrics,
+                Rpc::WatchToken,
+                kind,
+                peer.as_ref(),
+                &request.key,
+            )
+            .and_then(|()| self.watch_limits.acquire(peer.map(|p| p.uid)))
+            .inspect_err(|error| self.report(Rpc::WatchToken, Some(kind), audience, Err(error)))?;
             let result = within(deadline, self.cache.watch(&request)).await;
             self.report(
                 Rpc::WatchToken,
