@@ -1,7 +1,8 @@
 //! A stand-in for the GCE metadata server, so the broker runs and is tested
 //! off Google Cloud: the token, identity, email and account-listing
-//! endpoints with the real server's header rules, HS256-signed ID tokens,
-//! and failure modes switched on over HTTP (`/emulator/v1/...`) or from Rust.
+//! endpoints, the few instance and project values Google's auth libraries
+//! read, the real server's header rules, HS256-signed ID tokens, and failure
+//! modes switched on over HTTP (`/emulator/v1/...`) or from Rust.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -33,6 +34,14 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Scopes an access token gets when the request names none.
 pub const DEFAULT_SCOPES: &[&str] = &["https://www.googleapis.com/auth/cloud-platform"];
 
+/// The emulated project's id (`project/project-id`).
+pub const PROJECT_ID: &str = "emulator-project";
+/// The emulated project's number (`project/numeric-project-id`).
+pub const NUMERIC_PROJECT_ID: &str = "123456789012";
+/// The emulated VM's zone (`instance/zone`).
+pub const ZONE: &str = "projects/123456789012/zones/us-central1-a";
+
+const ROOT: &str = "/computeMetadata/v1/";
 const PREFIX: &str = "/computeMetadata/v1/instance/service-accounts/";
 /// How many issued tokens and request arrivals the emulator remembers.
 pub const MAX_REMEMBERED_TOKENS: usize = 100_000;
@@ -316,6 +325,14 @@ impl State {
         self.config.accounts.iter().find(|a| *a == account).cloned()
     }
 
+    /// Whether `email` is the VM's default account.
+    fn is_default(&self, email: &str) -> bool {
+        self.config
+            .accounts
+            .first()
+            .is_some_and(|first| first == email)
+    }
+
     /// The fault for a request to `target`, counting it down.
     fn take_fault(&mut self, target: Target) -> Option<Fault> {
         let rule = self.fault.as_mut()?;
@@ -399,29 +416,57 @@ async fn metadata_api(
     path: &str,
     query: &HashMap<String, String>,
 ) -> Result<Response<Body>, std::io::Error> {
-    if path == "/" || path == "/computeMetadata/v1/" {
-        return Ok(text(StatusCode::OK, "instance/\n"));
+    if path == "/" {
+        return Ok(text(StatusCode::OK, "computeMetadata/\n"));
     }
+    let recursive = query.get("recursive").map(String::as_str) == Some("true");
     let Some(rest) = path.strip_prefix(PREFIX) else {
-        return Ok(text(StatusCode::NOT_FOUND, "not found"));
+        let value = match path.strip_prefix(ROOT) {
+            Some("") => "instance/\nproject/\nuniverse/\n",
+            Some("instance" | "instance/") => "attributes/\nid\nservice-accounts/\nzone\n",
+            Some("instance/zone") => ZONE,
+            Some("project" | "project/") => "numeric-project-id\nproject-id\n",
+            Some("project/project-id") => PROJECT_ID,
+            Some("project/numeric-project-id") => NUMERIC_PROJECT_ID,
+            Some("universe/universe-domain") => "googleapis.com",
+            _ => return Ok(text(StatusCode::NOT_FOUND, "not found")),
+        };
+        return Ok(text(StatusCode::OK, value));
     };
     if rest.is_empty() {
         let state = shared.lock();
-        let listing: String = std::iter::once("default".to_string())
-            .chain(state.config.accounts.iter().cloned())
-            .map(|account| format!("{account}/\n"))
-            .collect();
+        let accounts =
+            std::iter::once("default".to_string()).chain(state.config.accounts.iter().cloned());
+        if recursive {
+            let listing: serde_json::Map<String, serde_json::Value> = accounts
+                .filter_map(|account| {
+                    let email = state.resolve(&account)?;
+                    let info = account_info(&email, state.is_default(&email));
+                    Some((account, info))
+                })
+                .collect();
+            return Ok(json_response(&listing));
+        }
+        let listing: String = accounts.map(|account| format!("{account}/\n")).collect();
         return Ok(text(StatusCode::OK, &listing));
     }
     let (account, leaf) = rest.split_once('/').unwrap_or((rest, ""));
-    let Some(email) = shared.lock().resolve(account) else {
-        return Ok(text(StatusCode::NOT_FOUND, "service account not found"));
+    let (email, is_default) = {
+        let state = shared.lock();
+        let Some(email) = state.resolve(account) else {
+            return Ok(text(StatusCode::NOT_FOUND, "service account not found"));
+        };
+        let is_default = state.is_default(&email);
+        (email, is_default)
     };
+    let aliases = if is_default { "default\n" } else { "" };
     match leaf {
+        "" if recursive => Ok(json_response(&account_info(&email, is_default))),
         "" => Ok(text(
             StatusCode::OK,
             "aliases\nemail\nidentity\nscopes\ntoken\n",
         )),
+        "aliases" => Ok(text(StatusCode::OK, aliases)),
         "email" => Ok(text(StatusCode::OK, &email)),
         "scopes" => Ok(text(
             StatusCode::OK,
@@ -649,6 +694,12 @@ async fn read_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| format!("cannot read body: {e}\n"))?
         .to_bytes();
     serde_json::from_slice(&body).map_err(|e| format!("bad JSON: {e}\n"))
+}
+
+/// What `service-accounts/{account}/?recursive=true` lists.
+fn account_info(email: &str, is_default: bool) -> serde_json::Value {
+    let aliases: &[&str] = if is_default { &["default"] } else { &[] };
+    json!({"aliases": aliases, "email": email, "scopes": DEFAULT_SCOPES})
 }
 
 fn json_response(value: &impl Serialize) -> Response<Body> {
