@@ -16,11 +16,13 @@ use crate::emulator::{Emulator, EmulatorConfig};
 use crate::health::Health;
 use crate::limits::{RateLimited, WatchLimits};
 use crate::metadata::MetadataClient;
+use crate::metadata_endpoint::{self, MetadataAddr, MetadataEndpoint, MetadataListener};
 use crate::metrics::{Metrics, register_cache_gauge};
 use crate::policy::PolicyStore;
 use crate::proto::v1 as pb;
 use crate::retry::{RetryPolicy, Retrying};
 use crate::server::Broker;
+use crate::service::BrokerService;
 use crate::telemetry::Telemetry;
 use crate::upstream::Instrumented;
 use crate::{admin, client, server, socket};
@@ -81,6 +83,7 @@ pub async fn serve(args: ServeArgs, telemetry: &Telemetry) -> AppResult {
     let stop = CancellationToken::new();
     tokio::spawn(reload_policy_on_sighup(policy.clone(), stop.clone()));
     let _stop_background = stop.clone().drop_guard();
+    let metadata_upstream = upstream.clone();
     let probe = move || {
         let upstream = upstream.clone();
         async move { upstream.probe().await }
@@ -105,6 +108,21 @@ pub async fn serve(args: ServeArgs, telemetry: &Telemetry) -> AppResult {
 
     let socket = socket::bind(&args.socket, args.socket_mode, args.socket_group)?;
     let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
+    if let Some(addr) = &args.metadata_addr {
+        let endpoint = MetadataEndpoint {
+            service: BrokerService::new(
+                cache.clone(),
+                metrics.clone(),
+                policy.clone(),
+                watch_limits.clone(),
+                stop.clone(),
+            ),
+            upstream: metadata_upstream.clone(),
+            timeout: args.upstream_timeout,
+        };
+        let listener = bind_metadata_endpoint(addr, &args).await?;
+        tokio::spawn(metadata_endpoint::serve(listener, endpoint, stop.clone()));
+    }
     let broker = Broker {
         cache,
         metrics,
@@ -113,6 +131,35 @@ pub async fn serve(args: ServeArgs, telemetry: &Telemetry) -> AppResult {
         watch_limits,
     };
     server::serve(socket, broker, shutdown, args.shutdown_grace).await
+}
+
+/// Binds the metadata-compatible endpoint and says where it listens (and,
+/// on TCP, that the policy does not apply there).
+async fn bind_metadata_endpoint(
+    addr: &MetadataAddr,
+    args: &ServeArgs,
+) -> Result<MetadataListener, Box<dyn Error + Send + Sync>> {
+    match addr {
+        MetadataAddr::Tcp(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|error| {
+                format!("cannot listen for the metadata endpoint on {addr}: {error}")
+            })?;
+            let local = listener.local_addr()?;
+            if args.policy.is_some() {
+                tracing::warn!(
+                    metadata_addr = %local,
+                    "the policy does not apply to the metadata endpoint on TCP: every local process that can connect gets tokens there (use unix:PATH to apply it)"
+                );
+            }
+            tracing::info!(metadata_addr = %local, "serving the metadata-server-compatible endpoint; point GCE_METADATA_HOST here");
+            Ok(MetadataListener::Tcp(listener))
+        }
+        MetadataAddr::Unix(path) => {
+            let socket = socket::bind(path, args.socket_mode, args.socket_group)?;
+            tracing::info!(metadata_addr = %addr, "serving the metadata-server-compatible endpoint");
+            Ok(MetadataListener::Unix(socket))
+        }
+    }
 }
 
 /// `tokenbroker emulator`.

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::cache::CacheConfig;
 use crate::emulator::EmulatorConfig;
+use crate::metadata_endpoint::MetadataAddr;
 use crate::socket::DEFAULT_SOCKET;
 use crate::telemetry::LogFormat;
 
@@ -125,6 +126,21 @@ pub struct ServeArgs {
     /// on this address, e.g. 127.0.0.1:9464. Off unless set.
     #[arg(long, env = "TOKENBROKER_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// Also answer as a metadata server over HTTP, so unmodified Google auth
+    /// libraries share the cache: run them with GCE_METADATA_HOST (and
+    /// GCE_METADATA_IP) set to this address. Tokens come from the cache;
+    /// the rest of /computeMetadata/v1/ is passed through to the metadata
+    /// server. A loopback IP:PORT (e.g. 127.0.0.1:8181) trusts every local
+    /// process, since TCP peers cannot be identified: the policy does not
+    /// apply there. unix:/PATH listens on a Unix socket (same mode and group
+    /// as --socket) where the policy applies. Off unless set.
+    #[arg(
+        long,
+        env = "TOKENBROKER_METADATA_ADDR",
+        value_name = "IP:PORT|unix:PATH"
+    )]
+    pub metadata_addr: Option<MetadataAddr>,
 
     /// Label ID-token request metrics with the audience. Off by default:
     /// every distinct audience becomes a time series.

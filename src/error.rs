@@ -1,4 +1,5 @@
-//! The broker's errors, and their one mapping to gRPC status codes.
+//! The broker's errors, and their one mapping to gRPC status codes (and,
+//! for the metadata-compatible endpoint, to HTTP statuses).
 
 use std::time::Duration;
 
@@ -124,6 +125,36 @@ impl BrokerError {
     }
 }
 
+impl BrokerError {
+    /// The HTTP status the metadata-compatible endpoint answers this error
+    /// with, using only the metadata server's own codes (400, 403, 404, 429,
+    /// 503), and the `Retry-After` to send with a 429 or 503, if known.
+    pub fn http_status(&self) -> (http::StatusCode, Option<Duration>) {
+        use http::StatusCode as Http;
+        match self {
+            Self::InvalidArgument { .. } => (Http::BAD_REQUEST, None),
+            Self::LimitExceeded { .. } => (Http::TOO_MANY_REQUESTS, None),
+            Self::PolicyDenied { .. } => (Http::FORBIDDEN, None),
+            Self::Upstream { source, .. } => match source {
+                FetchError::Status {
+                    status: status @ (400 | 403 | 404 | 429),
+                    retry_after,
+                } => (
+                    Http::from_u16(*status).unwrap_or(Http::SERVICE_UNAVAILABLE),
+                    *retry_after,
+                ),
+                FetchError::Status { retry_after, .. } => (Http::SERVICE_UNAVAILABLE, *retry_after),
+                _ => (Http::SERVICE_UNAVAILABLE, None),
+            },
+            Self::MinValidForUnmet { .. }
+            | Self::Expired { .. }
+            | Self::DeadlineExceeded(_)
+            | Self::EntryRetired
+            | Self::ShuttingDown => (Http::SERVICE_UNAVAILABLE, None),
+        }
+    }
+}
+
 impl From<BrokerError> for Status {
     fn from(error: BrokerError) -> Self {
         Status::new(error.code(), error.to_string())
@@ -165,6 +196,52 @@ mod tests {
         assert_eq!(status.code(), Code::NotFound);
         assert!(status.message().contains("build@p.iam.gserviceaccount.com"));
         assert!(status.message().contains("\"default\""));
+    }
+
+    #[test]
+    fn errors_map_to_the_metadata_servers_http_codes() {
+        use http::StatusCode as Http;
+        for status in [400, 403, 404, 429] {
+            assert_eq!(upstream(status).http_status().0.as_u16(), status);
+        }
+        let throttled = BrokerError::Upstream {
+            account: "default".into(),
+            source: FetchError::Status {
+                status: 429,
+                retry_after: Some(Duration::from_secs(7)),
+            },
+        };
+        assert_eq!(
+            throttled.http_status(),
+            (Http::TOO_MANY_REQUESTS, Some(Duration::from_secs(7)))
+        );
+        for status in [500, 502, 503] {
+            assert_eq!(upstream(status).http_status().0, Http::SERVICE_UNAVAILABLE);
+        }
+        let unreachable = BrokerError::Upstream {
+            account: "default".into(),
+            source: FetchError::Connect("refused".into()),
+        };
+        assert_eq!(unreachable.http_status().0, Http::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            BrokerError::invalid("audience", "empty").http_status().0,
+            Http::BAD_REQUEST
+        );
+        let limit = BrokerError::LimitExceeded {
+            what: "too many cached keys",
+            limit: 1,
+        };
+        assert_eq!(limit.http_status().0, Http::TOO_MANY_REQUESTS);
+        let denied = BrokerError::PolicyDenied {
+            policy: "p.toml".into(),
+            peer: "uid 7 (gid 7)".into(),
+            request: "an ID token".into(),
+        };
+        assert_eq!(denied.http_status().0, Http::FORBIDDEN);
+        assert_eq!(
+            BrokerError::ShuttingDown.http_status().0,
+            Http::SERVICE_UNAVAILABLE
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod health;
 pub mod jwt;
 pub mod limits;
 pub mod metadata;
+pub mod metadata_endpoint;
 pub mod metrics;
 pub mod policy;
 pub mod proto;

@@ -106,6 +106,38 @@ impl MetadataClient {
         check_flavor(response.headers())
     }
 
+    /// Sends `GET {path_and_query}` on a caller's behalf (the
+    /// metadata-compatible endpoint's pass-through) and returns the answer
+    /// whatever its status, if it comes within `timeout` from a server that
+    /// says it is a metadata server.
+    pub async fn forward(
+        &self,
+        path_and_query: &str,
+        timeout: Duration,
+    ) -> Result<Forwarded, FetchError> {
+        let url = format!("http://{}{path_and_query}", self.host);
+        let forward = async {
+            let response = self.send(&url).await?;
+            check_flavor(response.headers())?;
+            let status = response.status();
+            let mut headers = HeaderMap::new();
+            for name in FORWARDED_HEADERS {
+                if let Some(value) = response.headers().get(&name) {
+                    headers.insert(name, value.clone());
+                }
+            }
+            let body = read_body(response.into_body(), MAX_FORWARDED_BYTES).await?;
+            Ok(Forwarded {
+                status,
+                headers,
+                body,
+            })
+        };
+        tokio::time::timeout(timeout, forward)
+            .await
+            .map_err(|_| FetchError::Timeout(timeout))?
+    }
+
     async fn send(&self, url: &str) -> Result<http::Response<Incoming>, FetchError> {
         let request = Request::get(url)
             .header(FLAVOR, "Google")
@@ -131,20 +163,43 @@ impl MetadataClient {
             });
         }
         check_flavor(response.headers())?;
-        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    FetchError::Malformed(format!(
-                        "response larger than {MAX_RESPONSE_BYTES} bytes"
-                    ))
-                } else {
-                    FetchError::Connect(format!("connection broke while reading the response: {e}"))
-                }
-            })?;
-        Ok(body.to_bytes())
+        read_body(response.into_body(), MAX_RESPONSE_BYTES).await
     }
+}
+
+/// A metadata server's answer to a forwarded request.
+#[derive(Debug)]
+pub struct Forwarded {
+    /// Its status, passed on as it is.
+    pub status: StatusCode,
+    /// The headers worth passing on ([`FORWARDED_HEADERS`]).
+    pub headers: HeaderMap,
+    /// Its body.
+    pub body: Bytes,
+}
+
+/// The response headers a forwarded answer keeps.
+pub const FORWARDED_HEADERS: [header::HeaderName; 4] = [
+    header::CONTENT_TYPE,
+    header::ETAG,
+    header::LOCATION,
+    header::RETRY_AFTER,
+];
+
+/// Largest forwarded response (1 MiB): more than a recursive listing of a
+/// VM's metadata, whose values are limited to 256 KiB each.
+pub const MAX_FORWARDED_BYTES: usize = 1024 * 1024;
+
+/// Reads a body of at most `limit` bytes.
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, FetchError> {
+    let body = Limited::new(body, limit).collect().await.map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            FetchError::Malformed(format!("response larger than {limit} bytes"))
+        } else {
+            FetchError::Connect(format!("connection broke while reading the response: {e}"))
+        }
+    })?;
+    Ok(body.to_bytes())
 }
 
 impl TokenSource for MetadataClient {

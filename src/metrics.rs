@@ -37,15 +37,22 @@ pub enum Rpc {
     GetIdToken,
     /// `WatchToken`.
     WatchToken,
+    /// `GET …/token` on the metadata-compatible endpoint.
+    MetadataToken,
+    /// `GET …/identity` on the metadata-compatible endpoint.
+    MetadataIdentity,
 }
 
 impl Rpc {
-    /// The label value: the RPC's name in the proto.
+    /// The label value: the RPC's name in the proto, or for the
+    /// metadata-compatible endpoint `MetadataToken` / `MetadataIdentity`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::GetAccessToken => "GetAccessToken",
             Self::GetIdToken => "GetIdToken",
             Self::WatchToken => "WatchToken",
+            Self::MetadataToken => "MetadataToken",
+            Self::MetadataIdentity => "MetadataIdentity",
         }
     }
 }

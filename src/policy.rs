@@ -24,6 +24,18 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
+/// Who sent a request, as far as its transport can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A process on a Unix socket; `None` if the kernel gave no credentials
+    /// (then a policy, if there is one, denies).
+    Local(Option<Peer>),
+    /// A process on the loopback TCP port of the metadata-compatible
+    /// endpoint. It cannot be identified, and the operator who opened that
+    /// port chose to trust every local process: the policy does not apply.
+    Loopback,
+}
+
 /// Why a policy file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -238,7 +250,11 @@ impl PolicyStore {
 
     /// Allows the request, or explains the denial (naming the policy file,
     /// never a token).
-    pub fn check(&self, peer: Option<&Peer>, key: &TokenKey) -> Result<(), BrokerError> {
+    pub fn check(&self, caller: &Caller, key: &TokenKey) -> Result<(), BrokerError> {
+        let peer = match caller {
+            Caller::Local(peer) => peer.as_ref(),
+            Caller::Loopback => return Ok(()),
+        };
         let current = self
             .current
             .read()
@@ -454,20 +470,27 @@ mod tests {
         let path = dir.path().join("policy.toml");
         std::fs::write(&path, POLICY).unwrap();
         let store = PolicyStore::open(Some(path.clone())).unwrap();
-        let denied = store.check(Some(&peer(7, 7)), &id("default", "https://api.example.com"));
+        let denied = store.check(
+            &local(peer(7, 7)),
+            &id("default", "https://api.example.com"),
+        );
         let Err(error) = denied else {
             panic!("allowed")
         };
         let message = error.to_string();
         assert!(message.contains(path.to_str().unwrap()), "{message}");
         assert!(message.contains("uid 7"), "{message}");
-        assert!(store.check(None, &access("default", &[CLOUD])).is_err());
+        assert!(
+            store
+                .check(&Caller::Local(None), &access("default", &[CLOUD]))
+                .is_err()
+        );
 
         std::fs::write(&path, "broken [").unwrap();
         assert!(store.reload().is_err());
         assert!(
             store
-                .check(Some(&peer(1000, 1)), &access("default", &[CLOUD]))
+                .check(&local(peer(1000, 1)), &access("default", &[CLOUD]))
                 .is_ok()
         );
 
@@ -479,20 +502,42 @@ mod tests {
         assert_eq!(store.reload().unwrap(), Some(1));
         assert!(
             store
-                .check(Some(&peer(7, 7)), &id("default", "https://api.example.com"))
+                .check(
+                    &local(peer(7, 7)),
+                    &id("default", "https://api.example.com")
+                )
                 .is_ok()
         );
         assert!(
             store
-                .check(Some(&peer(1000, 1)), &access("default", &[CLOUD]))
+                .check(&local(peer(1000, 1)), &access("default", &[CLOUD]))
                 .is_err()
         );
     }
 
     #[test]
+    fn loopback_callers_are_not_subject_to_the_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, POLICY).unwrap();
+        let store = PolicyStore::open(Some(path)).unwrap();
+        let key = id("default", "https://api.example.com");
+        assert!(store.check(&local(peer(7, 7)), &key).is_err());
+        assert!(store.check(&Caller::Loopback, &key).is_ok());
+    }
+
+    fn local(peer: Peer) -> Caller {
+        Caller::Local(Some(peer))
+    }
+
+    #[test]
     fn without_a_file_everyone_is_allowed() {
         let store = PolicyStore::open(None).unwrap();
-        assert!(store.check(None, &id("default", "x")).is_ok());
+        assert!(
+            store
+                .check(&Caller::Local(None), &id("default", "x"))
+                .is_ok()
+        );
         assert_eq!(store.reload().unwrap(), None);
     }
 }

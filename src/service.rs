@@ -18,7 +18,7 @@ use crate::cache::{Served, TokenCache, TokenWatch};
 use crate::error::BrokerError;
 use crate::limits::{WatchLimits, WatchPermit};
 use crate::metrics::{Metrics, Rpc, code_name};
-use crate::policy::{Peer, PolicyStore};
+use crate::policy::{Caller, Peer, PolicyStore};
 use crate::proto::v1 as pb;
 use crate::request::{TokenKey, TokenRequest};
 use crate::token::{Token, TokenKind};
@@ -64,9 +64,26 @@ impl BrokerService {
         M: TryInto<TokenRequest, Error = BrokerError>,
     {
         let deadline = deadline_of(&request);
-        let peer = peer_of(&request);
+        let caller = Caller::Local(peer_of(&request));
+        Ok(self
+            .token(rpc, kind, request.into_inner().try_into(), caller, deadline)
+            .await?)
+    }
+
+    /// Serves one token request from any front end (gRPC, the
+    /// metadata-compatible endpoint): takes the outcome of its validation,
+    /// applies the policy to `caller`, answers from the cache within
+    /// `deadline`, and records a span and metrics.
+    pub async fn token(
+        &self,
+        rpc: Rpc,
+        kind: TokenKind,
+        request: Result<TokenRequest, BrokerError>,
+        caller: Caller,
+        deadline: Option<Duration>,
+    ) -> Result<Arc<Token>, BrokerError> {
         let call = async {
-            let request: TokenRequest = request.into_inner().try_into().inspect_err(|error| {
+            let request = request.inspect_err(|error| {
                 self.report(rpc, Some(kind), None, Err(error));
             })?;
             let audience = audience(&request.key);
@@ -75,15 +92,15 @@ impl BrokerService {
                 &self.metrics,
                 rpc,
                 kind,
-                peer.as_ref(),
+                &caller,
                 &request.key,
             )
             .inspect_err(|error| self.report(rpc, Some(kind), audience, Err(error)))?;
             let result = within(deadline, self.cache.get(&request)).await;
             self.report(rpc, Some(kind), audience, result.as_ref());
-            Ok::<_, BrokerError>(result?.token)
+            Ok(result?.token)
         };
-        Ok(call.instrument(rpc_span(rpc, Some(kind))).await?)
+        call.instrument(rpc_span(rpc, Some(kind))).await
     }
 
     /// Records the result of a call in the current span and in the metrics,
@@ -158,6 +175,7 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
         };
         let span = rpc_span(Rpc::WatchToken, kind);
         let peer = peer_of(&request);
+        let caller = Caller::Local(peer);
         let call = async {
             let request: TokenRequest = request.into_inner().try_into().inspect_err(|error| {
                 self.report(Rpc::WatchToken, kind, None, Err(error));
@@ -169,7 +187,7 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
                 &self.metrics,
                 Rpc::WatchToken,
                 kind,
-                peer.as_ref(),
+                &caller,
                 &request.key,
             )
             .and_then(|()| self.watch_limits.acquire(peer.map(|p| p.uid)))
@@ -184,7 +202,7 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
             Ok::<_, BrokerError>((kind, permit, result?))
         };
         let (kind, permit, (first, watch)) = call.instrument(span.clone()).await?;
-        let watcher = Watcher::new(self, kind, peer, permit);
+        let watcher = Watcher::new(self, kind, caller, permit);
         let stream = watch_stream(first.token, watch, watcher, self.shutdown.clone(), span);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -196,23 +214,18 @@ struct Watcher {
     metrics: Metrics,
     kind: TokenKind,
     /// Who watches, for the policy check of every token sent.
-    peer: Option<Peer>,
+    caller: Caller,
     policy: Arc<PolicyStore>,
     _permit: WatchPermit,
 }
 
 impl Watcher {
-    fn new(
-        service: &BrokerService,
-        kind: TokenKind,
-        peer: Option<Peer>,
-        permit: WatchPermit,
-    ) -> Self {
+    fn new(service: &BrokerService, kind: TokenKind, caller: Caller, permit: WatchPermit) -> Self {
         service.metrics.watchers(kind, 1);
         Self {
             metrics: service.metrics.clone(),
             kind,
-            peer,
+            caller,
             policy: service.policy.clone(),
             _permit: permit,
         }
@@ -274,7 +287,7 @@ async fn next_watched(
             &watcher.metrics,
             Rpc::WatchToken,
             kind,
-            watcher.peer.as_ref(),
+            &watcher.caller,
             key,
         )
         .map(|()| token)
@@ -298,10 +311,14 @@ fn authorize(
     metrics: &Metrics,
     rpc: Rpc,
     kind: TokenKind,
-    peer: Option<&Peer>,
+    caller: &Caller,
     key: &TokenKey,
 ) -> Result<(), BrokerError> {
-    policy.check(peer, key).inspect_err(|error| {
+    policy.check(caller, key).inspect_err(|error| {
+        let peer = match caller {
+            Caller::Local(peer) => peer.as_ref(),
+            Caller::Loopback => None,
+        };
         metrics.denied(rpc, kind);
         tracing::warn!(
             uid = peer.map(|p| p.uid),

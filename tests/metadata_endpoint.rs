@@ -1,0 +1,471 @@
+//! The metadata-server-compatible endpoint (`--metadata-addr`): tokens from
+//! the shared cache, the metadata server's header rules and error codes,
+//! pass-through of everything else, and the policy on a Unix socket.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use bytes::Bytes;
+use common::{Broker, Scrape, access_request, claims, emulator, id_request};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokenbroker::emulator::{
+    DEFAULT_ACCOUNT, EmulatorConfig, Fault, FaultRule, PROJECT_ID, Target, ZONE,
+};
+use tokenbroker::proto::v1::{GetIdTokenRequest, IdTokenFormat};
+
+const TOKEN: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+const IDENTITY: &str = "/computeMetadata/v1/instance/service-accounts/default/identity";
+const CLOUD: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+/// An answer from the endpoint.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).expect("JSON body")
+    }
+}
+
+/// Where requests go: the TCP port or the Unix socket.
+#[derive(Clone, Copy)]
+enum Endpoint<'a> {
+    Tcp(SocketAddr),
+    Unix(&'a Path),
+}
+
+/// `method path` with `headers`, over one fresh HTTP/1.1 connection.
+async fn send(to: Endpoint<'_>, method: Method, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut sender = match to {
+        Endpoint::Tcp(addr) => {
+            let stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("connects");
+            handshake(stream).await
+        }
+        Endpoint::Unix(path) => {
+            let stream = tokio::net::UnixStream::connect(path)
+                .await
+                .expect("connects");
+            handshake(stream).await
+        }
+    };
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "metadata.google.internal");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = sender
+        .send_request(request.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .expect("response");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8(body.to_vec()).expect("UTF-8 body"),
+    }
+}
+
+async fn handshake<S>(stream: S) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+/// `GET path` as Google's libraries send it.
+async fn get(to: Endpoint<'_>, path: &str) -> Answer {
+    send(to, Method::GET, path, &[("Metadata-Flavor", "Google")]).await
+}
+
+/// The endpoint's TCP address, read from the broker's logs.
+async fn metadata_addr(broker: &Broker) -> SocketAddr {
+    let needle = "metadata_addr";
+    broker.wait_for_log("metadata-server-compatible").await;
+    let logs = broker.logs();
+    let start = logs.find(needle).unwrap() + needle.len();
+    let addr: String = logs[start..]
+        .trim_start_matches(|c: char| !c.is_ascii_digit())
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    addr.parse().expect("metadata address in the logs")
+}
+
+fn flavor(answer: &Answer) -> Option<&str> {
+    answer
+        .headers
+        .get("metadata-flavor")
+        .and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn access_tokens_come_from_the_cache_the_grpc_api_shares() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--metadata-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let to = Endpoint::Tcp(metadata_addr(&broker).await);
+    let path = format!(
+        "{TOKEN}?scopes={}",
+        CLOUD.replace(':', "%3A").replace('/', "%2F")
+    );
+
+    let first = get(to, &path).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(flavor(&first), Some("Google"));
+    assert_eq!(first.headers["content-type"], "application/json");
+    let body = first.json();
+    let token = body["access_token"].as_str().unwrap().to_string();
+    assert_eq!(body["token_type"], "Bearer");
+    let expires_in = body["expires_in"].as_u64().unwrap();
+    assert!((3500..=3600).contains(&expires_in), "{expires_in}");
+    let info = emulator.token_info(&token).expect("issued by the emulator");
+    assert_eq!(info.email, DEFAULT_ACCOUNT);
+    assert_eq!(info.scopes, [CLOUD]);
+
+    let again = get(to, &path).await.json();
+    assert_eq!(again["access_token"], token);
+    let grpc = broker
+        .client()
+        .await
+        .get_access_token(access_request(&[CLOUD]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grpc.token, token, "one cache for both front ends");
+    assert_eq!(emulator.stats().token_requests, 1);
+
+    let scrape = Scrape::of(broker.metrics_addr().await).await;
+    let metadata_hits = scrape.value(
+        "tokenbroker_requests_total",
+        &[("rpc", "MetadataToken"), ("outcome", "hit")],
+    );
+    assert_eq!(metadata_hits, 1.0, "{}", scrape.0);
+}
+
+#[tokio::test]
+async fn identity_is_the_raw_jwt_from_the_cache() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
+    let to = Endpoint::Tcp(metadata_addr(&broker).await);
+    let audience = "https://hello-abc123-uc.a.run.app";
+
+    let answer = get(
+        to,
+        &format!("{IDENTITY}?audience=https%3A%2F%2Fhello-abc123-uc.a.run.app&format=full"),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(flavor(&answer), Some("Google"));
+    assert_eq!(claims(&answer.body)["aud"], audience);
+    let grpc = broker
+        .client()
+        .await
+        .get_id_token(GetIdTokenRequest {
+            format: IdTokenFormat::Full as i32,
+            ..id_request(audience)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grpc.token, answer.body);
+    // The standard format is another key, hence another token.
+    let standard = get(to, &format!("{IDENTITY}?audience={audience}")).await;
+    assert_ne!(standard.body, answer.body);
+    assert_eq!(emulator.stats().identity_requests, 2);
+}
+
+#[tokio::test]
+async fn the_metadata_servers_header_rules_apply_before_anything_else() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
+    let to = Endpoint::Tcp(metadata_addr(&broker).await);
+    let path = format!("{IDENTITY}?audience=https://a.example.com");
+
+    let missing = send(to, Method::GET, &path, &[]).await;
+    assert_eq!(missing.status, StatusCode::FORBIDDEN);
+    assert!(missing.body.contains("Metadata-Flavor"), "{}", missing.body);
+    assert_eq!(flavor(&missing), Some("Google"));
+    let wrong = send(to, Method::GET, &path, &[("Metadata-Flavor", "google")]).await;
+    assert_eq!(wrong.status, StatusCode::FORBIDDEN);
+    let proxied = send(
+        to,
+        Method::GET,
+        &path,
+        &[
+            ("Metadata-Flavor", "Google"),
+            ("X-Forwarded-For", "10.0.0.1"),
+        ],
+    )
+    .await;
+    assert_eq!(proxied.status, StatusCode::FORBIDDEN);
+    assert!(proxied.body.contains("X-Forwarded-For"), "{}", proxied.body);
+    let post = send(to, Method::POST, &path, &[("Metadata-Flavor", "Google")]).await;
+    assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
+    let project = send(
+        to,
+        Method::GET,
+        "/computeMetadata/v1/project/project-id",
+        &[],
+    )
+    .await;
+    assert_eq!(project.status, StatusCode::FORBIDDEN);
+
+    assert_eq!(
+        emulator.stats(),
+        Default::default(),
+        "nothing reached the metadata server"
+    );
+}
+
+#[tokio::test]
+async fn everything_but_tokens_is_passed_through() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
+    let to = Endpoint::Tcp(metadata_addr(&broker).await);
+
+    let root = get(to, "/").await;
+    assert_eq!(root.status, StatusCode::OK);
+    assert_eq!(flavor(&root), Some("Google"));
+    let project = get(to, "/computeMetadata/v1/project/project-id").await;
+    assert_eq!(
+        (project.status, project.body.as_str()),
+        (StatusCode::OK, PROJECT_ID)
+    );
+    assert_eq!(flavor(&project), Some("Google"));
+    assert_eq!(
+        get(to, "/computeMetadata/v1/instance/zone").await.body,
+        ZONE
+    );
+    let email = get(
+        to,
+        "/computeMetadata/v1/instance/service-accounts/default/email",
+    )
+    .await;
+    assert_eq!(email.body, DEFAULT_ACCOUNT);
+    let listing = get(to, "/computeMetadata/v1/instance/service-accounts/").await;
+    assert!(listing.body.contains("default/"), "{}", listing.body);
+    let info = get(
+        to,
+        "/computeMetadata/v1/instance/service-accounts/default/?recursive=true",
+    )
+    .await;
+    assert_eq!(info.headers["content-type"], "application/json");
+    assert_eq!(info.json()["email"], DEFAULT_ACCOUNT);
+    let unknown = get(to, "/computeMetadata/v1/instance/attributes/nothing-here").await;
+    assert_eq!(
+        unknown.status,
+        StatusCode::NOT_FOUND,
+        "the server's own 404"
+    );
+
+    // Never passed through: other API versions, and token paths in disguise.
+    for path in [
+        "/computeMetadata/v1beta1/instance/service-accounts/default/token",
+        "/computeMetadata/v1/instance/service-accounts/default/token/",
+        "/computeMetadata/v1/instance/service-accounts/default/x/../token",
+        "/computeMetadata/v1/instance/x/../service-accounts/default/token",
+        "/computeMetadata/v1/instance/service-accounts/default/tok%65n",
+    ] {
+        assert_eq!(get(to, path).await.status, StatusCode::NOT_FOUND, "{path}");
+    }
+    let stats = emulator.stats();
+    assert_eq!((stats.token_requests, stats.identity_requests), (0, 0));
+
+    emulator.stop().await;
+    let down = get(to, "/computeMetadata/v1/project/project-id").await;
+    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(flavor(&down), Some("Google"));
+}
+
+#[tokio::test]
+async fn errors_use_the_metadata_servers_codes() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--metadata-addr",
+            "127.0.0.1:0",
+            "--upstream-max-attempts",
+            "1",
+        ],
+    )
+    .await;
+    let to = Endpoint::Tcp(metadata_addr(&broker).await);
+    let accounts = "/computeMetadata/v1/instance/service-accounts";
+
+    for (path, status) in [
+        (IDENTITY.to_string(), StatusCode::BAD_REQUEST),
+        (format!("{IDENTITY}?audience="), StatusCode::BAD_REQUEST),
+        (
+            format!("{IDENTITY}?audience=a&format=compact"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (format!("{TOKEN}?scope=x"), StatusCode::BAD_REQUEST),
+        (
+            format!("{accounts}/not%20an%20account/token"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            format!("{accounts}/nobody@emulator-project.iam.gserviceaccount.com/token"),
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let answer = get(to, &path).await;
+        assert_eq!(answer.status, status, "{path}: {}", answer.body);
+        assert_eq!(flavor(&answer), Some("Google"));
+    }
+    assert_eq!(
+        emulator.stats().identity_requests,
+        0,
+        "bad input never goes upstream"
+    );
+
+    let fault = |status, retry_after_secs| {
+        Some(FaultRule {
+            fault: Fault::Status {
+                status,
+                retry_after_secs,
+            },
+            target: Target::Identity,
+            times: Some(1),
+        })
+    };
+    emulator.set_fault(fault(429, Some(7)));
+    let throttled = get(to, &format!("{IDENTITY}?audience=https://429.example.com")).await;
+    assert_eq!(
+        throttled.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        throttled.body
+    );
+    assert_eq!(throttled.headers["retry-after"], "7");
+    emulator.set_fault(fault(403, None));
+    let refused = get(to, &format!("{IDENTITY}?audience=https://403.example.com")).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
+    emulator.set_fault(fault(500, None));
+    let broken = get(to, &format!("{IDENTITY}?audience=https://500.example.com")).await;
+    assert_eq!(
+        broken.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        broken.body
+    );
+    for answer in [&throttled, &refused, &broken] {
+        assert!(
+            !answer.body.contains("eyJ"),
+            "no token in errors: {}",
+            answer.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    let me = nix::unistd::getuid().as_raw();
+    std::fs::write(
+        &policy,
+        format!(
+            "[[allow]]\nuids = [{me}]\nservice_accounts = [\"default\"]\naudiences = [\"https://allowed.example.com\"]\n"
+        ),
+    )
+    .unwrap();
+    let socket = dir.path().join("metadata.sock");
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--policy",
+            policy.to_str().unwrap(),
+            "--metadata-addr",
+            &format!("unix:{}", socket.display()),
+        ],
+    )
+    .await;
+    broker.wait_for_log("metadata-server-compatible").await;
+    let to = Endpoint::Unix(&socket);
+
+    let allowed = get(
+        to,
+        &format!("{IDENTITY}?audience=https://allowed.example.com"),
+    )
+    .await;
+    assert_eq!(allowed.status, StatusCode::OK, "{}", allowed.body);
+    let denied = get(
+        to,
+        &format!("{IDENTITY}?audience=https://other.example.com"),
+    )
+    .await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN, "{}", denied.body);
+    assert!(denied.body.contains("policy"), "{}", denied.body);
+    assert_eq!(
+        emulator.stats().identity_requests,
+        1,
+        "the denied token was never fetched"
+    );
+
+    // The same policy on a TCP port: the peer is unknown and trusted, and
+    // the broker warns about it when it starts.
+    let tcp = Broker::start(
+        &emulator,
+        &[
+            "--policy",
+            policy.to_str().unwrap(),
+            "--metadata-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let to = Endpoint::Tcp(metadata_addr(&tcp).await);
+    let trusted = get(
+        to,
+        &format!("{IDENTITY}?audience=https://other.example.com"),
+    )
+    .await;
+    assert_eq!(trusted.status, StatusCode::OK, "{}", trusted.body);
+    assert!(
+        tcp.logs().contains("the policy does not apply"),
+        "{}",
+        tcp.logs()
+    );
+}
+
+#[tokio::test]
+async fn non_loopback_addresses_are_refused_at_start() {
+    let stderr = common::binary_fails([
+        "serve",
+        "--emulator",
+        "--socket",
+        "/tmp/never-bound.sock",
+        "--metadata-addr",
+        "0.0.0.0:8181",
+    ])
+    .await;
+    assert!(stderr.contains("not a loopback address"), "{stderr}");
+}
