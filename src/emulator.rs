@@ -721,9 +721,13 @@ fn text(status: StatusCode, body: &str) -> Response<Body> {
             .boxed(),
     );
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert("metadata-flavor", "Google".parse().expect("valid header"));
+    let headers = response.headers_mut();
+    headers.insert("metadata-flavor", "Google".parse().expect("valid header"));
+    // What the real server sends with every plain value (libraries read it).
+    headers.insert(
+        header::CONTENT_TYPE,
+        "application/text".parse().expect("valid header"),
+    );
     response
 }
 

@@ -94,20 +94,6 @@ async fn get(to: Endpoint<'_>, path: &str) -> Answer {
     send(to, Method::GET, path, &[("Metadata-Flavor", "Google")]).await
 }
 
-/// The endpoint's TCP address, read from the broker's logs.
-async fn metadata_addr(broker: &Broker) -> SocketAddr {
-    let needle = "metadata_addr";
-    broker.wait_for_log("metadata-server-compatible").await;
-    let logs = broker.logs();
-    let start = logs.find(needle).unwrap() + needle.len();
-    let addr: String = logs[start..]
-        .trim_start_matches(|c: char| !c.is_ascii_digit())
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-        .collect();
-    addr.parse().expect("metadata address in the logs")
-}
-
 fn flavor(answer: &Answer) -> Option<&str> {
     answer
         .headers
@@ -128,7 +114,7 @@ async fn access_tokens_come_from_the_cache_the_grpc_api_shares() {
         ],
     )
     .await;
-    let to = Endpoint::Tcp(metadata_addr(&broker).await);
+    let to = Endpoint::Tcp(broker.metadata_addr().await);
     let path = format!(
         "{TOKEN}?scopes={}",
         CLOUD.replace(':', "%3A").replace('/', "%2F")
@@ -171,7 +157,7 @@ async fn access_tokens_come_from_the_cache_the_grpc_api_shares() {
 async fn identity_is_the_raw_jwt_from_the_cache() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
-    let to = Endpoint::Tcp(metadata_addr(&broker).await);
+    let to = Endpoint::Tcp(broker.metadata_addr().await);
     let audience = "https://hello-abc123-uc.a.run.app";
 
     let answer = get(
@@ -203,7 +189,7 @@ async fn identity_is_the_raw_jwt_from_the_cache() {
 async fn the_metadata_servers_header_rules_apply_before_anything_else() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
-    let to = Endpoint::Tcp(metadata_addr(&broker).await);
+    let to = Endpoint::Tcp(broker.metadata_addr().await);
     let path = format!("{IDENTITY}?audience=https://a.example.com");
 
     let missing = send(to, Method::GET, &path, &[]).await;
@@ -246,7 +232,7 @@ async fn the_metadata_servers_header_rules_apply_before_anything_else() {
 async fn everything_but_tokens_is_passed_through() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
-    let to = Endpoint::Tcp(metadata_addr(&broker).await);
+    let to = Endpoint::Tcp(broker.metadata_addr().await);
 
     let root = get(to, "/").await;
     assert_eq!(root.status, StatusCode::OK);
@@ -315,7 +301,7 @@ async fn errors_use_the_metadata_servers_codes() {
         ],
     )
     .await;
-    let to = Endpoint::Tcp(metadata_addr(&broker).await);
+    let to = Endpoint::Tcp(broker.metadata_addr().await);
     let accounts = "/computeMetadata/v1/instance/service-accounts";
 
     for (path, status) in [
@@ -429,6 +415,10 @@ async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
         1,
         "the denied token was never fetched"
     );
+    let mut broker = broker;
+    broker.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.wait().await.success());
+    assert!(!socket.exists(), "the endpoint's socket is removed at exit");
 
     // The same policy on a TCP port: the peer is unknown and trusted, and
     // the broker warns about it when it starts.
@@ -442,7 +432,7 @@ async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
         ],
     )
     .await;
-    let to = Endpoint::Tcp(metadata_addr(&tcp).await);
+    let to = Endpoint::Tcp(tcp.metadata_addr().await);
     let trusted = get(
         to,
         &format!("{IDENTITY}?audience=https://other.example.com"),

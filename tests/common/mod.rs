@@ -193,16 +193,50 @@ pub fn claims(jwt: &str) -> serde_json::Value {
 impl Broker {
     /// The address of `--metrics-addr`, read from the broker's logs.
     pub async fn metrics_addr(&self) -> std::net::SocketAddr {
-        self.wait_for_log("metrics_addr").await;
+        self.logged_addr("metrics_addr").await
+    }
+
+    /// The TCP address of `--metadata-addr`, read from the broker's logs.
+    pub async fn metadata_addr(&self) -> std::net::SocketAddr {
+        self.logged_addr("metadata_addr").await
+    }
+
+    /// The address logged in the field `field`.
+    async fn logged_addr(&self, field: &str) -> std::net::SocketAddr {
+        self.wait_for_log(field).await;
         let logs = self.logs();
-        let start = logs.find("metrics_addr").unwrap() + "metrics_addr".len();
+        let start = logs.find(field).unwrap() + field.len();
         let addr: String = logs[start..]
             .trim_start_matches(|c: char| !c.is_ascii_digit())
             .chars()
             .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
             .collect();
-        addr.parse().expect("metrics address in the logs")
+        addr.parse()
+            .unwrap_or_else(|_| panic!("no {field} address in the logs"))
     }
+}
+
+/// Installs the pinned Python and Node packages the cross-language tests
+/// run (`tests/setup-deps.sh`, into `target/`); a no-op once installed.
+pub fn install_test_deps(which: &[&str]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let status = std::process::Command::new(root.join("tests/setup-deps.sh"))
+        .args(which)
+        .status()
+        .expect("tests/setup-deps.sh runs");
+    assert!(status.success(), "tests/setup-deps.sh {which:?} failed");
+}
+
+/// The Python of the test virtualenv (`target/python`).
+pub fn python() -> PathBuf {
+    install_test_deps(&["python"]);
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/python/bin/python")
+}
+
+/// `NODE_PATH` for the test packages (`target/node/node_modules`).
+pub fn node_path() -> PathBuf {
+    install_test_deps(&["node"]);
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node/node_modules")
 }
 
 /// `GET http://{addr}{path}`: status and body.

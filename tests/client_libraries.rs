@@ -1,0 +1,121 @@
+//! Unmodified Google auth libraries, pointed at the broker's
+//! metadata-compatible endpoint with `GCE_METADATA_HOST`, share its cache:
+//! many processes at once, in two languages, cause one upstream fetch per
+//! key.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{Broker, PATIENCE, claims, emulator};
+use tokenbroker::emulator::{DEFAULT_ACCOUNT, EmulatorConfig, Fault, FaultRule, PROJECT_ID};
+use tokio::process::Command;
+
+const AUDIENCE: &str = "https://hello-abc123-uc.a.run.app";
+/// Processes per language.
+const PROCESSES: usize = 6;
+
+/// A library program run as an unmodified application would be: only the
+/// environment points it at the broker, and no other credentials exist.
+fn library_program(program: &Path, script: &str, metadata: &str, home: &Path) -> Command {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut command = Command::new(program);
+    command
+        .arg(root.join(script))
+        .arg(AUDIENCE)
+        .env("GCE_METADATA_HOST", metadata)
+        .env("GCE_METADATA_IP", metadata)
+        .env("HOME", home)
+        .env("CLOUDSDK_CONFIG", home)
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .env_remove("GOOGLE_CLOUD_PROJECT")
+        .kill_on_drop(true);
+    command
+}
+
+fn output_json(language: &str, output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "{language} program failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+        panic!(
+            "{language} printed no JSON: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+#[tokio::test]
+async fn google_auth_libraries_in_many_processes_cause_one_fetch_per_key() {
+    let (python, node_path) =
+        tokio::task::spawn_blocking(|| (common::python(), common::node_path()))
+            .await
+            .unwrap();
+    let emulator = emulator(EmulatorConfig::default()).await;
+    // A slow metadata server, so that the processes' requests overlap.
+    emulator.set_fault(Some(FaultRule::always(Fault::Delay { millis: 500 })));
+    let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
+    let metadata = broker.metadata_addr().await.to_string();
+    let home = tempfile::tempdir().unwrap();
+
+    let mut runs = Vec::new();
+    for _ in 0..PROCESSES {
+        let mut python = library_program(
+            &python,
+            "tests/python/google_auth_client.py",
+            &metadata,
+            home.path(),
+        );
+        runs.push(("python", python.output()));
+        let mut node = library_program(
+            Path::new("node"),
+            "tests/node/google_auth_client.js",
+            &metadata,
+            home.path(),
+        );
+        node.env("NODE_PATH", &node_path);
+        runs.push(("node", node.output()));
+    }
+    let (languages, outputs): (Vec<_>, Vec<_>) = runs.into_iter().unzip();
+    let outputs = tokio::time::timeout(PATIENCE, futures_util::future::join_all(outputs))
+        .await
+        .expect("the programs finish");
+
+    let mut access_tokens = Vec::new();
+    let mut id_tokens = Vec::new();
+    for (language, output) in languages.iter().zip(outputs) {
+        let seen = output_json(language, &output.expect("the program runs"));
+        assert_eq!(seen["project"], PROJECT_ID, "{language}: {seen}");
+        access_tokens.push(seen["access_token"].as_str().unwrap().to_string());
+        for field in ["fetch_id_token", "id_token_credentials", "id_token"] {
+            if let Some(token) = seen[field].as_str() {
+                id_tokens.push(token.to_string());
+            }
+        }
+        if *language == "python" {
+            assert_eq!(seen["credentials"], "Credentials", "{seen}");
+            assert_eq!(seen["email"], DEFAULT_ACCOUNT);
+        } else {
+            assert_eq!(seen["client"], "Compute", "{seen}");
+        }
+    }
+    assert_eq!(id_tokens.len(), 3 * PROCESSES);
+    assert!(access_tokens.iter().all(|t| *t == access_tokens[0]));
+    assert!(id_tokens.iter().all(|t| *t == id_tokens[0]));
+    assert_eq!(claims(&id_tokens[0])["aud"], AUDIENCE);
+    let info = emulator
+        .token_info(&access_tokens[0])
+        .expect("issued by the emulator");
+    assert_eq!(info.email, DEFAULT_ACCOUNT);
+
+    let stats = emulator.stats();
+    assert_eq!(
+        (stats.token_requests, stats.identity_requests),
+        (1, 1),
+        "{} processes, one fetch per key",
+        2 * PROCESSES
+    );
+}
