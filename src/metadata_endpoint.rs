@@ -49,6 +49,8 @@ const FLAVOR: &str = "metadata-flavor";
 /// Longest a long-polling request (`wait_for_change=true`) is passed
 /// through for (1 hour).
 const MAX_LONG_POLL: Duration = Duration::from_secs(3600);
+/// Pause after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Where the endpoint listens: `127.0.0.1:PORT` (or another loopback
 /// address), or `unix:/path/to/socket`.
@@ -138,7 +140,11 @@ pub async fn serve(
                 });
                 spawn_connection(stream, Caller::Local(peer), &endpoint, &stop);
             }
-            Err(error) => tracing::warn!(%error, "metadata endpoint accept failed"),
+            Err(error) => {
+                // Out of file descriptors, typically: back off rather than spin.
+                tracing::warn!(%error, "metadata endpoint accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
         }
     }
 }
