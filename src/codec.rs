@@ -1,20 +1,23 @@
 //! The protobuf codec of the gRPC service. tonic's default codec allocates
-//! an 8 KiB buffer per call, and a watch stream keeps its encode buffer for
-//! its whole life; tokens are about 1 KiB, so 1 KiB buffers (grown in 1 KiB
-//! steps when a message needs more) keep each idle watcher small.
+//! an 8 KiB encode buffer per call, and a watch stream keeps its encode
+//! buffer for its whole life. This codec starts with no encode buffer and
+//! reserves exactly what each message needs, so an idle watcher keeps only
+//! the last token it was sent (about 0.5 KiB) instead of kilobytes of slack.
 
 use std::marker::PhantomData;
 
-use tonic::codec::{BufferSettings, Codec};
-use tonic_prost::{ProstDecoder, ProstEncoder};
+use tonic::Status;
+use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
+use tonic_prost::ProstDecoder;
 
-/// Initial size, and growth step, of the encode and decode buffers (1 KiB).
-pub const BUFFER_BYTES: usize = 1024;
+/// Initial size, and growth step, of the decode buffer (1 KiB): requests
+/// are small and their buffer lives only while a request is read.
+pub const DECODE_BUFFER_BYTES: usize = 1024;
 /// Encoded bytes after which a stream yields to the runtime (tonic's 32 KiB).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// [`tonic_prost::ProstCodec`] with [`BUFFER_BYTES`] buffers; the generated
-/// client and server use it (see `build.rs`).
+/// A prost codec with an [`ExactEncoder`] and [`DECODE_BUFFER_BYTES`]
+/// decode buffers; the generated client and server use it (see `build.rs`).
 #[derive(Debug, Clone, Copy)]
 pub struct CompactCodec<T, U>(PhantomData<(T, U)>);
 
@@ -31,14 +34,34 @@ where
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = ProstEncoder<T>;
+    type Encoder = ExactEncoder<T>;
     type Decoder = ProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD))
+        ExactEncoder(PhantomData)
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD))
+        ProstDecoder::new(BufferSettings::new(DECODE_BUFFER_BYTES, YIELD_THRESHOLD))
+    }
+}
+
+/// Encodes prost messages into a buffer that starts empty and is grown to
+/// exactly each message's encoded length.
+#[derive(Debug, Clone, Copy)]
+pub struct ExactEncoder<T>(PhantomData<T>);
+
+impl<T: prost::Message> Encoder for ExactEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        buf.reserve(item.encoded_len());
+        item.encode(buf)
+            .map_err(|error| Status::internal(format!("cannot encode a message: {error}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        BufferSettings::new(0, YIELD_THRESHOLD)
     }
 }
