@@ -253,9 +253,16 @@ fn watch_stream(
         watch,
         watcher,
         shutdown,
+        ended: false,
     };
-    stream::unfold(Some(state), move |state| {
-        next_watched(state).instrument(span.clone())
+    // The step future captures the state and works on it in place: an
+    // `async fn` taking it by value would hold it twice.
+    stream::unfold(state, move |mut state| {
+        async move {
+            let message = state.next_message().await?;
+            Some((message, state))
+        }
+        .instrument(span.clone())
     })
 }
 
@@ -266,41 +273,46 @@ struct WatchState {
     watch: TokenWatch,
     watcher: Watcher,
     shutdown: CancellationToken,
+    /// Set once the final error is sent.
+    ended: bool,
 }
 
-/// One step of a watch stream: the next token, or the final error.
-async fn next_watched(
-    state: Option<WatchState>,
-) -> Option<(Result<pb::Token, Status>, Option<WatchState>)> {
-    let mut state = state?;
-    let kind = state.watcher.kind;
-    if let Some(first) = state.first.take() {
-        return Some((Ok(token_message(kind, &first)), Some(state)));
-    }
-    // The policy may have been reloaded since the stream began: a peer that
-    // lost its rule gets no more tokens.
-    let next = state.watch.next(&state.shutdown).await.and_then(|token| {
-        let watcher = &state.watcher;
-        let key = state.watch.key();
-        authorize(
-            &watcher.policy,
-            &watcher.metrics,
-            Rpc::WatchToken,
-            kind,
-            &watcher.caller,
-            key,
-        )
-        .map(|()| token)
-    });
-    match next {
-        Ok(token) => {
-            let remaining = token.remaining(Instant::now());
-            state.watcher.metrics.streamed(kind, remaining);
-            Some((Ok(token_message(kind, &token)), Some(state)))
+impl WatchState {
+    /// The next message of the stream: a token, or the final error; `None`
+    /// after that.
+    async fn next_message(&mut self) -> Option<Result<pb::Token, Status>> {
+        if self.ended {
+            return None;
         }
-        Err(error) => {
-            tracing::info!(%error, "watch ended");
-            Some((Err(error.into()), None))
+        let kind = self.watcher.kind;
+        if let Some(first) = self.first.take() {
+            return Some(Ok(token_message(kind, &first)));
+        }
+        // The policy may have been reloaded since the stream began: a peer
+        // that lost its rule gets no more tokens.
+        let next = self.watch.next(&self.shutdown).await.and_then(|token| {
+            let watcher = &self.watcher;
+            authorize(
+                &watcher.policy,
+                &watcher.metrics,
+                Rpc::WatchToken,
+                kind,
+                &watcher.caller,
+                self.watch.key(),
+            )
+            .map(|()| token)
+        });
+        match next {
+            Ok(token) => {
+                let remaining = token.remaining(Instant::now());
+                self.watcher.metrics.streamed(kind, remaining);
+                Some(Ok(token_message(kind, &token)))
+            }
+            Err(error) => {
+                tracing::info!(%error, "watch ended");
+                self.ended = true;
+                Some(Err(error.into()))
+            }
         }
     }
 }
