@@ -214,7 +214,6 @@ impl TokenCache {
                 watcher,
                 states,
                 current: served.token.clone(),
-                expiry_skew: self.inner.config.expiry_skew,
             };
             return Ok((served, watch));
         }
@@ -449,6 +448,34 @@ impl Inner {
         }
     }
 
+    /// When the published token stops being usable (expiry less the skew),
+    /// if that is still ahead.
+    fn unusable_at(&self, entry: &KeyEntry, now: Instant) -> Option<Instant> {
+        let snapshot = entry.state.borrow();
+        let token = snapshot.token.as_ref()?;
+        let at = token.expires_at().checked_sub(self.config.expiry_skew)?;
+        (at > now).then_some(at)
+    }
+
+    /// Fetches a token for `entry`; if its current token stops being usable
+    /// meanwhile and somebody watches it, tells the watchers at that moment
+    /// (one timer for the key instead of one per watcher).
+    async fn fetch_for(&self, entry: &KeyEntry) -> Result<Token, FetchError> {
+        let mut fetch = self.source.fetch(&entry.key);
+        loop {
+            let watched = entry.watchers.load(Ordering::Acquire) > 0;
+            let expiry_at = watched
+                .then(|| self.unusable_at(entry, Instant::now()))
+                .flatten();
+            tokio::select! {
+                result = &mut fetch => return result,
+                () = sleep_until(expiry_at.unwrap_or_else(Instant::now)), if expiry_at.is_some() => {
+                    entry.tell_watchers_of_expiry();
+                }
+            }
+        }
+    }
+
     /// Drops `entry` if nobody used, watched or asked for it within the idle
     /// timeout. Returns whether it was dropped.
     fn evict_if_idle(&self, entry: &Arc<KeyEntry>) -> bool {
@@ -522,23 +549,26 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
         let asked = entry.wanted.load(Ordering::Acquire) > generation;
         if !asked {
             let Some(inner) = cache.upgrade() else { break };
-            // A watched key is never idle; the last watcher to leave wakes
-            // this task so the idle clock starts again.
-            let idle_at =
-                (entry.watchers.load(Ordering::Acquire) == 0).then(|| inner.idle_deadline(&entry));
+            // A watched key is never idle; the first watcher to come and the
+            // last to leave wake this task to start or stop these clocks.
+            let watched = entry.watchers.load(Ordering::Acquire) > 0;
+            let idle_at = (!watched).then(|| inner.idle_deadline(&entry));
+            let expiry_at = watched
+                .then(|| inner.unusable_at(&entry, Instant::now()))
+                .flatten();
             drop(inner);
             // One timer for whichever comes first (a task per key: small
             // futures keep the cache small).
-            let wake_at = match (refresh_at, idle_at) {
-                (Some(refresh), Some(idle)) => Some(refresh.min(idle)),
-                (refresh, idle) => refresh.or(idle),
-            };
+            let wake_at = [refresh_at, idle_at, expiry_at].into_iter().flatten().min();
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = entry.wake.notified() => continue,
                 () = sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
             }
             let now = Instant::now();
+            if expiry_at.is_some_and(|expiry| now >= expiry) {
+                entry.tell_watchers_of_expiry();
+            }
             if idle_at.is_some_and(|idle| now >= idle) {
                 match cache.upgrade() {
                     Some(inner) if inner.evict_if_idle(&entry) => break,
@@ -555,7 +585,7 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
             s.fetching = true;
             false
         });
-        let result = inner.source.fetch(&entry.key).await;
+        let result = inner.fetch_for(&entry).await;
         if !asked {
             inner.metrics.refreshed(entry.key.kind(), result.is_ok());
         }
@@ -612,6 +642,12 @@ impl KeyEntry {
         self.last_used_ms.load(Ordering::Relaxed)
     }
 
+    /// Wakes every watcher to look at its token: the published one has just
+    /// stopped being usable, and a watcher without a newer one ends.
+    fn tell_watchers_of_expiry(&self) {
+        self.state.send_modify(|_| {});
+    }
+
     /// Asks the task for generation `generation`; returns whether this call
     /// raised the demand (rather than joining one already made).
     fn want(&self, generation: u64) -> bool {
@@ -634,7 +670,10 @@ struct WatcherGuard {
 
 impl WatcherGuard {
     fn new(entry: Arc<KeyEntry>, cache: Arc<Inner>) -> Self {
-        entry.watchers.fetch_add(1, Ordering::AcqRel);
+        if entry.watchers.fetch_add(1, Ordering::AcqRel) == 0 {
+            // The task starts timing the token's expiry for its watchers.
+            entry.wake.notify_one();
+        }
         Self { entry, cache }
     }
 }
@@ -649,11 +688,12 @@ impl Drop for WatcherGuard {
 }
 
 /// Follows one key after [`TokenCache::watch`]: yields each new token.
+/// Thousands may be open, so it holds no timer of its own: the key's
+/// refresh task wakes it when its token stops being usable.
 pub struct TokenWatch {
     watcher: WatcherGuard,
     states: watch::Receiver<Snapshot>,
     current: Arc<Token>,
-    expiry_skew: Duration,
 }
 
 impl TokenWatch {
@@ -672,27 +712,20 @@ impl TokenWatch {
                 self.reattach()?;
                 continue;
             }
-            let usable_until = self
-                .current
-                .expires_at()
-                .checked_sub(self.expiry_skew)
-                .unwrap_or_else(Instant::now);
+            if let Some(token) = self.replacement() {
+                return Ok(token);
+            }
+            let skew = self.watcher.cache.config.expiry_skew;
+            if self.current.remaining(Instant::now()) <= skew {
+                let last_error = self.states.borrow().error.clone();
+                return Err(BrokerError::Expired { last_error });
+            }
             tokio::select! {
                 () = stop.cancelled() => return Err(BrokerError::ShuttingDown),
                 changed = self.states.changed() => {
                     if changed.is_err() {
                         return Err(BrokerError::ShuttingDown);
                     }
-                    if let Some(token) = self.replacement() {
-                        return Ok(token);
-                    }
-                }
-                () = sleep_until(usable_until) => {
-                    if let Some(token) = self.replacement() {
-                        return Ok(token);
-                    }
-                    let last_error = self.states.borrow().error.clone();
-                    return Err(BrokerError::Expired { last_error });
                 }
             }
         }
@@ -703,7 +736,7 @@ impl TokenWatch {
         let snapshot = self.states.borrow_and_update();
         let token = snapshot.token.as_ref()?;
         let fresh = !Arc::ptr_eq(token, &self.current)
-            && token.remaining(Instant::now()) > self.expiry_skew;
+            && token.remaining(Instant::now()) > self.watcher.cache.config.expiry_skew;
         fresh.then(|| {
             self.current = token.clone();
             token.clone()
@@ -1042,7 +1075,7 @@ mod tests {
     async fn watch_ends_when_the_token_expires_without_replacement() {
         let source = FakeSource::new(HOUR);
         let cache = cache(source.clone());
-        let (_, mut watch) = cache.watch(&request("aud")).await.unwrap();
+        let (first, mut watch) = cache.watch(&request("aud")).await.unwrap();
         source.fail_with(Some(unavailable()));
         let error = watch.next(&CancellationToken::new()).await.unwrap_err();
         assert!(
@@ -1054,6 +1087,27 @@ mod tests {
             ),
             "{error:?}"
         );
+        let usable_until = first.token.expires_at() - CacheConfig::default().expiry_skew;
+        assert_eq!(
+            Instant::now(),
+            usable_until,
+            "told exactly when it became unusable"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchers_learn_of_expiry_while_a_refresh_hangs() {
+        let source = FakeSource::gated(HOUR);
+        source.gate.as_ref().unwrap().add_permits(1);
+        let cache = cache(source.clone());
+        let (first, mut watch) = cache.watch(&request("aud")).await.unwrap();
+        // The refresh starts before expiry and never completes.
+        let next = tokio::time::timeout(2 * HOUR, watch.next(&CancellationToken::new())).await;
+        let error = next.expect("the watcher is told at expiry").unwrap_err();
+        assert!(matches!(error, BrokerError::Expired { .. }), "{error:?}");
+        assert_eq!(source.fetches(), 2, "the refresh was under way");
+        let usable_until = first.token.expires_at() - CacheConfig::default().expiry_skew;
+        assert_eq!(Instant::now(), usable_until);
     }
 
     #[tokio::test(start_paused = true)]
