@@ -82,13 +82,28 @@ impl Broker {
             .arg("--socket")
             .arg(socket)
             .args(&args)
-            .env_remove("TOKENBROKER_SOCKET")
-            .env_remove("GCE_METADATA_HOST")
-            .env(
+            .envs(env.iter().copied());
+        Self::spawn_command(command, socket, dir)
+    }
+
+    /// Runs `command` (which starts `tokenbroker serve` on `socket`, maybe
+    /// through a wrapper) with the harness's environment and log capture,
+    /// without waiting for readiness.
+    pub fn spawn_command(mut command: Command, socket: &Path, dir: tempfile::TempDir) -> Broker {
+        let set =
+            |command: &Command, name: &str| command.as_std().get_envs().any(|(key, _)| key == name);
+        for name in ["TOKENBROKER_SOCKET", "GCE_METADATA_HOST"] {
+            if !set(&command, name) {
+                command.env_remove(name);
+            }
+        }
+        if !set(&command, "RUST_LOG") {
+            command.env(
                 "RUST_LOG",
                 std::env::var("TEST_BROKER_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .envs(env.iter().copied())
+            );
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -131,6 +146,26 @@ impl Broker {
         assert!(
             matches!(found, Ok(Ok(_))),
             "broker never logged {needle:?}; logs:\n{}",
+            self.logs()
+        );
+    }
+
+    /// Waits until at least `count` log lines contain every one of `needles`.
+    pub async fn wait_for_log_lines(&self, needles: &[&str], count: usize) {
+        let matching = |logs: &str| {
+            logs.lines()
+                .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+                .count()
+        };
+        let mut lines = self.log_lines.clone();
+        let found = tokio::time::timeout(
+            PATIENCE,
+            lines.wait_for(|_| matching(&self.logs()) >= count),
+        )
+        .await;
+        assert!(
+            matches!(found, Ok(Ok(_))),
+            "broker never logged {count} lines with {needles:?}; logs:\n{}",
             self.logs()
         );
     }
