@@ -3,52 +3,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::Broker;
 
-/// A virtualenv under `target/` with the packages of
-/// `tests/python/requirements.txt`, created on first use.
-fn python_with_grpc() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = root.join("target/python");
-    let python = venv.join("bin/python");
-    let ready = python.exists()
-        && Command::new(&python)
-            .args(["-c", "import grpc, grpc_tools"])
-            .status()
-            .is_ok_and(|s| s.success());
-    if !ready {
-        let status = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 is needed for the polyglot test");
-        assert!(status.success(), "python3 -m venv failed");
-        let status = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "-r",
-            ])
-            .arg(root.join("tests/python/requirements.txt"))
-            .status()
-            .expect("pip runs");
-        assert!(
-            status.success(),
-            "pip install of tests/python/requirements.txt failed"
-        );
-    }
-    python
-}
-
 #[tokio::test]
 async fn a_python_grpcio_client_gets_tokens_over_the_socket() {
-    let python = python_with_grpc();
+    let python = common::python_with_grpc();
     let broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
     let out_dir = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -319,3 +319,41 @@ where
     assert!(!output.status.success(), "succeeded unexpectedly");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// A virtualenv under `target/` with the packages of
+/// `tests/python/requirements.txt`, created on first use.
+pub fn python_with_grpc() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target/python");
+    let python = venv.join("bin/python");
+    let ready = python.exists()
+        && std::process::Command::new(&python)
+            .args(["-c", "import grpc, grpc_tools, yaml"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ready {
+        let status = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for the polyglot test");
+        assert!(status.success(), "python3 -m venv failed");
+        let status = std::process::Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(root.join("tests/python/requirements.txt"))
+            .status()
+            .expect("pip runs");
+        assert!(
+            status.success(),
+            "pip install of tests/python/requirements.txt failed"
+        );
+    }
+    python
+}
