@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Output;
 
 use common::{BINARY, Broker, PATIENCE, emulator};
@@ -240,4 +241,28 @@ async fn a_watch_that_the_broker_ends_exits_with_unavailable() {
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(24), "the stream ended with UNAVAILABLE");
+}
+
+#[tokio::test]
+async fn a_shell_script_calls_a_service_with_the_token() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &[]).await;
+    let (addr, accepted) = common::checking_server().await;
+    let url = format!("http://{addr}/hello");
+    // The README's line, with the local server for the service.
+    let script = format!(
+        "curl -sf -H \"Authorization: Bearer $(tokenbroker token id --audience {url})\" {url}"
+    );
+    let bin_dir = Path::new(BINARY).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let output = Command::new("sh")
+        .args(["-c", &script])
+        .env("PATH", path)
+        .env("TOKENBROKER_SOCKET", &broker.socket)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "hello");
+    assert_eq!(accepted.lock().unwrap().len(), 1);
 }

@@ -264,3 +264,73 @@ fn the_dockerfile_builds_a_small_non_root_image_in_stages() {
     let parse = |v: &str| -> Vec<u32> { v.split('.').map(|n| n.parse().unwrap()).collect() };
     assert!(parse(image_version) >= parse(rust_version));
 }
+
+/// The first `sh` block after `heading` in the README.
+fn readme_block(heading: &str) -> String {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = readme.split(heading).nth(1).expect("README section");
+    let block = section.split("```sh\n").nth(1).expect("a sh block");
+    block.split("```").next().unwrap().to_string()
+}
+
+/// The install and deploy commands in the README need a systemd machine or
+/// a cluster, which CI lacks: check that they name files that exist and
+/// agree with the units and manifests they install.
+#[test]
+fn the_readmes_install_commands_match_the_deploy_files() {
+    let install = readme_block("## Install as a systemd service");
+    let service =
+        std::fs::read_to_string(root().join("deploy/systemd/tokenbroker.service")).unwrap();
+    let socket = std::fs::read_to_string(root().join("deploy/systemd/tokenbroker.socket")).unwrap();
+    for word in install.split_whitespace() {
+        if word.starts_with("deploy/") {
+            assert!(root().join(word).exists(), "{word} does not exist");
+        }
+    }
+    for (command, unit_line, unit) in [
+        (
+            "install -m 0755 target/release/tokenbroker /usr/local/bin/",
+            "ExecStart=/usr/local/bin/tokenbroker serve --config /etc/tokenbroker/tokenbroker.toml",
+            &service,
+        ),
+        (
+            "deploy/tokenbroker.toml /etc/tokenbroker/tokenbroker.toml",
+            "ExecStart=/usr/local/bin/tokenbroker serve --config /etc/tokenbroker/tokenbroker.toml",
+            &service,
+        ),
+        (
+            "--shell /usr/sbin/nologin tokenbroker",
+            "User=tokenbroker",
+            &service,
+        ),
+        (
+            "usermod -aG tokenbroker",
+            "SocketGroup=tokenbroker",
+            &socket,
+        ),
+        (
+            "/etc/systemd/system/",
+            "Requires=tokenbroker.socket",
+            &service,
+        ),
+    ] {
+        assert!(install.contains(command), "README lacks {command:?}");
+        assert!(
+            unit.lines().any(|l| l == unit_line),
+            "units lack {unit_line:?}"
+        );
+    }
+    assert!(install.contains("enable --now tokenbroker.socket tokenbroker.service"));
+
+    let kubernetes = readme_block("## Run on Kubernetes");
+    let daemonset =
+        std::fs::read_to_string(root().join("deploy/kubernetes/daemonset.yaml")).unwrap();
+    for word in kubernetes.split_whitespace() {
+        if word.starts_with("deploy/") {
+            assert!(root().join(word).exists(), "{word} does not exist");
+        }
+    }
+    let tag = "docker build -t REGISTRY/tokenbroker:VERSION .";
+    assert!(kubernetes.contains(tag));
+    assert!(daemonset.contains("image: REGISTRY/tokenbroker:VERSION"));
+}

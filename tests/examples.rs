@@ -4,79 +4,14 @@
 
 mod common;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::{Broker, PATIENCE, emulator_with_lifetime};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use tokio::net::TcpListener;
 use tokio::process::Command;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A server at `http://{addr}/hello` that answers 200 to a bearer ID token
-/// for that URL that has not expired, and 401 to anything else; it keeps
-/// every token it accepted.
-async fn checking_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let audience = format!("http://{addr}/hello");
-    let accepted = Arc::new(Mutex::new(Vec::new()));
-    let seen = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let audience = audience.clone();
-            let seen = seen.clone();
-            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
-                let status = match bearer(&request) {
-                    Some(token)
-                        if valid_for(&token, &audience) && request.uri().path() == "/hello" =>
-                    {
-                        seen.lock().unwrap().push(token);
-                        StatusCode::OK
-                    }
-                    _ => StatusCode::UNAUTHORIZED,
-                };
-                let response = Response::builder()
-                    .status(status)
-                    .body(Full::new(bytes::Bytes::from_static(b"hello")))
-                    .unwrap();
-                async move { Ok::<_, Infallible>(response) }
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
-        }
-    });
-    (addr, accepted)
-}
-
-fn bearer<B>(request: &Request<B>) -> Option<String> {
-    let header = request.headers().get("authorization")?.to_str().ok()?;
-    Some(header.strip_prefix("Bearer ")?.to_string())
-}
-
-fn valid_for(token: &str, audience: &str) -> bool {
-    if token.split('.').count() != 3 {
-        return false;
-    }
-    let claims = common::claims(token);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    claims["aud"] == audience && claims["exp"].as_u64().is_some_and(|exp| exp > now)
 }
 
 /// Runs an example until it has made `calls` calls, and checks what the
@@ -85,7 +20,7 @@ fn valid_for(token: &str, audience: &str) -> bool {
 async fn run_example(mut command: Command, calls: usize) {
     let emulator = emulator_with_lifetime(Duration::from_secs(4)).await;
     let broker = Broker::start(&emulator, &["--expiry-skew", "1s"]).await;
-    let (addr, accepted) = checking_server().await;
+    let (addr, accepted) = common::checking_server().await;
     let url = format!("http://{addr}/hello");
     command
         .args(["--audience", &url, "--calls", &calls.to_string()])

@@ -357,3 +357,65 @@ pub fn python_with_grpc() -> PathBuf {
     }
     python
 }
+
+/// A server at `http://{addr}/hello` that answers 200 to a bearer ID token
+/// for that URL that has not expired, and 401 to anything else; it keeps
+/// every token it accepted.
+pub async fn checking_server() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let audience = format!("http://{addr}/hello");
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let seen = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let audience = audience.clone();
+            let seen = seen.clone();
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let status = match bearer(&request) {
+                        Some(token)
+                            if valid_for(&token, &audience) && request.uri().path() == "/hello" =>
+                        {
+                            seen.lock().unwrap().push(token);
+                            hyper::StatusCode::OK
+                        }
+                        _ => hyper::StatusCode::UNAUTHORIZED,
+                    };
+                    let response = hyper::Response::builder()
+                        .status(status)
+                        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                            b"hello",
+                        )))
+                        .unwrap();
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, accepted)
+}
+
+pub fn bearer<B>(request: &hyper::Request<B>) -> Option<String> {
+    let header = request.headers().get("authorization")?.to_str().ok()?;
+    Some(header.strip_prefix("Bearer ")?.to_string())
+}
+
+pub fn valid_for(token: &str, audience: &str) -> bool {
+    if token.split('.').count() != 3 {
+        return false;
+    }
+    let claims = claims(token);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    claims["aud"] == audience && claims["exp"].as_u64().is_some_and(|exp| exp > now)
+}
