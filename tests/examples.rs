@@ -106,3 +106,20 @@ fn node_modules() -> std::path::PathBuf {
     }
     modules
 }
+
+#[tokio::test]
+async fn the_go_example_watches_a_token_and_calls_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("watch_and_call");
+    let build = Command::new(root().join("examples/go/build.sh"))
+        .arg(&binary)
+        .output()
+        .await
+        .expect("examples/go/build.sh runs (Go and protoc from Debian: see .ci/run)");
+    assert!(
+        build.status.success(),
+        "the Go example does not build:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    run_example(Command::new(&binary), 2).await;
+}
