@@ -154,3 +154,42 @@ on_shutdown = "keep"
     assert!(leftovers.is_empty(), "{leftovers:?}");
     assert!(!broker.logs().contains(&second), "a token reached the logs");
 }
+
+#[tokio::test]
+async fn a_sink_owner_the_broker_cannot_set_stops_it_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "emulator = true\n[[sink]]\npath = {:?}\nid_token = {{ audience = \"https://a\" }}\nowner = \"0\"\n",
+            dir.path().join("token")
+        ),
+    );
+    let socket = dir.path().join("s.sock");
+    // Giving a file to root needs root: run as nobody if we are root.
+    let mut command = if nix::unistd::geteuid().is_root() {
+        let mut command = tokio::process::Command::new("setpriv");
+        command
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(BINARY);
+        command
+    } else {
+        tokio::process::Command::new(BINARY)
+    };
+    let output = command
+        .args(["serve", "--config", &config, "--socket"])
+        .arg(&socket)
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot set the file's owner or group")
+            && stderr.contains("needs root or CAP_CHOWN"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("token").exists());
+    assert!(!socket.exists());
+}

@@ -16,7 +16,7 @@ use tokio::process::Command;
 /// `LISTEN_PID` is the broker's own pid (a shell exports `$$` and execs the
 /// broker, keeping the pid) unless `listen_pid` says otherwise.
 fn activated(
-    listener: &std::os::unix::net::UnixListener,
+    listener: &impl AsRawFd,
     listen_pid: Option<&str>,
     socket: &Path,
     dir: tempfile::TempDir,
@@ -127,4 +127,16 @@ async fn tells_systemd_when_it_is_ready_and_when_it_stops() {
         .unwrap();
     assert_eq!(received(n, &buffer), "STOPPING=1\n");
     assert!(broker.wait().await.success());
+}
+
+#[tokio::test]
+async fn a_passed_socket_that_is_not_a_unix_stream_socket_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let own = dir.path().join("own.sock");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut broker = activated(&tcp, None, &own, dir, &["--emulator"]);
+    let status = broker.wait().await;
+    assert!(!status.success());
+    broker.wait_for_log("is not a Unix stream socket").await;
+    assert!(!own.exists(), "nothing else was bound");
 }
