@@ -112,6 +112,41 @@ fn checked_manifests() -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// `kubernetes-validate --strict` (the API's JSON schemas, unknown fields
+/// refused) on `files`.
+fn schema_check(files: &[PathBuf]) -> std::process::Output {
+    let python = common::python_with_grpc();
+    Command::new(python.with_file_name("kubernetes-validate"))
+        .args(["--strict", "--quiet", "--kubernetes-version", "1.33"])
+        .args(files)
+        .output()
+        .expect("kubernetes-validate runs")
+}
+
+#[test]
+fn the_kubernetes_manifests_match_the_api_schemas() {
+    let files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert!(files.len() >= 3);
+    let output = schema_check(&files);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A misspelt field is caught.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("daemonset.yaml");
+    let text = std::fs::read_to_string(root().join("deploy/kubernetes/daemonset.yaml")).unwrap();
+    std::fs::write(&broken, text.replace("readinessProbe:", "readinesProbe:")).unwrap();
+    assert!(!schema_check(&[broken]).status.success());
+}
+
 #[tokio::test]
 async fn the_kubernetes_manifests_are_valid_and_their_config_serves_the_probes() {
     let checked = checked_manifests();

@@ -328,7 +328,7 @@ pub fn python_with_grpc() -> PathBuf {
     let python = venv.join("bin/python");
     let ready = python.exists()
         && std::process::Command::new(&python)
-            .args(["-c", "import grpc, grpc_tools, yaml"])
+            .args(["-c", "import grpc, grpc_tools, yaml, kubernetes_validate"])
             .status()
             .is_ok_and(|s| s.success());
     if !ready {
