@@ -107,7 +107,7 @@ fn run_broker() {
         };
         let telemetry =
             tokenbroker::telemetry::init(cli.log_format, "info", exports).expect("telemetry");
-        tokenbroker::app::serve(args, &telemetry)
+        tokenbroker::app::serve(args, tokenbroker::systemd::Activation::None, &telemetry)
             .await
             .expect("broker runs");
     });

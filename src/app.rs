@@ -3,15 +3,13 @@
 use std::error::Error;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 use crate::cache::TokenCache;
-use crate::config::{AccessTokenArgs, ClientArgs, EmulatorArgs, IdTokenArgs, ServeArgs};
+use crate::config::{EmulatorArgs, ServeArgs};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::health::Health;
 use crate::limits::{RateLimited, WatchLimits};
@@ -19,21 +17,27 @@ use crate::metadata::MetadataClient;
 use crate::metadata_endpoint::{self, MetadataAddr, MetadataEndpoint, MetadataListener};
 use crate::metrics::{Metrics, register_cache_gauge};
 use crate::policy::PolicyStore;
-use crate::proto::v1 as pb;
 use crate::retry::{RetryPolicy, Retrying};
 use crate::server::Broker;
 use crate::service::BrokerService;
+use crate::sink::{self, Sinks};
+use crate::systemd::Activation;
 use crate::telemetry::Telemetry;
 use crate::upstream::Instrumented;
-use crate::{admin, client, server, socket};
+use crate::{admin, server, socket};
 
 /// What a subcommand fails with; printed by `main`.
 pub type AppResult = Result<(), Box<dyn Error + Send + Sync>>;
 
-/// `tokenbroker serve`.
-pub async fn serve(args: ServeArgs, telemetry: &Telemetry) -> AppResult {
+/// `tokenbroker serve`, on the socket systemd passed (`activation`) or
+/// else on `--socket`.
+pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetry) -> AppResult {
     // Installed first: a SIGTERM during start-up still means a clean exit.
     let shutdown = shutdown_signal()?;
+    if let Some(path) = &args.config {
+        tracing::info!(config = %path.display(), "configuration file read");
+    }
+    let sinks = sink::check_all(args.sinks.clone())?;
     let emulator = if args.emulator {
         let config = EmulatorConfig {
             access_token_lifetime: args.emulator_token_lifetime,
@@ -106,7 +110,21 @@ pub async fn serve(args: ServeArgs, telemetry: &Telemetry) -> AppResult {
         ));
     }
 
-    let socket = socket::bind(&args.socket, args.socket_mode, args.socket_group)?;
+    let socket = match activation {
+        Activation::Listener(listener) => {
+            let socket = socket::inherited(listener)?;
+            tracing::info!(socket = %socket.owner.path().display(), "socket activated: serving the socket systemd passed (--socket and its mode are the socket unit's)");
+            socket
+        }
+        Activation::NotForUs => {
+            tracing::warn!(
+                "LISTEN_FDS is set, but LISTEN_PID is not this process: ignored; binding --socket"
+            );
+            socket::bind(&args.socket, args.socket_mode, args.socket_group)?
+        }
+        Activation::None => socket::bind(&args.socket, args.socket_mode, args.socket_group)?,
+    };
+    let sinks = Sinks::start(sinks, &cache);
     let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
     if let Some(addr) = &args.metadata_addr {
         let endpoint = MetadataEndpoint {
@@ -124,13 +142,15 @@ pub async fn serve(args: ServeArgs, telemetry: &Telemetry) -> AppResult {
         tokio::spawn(metadata_endpoint::serve(listener, endpoint, stop.clone()));
     }
     let broker = Broker {
-        cache,
+        cache: cache.clone(),
         metrics,
         health,
         policy,
         watch_limits,
     };
-    server::serve(socket, broker, shutdown, args.shutdown_grace).await
+    let served = server::serve(socket, broker, shutdown, args.shutdown_grace).await;
+    sinks.stop(args.shutdown_grace).await;
+    served
 }
 
 /// Binds the metadata-compatible endpoint and says where it listens (and,
@@ -173,113 +193,6 @@ pub async fn emulator(args: EmulatorArgs) -> AppResult {
     );
     shutdown.await;
     Ok(())
-}
-
-/// `tokenbroker print-access-token`.
-pub async fn print_access_token(args: AccessTokenArgs) -> AppResult {
-    let request = pb::GetAccessTokenRequest {
-        service_account: args.client.service_account.clone(),
-        scopes: args.scopes,
-        min_valid_for: min_valid_for(&args.client),
-    };
-    let watch = pb::watch_token_request::Request::AccessToken(request.clone());
-    print_tokens(&args.client, watch, |mut broker| async move {
-        let token = broker.get_access_token(request).await?.into_inner();
-        Ok(pb::token::Token::AccessToken(token))
-    })
-    .await
-}
-
-/// `tokenbroker print-identity-token`.
-pub async fn print_identity_token(args: IdTokenArgs) -> AppResult {
-    let format = if args.full {
-        pb::IdTokenFormat::Full
-    } else {
-        pb::IdTokenFormat::Standard
-    };
-    let request = pb::GetIdTokenRequest {
-        audience: args.audience,
-        service_account: args.client.service_account.clone(),
-        format: format as i32,
-        include_licenses: args.include_licenses,
-        min_valid_for: min_valid_for(&args.client),
-    };
-    let watch = pb::watch_token_request::Request::IdToken(request.clone());
-    print_tokens(&args.client, watch, |mut broker| async move {
-        let token = broker.get_id_token(request).await?.into_inner();
-        Ok(pb::token::Token::IdToken(token))
-    })
-    .await
-}
-
-type BrokerClient = pb::token_broker_client::TokenBrokerClient<tonic::transport::Channel>;
-
-/// Prints one token (via `get`), or with `--watch` every token of the key.
-async fn print_tokens<F, Fut>(
-    args: &ClientArgs,
-    watch: pb::watch_token_request::Request,
-    get: F,
-) -> AppResult
-where
-    F: FnOnce(BrokerClient) -> Fut,
-    Fut: std::future::Future<Output = Result<pb::token::Token, Status>>,
-{
-    let mut broker = client::connect(&args.socket).await.map_err(|error| {
-        format!(
-            "cannot connect to the broker at {}: {error}; is `tokenbroker serve` running there? (set --socket or TOKENBROKER_SOCKET)",
-            args.socket.display()
-        )
-    })?;
-    if !args.watch {
-        let token = get(broker).await.map_err(status_error)?;
-        print_token(&token, args.json);
-        return Ok(());
-    }
-    let request = pb::WatchTokenRequest {
-        request: Some(watch),
-    };
-    let mut stream = broker
-        .watch_token(request)
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    while let Some(token) = stream.message().await.map_err(status_error)? {
-        if let Some(token) = token.token {
-            print_token(&token, args.json);
-        }
-    }
-    Ok(())
-}
-
-fn print_token(token: &pb::token::Token, json: bool) {
-    let (secret, expire_time) = match token {
-        pb::token::Token::AccessToken(t) => (&t.token, t.expire_time),
-        pb::token::Token::IdToken(t) => (&t.token, t.expire_time),
-    };
-    if json {
-        let expire_time = expire_time
-            .and_then(|t| SystemTime::try_from(t).ok())
-            .map(|t| humantime::format_rfc3339(t).to_string());
-        println!(
-            "{}",
-            serde_json::json!({"token": secret, "expire_time": expire_time})
-        );
-    } else {
-        println!("{secret}");
-    }
-}
-
-fn status_error(status: Status) -> Box<dyn Error + Send + Sync> {
-    format!("{:?}: {}", status.code(), status.message()).into()
-}
-
-fn min_valid_for(args: &ClientArgs) -> Option<prost_types::Duration> {
-    args.min_valid_for.map(|d| {
-        prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
-            seconds: i64::MAX,
-            nanos: 0,
-        })
-    })
 }
 
 /// Re-reads the policy on every SIGHUP; a bad file keeps the old rules.

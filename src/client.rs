@@ -1,31 +1,136 @@
-//! Connecting to a running broker from Rust.
+//! A typed Rust client for a running broker.
 //!
 //! ```no_run
-//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn example() -> Result<(), tokenbroker::client::ClientError> {
+//! use futures_util::StreamExt;
+//! use tokenbroker::client::Client;
 //! use tokenbroker::proto::v1::GetIdTokenRequest;
 //!
-//! let mut broker = tokenbroker::client::connect(tokenbroker::socket::default_socket_path()).await?;
-//! let token = broker
-//!     .get_id_token(GetIdTokenRequest {
-//!         audience: "https://my-service-abc123-uc.a.run.app".into(),
-//!         ..Default::default()
-//!     })
-//!     .await?
-//!     .into_inner();
+//! let mut broker = Client::connect(tokenbroker::socket::default_socket_path()).await?;
+//! let request = GetIdTokenRequest {
+//!     audience: "https://my-service-abc123-uc.a.run.app".into(),
+//!     ..Default::default()
+//! };
+//! let token = broker.id_token(request.clone()).await?;
 //! // Send `Authorization: Bearer {token.token}` to the service.
+//!
+//! // Or follow the token: the current one at once, then every refresh.
+//! let mut tokens = broker.watch(request).await?;
+//! while let Some(token) = tokens.next().await {
+//!     let token = token?;
+//!     // use token.secret()
+//! #   let _ = token;
+//! }
 //! # Ok(()) }
 //! ```
+//!
+//! [`connect`] returns the bare generated client, for every RPC as is.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::proto::v1 as pb;
 use crate::proto::v1::token_broker_client::TokenBrokerClient;
 
-/// Connects to the broker listening on `socket`.
+/// Connects to the broker listening on `socket`: the generated client.
 pub async fn connect(
     socket: impl AsRef<Path>,
 ) -> Result<TokenBrokerClient<Channel>, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("unix://{}", socket.as_ref().display()))?;
     Ok(TokenBrokerClient::new(endpoint.connect().await?))
+}
+
+/// Why a call to the broker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing answered on the socket.
+    #[error(
+        "cannot connect to the broker at {}: {source}; is `tokenbroker serve` running there? (set --socket or TOKENBROKER_SOCKET)",
+        socket.display()
+    )]
+    Connect {
+        /// The socket tried.
+        socket: PathBuf,
+        /// Why the connection failed.
+        source: tonic::transport::Error,
+    },
+    /// The broker answered with an error status.
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// A watch stream sent a message without a token (a broken broker).
+    #[error("the broker sent a watch message without a token")]
+    EmptyMessage,
+}
+
+impl ClientError {
+    /// The gRPC status the broker answered with, if it answered.
+    pub fn status(&self) -> Option<&tonic::Status> {
+        match self {
+            Self::Status(status) => Some(status),
+            Self::Connect { .. } | Self::EmptyMessage => None,
+        }
+    }
+}
+
+/// The tokens of a [`Client::watch`], each as soon as the broker has it.
+pub type TokenStream = BoxStream<'static, Result<pb::token::Token, ClientError>>;
+
+/// A connection to a broker, with one typed method per RPC.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: TokenBrokerClient<Channel>,
+}
+
+impl Client {
+    /// Connects to the broker listening on `socket`.
+    pub async fn connect(socket: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let socket = socket.as_ref();
+        let inner = connect(socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                socket: socket.to_path_buf(),
+                source,
+            })?;
+        Ok(Self { inner })
+    }
+
+    /// An access token (`GetAccessToken`).
+    pub async fn access_token(
+        &mut self,
+        request: pb::GetAccessTokenRequest,
+    ) -> Result<pb::AccessToken, ClientError> {
+        Ok(self.inner.get_access_token(request).await?.into_inner())
+    }
+
+    /// An ID token (`GetIdToken`).
+    pub async fn id_token(
+        &mut self,
+        request: pb::GetIdTokenRequest,
+    ) -> Result<pb::IdToken, ClientError> {
+        Ok(self.inner.get_id_token(request).await?.into_inner())
+    }
+
+    /// Follows a token (`WatchToken`): the stream yields the current token
+    /// at once, then every refreshed one; it ends with an error when the
+    /// broker stops or the token expires unreplaced.
+    pub async fn watch(
+        &mut self,
+        request: impl Into<pb::watch_token_request::Request>,
+    ) -> Result<TokenStream, ClientError> {
+        let request = pb::WatchTokenRequest {
+            request: Some(request.into()),
+        };
+        let stream = self.inner.watch_token(request).await?.into_inner();
+        Ok(stream
+            .map(|message| message?.token.ok_or(ClientError::EmptyMessage))
+            .boxed())
+    }
+
+    /// The generated client underneath.
+    pub fn into_inner(self) -> TokenBrokerClient<Channel> {
+        self.inner
+    }
 }

@@ -19,7 +19,7 @@ use crate::telemetry::LogFormat;
 /// Start the broker with `tokenbroker serve` (or `tokenbroker serve
 /// --emulator` off Google Cloud), then ask it for tokens with any gRPC
 /// client generated from proto/tokenbroker/v1/tokenbroker.proto, or with
-/// `tokenbroker print-access-token` / `print-identity-token`.
+/// `tokenbroker token access` / `tokenbroker token id`.
 #[derive(Debug, Parser)]
 #[command(name = "tokenbroker", version, propagate_version = true)]
 pub struct Cli {
@@ -34,20 +34,45 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process")]
 pub enum Command {
     /// Run the broker: serve tokens on a Unix socket.
     Serve(ServeArgs),
     /// Run the metadata server emulator alone (for tests and demos).
     Emulator(EmulatorArgs),
-    /// Print an access token from a running broker.
+    /// Print a token from a running broker (for shell scripts).
+    #[command(subcommand, after_long_help = crate::cli::EXIT_CODES_HELP)]
+    Token(TokenCommand),
+    /// The old name of `token access`, kept for existing scripts.
+    #[command(hide = true, after_long_help = crate::cli::EXIT_CODES_HELP)]
     PrintAccessToken(AccessTokenArgs),
-    /// Print an ID token from a running broker.
+    /// The old name of `token id`, kept for existing scripts.
+    #[command(hide = true, after_long_help = crate::cli::EXIT_CODES_HELP)]
     PrintIdentityToken(IdTokenArgs),
+}
+
+/// `tokenbroker token`: which token to print.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print an OAuth2 access token, e.g. for `Authorization: Bearer`.
+    #[command(after_long_help = crate::cli::EXIT_CODES_HELP)]
+    Access(AccessTokenArgs),
+    /// Print an OIDC ID token for an audience (to call Cloud Run, Cloud
+    /// Functions, IAP, ...).
+    #[command(after_long_help = crate::cli::EXIT_CODES_HELP)]
+    Id(IdTokenArgs),
 }
 
 /// `tokenbroker serve`.
 #[derive(Debug, Args)]
+#[command(after_long_help = crate::config_file::CONFIG_FILE_HELP)]
 pub struct ServeArgs {
+    /// Configuration file (TOML): any flag of `serve` by its long name with
+    /// `_` for `-` (e.g. `socket_mode = "0660"`), and `[[sink]]` tables.
+    /// Flags and environment variables override it.
+    #[arg(long, env = "TOKENBROKER_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Unix socket to listen on; parent directories are created.
     #[arg(long, env = "TOKENBROKER_SOCKET", default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
@@ -158,6 +183,10 @@ pub struct ServeArgs {
     /// Time in-flight calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "TOKENBROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = at_most::<3600>)]
     pub shutdown_grace: Duration,
+
+    /// The file sinks of the config file (`[[sink]]`); empty without one.
+    #[arg(skip)]
+    pub sinks: Vec<crate::sink::SinkConfig>,
 }
 
 impl ServeArgs {
@@ -232,7 +261,7 @@ pub struct ClientArgs {
     pub json: bool,
 }
 
-/// `tokenbroker print-access-token`.
+/// `tokenbroker token access`.
 #[derive(Debug, Args)]
 pub struct AccessTokenArgs {
     /// OAuth2 scopes (repeat or separate with commas); none means the
@@ -245,24 +274,49 @@ pub struct AccessTokenArgs {
     pub client: ClientArgs,
 }
 
-/// `tokenbroker print-identity-token`.
+/// `tokenbroker token id`.
 #[derive(Debug, Args)]
 pub struct IdTokenArgs {
     /// The audience: usually the URL of the service to call.
     #[arg(long)]
     pub audience: String,
 
-    /// Ask for the full format (adds instance and project claims).
-    #[arg(long)]
+    /// Claims in the token: `standard` (identity only) or `full` (adds the
+    /// instance and project).
+    #[arg(long, value_enum, default_value_t = IdFormat::Standard)]
+    pub format: IdFormat,
+
+    /// Same as `--format full` (the old spelling).
+    #[arg(long, hide = true)]
     pub full: bool,
 
-    /// Include license codes (needs --full).
-    #[arg(long, requires = "full")]
+    /// Include license codes (needs `--format full`).
+    #[arg(long)]
     pub include_licenses: bool,
 
     #[command(flatten)]
     #[allow(missing_docs)]
     pub client: ClientArgs,
+}
+
+/// The claims of an ID token (`--format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdFormat {
+    /// Identity claims only.
+    Standard,
+    /// Adds `google.compute_engine` instance and project claims.
+    Full,
+}
+
+impl IdTokenArgs {
+    /// The format asked for, by `--format` or the old `--full`.
+    pub fn format(&self) -> IdFormat {
+        if self.full {
+            IdFormat::Full
+        } else {
+            self.format
+        }
+    }
 }
 
 /// A duration of at most `MAX_SECS` seconds, e.g. `10s` or `4m30s`.
@@ -287,7 +341,8 @@ fn positive_at_most<const MAX_SECS: u64>(value: &str) -> Result<Duration, String
     Ok(duration)
 }
 
-fn parse_group(value: &str) -> Result<u32, String> {
+/// A group by name or number.
+pub fn parse_group(value: &str) -> Result<u32, String> {
     if let Ok(gid) = value.parse::<u32>() {
         return Ok(gid);
     }
@@ -298,7 +353,8 @@ fn parse_group(value: &str) -> Result<u32, String> {
     }
 }
 
-fn parse_mode(value: &str) -> Result<u32, String> {
+/// An octal permission mode such as `0660`, at most `0777`.
+pub fn parse_mode(value: &str) -> Result<u32, String> {
     let mode = u32::from_str_radix(value.trim_start_matches("0o"), 8)
         .map_err(|_| format!("{value:?} is not an octal mode such as 0660"))?;
     if mode > 0o777 {

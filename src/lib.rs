@@ -7,7 +7,10 @@
 //! - [`metadata`]: fetches them from the GCE metadata server,
 //! - [`service`], [`server`], [`socket`]: gRPC on a Unix socket,
 //! - [`emulator`]: stands in for the metadata server off Google Cloud,
-//! - [`client`]: connects Rust programs to a running broker,
+//! - [`config`], [`config_file`]: the command line and `serve --config`,
+//! - [`sink`]: tokens kept written to files,
+//! - [`systemd`]: socket activation and readiness notification,
+//! - [`client`], [`cli`]: a typed Rust client and `tokenbroker token`,
 //! - [`metrics`], [`health`], [`admin`], [`telemetry`]: what operators see.
 
 #![forbid(unsafe_code)]
@@ -16,9 +19,11 @@
 pub mod admin;
 pub mod app;
 pub mod cache;
+pub mod cli;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod config_file;
 pub mod emulator;
 pub mod error;
 pub mod health;
@@ -35,7 +40,9 @@ pub mod schedule;
 pub mod secret;
 pub mod server;
 pub mod service;
+pub mod sink;
 pub mod socket;
+pub mod systemd;
 pub mod telemetry;
 pub mod token;
 pub mod upstream;

@@ -2,13 +2,33 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tokenbroker::app;
-use tokenbroker::config::{Cli, Command};
+use tokenbroker::cli::{self, CliError, EXIT_USAGE};
+use tokenbroker::config::{Cli, Command, TokenCommand};
+use tokenbroker::config_file::{self, ParseError};
+use tokenbroker::systemd::{self, Activation};
 use tokenbroker::telemetry::{self, Exports};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match config_file::parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(ParseError::Usage(error)) => error.exit(),
+        Err(ParseError::ConfigFile(error)) => {
+            eprintln!("tokenbroker: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    // Before the runtime's threads exist: this clears LISTEN_* variables.
+    let activation = match &cli.command {
+        Command::Serve(_) => match systemd::take_activated_listener() {
+            Ok(activation) => activation,
+            Err(error) => {
+                eprintln!("tokenbroker: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => Activation::None,
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -16,35 +36,57 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
-        let (default_log, exports) = match &cli.command {
-            Command::Serve(args) => (
-                "info",
-                Exports {
-                    prometheus: args.metrics_addr.is_some(),
-                    otlp: true,
-                },
-            ),
-            Command::Emulator(_) => ("info", Exports::default()),
-            Command::PrintAccessToken(_) | Command::PrintIdentityToken(_) => {
-                ("warn", Exports::default())
-            }
-        };
-        let telemetry = telemetry::init(cli.log_format, default_log, exports)?;
-        // A panicking task must not vanish silently: log it (the runtime
-        // keeps the process and the other tasks going).
-        std::panic::set_hook(Box::new(|panic| {
-            tracing::error!(%panic, "panic");
-        }));
-        let result = match cli.command {
-            Command::Serve(args) => app::serve(args, &telemetry).await,
-            Command::Emulator(args) => app::emulator(args).await,
-            Command::PrintAccessToken(args) => app::print_access_token(args).await,
-            Command::PrintIdentityToken(args) => app::print_identity_token(args).await,
-        };
-        telemetry.shutdown();
-        result
-    });
+    runtime.block_on(run(cli, activation))
+}
+
+async fn run(cli: Cli, activation: Activation) -> ExitCode {
+    let (default_log, exports) = match &cli.command {
+        Command::Serve(args) => (
+            "info",
+            Exports {
+                prometheus: args.metrics_addr.is_some(),
+                otlp: true,
+            },
+        ),
+        Command::Emulator(_) => ("info", Exports::default()),
+        Command::Token(_) | Command::PrintAccessToken(_) | Command::PrintIdentityToken(_) => {
+            ("warn", Exports::default())
+        }
+    };
+    let telemetry = match telemetry::init(cli.log_format, default_log, exports) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("tokenbroker: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // A panicking task must not vanish silently: log it (the runtime keeps
+    // the process and the other tasks going).
+    std::panic::set_hook(Box::new(|panic| {
+        tracing::error!(%panic, "panic");
+    }));
+    let client_result = |result: Result<(), CliError>| match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tokenbroker: {error}");
+            error.exit_code()
+        }
+    };
+    let code = match cli.command {
+        Command::Serve(args) => app_result(app::serve(args, activation, &telemetry).await),
+        Command::Emulator(args) => app_result(app::emulator(args).await),
+        Command::Token(TokenCommand::Access(args)) | Command::PrintAccessToken(args) => {
+            client_result(cli::access_token(args).await)
+        }
+        Command::Token(TokenCommand::Id(args)) | Command::PrintIdentityToken(args) => {
+            client_result(cli::id_token(args).await)
+        }
+    };
+    telemetry.shutdown();
+    code
+}
+
+fn app_result(result: app::AppResult) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

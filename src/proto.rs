@@ -11,6 +11,37 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/tokenbroker_descriptor.bin"));
 
+    impl From<GetAccessTokenRequest> for watch_token_request::Request {
+        fn from(request: GetAccessTokenRequest) -> Self {
+            Self::AccessToken(request)
+        }
+    }
+
+    impl From<GetIdTokenRequest> for watch_token_request::Request {
+        fn from(request: GetIdTokenRequest) -> Self {
+            Self::IdToken(request)
+        }
+    }
+
+    impl token::Token {
+        /// The credential itself. Never log it.
+        pub fn secret(&self) -> &str {
+            match self {
+                Self::AccessToken(token) => &token.token,
+                Self::IdToken(token) => &token.token,
+            }
+        }
+
+        /// When the token expires, if the broker said (it always does).
+        pub fn expire_time(&self) -> Option<std::time::SystemTime> {
+            let expire_time = match self {
+                Self::AccessToken(token) => token.expire_time,
+                Self::IdToken(token) => token.expire_time,
+            };
+            expire_time.and_then(|t| std::time::SystemTime::try_from(t).ok())
+        }
+    }
+
     impl fmt::Debug for AccessToken {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("AccessToken")

@@ -82,6 +82,7 @@ pub async fn serve(
         let stopping = stopping.clone();
         async move {
             shutdown.await;
+            crate::systemd::notify_stopping();
             tracing::info!("shutting down: no new connections, ending watch streams");
             stopping.cancel();
         }
@@ -93,6 +94,7 @@ pub async fn serve(
         .add_service(service)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
     tracing::info!(socket = %owner.path().display(), "tokenbroker ready");
+    crate::systemd::notify_ready();
     let result = tokio::select! {
         result = server => result,
         () = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {

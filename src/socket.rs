@@ -75,11 +75,13 @@ pub struct BoundSocket {
 }
 
 /// Holds the path's lock for the broker's lifetime and removes the socket
-/// file on drop (if it is still the one this broker created).
+/// file on drop (if it is still the one this broker created). A socket
+/// inherited from systemd is systemd's: it is neither locked nor removed.
 pub struct SocketOwner {
     path: PathBuf,
     inode: (u64, u64),
-    _lock: File,
+    /// The path's lock; `None` for an inherited socket.
+    lock: Option<File>,
 }
 
 impl SocketOwner {
@@ -91,6 +93,9 @@ impl SocketOwner {
 
 impl Drop for SocketOwner {
     fn drop(&mut self) {
+        if self.lock.is_none() {
+            return;
+        }
         let ours = fs::symlink_metadata(&self.path)
             .is_ok_and(|meta| (meta.dev(), meta.ino()) == self.inode);
         if ours && let Err(error) = fs::remove_file(&self.path) {
@@ -139,7 +144,30 @@ pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<BoundSocket, S
         owner: SocketOwner {
             path: path.to_path_buf(),
             inode: (meta.dev(), meta.ino()),
-            _lock: lock,
+            lock: Some(lock),
+        },
+    })
+}
+
+/// Serves on a listening socket inherited from systemd (socket
+/// activation). Its path, mode and owner are the socket unit's business,
+/// and it is left in place on shutdown.
+pub fn inherited(listener: std::os::unix::net::UnixListener) -> Result<BoundSocket, SocketError> {
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|addr| addr.as_pathname().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("(inherited socket)"));
+    listener
+        .set_nonblocking(true)
+        .map_err(io_error("configure", &path))?;
+    let listener = UnixListener::from_std(listener).map_err(io_error("listen on", &path))?;
+    Ok(BoundSocket {
+        listener,
+        owner: SocketOwner {
+            path,
+            inode: (0, 0),
+            lock: None,
         },
     })
 }

@@ -127,12 +127,7 @@ async fn socket_path_comes_from_the_environment_for_broker_and_client() {
     ready.await.unwrap();
 
     let output = Command::new(BINARY)
-        .args([
-            "print-identity-token",
-            "--audience",
-            "https://a.run.app",
-            "--json",
-        ])
+        .args(["token", "id", "--audience", "https://a.run.app", "--json"])
         .env("TOKENBROKER_SOCKET", socket_str)
         .output()
         .await
@@ -154,7 +149,8 @@ async fn socket_path_comes_from_the_environment_for_broker_and_client() {
 async fn the_client_command_explains_a_missing_broker() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("nothing.sock");
-    let stderr = binary_fails(["print-access-token", "--socket", socket.to_str().unwrap()]).await;
+    let stderr = binary_fails(["token", "access", "--socket", socket.to_str().unwrap()]).await;
+    // (the exit code, 3, is checked in tests/cli.rs)
     assert!(
         stderr.contains("is `tokenbroker serve` running"),
         "{stderr}"
@@ -170,12 +166,7 @@ async fn the_client_command_prints_and_watches_tokens() {
     .await;
     let broker = Broker::start(&emulator, &["--expiry-skew", "1s"]).await;
     let output = Command::new(BINARY)
-        .args([
-            "print-access-token",
-            "--scope",
-            "scope:a,scope:b",
-            "--socket",
-        ])
+        .args(["token", "access", "--scope", "scope:a,scope:b", "--socket"])
         .arg(&broker.socket)
         .output()
         .await
@@ -188,7 +179,7 @@ async fn the_client_command_prints_and_watches_tokens() {
     );
 
     let mut watcher = Command::new(BINARY)
-        .args(["print-access-token", "--watch", "--socket"])
+        .args(["token", "access", "--watch", "--socket"])
         .arg(&broker.socket)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -155,7 +155,7 @@ async fn the_policy_decides_per_peer_and_is_reloaded_on_sighup() {
     let nobody_access = client_as(
         Some(NOBODY),
         &broker.socket,
-        &["print-access-token", "--scope", "scope:nobody"],
+        &["token", "access", "--scope", "scope:nobody"],
     )
     .await;
     assert!(
@@ -163,13 +163,13 @@ async fn the_policy_decides_per_peer_and_is_reloaded_on_sighup() {
         "{}",
         String::from_utf8_lossy(&nobody_access.stderr)
     );
-    let nobody_id = [
-        "print-identity-token",
-        "--audience",
-        "https://x.nobody.run.app",
-    ];
+    let nobody_id = ["token", "id", "--audience", "https://x.nobody.run.app"];
     let refused = client_as(Some(NOBODY), &broker.socket, &nobody_id).await;
-    assert!(!refused.status.success());
+    assert_eq!(
+        refused.status.code(),
+        Some(17),
+        "PERMISSION_DENIED is exit 17"
+    );
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
         stderr.contains("PermissionDenied") && stderr.contains(&format!("uid {NOBODY}")),

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the cross-language tests run, into target/ (never system-wide):
 #   python  a virtualenv in target/python with tests/python/requirements.txt
-#   node    tests/node/package{,-lock}.json installed in target/node (npm ci)
+#   node    tests/node/package{,-lock}.json installed in target/node (npm ci),
+#           and the Node example's pinned packages (examples/node/package.json)
+#           in target/node-example
 # Idempotent and safe to run concurrently: does nothing when what is installed
 # matches the pinned files. Used by .ci/run and by the tests themselves.
 set -euo pipefail
@@ -34,11 +36,22 @@ node_deps() {
   cp tests/node/package-lock.json "$dir/.installed-package-lock.json"
 }
 
+node_example_deps() {
+  local dir=target/node-example
+  if cmp -s examples/node/package.json "$dir/.installed-package.json"; then
+    return
+  fi
+  mkdir -p "$dir"
+  cp examples/node/package.json "$dir/"
+  (cd "$dir" && npm install --no-audit --no-fund --loglevel=error)
+  cp examples/node/package.json "$dir/.installed-package.json"
+}
+
 [ $# -gt 0 ] || set -- python node
 for what in "$@"; do
   case "$what" in
     python) python_deps ;;
-    node) node_deps ;;
+    node) node_deps && node_example_deps ;;
     *) echo "usage: $0 [python] [node]" >&2; exit 2 ;;
   esac
 done

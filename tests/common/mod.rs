@@ -82,13 +82,28 @@ impl Broker {
             .arg("--socket")
             .arg(socket)
             .args(&args)
-            .env_remove("TOKENBROKER_SOCKET")
-            .env_remove("GCE_METADATA_HOST")
-            .env(
+            .envs(env.iter().copied());
+        Self::spawn_command(command, socket, dir)
+    }
+
+    /// Runs `command` (which starts `tokenbroker serve` on `socket`, maybe
+    /// through a wrapper) with the harness's environment and log capture,
+    /// without waiting for readiness.
+    pub fn spawn_command(mut command: Command, socket: &Path, dir: tempfile::TempDir) -> Broker {
+        let set =
+            |command: &Command, name: &str| command.as_std().get_envs().any(|(key, _)| key == name);
+        for name in ["TOKENBROKER_SOCKET", "GCE_METADATA_HOST"] {
+            if !set(&command, name) {
+                command.env_remove(name);
+            }
+        }
+        if !set(&command, "RUST_LOG") {
+            command.env(
                 "RUST_LOG",
                 std::env::var("TEST_BROKER_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .envs(env.iter().copied())
+            );
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -131,6 +146,26 @@ impl Broker {
         assert!(
             matches!(found, Ok(Ok(_))),
             "broker never logged {needle:?}; logs:\n{}",
+            self.logs()
+        );
+    }
+
+    /// Waits until at least `count` log lines contain every one of `needles`.
+    pub async fn wait_for_log_lines(&self, needles: &[&str], count: usize) {
+        let matching = |logs: &str| {
+            logs.lines()
+                .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+                .count()
+        };
+        let mut lines = self.log_lines.clone();
+        let found = tokio::time::timeout(
+            PATIENCE,
+            lines.wait_for(|_| matching(&self.logs()) >= count),
+        )
+        .await;
+        assert!(
+            matches!(found, Ok(Ok(_))),
+            "broker never logged {count} lines with {needles:?}; logs:\n{}",
             self.logs()
         );
     }
@@ -239,6 +274,13 @@ pub fn node_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node/node_modules")
 }
 
+/// `NODE_PATH` for the Node example's packages
+/// (`target/node-example/node_modules`).
+pub fn node_example_path() -> PathBuf {
+    install_test_deps(&["node"]);
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node-example/node_modules")
+}
+
 /// `GET http://{addr}{path}`: status and body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use http_body_util::{BodyExt, Empty};
@@ -317,4 +359,66 @@ where
         .expect("the binary runs");
     assert!(!output.status.success(), "succeeded unexpectedly");
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A server at `http://{addr}/hello` that answers 200 to a bearer ID token
+/// for that URL that has not expired, and 401 to anything else; it keeps
+/// every token it accepted.
+pub async fn checking_server() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let audience = format!("http://{addr}/hello");
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let seen = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let audience = audience.clone();
+            let seen = seen.clone();
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let status = match bearer(&request) {
+                        Some(token)
+                            if valid_for(&token, &audience) && request.uri().path() == "/hello" =>
+                        {
+                            seen.lock().unwrap().push(token);
+                            hyper::StatusCode::OK
+                        }
+                        _ => hyper::StatusCode::UNAUTHORIZED,
+                    };
+                    let response = hyper::Response::builder()
+                        .status(status)
+                        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                            b"hello",
+                        )))
+                        .unwrap();
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, accepted)
+}
+
+pub fn bearer<B>(request: &hyper::Request<B>) -> Option<String> {
+    let header = request.headers().get("authorization")?.to_str().ok()?;
+    Some(header.strip_prefix("Bearer ")?.to_string())
+}
+
+pub fn valid_for(token: &str, audience: &str) -> bool {
+    if token.split('.').count() != 3 {
+        return false;
+    }
+    let claims = claims(token);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    claims["aud"] == audience && claims["exp"].as_u64().is_some_and(|exp| exp > now)
 }

@@ -1,0 +1,199 @@
+//! `tokenbroker token access|id`: print tokens from a running broker for
+//! shell scripts, with an exit code per kind of failure.
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use futures_util::StreamExt;
+use tonic::Code;
+
+use crate::client::{Client, ClientError};
+use crate::config::{AccessTokenArgs, ClientArgs, IdFormat, IdTokenArgs};
+use crate::proto::v1 as pb;
+
+/// Exit code of a command-line usage error (as clap uses).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code when nothing answers on the broker's socket.
+pub const EXIT_CONNECT: u8 = 3;
+/// Exit codes for an error status are this plus the gRPC code number.
+pub const EXIT_STATUS_BASE: u8 = 10;
+
+/// The exit codes, as `--help` shows them.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0   the token was printed (with --watch: the broker ended the stream cleanly)
+  1   anything else (e.g. the output could not be written)
+  2   usage error (bad flags)
+  3   cannot connect to the broker's socket (not running, wrong --socket, no permission)
+  10+N  the broker answered with gRPC status N:
+        13 INVALID_ARGUMENT   a field was refused (e.g. a malformed scope or audience)
+        15 NOT_FOUND          the metadata server does not know the service account
+        17 PERMISSION_DENIED  the broker's access policy or the metadata server refused
+        18 RESOURCE_EXHAUSTED a broker limit was hit
+        24 UNAVAILABLE        no valid token could be had (metadata server down, broker stopping)
+        14 DEADLINE_EXCEEDED  the call's deadline passed
+        (others likewise: 10 + the status number)";
+
+/// Why a `token` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The flags make no sense together.
+    #[error("{0}")]
+    Usage(String),
+    /// Talking to the broker failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The token could not be written to stdout.
+    #[error("cannot write the token to stdout: {0}")]
+    Output(io::Error),
+}
+
+impl CliError {
+    /// The process exit code for this failure (see [`EXIT_CODES_HELP`]).
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(self.exit_code_number())
+    }
+
+    /// The exit code as a number.
+    pub fn exit_code_number(&self) -> u8 {
+        match self {
+            Self::Usage(_) => EXIT_USAGE,
+            Self::Client(ClientError::Connect { .. }) => EXIT_CONNECT,
+            Self::Client(ClientError::Status(status)) => status_exit_code(status.code()),
+            Self::Client(ClientError::EmptyMessage) => status_exit_code(Code::Internal),
+            Self::Output(_) => 1,
+        }
+    }
+}
+
+/// `10 + N` for gRPC status `N` (`OK` never gets here; it counts as `UNKNOWN`).
+pub fn status_exit_code(code: Code) -> u8 {
+    let number = match code {
+        Code::Ok => Code::Unknown as u8,
+        other => other as u8,
+    };
+    EXIT_STATUS_BASE + number
+}
+
+/// `tokenbroker token access`.
+pub async fn access_token(args: AccessTokenArgs) -> Result<(), CliError> {
+    let request = pb::GetAccessTokenRequest {
+        service_account: args.client.service_account.clone(),
+        scopes: args.scopes,
+        min_valid_for: min_valid_for(&args.client),
+    };
+    let mut broker = Client::connect(&args.client.socket).await?;
+    if args.client.watch {
+        return print_watched(&mut broker, request, args.client.json).await;
+    }
+    let token = broker.access_token(request).await?;
+    print_token(&pb::token::Token::AccessToken(token), args.client.json)
+}
+
+/// `tokenbroker token id`.
+pub async fn id_token(args: IdTokenArgs) -> Result<(), CliError> {
+    let format = args.format();
+    if args.include_licenses && format != IdFormat::Full {
+        return Err(CliError::Usage(
+            "--include-licenses needs --format full (licenses are only in full tokens)".into(),
+        ));
+    }
+    let format = match format {
+        IdFormat::Standard => pb::IdTokenFormat::Standard,
+        IdFormat::Full => pb::IdTokenFormat::Full,
+    };
+    let request = pb::GetIdTokenRequest {
+        audience: args.audience,
+        service_account: args.client.service_account.clone(),
+        format: format as i32,
+        include_licenses: args.include_licenses,
+        min_valid_for: min_valid_for(&args.client),
+    };
+    let mut broker = Client::connect(&args.client.socket).await?;
+    if args.client.watch {
+        return print_watched(&mut broker, request, args.client.json).await;
+    }
+    let token = broker.id_token(request).await?;
+    print_token(&pb::token::Token::IdToken(token), args.client.json)
+}
+
+/// Prints every token of a watch until the stream ends.
+async fn print_watched(
+    broker: &mut Client,
+    request: impl Into<pb::watch_token_request::Request>,
+    json: bool,
+) -> Result<(), CliError> {
+    let mut tokens = broker.watch(request).await?;
+    while let Some(token) = tokens.next().await {
+        match print_token(&token?, json) {
+            // The reader went away (`| head -1`): nothing left to do.
+            Err(CliError::Output(error)) if error.kind() == io::ErrorKind::BrokenPipe => {
+                return Ok(());
+            }
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// Prints the bare token, or `{"token", "expire_time"}` with `json`, on
+/// its own line.
+fn print_token(token: &pb::token::Token, json: bool) -> Result<(), CliError> {
+    let line = if json {
+        let expire_time = token
+            .expire_time()
+            .map(|t: SystemTime| humantime::format_rfc3339(t).to_string());
+        serde_json::json!({"token": token.secret(), "expire_time": expire_time}).to_string()
+    } else {
+        token.secret().to_owned()
+    };
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .map_err(CliError::Output)
+}
+
+fn min_valid_for(args: &ClientArgs) -> Option<prost_types::Duration> {
+    args.min_valid_for.map(|d| {
+        prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
+            seconds: i64::MAX,
+            nanos: 0,
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_has_its_own_exit_code() {
+        let codes: Vec<u8> = (1..=16)
+            .map(|n| status_exit_code(Code::from_i32(n)))
+            .collect();
+        let mut distinct = codes.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), codes.len());
+        assert!(!codes.contains(&EXIT_CONNECT) && !codes.contains(&EXIT_USAGE));
+        assert_eq!(status_exit_code(Code::InvalidArgument), 13);
+        assert_eq!(status_exit_code(Code::PermissionDenied), 17);
+        assert_eq!(status_exit_code(Code::Unavailable), 24);
+    }
+
+    #[test]
+    fn the_help_lists_the_codes_the_functions_return() {
+        for (code, name) in [
+            (Code::InvalidArgument, "INVALID_ARGUMENT"),
+            (Code::NotFound, "NOT_FOUND"),
+            (Code::PermissionDenied, "PERMISSION_DENIED"),
+            (Code::ResourceExhausted, "RESOURCE_EXHAUSTED"),
+            (Code::Unavailable, "UNAVAILABLE"),
+            (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+        ] {
+            let line = format!("{} {name}", status_exit_code(code));
+            assert!(EXIT_CODES_HELP.contains(&line), "{line}");
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! `tokenbroker token access|id` against the real broker: output, the old
+//! command names, and one exit code per kind of failure.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{BINARY, Broker, PATIENCE, emulator};
+use tokenbroker::emulator::{EmulatorConfig, Fault, FaultRule};
+use tokio::process::Command;
+
+async fn run(broker: &Broker, args: &[&str]) -> Output {
+    let output = Command::new(BINARY)
+        .args(args)
+        .arg("--socket")
+        .arg(&broker.socket)
+        .output();
+    tokio::time::timeout(PATIENCE, output)
+        .await
+        .expect("the client exits in time")
+        .expect("the client runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn token_id_prints_a_bearer_token_for_the_audience() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &[]).await;
+    let output = run(
+        &broker,
+        &["token", "id", "--audience", "https://svc-xyz.a.run.app"],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(printed.ends_with('\n') && printed.lines().count() == 1);
+    let claims = common::claims(printed.trim_end());
+    assert_eq!(claims["aud"], "https://svc-xyz.a.run.app");
+    assert!(claims.get("google").is_none());
+
+    let output = run(
+        &broker,
+        &[
+            "token",
+            "id",
+            "--audience",
+            "https://svc-xyz.a.run.app",
+            "--format",
+            "full",
+            "--include-licenses",
+            "--json",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let claims = common::claims(printed["token"].as_str().unwrap());
+    assert!(claims["google"]["compute_engine"].is_object(), "{claims}");
+    assert!(
+        claims["google"]["compute_engine"]["license_id"].is_array(),
+        "{claims}"
+    );
+    assert!(printed["expire_time"].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test]
+async fn token_access_prints_a_token_with_the_scopes() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &[]).await;
+    let output = run(
+        &broker,
+        &["token", "access", "--scope", "s:one", "--scope", "s:two"],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let token = String::from_utf8(output.stdout).unwrap();
+    let info = emulator
+        .token_info(token.trim())
+        .expect("an emulator token");
+    assert_eq!(info.scopes, vec!["s:one", "s:two"]);
+}
+
+#[tokio::test]
+async fn the_old_command_names_still_work() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &[]).await;
+    let output = run(&broker, &["print-access-token", "--scope", "s:old"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let token = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        emulator.token_info(token.trim()).unwrap().scopes,
+        vec!["s:old"]
+    );
+    let output = run(
+        &broker,
+        &[
+            "print-identity-token",
+            "--audience",
+            "https://old",
+            "--full",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let claims = common::claims(String::from_utf8(output.stdout).unwrap().trim());
+    assert_eq!(claims["aud"], "https://old");
+    assert!(claims["google"]["compute_engine"].is_object());
+    // Hidden from the help, which shows the new names.
+    let help = Command::new(BINARY).arg("--help").output().await.unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(
+        help.contains("token") && !help.contains("print-access-token"),
+        "{help}"
+    );
+}
+
+#[tokio::test]
+async fn each_failure_has_its_own_exit_code() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &[]).await;
+
+    // 2: usage.
+    let output = run(
+        &broker,
+        &[
+            "token",
+            "id",
+            "--audience",
+            "https://a",
+            "--include-licenses",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("--format full"));
+    let output = run(&broker, &["token", "id"]).await;
+    assert_eq!(output.status.code(), Some(2), "--audience is required");
+
+    // 13: INVALID_ARGUMENT, refused by the broker's validation.
+    let output = run(&broker, &["token", "access", "--scope", "has space"]).await;
+    assert_eq!(output.status.code(), Some(13), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("InvalidArgument"),
+        "{}",
+        stderr(&output)
+    );
+
+    // 15: NOT_FOUND, an account the metadata server does not know.
+    let output = run(
+        &broker,
+        &[
+            "token",
+            "access",
+            "--service-account",
+            "nobody@p.iam.gserviceaccount.com",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(15), "{}", stderr(&output));
+
+    // 24: UNAVAILABLE, the metadata server is failing.
+    emulator.set_fault(Some(FaultRule::always(Fault::Status {
+        status: 503,
+        retry_after_secs: None,
+    })));
+    let output = run(&broker, &["token", "id", "--audience", "https://down"]).await;
+    assert_eq!(output.status.code(), Some(24), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("Unavailable"),
+        "{}",
+        stderr(&output)
+    );
+    emulator.set_fault(None);
+
+    // 3: nothing listens on the socket.
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(BINARY)
+        .args(["token", "access", "--socket"])
+        .arg(dir.path().join("none.sock"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    assert!(stderr(&output).contains("is `tokenbroker serve` running"));
+    // (17, PERMISSION_DENIED, is checked in tests/security.rs.)
+}
+
+#[tokio::test]
+async fn the_help_documents_the_exit_codes() {
+    for args in [["token", "id", "--help"], ["token", "access", "--help"]] {
+        let output = Command::new(BINARY).args(args).output().await.unwrap();
+        let help = String::from_utf8(output.stdout).unwrap();
+        for line in [
+            "3   cannot connect",
+            "13 INVALID_ARGUMENT",
+            "24 UNAVAILABLE",
+        ] {
+            assert!(help.contains(line), "{args:?}: {line:?} missing:\n{help}");
+        }
+        for flag in ["--socket", "--json", "--watch", "--service-account"] {
+            assert!(help.contains(flag), "{args:?}: {flag} missing");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_watch_that_the_broker_ends_exits_with_unavailable() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let mut broker = Broker::start(&emulator, &[]).await;
+    let mut watcher = Command::new(BINARY)
+        .args([
+            "token",
+            "id",
+            "--audience",
+            "https://w",
+            "--watch",
+            "--socket",
+        ])
+        .arg(&broker.socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = watcher.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let first = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the first token");
+    assert_eq!(common::claims(&first)["aud"], "https://w");
+    broker.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.wait().await.success());
+    let status = tokio::time::timeout(PATIENCE, watcher.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(24), "the stream ended with UNAVAILABLE");
+}
+
+#[tokio::test]
+async fn a_shell_script_calls_a_service_with_the_token() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &[]).await;
+    let (addr, accepted) = common::checking_server().await;
+    let url = format!("http://{addr}/hello");
+    // The README's line, with the local server for the service.
+    let script = format!(
+        "curl -sf -H \"Authorization: Bearer $(tokenbroker token id --audience {url})\" {url}"
+    );
+    let bin_dir = Path::new(BINARY).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let output = Command::new("sh")
+        .args(["-c", &script])
+        .env("PATH", path)
+        .env("TOKENBROKER_SOCKET", &broker.socket)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "hello");
+    assert_eq!(accepted.lock().unwrap().len(), 1);
+}

@@ -1,0 +1,195 @@
+//! `serve --config FILE` with the real binary: precedence of flags,
+//! environment and file, start-up errors, and file sinks.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{BINARY, Broker, emulator_with_lifetime};
+use nix::sys::signal::Signal;
+
+fn socket_mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("tokenbroker.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn flags_beat_the_environment_which_beats_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "emulator = true\nsocket_mode = \"0600\"\nsocket = \"/nonexistent/never-used.sock\"\n",
+    );
+    let args = |extra: &[&str]| {
+        let mut args = vec!["--config".to_string(), config.clone()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    // The file beats the default (0660); `--socket` on the command line
+    // (given by the harness) beats the file's.
+    let broker = Broker::spawn(args(&[]), &[]).await;
+    assert_eq!(socket_mode(&broker.socket), 0o600);
+    drop(broker);
+    // The environment beats the file.
+    let broker = Broker::spawn(args(&[]), &[("TOKENBROKER_SOCKET_MODE", "0640")]).await;
+    assert_eq!(socket_mode(&broker.socket), 0o640);
+    drop(broker);
+    // The command line beats both.
+    let broker = Broker::spawn(
+        args(&["--socket-mode", "0666"]),
+        &[("TOKENBROKER_SOCKET_MODE", "0640")],
+    )
+    .await;
+    assert_eq!(socket_mode(&broker.socket), 0o666);
+    // `emulator = true` from the file took effect: tokens come.
+    let mut client = broker.client().await;
+    client
+        .get_id_token(common::id_request("https://from-file"))
+        .await
+        .expect("served from the in-process emulator");
+}
+
+#[tokio::test]
+async fn a_bad_config_file_stops_the_broker_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "emulator = true\nrefresh_margn = \"1m\"\n");
+    let output = tokio::process::Command::new(BINARY)
+        .args(["serve", "--config", &config])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("unknown key `refresh_margn`"), "{stderr}");
+    assert!(stderr.contains("tokenbroker.toml"), "{stderr}");
+
+    let sink_dir = dir.path().join("missing-dir");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "emulator = true\n[[sink]]\npath = {:?}\nid_token = {{ audience = \"https://a\" }}\n",
+            sink_dir.join("token")
+        ),
+    );
+    let socket = dir.path().join("s.sock");
+    let stderr = common::binary_fails([
+        "serve",
+        "--config",
+        &config,
+        "--socket",
+        socket.to_str().unwrap(),
+    ])
+    .await;
+    assert!(
+        stderr.contains("missing-dir/token") && stderr.contains("directory must exist"),
+        "{stderr}"
+    );
+    assert!(!socket.exists(), "the broker never served");
+}
+
+#[tokio::test]
+async fn sinks_are_rewritten_on_refresh_and_removed_or_kept_on_shutdown() {
+    let emulator = emulator_with_lifetime(Duration::from_secs(4)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let id_path = dir.path().join("id.jwt");
+    let access_path = dir.path().join("access.token");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+metadata_host = "{host}"
+expiry_skew = "1s"
+
+[[sink]]
+path = {id_path:?}
+id_token = {{ audience = "https://sink.a.run.app" }}
+
+[[sink]]
+path = {access_path:?}
+access_token = {{ scopes = ["s:sink"] }}
+mode = "0600"
+on_shutdown = "keep"
+"#,
+            host = emulator.host()
+        ),
+    );
+    let mut broker = Broker::spawn(vec!["--config".into(), config], &[]).await;
+    let id_sink = id_path.to_str().unwrap();
+    broker
+        .wait_for_log_lines(&["sink written", id_sink], 1)
+        .await;
+    let first = std::fs::read_to_string(&id_path).unwrap();
+    assert_eq!(common::claims(&first)["aud"], "https://sink.a.run.app");
+    assert_eq!(socket_mode(&id_path), 0o640, "the default mode");
+
+    // The sink is a watcher of the key: it is refreshed with nobody asking.
+    broker
+        .wait_for_log_lines(&["sink written", id_sink], 2)
+        .await;
+    let second = std::fs::read_to_string(&id_path).unwrap();
+    assert_ne!(first, second, "rewritten with the refreshed token");
+    broker
+        .wait_for_log_lines(&["sink written", access_path.to_str().unwrap()], 1)
+        .await;
+    let access = std::fs::read_to_string(&access_path).unwrap();
+    assert_eq!(emulator.token_info(&access).unwrap().scopes, vec!["s:sink"]);
+    assert_eq!(socket_mode(&access_path), 0o600);
+
+    broker.signal(Signal::SIGTERM);
+    assert!(broker.wait().await.success());
+    assert!(!id_path.exists(), "on_shutdown = remove (the default)");
+    assert!(access_path.exists(), "on_shutdown = keep");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".tokenbroker-sink-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(!broker.logs().contains(&second), "a token reached the logs");
+}
+
+#[tokio::test]
+async fn a_sink_owner_the_broker_cannot_set_stops_it_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "emulator = true\n[[sink]]\npath = {:?}\nid_token = {{ audience = \"https://a\" }}\nowner = \"0\"\n",
+            dir.path().join("token")
+        ),
+    );
+    let socket = dir.path().join("s.sock");
+    // Giving a file to root needs root: run as nobody if we are root.
+    let mut command = if nix::unistd::geteuid().is_root() {
+        let mut command = tokio::process::Command::new("setpriv");
+        command
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(BINARY);
+        command
+    } else {
+        tokio::process::Command::new(BINARY)
+    };
+    let output = command
+        .args(["serve", "--config", &config, "--socket"])
+        .arg(&socket)
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot set the file's owner or group")
+            && stderr.contains("needs root or CAP_CHOWN"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("token").exists());
+    assert!(!socket.exists());
+}

@@ -1,0 +1,371 @@
+//! The deployment files in `deploy/` and the `Dockerfile`: the systemd units
+//! pass `systemd-analyze verify`, the Kubernetes manifests are well formed
+//! and their broker configuration works, the Dockerfile builds a non-root
+//! multi-stage image.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{BINARY, Broker, http_get};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The units, copied with `ExecStart` pointing at the binary under test
+/// (`verify` checks that the command exists).
+fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
+    ["tokenbroker.socket", "tokenbroker.service"]
+        .iter()
+        .map(|name| {
+            let text = std::fs::read_to_string(root().join("deploy/systemd").join(name)).unwrap();
+            let path = dir.join(name);
+            std::fs::write(&path, text.replace("/usr/local/bin/tokenbroker", BINARY)).unwrap();
+            path
+        })
+        .collect()
+}
+
+fn systemd_analyze(args: &[&str], units: &[PathBuf]) -> std::process::Output {
+    Command::new("systemd-analyze")
+        .args(args)
+        .args(units)
+        .output()
+        .expect("systemd-analyze is installed (.ci/run installs the systemd package)")
+}
+
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = units_for_verify(dir.path());
+    let output = systemd_analyze(&["verify"], &units);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // verify exits 0 on unknown keys and bad values, but reports them.
+    assert!(
+        output.status.success() && stderr.trim().is_empty(),
+        "{stderr}"
+    );
+
+    let mut broken = std::fs::read_to_string(&units[1]).unwrap();
+    broken = broken.replace("ProtectSystem=strict", "ProtectSystem=strickt");
+    std::fs::write(&units[1], broken).unwrap();
+    let output = systemd_analyze(&["verify"], &units);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("strickt"),
+        "verify catches a bad value"
+    );
+}
+
+#[test]
+fn the_service_is_hardened_and_socket_activated() {
+    let unit = std::fs::read_to_string(root().join("deploy/systemd/tokenbroker.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "Requires=tokenbroker.socket",
+        "User=tokenbroker",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "CapabilityBoundingSet=",
+        "ExecStart=/usr/local/bin/tokenbroker serve --config /etc/tokenbroker/tokenbroker.toml",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "missing {line:?}");
+    }
+    let socket = std::fs::read_to_string(root().join("deploy/systemd/tokenbroker.socket")).unwrap();
+    for line in [
+        "ListenStream=/run/tokenbroker/tokenbroker.sock",
+        "SocketMode=0660",
+        "SocketGroup=tokenbroker",
+    ] {
+        assert!(socket.lines().any(|l| l == line), "missing {line:?}");
+    }
+
+    // systemd's own rating of the sandbox: 0 (locked down) to 10 (unsafe).
+    let dir = tempfile::tempdir().unwrap();
+    let units = units_for_verify(dir.path());
+    let output = systemd_analyze(&["security", "--offline=yes"], &units[1..]);
+    let report = String::from_utf8_lossy(&output.stdout);
+    let exposure: f64 = report
+        .split("Overall exposure level for tokenbroker.service: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|level| level.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{report}"));
+    assert!(exposure <= 2.0, "exposure {exposure}:\n{report}");
+}
+
+/// What `tests/deploy/check_manifests.py` found in the manifests.
+fn checked_manifests() -> serde_json::Value {
+    let output = Command::new(common::python())
+        .arg(root().join("tests/deploy/check_manifests.py"))
+        .arg(root().join("deploy/kubernetes"))
+        .output()
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "manifest check failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// `kubernetes-validate --strict` (the API's JSON schemas, unknown fields
+/// refused) on `files`.
+fn schema_check(files: &[PathBuf]) -> std::process::Output {
+    let python = common::python();
+    Command::new(python.with_file_name("kubernetes-validate"))
+        .args(["--strict", "--quiet", "--kubernetes-version", "1.33"])
+        .args(files)
+        .output()
+        .expect("kubernetes-validate runs")
+}
+
+#[test]
+fn the_kubernetes_manifests_match_the_api_schemas() {
+    let files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/kubernetes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert!(files.len() >= 3);
+    let output = schema_check(&files);
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A misspelt field is caught.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("daemonset.yaml");
+    let text = std::fs::read_to_string(root().join("deploy/kubernetes/daemonset.yaml")).unwrap();
+    std::fs::write(&broken, text.replace("readinessProbe:", "readinesProbe:")).unwrap();
+    assert!(!schema_check(&[broken]).status.success());
+}
+
+#[tokio::test]
+async fn the_kubernetes_manifests_are_valid_and_their_config_serves_the_probes() {
+    let checked = checked_manifests();
+    let configs = checked["configs"].as_array().unwrap();
+    assert!(
+        !configs.is_empty(),
+        "the DaemonSet's ConfigMap holds a tokenbroker.toml"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tokenbroker.toml");
+    std::fs::write(&config, configs[0].as_str().unwrap()).unwrap();
+
+    // Every broker's args parse, with the ConfigMap's file in place.
+    for args in checked["broker_args"].as_array().unwrap() {
+        let mut argv = vec!["tokenbroker".to_string()];
+        let mut args = args.as_array().unwrap().iter().map(|a| a.as_str().unwrap());
+        while let Some(arg) = args.next() {
+            argv.push(arg.to_string());
+            if arg == "--config" {
+                args.next();
+                argv.push(config.to_str().unwrap().to_string());
+            }
+        }
+        tokenbroker::config_file::parse(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    }
+
+    // The DaemonSet's configuration, run for real (on the emulator, and a
+    // free port instead of 9464): the probes' paths answer.
+    let broker = Broker::spawn(
+        vec![
+            "--config".into(),
+            config.to_str().unwrap().into(),
+            "--emulator".into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+        ],
+        &[],
+    )
+    .await;
+    let addr = broker.metrics_addr().await;
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    // /readyz turns 200 once the start-up probe of the metadata server
+    // succeeded, which the broker logs.
+    broker
+        .wait_for_log_lines(&["health changed", "\"serving\":true"], 1)
+        .await;
+    assert_eq!(http_get(addr, "/readyz").await.0, 200);
+}
+
+#[test]
+fn the_dockerfile_builds_a_small_non_root_image_in_stages() {
+    let text = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    // Instructions, with continuation lines joined and comments dropped.
+    let joined = text.replace("\\\n", " ");
+    let instructions: Vec<(String, String)> = joined
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (op, rest) = l.split_once(' ').unwrap_or((l, ""));
+            (op.to_ascii_uppercase(), rest.trim().to_string())
+        })
+        .collect();
+    let known = [
+        "FROM",
+        "RUN",
+        "COPY",
+        "WORKDIR",
+        "USER",
+        "ENV",
+        "ENTRYPOINT",
+        "CMD",
+        "ARG",
+        "LABEL",
+    ];
+    for (op, _) in &instructions {
+        assert!(known.contains(&op.as_str()), "unknown instruction {op}");
+    }
+    let stages: Vec<usize> = instructions
+        .iter()
+        .enumerate()
+        .filter(|(_, (op, _))| op == "FROM")
+        .map(|(i, _)| i)
+        .collect();
+    assert!(stages.len() >= 2, "multi-stage");
+    for &i in &stages {
+        let image = instructions[i].1.split_whitespace().next().unwrap();
+        assert!(
+            image.contains(':') && !image.ends_with(":latest"),
+            "{image}: pin a tag"
+        );
+    }
+    let build_stage = instructions[stages[0]].1.split_whitespace().last().unwrap();
+    let runtime = &instructions[*stages.last().unwrap()..];
+    assert!(
+        runtime[0].1.starts_with("debian:") && runtime[0].1.contains("slim"),
+        "small runtime base: {}",
+        runtime[0].1
+    );
+    assert!(
+        runtime
+            .iter()
+            .any(|(op, rest)| op == "COPY" && rest.starts_with(&format!("--from={build_stage} "))),
+        "the runtime stage copies the binary from the build stage"
+    );
+    let user = runtime
+        .iter()
+        .rev()
+        .find(|(op, _)| op == "USER")
+        .map(|(_, user)| user.clone())
+        .expect("the runtime stage sets USER");
+    let uid: u32 = user
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("numeric uid");
+    assert_ne!(uid, 0, "non-root");
+    assert_eq!(uid, 10001, "the uid the Kubernetes manifests run as");
+    let entrypoint = &runtime.iter().find(|(op, _)| op == "ENTRYPOINT").unwrap().1;
+    let entrypoint: Vec<String> = serde_json::from_str(entrypoint).expect("exec form");
+    assert_eq!(entrypoint, ["/usr/local/bin/tokenbroker"]);
+    // Every COPY source from the build context exists.
+    for (op, rest) in &instructions {
+        if op == "COPY" && !rest.starts_with("--from") {
+            let parts: Vec<&str> = rest.split_whitespace().collect();
+            for source in &parts[..parts.len() - 1] {
+                assert!(
+                    root().join(source).exists(),
+                    "COPY source {source} is missing"
+                );
+            }
+        }
+    }
+    // The build stage's Rust is at least the crate's rust-version.
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let rust_version = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .unwrap()
+        .trim_matches('"');
+    let image_version = instructions[stages[0]]
+        .1
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .split('-')
+        .next()
+        .unwrap();
+    let parse = |v: &str| -> Vec<u32> { v.split('.').map(|n| n.parse().unwrap()).collect() };
+    assert!(parse(image_version) >= parse(rust_version));
+}
+
+/// The first `sh` block after `heading` in the README.
+fn readme_block(heading: &str) -> String {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = readme.split(heading).nth(1).expect("README section");
+    let block = section.split("```sh\n").nth(1).expect("a sh block");
+    block.split("```").next().unwrap().to_string()
+}
+
+/// The install and deploy commands in the README need a systemd machine or
+/// a cluster, which CI lacks: check that they name files that exist and
+/// agree with the units and manifests they install.
+#[test]
+fn the_readmes_install_commands_match_the_deploy_files() {
+    let install = readme_block("## Install as a systemd service");
+    let service =
+        std::fs::read_to_string(root().join("deploy/systemd/tokenbroker.service")).unwrap();
+    let socket = std::fs::read_to_string(root().join("deploy/systemd/tokenbroker.socket")).unwrap();
+    for word in install.split_whitespace() {
+        if word.starts_with("deploy/") {
+            assert!(root().join(word).exists(), "{word} does not exist");
+        }
+    }
+    for (command, unit_line, unit) in [
+        (
+            "install -m 0755 target/release/tokenbroker /usr/local/bin/",
+            "ExecStart=/usr/local/bin/tokenbroker serve --config /etc/tokenbroker/tokenbroker.toml",
+            &service,
+        ),
+        (
+            "deploy/tokenbroker.toml /etc/tokenbroker/tokenbroker.toml",
+            "ExecStart=/usr/local/bin/tokenbroker serve --config /etc/tokenbroker/tokenbroker.toml",
+            &service,
+        ),
+        (
+            "--shell /usr/sbin/nologin tokenbroker",
+            "User=tokenbroker",
+            &service,
+        ),
+        (
+            "usermod -aG tokenbroker",
+            "SocketGroup=tokenbroker",
+            &socket,
+        ),
+        (
+            "/etc/systemd/system/",
+            "Requires=tokenbroker.socket",
+            &service,
+        ),
+    ] {
+        assert!(install.contains(command), "README lacks {command:?}");
+        assert!(
+            unit.lines().any(|l| l == unit_line),
+            "units lack {unit_line:?}"
+        );
+    }
+    assert!(install.contains("enable --now tokenbroker.socket tokenbroker.service"));
+
+    let kubernetes = readme_block("## Run on Kubernetes");
+    let daemonset =
+        std::fs::read_to_string(root().join("deploy/kubernetes/daemonset.yaml")).unwrap();
+    for word in kubernetes.split_whitespace() {
+        if word.starts_with("deploy/") {
+            assert!(root().join(word).exists(), "{word} does not exist");
+        }
+    }
+    let tag = "docker build -t REGISTRY/tokenbroker:VERSION .";
+    assert!(kubernetes.contains(tag));
+    assert!(daemonset.contains("image: REGISTRY/tokenbroker:VERSION"));
+}

@@ -1,0 +1,86 @@
+//! The example clients in `examples/` (Python grpcio, Node.js grpc-js)
+//! against the real broker on the emulator: each watches an ID token and
+//! calls a local HTTP server with it, which checks the bearer token.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Broker, PATIENCE, emulator_with_lifetime};
+use tokio::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs an example until it has made `calls` calls, and checks what the
+/// server saw: that many distinct, valid tokens (the first one and then
+/// refreshed ones), and none of them in the example's output.
+async fn run_example(mut command: Command, calls: usize) {
+    let emulator = emulator_with_lifetime(Duration::from_secs(4)).await;
+    let broker = Broker::start(&emulator, &["--expiry-skew", "1s"]).await;
+    let (addr, accepted) = common::checking_server().await;
+    let url = format!("http://{addr}/hello");
+    command
+        .args(["--audience", &url, "--calls", &calls.to_string()])
+        .env("TOKENBROKER_SOCKET", &broker.socket)
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(PATIENCE, command.output())
+        .await
+        .expect("the example finishes")
+        .expect("the example runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains("HTTP 200")).count(),
+        calls,
+        "{stdout}"
+    );
+    let tokens = accepted.lock().unwrap().clone();
+    assert_eq!(tokens.len(), calls);
+    let mut distinct = tokens.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), calls, "each call used a refreshed token");
+    for token in &tokens {
+        assert!(!stdout.contains(token.as_str()) && !stderr.contains(token.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn the_python_example_watches_a_token_and_calls_with_it() {
+    let mut command = Command::new(common::python());
+    command.arg(root().join("examples/python/watch_and_call.py"));
+    run_example(command, 2).await;
+}
+
+#[tokio::test]
+async fn the_node_example_watches_a_token_and_calls_with_it() {
+    let mut command = Command::new("node");
+    command
+        .arg(root().join("examples/node/watch_and_call.js"))
+        .env("NODE_PATH", common::node_example_path());
+    run_example(command, 2).await;
+}
+
+#[tokio::test]
+async fn the_go_example_watches_a_token_and_calls_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("watch_and_call");
+    let build = Command::new(root().join("examples/go/build.sh"))
+        .arg(&binary)
+        .output()
+        .await
+        .expect("examples/go/build.sh runs (Go and protoc from Debian: see .ci/run)");
+    assert!(
+        build.status.success(),
+        "the Go example does not build:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    run_example(Command::new(&binary), 2).await;
+}
