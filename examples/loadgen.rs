@@ -25,8 +25,8 @@ use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultRule};
 use tokenbroker::proto::v1::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::v1::token_broker_server::{TokenBroker, TokenBrokerServer};
 use tokenbroker::proto::v1::{
-    AccessToken, GetAccessTokenRequest, GetIdTokenRequest, IdToken, Token, WatchTokenRequest,
-    watch_token_request,
+    AccessToken, GetAccessTokenRequest, GetIdTokenRequest, IdToken, InvalidateTokenRequest,
+    InvalidateTokenResponse, Token, WatchTokenRequest, watch_token_request,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -156,6 +156,13 @@ impl TokenBroker for Baseline {
         _: Request<GetIdTokenRequest>,
     ) -> Result<Response<IdToken>, Status> {
         Ok(Response::new(self.response.clone()))
+    }
+
+    async fn invalidate_token(
+        &self,
+        _: Request<InvalidateTokenRequest>,
+    ) -> Result<Response<InvalidateTokenResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
     }
 
     type WatchTokenStream = Pin<Box<dyn Stream<Item = Result<Token, Status>> + Send>>;

@@ -117,6 +117,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENBROKER_IDLE_TIMEOUT", default_value = "30m", value_parser = positive_at_most::<2_592_000>)]
     pub idle_timeout: Duration,
 
+    /// Least time between two InvalidateToken calls that drop the token of
+    /// one key; a sooner one gets RESOURCE_EXHAUSTED, so a misbehaving
+    /// client causes at most one upstream fetch per key in this time.
+    #[arg(long, env = "TOKENBROKER_INVALIDATE_INTERVAL", default_value = "30s", value_parser = at_most::<3600>)]
+    pub invalidate_interval: Duration,
+
     /// Most distinct tokens (keys) held at once; more gives RESOURCE_EXHAUSTED.
     #[arg(long, env = "TOKENBROKER_MAX_KEYS", default_value_t = crate::cache::DEFAULT_MAX_KEYS)]
     pub max_keys: usize,
@@ -152,6 +158,7 @@ impl ServeArgs {
             expiry_skew: self.expiry_skew,
             idle_timeout: self.idle_timeout,
             max_keys: self.max_keys,
+            invalidate_interval: self.invalidate_interval,
             ..CacheConfig::default()
         }
     }

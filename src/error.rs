@@ -74,6 +74,18 @@ pub enum BrokerError {
         "the token's cache entry was retired while this call waited (the broker is stopping or a refresh failed hard); try again"
     )]
     EntryRetired,
+    /// The key was invalidated too recently to be invalidated again.
+    #[error(
+        "this token's key was invalidated less than {} ago; try again in {} (at most one invalidation per key per --invalidate-interval)",
+        format_duration(*interval),
+        format_duration(Duration::from_secs(retry_in.as_secs().max(1)))
+    )]
+    InvalidateThrottled {
+        /// How long until the key may be invalidated again.
+        retry_in: Duration,
+        /// The configured least time between invalidations.
+        interval: Duration,
+    },
     /// The broker is stopping.
     #[error("broker shutting down")]
     ShuttingDown,
@@ -107,7 +119,9 @@ impl BrokerError {
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
-            Self::LimitExceeded { .. } => Code::ResourceExhausted,
+            Self::LimitExceeded { .. } | Self::InvalidateThrottled { .. } => {
+                Code::ResourceExhausted
+            }
             Self::Upstream { source, .. } => match source {
                 FetchError::Status { status: 400, .. } => Code::InvalidArgument,
                 FetchError::Status { status: 403, .. } => Code::PermissionDenied,

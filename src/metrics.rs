@@ -37,6 +37,8 @@ pub enum Rpc {
     GetIdToken,
     /// `WatchToken`.
     WatchToken,
+    /// `InvalidateToken`.
+    InvalidateToken,
 }
 
 impl Rpc {
@@ -46,6 +48,7 @@ impl Rpc {
             Self::GetAccessToken => "GetAccessToken",
             Self::GetIdToken => "GetIdToken",
             Self::WatchToken => "WatchToken",
+            Self::InvalidateToken => "InvalidateToken",
         }
     }
 }
@@ -65,6 +68,7 @@ struct Instruments {
     watchers: UpDownCounter<i64>,
     token_remaining: Histogram<f64>,
     policy_denials: Counter<u64>,
+    invalidations: Counter<u64>,
     label_audience: bool,
 }
 
@@ -114,6 +118,12 @@ impl Metrics {
             policy_denials: meter
                 .u64_counter("tokenbroker.policy_denials")
                 .with_description("Requests refused by the access policy, by RPC and token kind.")
+                .build(),
+            invalidations: meter
+                .u64_counter("tokenbroker.invalidations")
+                .with_description(
+                    "InvalidateToken calls by token kind and result (invalidated, stale).",
+                )
                 .build(),
             label_audience,
         }));
@@ -180,6 +190,15 @@ impl Metrics {
         self.0
             .policy_denials
             .add(1, &[rpc_label(rpc), kind_label(kind)]);
+    }
+
+    /// An `InvalidateToken` call that succeeded: `invalidated` if it dropped
+    /// the cached token, else the token handed back was already stale.
+    pub fn invalidation(&self, kind: TokenKind, invalidated: bool) {
+        let result = if invalidated { "invalidated" } else { "stale" };
+        self.0
+            .invalidations
+            .add(1, &[kind_label(kind), KeyValue::new("result", result)]);
     }
 
     /// One request to the metadata server: `Err` holds the failure reason.
