@@ -195,9 +195,11 @@ impl TokenCache {
     }
 
     /// Returns a token for the request's key that stays valid at least
-    /// `min_valid_for` (plus the expiry skew), fetching one if needed.
+    /// `min_valid_for` (plus the expiry skew), fetching one if needed. A key
+    /// the source never serves is refused before anything is cached.
     /// Callers bound the wait with their own deadline.
     pub async fn get(&self, request: &TokenRequest) -> Result<Served, BrokerError> {
+        self.inner.source.admits(&request.key)?;
         for _ in 0..MAX_LOOKUPS {
             let entry = self.inner.entry(&request.key)?;
             if let Some(served) = self.inner.serve(&entry, request).await? {
@@ -210,6 +212,7 @@ impl TokenCache {
     /// Like [`get`](Self::get), then keeps following the key: the returned
     /// [`TokenWatch`] yields every later token of the key.
     pub async fn watch(&self, request: &TokenRequest) -> Result<(Served, TokenWatch), BrokerError> {
+        self.inner.source.admits(&request.key)?;
         for _ in 0..MAX_LOOKUPS {
             let entry = self.inner.entry(&request.key)?;
             let watcher = WatcherGuard::new(entry, self.inner.clone());
@@ -886,6 +889,7 @@ mod tests {
         FetchError::Status {
             status: 503,
             retry_after: None,
+            detail: None,
         }
     }
 

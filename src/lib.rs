@@ -22,6 +22,7 @@ pub mod config;
 pub mod emulator;
 pub mod error;
 pub mod health;
+pub mod https;
 pub mod jwt;
 pub mod limits;
 pub mod metadata;
