@@ -4,7 +4,9 @@
 //! The binary (`src/main.rs`) only parses the command line; [`app`] wires:
 //! - [`request`]: validates requests into exact cache keys,
 //! - [`cache`]: shares, coalesces and refreshes tokens,
-//! - [`metadata`]: fetches them from the GCE metadata server,
+//! - [`metadata`], [`keyfile`]: fetch them from the GCE metadata server or
+//!   with a service-account key ([`credentials`] reads key files, [`https`]
+//!   talks TLS to Google),
 //! - [`service`], [`server`], [`socket`]: gRPC on a Unix socket,
 //! - [`emulator`]: stands in for the metadata server off Google Cloud,
 //! - [`client`]: connects Rust programs to a running broker,
@@ -19,11 +21,13 @@ pub mod cache;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod credentials;
 pub mod emulator;
 pub mod error;
 pub mod health;
 pub mod https;
 pub mod jwt;
+pub mod keyfile;
 pub mod limits;
 pub mod metadata;
 pub mod metrics;

@@ -84,6 +84,13 @@ impl Broker {
             .args(&args)
             .env_remove("TOKENBROKER_SOCKET")
             .env_remove("GCE_METADATA_HOST")
+            // Credentials discovery sees only what a test gives it: no
+            // variables, and a home without gcloud credentials.
+            .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+            .env_remove("CLOUDSDK_CONFIG")
+            .env_remove("TOKENBROKER_CREDENTIALS")
+            .env_remove("TOKENBROKER_IMPERSONATE")
+            .env("HOME", dir.path())
             .env(
                 "RUST_LOG",
                 std::env::var("TEST_BROKER_LOG").unwrap_or_else(|_| "info".into()),
@@ -283,4 +290,50 @@ where
         .expect("the binary runs");
     assert!(!output.status.success(), "succeeded unexpectedly");
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The test-only service-account key pairs under tests/fixtures/.
+pub const TEST_KEYS: [(&str, &[u8]); 2] = [
+    (
+        include_str!("../fixtures/test-only-key-1.pem"),
+        include_bytes!("../fixtures/test-only-key-1.public.der"),
+    ),
+    (
+        include_str!("../fixtures/test-only-key-2.pem"),
+        include_bytes!("../fixtures/test-only-key-2.public.der"),
+    ),
+];
+
+/// The account of the test key files.
+pub const KEY_ACCOUNT: &str = "keyed@test-project.iam.gserviceaccount.com";
+
+/// A service-account key file's JSON: test key 1 with id `kid`, whose
+/// `token_uri` is the emulator's.
+pub fn key_json(emulator: &Emulator, kid: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "service_account",
+        "project_id": "test-project",
+        "private_key_id": kid,
+        "private_key": TEST_KEYS[0].0,
+        "client_email": KEY_ACCOUNT,
+        "client_id": "1234567890",
+        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+        "token_uri": emulator.token_uri(),
+    })
+}
+
+/// Writes `json` to `dir/name` with permissions `mode`; returns the path.
+pub fn write_file(dir: &Path, name: &str, json: &serde_json::Value, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, serde_json::to_string_pretty(json).unwrap()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+/// A key file for test key 1 that `emulator` trusts (registered as `kid-1`).
+pub fn trusted_key_file(emulator: &Emulator, dir: &Path) -> PathBuf {
+    emulator.add_service_account_key("kid-1", KEY_ACCOUNT, TEST_KEYS[0].1.to_vec());
+    write_file(dir, "key.json", &key_json(emulator, "kid-1"), 0o600)
 }
