@@ -190,6 +190,12 @@ impl Server {
         let mut command = Command::new(std::env::current_exe().expect("own path"));
         command
             .env(ROLE, "broker")
+            // Measure the metadata server path, whatever credentials the
+            // user running the benchmark has lying around.
+            .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+            .env_remove("TOKENBROKER_CREDENTIALS")
+            .env_remove("TOKENBROKER_IMPERSONATE")
+            .env("CLOUDSDK_CONFIG", dir.path())
             .args(["serve", "--socket"])
             .arg(&socket)
             .args([

@@ -10,17 +10,18 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::adc::Environment;
 use crate::cache::TokenCache;
 use crate::config::{AccessTokenArgs, ClientArgs, EmulatorArgs, IdTokenArgs, ServeArgs};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::health::Health;
 use crate::limits::{RateLimited, WatchLimits};
-use crate::metadata::MetadataClient;
 use crate::metrics::{Metrics, register_cache_gauge};
 use crate::policy::PolicyStore;
 use crate::proto::v1 as pb;
 use crate::retry::{RetryPolicy, Retrying};
 use crate::server::Broker;
+use crate::sources::Upstream;
 use crate::telemetry::Telemetry;
 use crate::upstream::Instrumented;
 use crate::{admin, client, server, socket};
@@ -45,9 +46,9 @@ pub async fn serve(args: ServeArgs, telemetry: &Telemetry) -> AppResult {
     let host = emulator
         .as_ref()
         .map_or_else(|| args.metadata_host.clone(), Emulator::host);
-    let upstream = MetadataClient::new(&host, args.upstream_timeout)?;
+    let upstream = Upstream::build(&args.source_config(host), &Environment::from_process())?;
     tracing::info!(
-        metadata_host = upstream.host(),
+        source = %upstream.describe(),
         emulator = args.emulator,
         "fetching tokens"
     );

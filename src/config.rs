@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::cache::CacheConfig;
 use crate::emulator::EmulatorConfig;
 use crate::socket::DEFAULT_SOCKET;
+use crate::sources::SourceConfig;
 use crate::telemetry::LogFormat;
 
 /// Shares Google Cloud access and ID tokens between every process on a
@@ -33,6 +34,8 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of `serve`'s flags does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the broker: serve tokens on a Unix socket.
     Serve(ServeArgs),
@@ -72,16 +75,42 @@ pub struct ServeArgs {
     pub metadata_host: String,
 
     /// Run a metadata server emulator in-process and fetch from it (for
-    /// machines outside Google Cloud).
-    #[arg(long, env = "TOKENBROKER_EMULATOR")]
+    /// machines outside Google Cloud). Skips credentials discovery.
+    #[arg(long, env = "TOKENBROKER_EMULATOR", conflicts_with = "credentials")]
     pub emulator: bool,
+
+    /// Credentials file: a service-account key ("type": "service_account")
+    /// or gcloud user credentials ("authorized_user"). Without it the broker
+    /// looks, in order, at GOOGLE_APPLICATION_CREDENTIALS, gcloud's
+    /// application_default_credentials.json (under $CLOUDSDK_CONFIG or
+    /// ~/.config/gcloud), then the metadata server. The file must not be
+    /// readable by every user.
+    #[arg(long, env = "TOKENBROKER_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+
+    /// Mint every token for this service account through the IAM
+    /// Credentials API, authorised by the access token of the source above
+    /// (which needs roles/iam.serviceAccountTokenCreator on it).
+    #[arg(long, env = "TOKENBROKER_IMPERSONATE", value_parser = parse_email)]
+    pub impersonate: Option<String>,
+
+    /// Delegation chain for --impersonate: service-account emails, each
+    /// allowed to impersonate the next (repeat or separate with commas).
+    #[arg(long, env = "TOKENBROKER_DELEGATES", value_delimiter = ',', requires = "impersonate", value_parser = parse_email)]
+    pub delegates: Vec<String>,
+
+    /// The IAM Credentials API for --impersonate (https://, or http:// to a
+    /// loopback address for tests and emulators).
+    #[arg(long, env = "TOKENBROKER_IAM_ENDPOINT", default_value = crate::impersonate::DEFAULT_IAM_ENDPOINT)]
+    pub iam_endpoint: String,
 
     /// Lifetime of the tokens the in-process emulator issues.
     #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = positive_at_most::<86_400>)]
     pub emulator_token_lifetime: Duration,
 
-    /// Longest one request to the metadata server may take, connect to last
-    /// byte. A request for an uncached token fails after this.
+    /// Longest one request upstream (metadata server, OAuth, IAM) may take,
+    /// connect to last byte. A request for an uncached token fails after
+    /// this.
     #[arg(long, env = "TOKENBROKER_UPSTREAM_TIMEOUT", default_value = "5s", value_parser = positive_at_most::<300>)]
     pub upstream_timeout: Duration,
 
@@ -151,6 +180,20 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Where tokens come from, with `metadata_host` (the emulator's, when
+    /// it runs) as the metadata server.
+    pub fn source_config(&self, metadata_host: String) -> SourceConfig {
+        SourceConfig {
+            credentials: self.credentials.clone(),
+            metadata_only: self.emulator,
+            metadata_host,
+            impersonate: self.impersonate.clone(),
+            delegates: self.delegates.clone(),
+            iam_endpoint: self.iam_endpoint.clone(),
+            timeout: self.upstream_timeout,
+        }
+    }
+
     /// The cache settings these flags ask for.
     pub fn cache_config(&self) -> CacheConfig {
         CacheConfig {
@@ -276,6 +319,16 @@ fn positive_at_most<const MAX_SECS: u64>(value: &str) -> Result<Duration, String
         return Err(format!("{value:?} must be more than zero"));
     }
     Ok(duration)
+}
+
+fn parse_email(value: &str) -> Result<String, String> {
+    match crate::request::ServiceAccount::parse("service account", value.to_string()) {
+        Ok(crate::request::ServiceAccount::Email(email)) => Ok(email),
+        Ok(crate::request::ServiceAccount::Default) => {
+            Err("name a service account by its email, not \"default\"".into())
+        }
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 fn parse_group(value: &str) -> Result<u32, String> {

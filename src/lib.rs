@@ -6,7 +6,9 @@
 //! - [`cache`]: shares, coalesces and refreshes tokens,
 //! - [`metadata`], [`keyfile`]: fetch them from the GCE metadata server or
 //!   with a service-account key ([`credentials`] reads key files, [`https`]
-//!   talks TLS to Google),
+//!   talks TLS to Google), with gcloud's user credentials ([`adc`], which
+//!   also finds credentials) or by impersonation ([`impersonate`]);
+//!   [`sources`] chooses one,
 //! - [`service`], [`server`], [`socket`]: gRPC on a Unix socket,
 //! - [`emulator`]: stands in for the metadata server off Google Cloud,
 //! - [`client`]: connects Rust programs to a running broker,
@@ -15,6 +17,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod adc;
 pub mod admin;
 pub mod app;
 pub mod cache;
@@ -26,6 +29,7 @@ pub mod emulator;
 pub mod error;
 pub mod health;
 pub mod https;
+pub mod impersonate;
 pub mod jwt;
 pub mod keyfile;
 pub mod limits;
@@ -40,6 +44,7 @@ pub mod secret;
 pub mod server;
 pub mod service;
 pub mod socket;
+pub mod sources;
 pub mod telemetry;
 pub mod token;
 pub mod upstream;
