@@ -89,16 +89,16 @@ impl Metrics {
                 .build(),
             upstream_fetches: meter
                 .u64_counter("tokenbroker.upstream_fetches")
-                .with_description("Requests to the metadata server by result (ok, error).")
+                .with_description("Requests to the token source (metadata server, OAuth, IAM) by result (ok, error).")
                 .build(),
             upstream_failures: meter
                 .u64_counter("tokenbroker.upstream_failures")
-                .with_description("Failed requests to the metadata server by reason.")
+                .with_description("Failed requests to the token source by reason.")
                 .build(),
             upstream_fetch_duration: meter
                 .f64_histogram("tokenbroker.upstream_fetch_duration")
                 .with_unit("s")
-                .with_description("Time one request to the metadata server took.")
+                .with_description("Time one request to the token source took.")
                 .with_boundaries(FETCH_SECONDS_BUCKETS.to_vec())
                 .build(),
             refreshes: meter
@@ -201,7 +201,7 @@ impl Metrics {
             .add(1, &[kind_label(kind), KeyValue::new("result", result)]);
     }
 
-    /// One request to the metadata server: `Err` holds the failure reason.
+    /// One request to the token source: `Err` holds the failure reason.
     pub fn upstream_fetch(
         &self,
         kind: TokenKind,

@@ -594,3 +594,92 @@ async fn the_emulator_flag_skips_credentials_discovery() {
             .is_ok()
     );
 }
+
+/// A TLS front for `upstream` on a free loopback port, with the test-only
+/// server certificate for 127.0.0.1 (signed by the test-only CA).
+async fn tls_front(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(include_bytes!("fixtures/test-only-tls-server.pem"))
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key =
+        PrivateKeyDer::from_pem_slice(include_bytes!("fixtures/test-only-tls-server.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut plain = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_uses_rustls_with_the_platforms_roots() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    emulator.allow_impersonation(TARGET);
+    let front = tls_front(emulator.addr()).await;
+    let endpoint = format!("https://127.0.0.1:{}", front.port());
+    let args = vec![
+        "--metadata-host".to_string(),
+        emulator.host(),
+        "--impersonate".into(),
+        TARGET.into(),
+        "--iam-endpoint".into(),
+        endpoint,
+        "--upstream-max-attempts".into(),
+        "1".into(),
+    ];
+    let ca = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/test-only-ca.pem"
+    );
+
+    // The test CA is not among the platform's roots: the certificate is
+    // refused.
+    let untrusting = Broker::spawn(args.clone(), &[]).await;
+    let status = untrusting
+        .client()
+        .await
+        .get_access_token(access_request(&[]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("certificate"), "{status}");
+    assert!(emulator.iam_calls().is_empty());
+    drop(untrusting);
+
+    // Trusted through SSL_CERT_FILE, as the platform's roots are found.
+    let trusting = Broker::spawn(args, &[("SSL_CERT_FILE", ca)]).await;
+    let token = trusting
+        .client()
+        .await
+        .get_access_token(access_request(&[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_eq!(emulator.token_info(&token).unwrap().email, TARGET);
+    assert_eq!(emulator.iam_calls().len(), 1);
+}
