@@ -1,7 +1,9 @@
 //! Credential files, as Google's tools write them: a service-account key
 //! (`"type": "service_account"`) or gcloud's user credentials
 //! (`"type": "authorized_user"`). Read once at start-up, checked strictly,
-//! secrets held only in memory that is zeroed on drop, never printed.
+//! secrets held only in memory that is zeroed on drop, never printed. (One
+//! copy is outside the broker's reach: serde_json unescapes a string with
+//! `\n` escapes, as a PEM key has, in a scratch buffer it frees unzeroed.)
 
 use std::fmt;
 use std::io::Read;
@@ -13,7 +15,7 @@ use rustls::pki_types::PrivatePkcs8KeyDer;
 use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::https;
 use crate::secret::Secret;
@@ -211,7 +213,9 @@ fn read_private(path: &Path) -> Result<Zeroizing<Vec<u8>>, CredentialsError> {
             path: path.to_path_buf(),
         });
     }
-    let mut bytes = Zeroizing::new(Vec::with_capacity(metadata.len() as usize));
+    // Room for everything `take` lets through, so the buffer never moves
+    // (a move would leave an unzeroed copy behind).
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_FILE_BYTES as usize + 1));
     file.take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(read_error)?;
@@ -233,14 +237,16 @@ fn service_account(path: &Path, fields: &Fields) -> Result<ServiceAccountKey, Cr
         path: path.to_path_buf(),
         reason,
     };
-    let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
+    let mut der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
         .map_err(|_| bad_key("no \"-----BEGIN PRIVATE KEY-----\" PEM block"))?;
+    let pkcs8 = Zeroizing::new(der.secret_pkcs8_der().to_vec());
+    der.zeroize();
     let key = ServiceAccountKey {
         client_email: client_email.to_string(),
         private_key_id: private_key_id.to_string(),
         token_uri,
         path: path.to_path_buf(),
-        pkcs8: Zeroizing::new(der.secret_pkcs8_der().to_vec()),
+        pkcs8,
     };
     key.key_pair().map_err(bad_key)?;
     Ok(key)
