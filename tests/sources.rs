@@ -508,7 +508,28 @@ async fn impersonation_can_build_on_a_key_file() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let key = trusted_key_file(&emulator, dir.path());
-    let broker = impersonating(&emulator, &["--credentials", &flag(&key)]).await;
+    let broker = impersonating(
+        &emulator,
+        &[
+            "--credentials",
+            &flag(&key),
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    // Health probes the key's token endpoint and the IAM API, at no
+    // token's cost.
+    let addr = broker.metrics_addr().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while http_get(addr, "/readyz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        emulator.stats().oauth_requests + emulator.stats().iam_requests,
+        0
+    );
     let token = broker
         .client()
         .await
@@ -682,4 +703,81 @@ async fn https_uses_rustls_with_the_platforms_roots() {
         .token;
     assert_eq!(emulator.token_info(&token).unwrap().email, TARGET);
     assert_eq!(emulator.iam_calls().len(), 1);
+}
+
+/// Asserts that no 16-byte window of `secret` is in `logs`.
+fn assert_no_piece_of(secret: &str, logs: &str) {
+    let bytes = secret.as_bytes();
+    for start in (0..bytes.len().saturating_sub(16)).step_by(8) {
+        let piece = std::str::from_utf8(&bytes[start..start + 16]).unwrap();
+        assert!(
+            !logs.contains(piece),
+            "a piece of a secret is in the logs: {piece}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_key_or_token_reaches_the_logs_even_at_trace_level() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    emulator.allow_impersonation(TARGET);
+    let dir = tempfile::tempdir().unwrap();
+    let key = trusted_key_file(&emulator, dir.path());
+    let mut args = vec!["--metadata-host".to_string(), emulator.host()];
+    args.extend(
+        [
+            "--credentials",
+            &flag(&key),
+            "--impersonate",
+            TARGET,
+            "--iam-endpoint",
+            &emulator.iam_endpoint(),
+        ]
+        .map(String::from),
+    );
+    let mut broker = Broker::spawn(args, &[("RUST_LOG", "trace")]).await;
+    let mut client = broker.client().await;
+    let access = client
+        .get_access_token(access_request(&[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let id = client
+        .get_id_token(id_request(AUDIENCE))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let handed_back = InvalidateTokenRequest {
+        request: Some(invalidate_token_request::Request::IdToken(id_request(
+            AUDIENCE,
+        ))),
+        token: id.clone(),
+    };
+    assert!(
+        client
+            .invalidate_token(handed_back)
+            .await
+            .unwrap()
+            .into_inner()
+            .invalidated
+    );
+    let replacement = client
+        .get_id_token(id_request(AUDIENCE))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    broker.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(broker.wait().await.success());
+    broker.wait_for_log("stopped").await;
+    let logs = broker.logs();
+    assert!(logs.lines().count() > 100, "trace logging is not on");
+    for secret in [&access, &id, &replacement] {
+        assert_no_piece_of(secret, &logs);
+    }
+    for line in TEST_KEYS[0].0.lines().filter(|l| !l.starts_with("-----")) {
+        assert_no_piece_of(line, &logs);
+    }
 }
