@@ -70,7 +70,9 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENBROKER_POLICY")]
     pub policy: Option<PathBuf>,
 
-    /// Metadata server as host[:port]. Ignored with --emulator.
+    /// Metadata server as host[:port]: the token source (and the base of
+    /// --impersonate) when no credentials file is given or found. Ignored
+    /// with --emulator.
     #[arg(long, env = "GCE_METADATA_HOST", default_value = crate::metadata::DEFAULT_METADATA_HOST)]
     pub metadata_host: String,
 
