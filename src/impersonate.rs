@@ -2,7 +2,7 @@
 //! Credentials API (`generateAccessToken`, `generateIdToken`) on the
 //! strength of the base source's access token (cloud-platform scope).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -39,8 +39,10 @@ pub struct ImpersonatedSource {
     delegates: Vec<String>,
     endpoint: Uri,
     http: HttpsClient,
-    /// The base source's latest access token, reused while it lasts.
-    base_token: Mutex<Option<Arc<Token>>>,
+    /// The base source's latest access token, reused while it lasts. An
+    /// async lock, held across the base fetch, so that concurrent fetches
+    /// of several keys share one base token fetch.
+    base_token: tokio::sync::Mutex<Option<Arc<Token>>>,
 }
 
 impl ImpersonatedSource {
@@ -60,7 +62,7 @@ impl ImpersonatedSource {
             delegates,
             endpoint,
             http,
-            base_token: Mutex::new(None),
+            base_token: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -77,21 +79,20 @@ impl ImpersonatedSource {
 
     /// The base source's access token, fetched again when close to expiry.
     async fn base_token(&self) -> Result<Arc<Token>, FetchError> {
-        let cached = self.lock().clone();
-        if let Some(token) = cached.filter(|t| t.remaining(Instant::now()) > BASE_TOKEN_MARGIN) {
-            return Ok(token);
+        let mut cached = self.base_token.lock().await;
+        if let Some(token) = cached
+            .as_ref()
+            .filter(|t| t.remaining(Instant::now()) > BASE_TOKEN_MARGIN)
+        {
+            return Ok(token.clone());
         }
         let key = TokenKey::Access(AccessTokenKey {
             account: ServiceAccount::Default,
             scopes: DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect(),
         });
         let token = Arc::new(self.base.fetch(&key).await?);
-        *self.lock() = Some(token.clone());
+        *cached = Some(token.clone());
         Ok(token)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Token>>> {
-        self.base_token.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn url(&self, method: &str) -> Result<Uri, FetchError> {
@@ -147,8 +148,12 @@ impl ImpersonatedSource {
             )
             .await;
         if let Err(FetchError::Status { status: 401, .. }) = &response {
-            // The base token was refused: fetch a new one next time.
-            *self.lock() = None;
+            // The base token was refused: fetch a new one next time (unless
+            // another fetch already replaced it).
+            let mut cached = self.base_token.lock().await;
+            if cached.as_ref().is_some_and(|t| Arc::ptr_eq(t, &bearer)) {
+                *cached = None;
+            }
         }
         let response = response?;
         match key {
@@ -231,5 +236,52 @@ mod tests {
             let error = parse_generated_access_token(bad.as_bytes(), now).unwrap_err();
             assert!(!error.to_string().contains("ya29"), "{error}");
         }
+    }
+
+    /// A base source counting its fetches, each a bit slow.
+    struct CountingBase(std::sync::atomic::AtomicUsize);
+
+    impl TokenSource for CountingBase {
+        fn fetch<'a>(&'a self, _key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
+            async move {
+                let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok(Token::expiring_in(
+                    Secret::new(format!("base-{n}")),
+                    "Bearer".into(),
+                    Duration::from_secs(3600),
+                    (Instant::now(), SystemTime::now()),
+                ))
+            }
+            .boxed()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_fetches_share_one_base_token() {
+        let base = Arc::new(CountingBase(Default::default()));
+        let source = Arc::new(ImpersonatedSource::new(
+            base.clone(),
+            "t@p.iam.gserviceaccount.com".into(),
+            vec![],
+            "http://127.0.0.1:1".parse().unwrap(),
+            HttpsClient::new(Duration::from_secs(1)).unwrap(),
+        ));
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let source = source.clone();
+                tokio::spawn(async move { source.base_token().await.unwrap() })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().secret().expose(), "base-0");
+        }
+        assert_eq!(base.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Close to expiry, it is fetched again.
+        tokio::time::advance(Duration::from_secs(3600) - BASE_TOKEN_MARGIN).await;
+        assert_eq!(
+            source.base_token().await.unwrap().secret().expose(),
+            "base-1"
+        );
     }
 }
