@@ -704,9 +704,24 @@ async fn control_api(
                 None => text(StatusCode::NOT_FOUND, "unknown token\n"),
             }
         }
+        (Method::PUT, "keys") => google::trust_key(shared, request).await,
+        (Method::PUT, "users") => match read_json::<google::User>(request).await {
+            Ok(user) => {
+                shared.lock().google.users.push(user);
+                text(StatusCode::OK, "ok\n")
+            }
+            Err(message) => text(StatusCode::BAD_REQUEST, &message),
+        },
+        (Method::PUT, "impersonable") => match read_json::<google::Impersonable>(request).await {
+            Ok(account) => {
+                shared.lock().google.impersonable.insert(account.email);
+                text(StatusCode::OK, "ok\n")
+            }
+            Err(message) => text(StatusCode::BAD_REQUEST, &message),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
-            "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=\n",
+            "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=, PUT keys, PUT users, PUT impersonable\n",
         ),
     }
 }

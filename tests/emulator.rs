@@ -388,4 +388,71 @@ mod google {
         assert_eq!(emulator.iam_calls().len(), 2);
         assert!(emulator.iam_calls().iter().all(|c| c.caller == KEY_ACCOUNT));
     }
+
+    async fn put(emulator: &Emulator, what: &str, body: String) -> u16 {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let request = http::Request::put(format!("{}/emulator/v1/{what}", emulator.iam_endpoint()))
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        client.request(request).await.unwrap().status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn keys_users_and_impersonable_accounts_are_set_over_http() {
+        let emulator = common::emulator(EmulatorConfig::default()).await;
+        let key = common::key_json(&emulator, "kid-http");
+        assert_eq!(put(&emulator, "keys", key.to_string()).await, 200);
+        let (status, _) = exchange(&emulator, &sign(&good_claims(&emulator), "kid-http", 0)).await;
+        assert_eq!(status, 200, "the key is trusted");
+        let mut broken = key.clone();
+        broken["private_key"] = "not a key".into();
+        assert_eq!(put(&emulator, "keys", broken.to_string()).await, 400);
+        assert_eq!(put(&emulator, "keys", "{}".into()).await, 400);
+
+        let user = json!({
+            "client_id": "c", "client_secret": "s", "refresh_token": "r", "email": "dev@example.com",
+        });
+        assert_eq!(put(&emulator, "users", user.to_string()).await, 200);
+        let (status, body) = post(
+            &emulator.token_uri(),
+            "application/x-www-form-urlencoded",
+            "grant_type=refresh_token&client_id=c&client_secret=s&refresh_token=r".into(),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let cloud = body["access_token"].as_str().unwrap().to_string();
+        assert_eq!(
+            emulator.token_info(&cloud).unwrap().email,
+            "dev@example.com"
+        );
+        let (status, body) = post(
+            &emulator.token_uri(),
+            "application/x-www-form-urlencoded",
+            "grant_type=refresh_token&client_id=c&client_secret=s&refresh_token=stolen".into(),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_grant"))
+        );
+
+        let body = json!({"scope": ["s"]}).to_string();
+        let access = iam_url(&emulator, "generateAccessToken");
+        assert_eq!(
+            post(&access, "application/json", body.clone(), Some(&cloud))
+                .await
+                .0,
+            403
+        );
+        let target = json!({"email": TARGET}).to_string();
+        assert_eq!(put(&emulator, "impersonable", target).await, 200);
+        assert_eq!(
+            post(&access, "application/json", body, Some(&cloud))
+                .await
+                .0,
+            200
+        );
+    }
 }

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{
@@ -39,8 +39,9 @@ pub struct RegisteredKey {
     pub public_key_der: Vec<u8>,
 }
 
-/// A user whose refresh token the OAuth endpoint accepts.
-#[derive(Clone, Debug)]
+/// A user whose refresh token the OAuth endpoint accepts (`PUT
+/// /emulator/v1/users` takes it as JSON).
+#[derive(Clone, Debug, Deserialize)]
 pub struct User {
     /// The OAuth client the refresh token was issued to.
     pub client_id: String,
@@ -49,6 +50,14 @@ pub struct User {
     /// The refresh token.
     pub refresh_token: String,
     /// The user's email (what issued tokens belong to).
+    pub email: String,
+}
+
+/// `PUT /emulator/v1/impersonable`: an account any valid access token may
+/// impersonate.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Impersonable {
+    /// The account's email.
     pub email: String,
 }
 
@@ -130,6 +139,51 @@ pub(super) async fn serve(
             iam(shared, request, target, true).await
         }
     }
+}
+
+/// `PUT /emulator/v1/keys`: trusts a service-account key file (its JSON as
+/// the body), deriving the public key from its private key. For demos with
+/// the standalone emulator; the key's `token_uri` must be the emulator's.
+pub(super) async fn trust_key(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
+    let key: Value = match read_json(request).await {
+        Ok(key) => key,
+        Err(message) => return text(StatusCode::BAD_REQUEST, &message),
+    };
+    let field = |name: &str| key[name].as_str().filter(|v| !v.is_empty());
+    let (Some(email), Some(key_id), Some(pem)) = (
+        field("client_email"),
+        field("private_key_id"),
+        field("private_key"),
+    ) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "a service-account key file: client_email, private_key_id and private_key required\n",
+        );
+    };
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let public_key = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .and_then(|der| ring::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der()).ok())
+        .map(|pair| {
+            ring::signature::KeyPair::public_key(&pair)
+                .as_ref()
+                .to_vec()
+        });
+    let Some(public_key_der) = public_key else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "private_key is not a PKCS#8 PEM RSA key\n",
+        );
+    };
+    shared.lock().google.keys.insert(
+        key_id.to_string(),
+        RegisteredKey {
+            email: email.to_string(),
+            public_key_der,
+        },
+    );
+    text(StatusCode::OK, "ok\n")
 }
 
 // === OAuth token endpoint ===
