@@ -60,7 +60,7 @@ pub enum BrokerError {
     },
     /// A fresh token was fetched but does not live as long as asked.
     #[error(
-        "the freshest token is valid for {}, less than the {} asked for by min_valid_for; the metadata server hands out tokens with about an hour of life and reuses them until about 5 minutes before expiry, so ask for less",
+        "the freshest token is valid for {}, less than the {} asked for by min_valid_for; Google tokens live about an hour (and the metadata server reuses one until about 5 minutes before expiry), so ask for less",
         format_duration(*remaining),
         format_duration(*wanted)
     )]
