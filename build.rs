@@ -17,7 +17,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Small per-call buffers: see `src/codec.rs`.
         .codec_path("crate::codec::CompactCodec")
         // These carry credentials: `src/proto.rs` gives them a redacting `Debug`.
-        .skip_debug([".tokenbroker.v1.AccessToken", ".tokenbroker.v1.IdToken"])
+        .skip_debug([
+            ".tokenbroker.v1.AccessToken",
+            ".tokenbroker.v1.IdToken",
+            ".tokenbroker.v1.InvalidateTokenRequest",
+        ])
         .compile_fds(descriptors)?;
     Ok(())
 }

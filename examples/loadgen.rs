@@ -25,8 +25,8 @@ use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultRule};
 use tokenbroker::proto::v1::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::v1::token_broker_server::{TokenBroker, TokenBrokerServer};
 use tokenbroker::proto::v1::{
-    AccessToken, GetAccessTokenRequest, GetIdTokenRequest, IdToken, Token, WatchTokenRequest,
-    watch_token_request,
+    AccessToken, GetAccessTokenRequest, GetIdTokenRequest, IdToken, InvalidateTokenRequest,
+    InvalidateTokenResponse, Token, WatchTokenRequest, watch_token_request,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -158,6 +158,13 @@ impl TokenBroker for Baseline {
         Ok(Response::new(self.response.clone()))
     }
 
+    async fn invalidate_token(
+        &self,
+        _: Request<InvalidateTokenRequest>,
+    ) -> Result<Response<InvalidateTokenResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
     type WatchTokenStream = Pin<Box<dyn Stream<Item = Result<Token, Status>> + Send>>;
 
     async fn watch_token(
@@ -183,6 +190,12 @@ impl Server {
         let mut command = Command::new(std::env::current_exe().expect("own path"));
         command
             .env(ROLE, "broker")
+            // Measure the metadata server path, whatever credentials the
+            // user running the benchmark has lying around.
+            .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+            .env_remove("TOKENBROKER_CREDENTIALS")
+            .env_remove("TOKENBROKER_IMPERSONATE")
+            .env("CLOUDSDK_CONFIG", dir.path())
             .args(["serve", "--socket"])
             .arg(&socket)
             .args([

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::adc::Environment;
 use crate::cache::TokenCache;
 use crate::config::{EmulatorArgs, ServeArgs};
 use crate::emulator::{Emulator, EmulatorConfig};
@@ -21,6 +22,7 @@ use crate::retry::{RetryPolicy, Retrying};
 use crate::server::Broker;
 use crate::service::BrokerService;
 use crate::sink::{self, Sinks};
+use crate::sources::Upstream;
 use crate::systemd::Activation;
 use crate::telemetry::Telemetry;
 use crate::upstream::Instrumented;
@@ -51,9 +53,16 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     let host = emulator
         .as_ref()
         .map_or_else(|| args.metadata_host.clone(), Emulator::host);
-    let upstream = MetadataClient::new(&host, args.upstream_timeout)?;
+    // The metadata-compatible endpoint passes what is not a token through
+    // to the metadata server, whatever the token source.
+    let pass_through = args
+        .metadata_addr
+        .is_some()
+        .then(|| MetadataClient::new(&host, args.upstream_timeout))
+        .transpose()?;
+    let upstream = Upstream::build(&args.source_config(host), &Environment::from_process())?;
     tracing::info!(
-        metadata_host = upstream.host(),
+        source = %upstream.describe(),
         emulator = args.emulator,
         "fetching tokens"
     );
@@ -87,7 +96,6 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     let stop = CancellationToken::new();
     tokio::spawn(reload_policy_on_sighup(policy.clone(), stop.clone()));
     let _stop_background = stop.clone().drop_guard();
-    let metadata_upstream = upstream.clone();
     let probe = move || {
         let upstream = upstream.clone();
         async move { upstream.probe().await }
@@ -126,7 +134,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     };
     let sinks = Sinks::start(sinks, &cache);
     let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
-    if let Some(addr) = &args.metadata_addr {
+    if let (Some(addr), Some(pass_through)) = (&args.metadata_addr, pass_through) {
         let endpoint = MetadataEndpoint {
             service: BrokerService::new(
                 cache.clone(),
@@ -135,7 +143,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
                 watch_limits.clone(),
                 stop.clone(),
             ),
-            upstream: metadata_upstream.clone(),
+            upstream: pass_through,
             timeout: args.upstream_timeout,
         };
         let listener = bind_metadata_endpoint(addr, &args).await?;

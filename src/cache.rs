@@ -24,6 +24,7 @@ use crate::error::BrokerError;
 use crate::metrics::Metrics;
 use crate::request::{TokenKey, TokenRequest};
 use crate::schedule::{self, Backoff, refresh_delay};
+use crate::secret::Secret;
 use crate::token::{Token, TokenKind};
 use crate::upstream::{FetchError, TokenSource};
 
@@ -35,6 +36,11 @@ pub const DEFAULT_MAX_KEYS: usize = 10_000;
 /// Default expiry skew (10 s): a token this close to expiry is treated as
 /// expired, so it is still valid when the receiving service checks it.
 pub const DEFAULT_EXPIRY_SKEW: Duration = Duration::from_secs(10);
+
+/// Default least time between two invalidations of one key (30 s): a
+/// client that keeps handing back tokens causes at most one upstream fetch
+/// per key in this time.
+pub const DEFAULT_INVALIDATE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Most entries a worker thread remembers in front of the index.
 const RECENT_PER_THREAD: usize = 1024;
@@ -71,6 +77,8 @@ pub struct CacheConfig {
     pub retry_initial: Duration,
     /// Longest wait between failed refreshes ([`schedule::DEFAULT_RETRY_MAX`]).
     pub retry_max: Duration,
+    /// Least time between two invalidations of one key ([`DEFAULT_INVALIDATE_INTERVAL`]).
+    pub invalidate_interval: Duration,
 }
 
 impl Default for CacheConfig {
@@ -82,6 +90,7 @@ impl Default for CacheConfig {
             max_keys: DEFAULT_MAX_KEYS,
             retry_initial: schedule::DEFAULT_RETRY_INITIAL,
             retry_max: schedule::DEFAULT_RETRY_MAX,
+            invalidate_interval: DEFAULT_INVALIDATE_INTERVAL,
         }
     }
 }
@@ -162,6 +171,9 @@ struct KeyEntry {
     /// Milliseconds since the cache's epoch when the key was last asked for.
     last_used_ms: AtomicU64,
     watchers: AtomicUsize,
+    /// One more than the milliseconds since the cache's epoch at the last
+    /// invalidation; 0: never invalidated.
+    invalidated_at_ms: AtomicU64,
 }
 
 impl TokenCache {
@@ -183,9 +195,11 @@ impl TokenCache {
     }
 
     /// Returns a token for the request's key that stays valid at least
-    /// `min_valid_for` (plus the expiry skew), fetching one if needed.
+    /// `min_valid_for` (plus the expiry skew), fetching one if needed. A key
+    /// the source never serves is refused before anything is cached.
     /// Callers bound the wait with their own deadline.
     pub async fn get(&self, request: &TokenRequest) -> Result<Served, BrokerError> {
+        self.inner.source.admits(&request.key)?;
         for _ in 0..MAX_LOOKUPS {
             let entry = self.inner.entry(&request.key)?;
             if let Some(served) = self.inner.serve(&entry, request).await? {
@@ -198,6 +212,7 @@ impl TokenCache {
     /// Like [`get`](Self::get), then keeps following the key: the returned
     /// [`TokenWatch`] yields every later token of the key.
     pub async fn watch(&self, request: &TokenRequest) -> Result<(Served, TokenWatch), BrokerError> {
+        self.inner.source.admits(&request.key)?;
         for _ in 0..MAX_LOOKUPS {
             let entry = self.inner.entry(&request.key)?;
             let watcher = WatcherGuard::new(entry, self.inner.clone());
@@ -218,6 +233,52 @@ impl TokenCache {
             return Ok((served, watch));
         }
         Err(BrokerError::EntryRetired)
+    }
+
+    /// Drops the key's token if it is still `token` (compared in constant
+    /// time) and asks for a new one, which every waiter and watcher of the
+    /// key then shares. Returns whether the token was dropped: `false` when
+    /// the key holds another token or none (nothing happens then). Fails
+    /// with [`BrokerError::InvalidateThrottled`] when the key was
+    /// invalidated less than the invalidate interval ago. Never creates a
+    /// key.
+    pub fn invalidate(&self, key: &TokenKey, token: &Secret) -> Result<bool, BrokerError> {
+        let Some(entry) = self.inner.entries.get(key) else {
+            return Ok(false);
+        };
+        let now = Instant::now();
+        let now_ms = self.inner.now_ms(now);
+        let interval = self.inner.config.invalidate_interval;
+        let mut result = Ok(false);
+        let mut generation = 0;
+        entry.state.send_if_modified(|s| {
+            let current = s.token.as_ref().filter(|t| !t.remaining(now).is_zero());
+            if !current.is_some_and(|t| same_secret(t.secret(), token)) {
+                return false;
+            }
+            if let Some(wait) = entry.invalidation_wait(now_ms, interval) {
+                result = Err(BrokerError::InvalidateThrottled {
+                    retry_in: wait,
+                    interval,
+                });
+                return false;
+            }
+            entry.invalidated_at_ms.store(now_ms + 1, Ordering::Release);
+            s.token = None;
+            generation = s.generation;
+            result = Ok(true);
+            true
+        });
+        if result == Ok(true) {
+            entry.touch(now_ms);
+            entry.want(generation + 1);
+            tracing::info!(
+                kind = entry.key.kind().as_str(),
+                account = %entry.key.account(),
+                "token invalidated by a client; fetching a new one"
+            );
+        }
+        result
     }
 
     /// How many keys the cache holds.
@@ -524,6 +585,13 @@ fn kind_index(kind: TokenKind) -> usize {
     }
 }
 
+/// Whether two tokens are the same, in time that depends only on their
+/// lengths.
+fn same_secret(a: &Secret, b: &Secret) -> bool {
+    use subtle::ConstantTimeEq;
+    bool::from(a.expose().as_bytes().ct_eq(b.expose().as_bytes()))
+}
+
 fn usable(snapshot: &Snapshot, now: Instant, required: Duration) -> Option<Arc<Token>> {
     snapshot
         .token
@@ -631,7 +699,19 @@ impl KeyEntry {
             wake: Notify::new(),
             last_used_ms: AtomicU64::new(now_ms),
             watchers: AtomicUsize::new(0),
+            invalidated_at_ms: AtomicU64::new(0),
         })
+    }
+
+    /// How long until the key may be invalidated again, if it was
+    /// invalidated less than `interval` before `now_ms`.
+    fn invalidation_wait(&self, now_ms: u64, interval: Duration) -> Option<Duration> {
+        let last = self
+            .invalidated_at_ms
+            .load(Ordering::Acquire)
+            .checked_sub(1)?;
+        let since = Duration::from_millis(now_ms.saturating_sub(last));
+        interval.checked_sub(since).filter(|wait| !wait.is_zero())
     }
 
     fn touch(&self, now_ms: u64) {
@@ -773,7 +853,6 @@ mod tests {
 
     use super::*;
     use crate::request::{IdTokenFormat, IdTokenKey, ServiceAccount};
-    use crate::secret::Secret;
 
     /// A source minting `token-N` with a set lifetime, optionally failing or
     /// held at a gate, and counting its fetches.
@@ -843,6 +922,7 @@ mod tests {
         FetchError::Status {
             status: 503,
             retry_after: None,
+            detail: None,
         }
     }
 
@@ -1159,5 +1239,142 @@ mod tests {
         settle().await;
         assert_eq!(source.fetches(), 1);
         assert_eq!(Arc::strong_count(&source), 1);
+    }
+
+    fn handed_back(served: &Served) -> Secret {
+        served.token.secret().clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidating_the_cached_token_fetches_a_new_one_once() {
+        let source = FakeSource::new(HOUR);
+        let cache = cache(source.clone());
+        let first = cache.get(&request("aud")).await.unwrap();
+        let key = request("aud").key;
+        assert!(cache.invalidate(&key, &handed_back(&first)).unwrap());
+        let second = cache.get(&request("aud")).await.unwrap();
+        assert_eq!(secret(&second), "token-2");
+        assert_eq!(source.fetches(), 2);
+        // The old token again: the cache already moved on, nothing happens.
+        assert!(!cache.invalidate(&key, &handed_back(&first)).unwrap());
+        assert_eq!(
+            cache.get(&request("aud")).await.unwrap().outcome,
+            Outcome::Hit
+        );
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_invalidations_cause_one_fetch() {
+        let source = FakeSource::gated(HOUR);
+        let cache = cache(source.clone());
+        let getter = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&request("aud")).await }
+        });
+        settle().await;
+        source.gate.as_ref().unwrap().add_permits(1);
+        let first = getter.await.unwrap().unwrap();
+        let key = request("aud").key;
+        let invalidations: Vec<_> = (0..50)
+            .map(|_| {
+                let (cache, key, token) = (cache.clone(), key.clone(), handed_back(&first));
+                tokio::spawn(async move { cache.invalidate(&key, &token) })
+            })
+            .collect();
+        let mut dropped = 0;
+        for invalidation in invalidations {
+            dropped += usize::from(invalidation.await.unwrap().unwrap());
+        }
+        assert_eq!(dropped, 1, "only the first invalidation drops the token");
+        let waiters: Vec<_> = (0..20)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&request("aud")).await })
+            })
+            .collect();
+        settle().await;
+        source.gate.as_ref().unwrap().add_permits(1);
+        for waiter in waiters {
+            assert_eq!(secret(&waiter.await.unwrap().unwrap()), "token-2");
+        }
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_keys_and_other_tokens_are_left_alone() {
+        let source = FakeSource::new(HOUR);
+        let cache = cache(source.clone());
+        let key = request("aud").key;
+        let stranger = Secret::new("token-1".into());
+        assert!(!cache.invalidate(&key, &stranger).unwrap());
+        assert_eq!(cache.len(), 0, "an invalidation never creates a key");
+        cache.get(&request("aud")).await.unwrap();
+        assert!(
+            !cache
+                .invalidate(&key, &Secret::new("token-9".into()))
+                .unwrap()
+        );
+        assert!(
+            !cache
+                .invalidate(&key, &Secret::new("token-".into()))
+                .unwrap()
+        );
+        assert_eq!(
+            cache.get(&request("aud")).await.unwrap().outcome,
+            Outcome::Hit
+        );
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidations_of_one_key_are_rate_limited() {
+        let source = FakeSource::new(HOUR);
+        let cache = cache(source.clone());
+        let key = request("aud").key;
+        let first = cache.get(&request("aud")).await.unwrap();
+        assert!(cache.invalidate(&key, &handed_back(&first)).unwrap());
+        let second = cache.get(&request("aud")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let error = cache.invalidate(&key, &handed_back(&second)).unwrap_err();
+        assert_eq!(
+            error,
+            BrokerError::InvalidateThrottled {
+                retry_in: Duration::from_secs(20),
+                interval: DEFAULT_INVALIDATE_INTERVAL,
+            }
+        );
+        assert_eq!(
+            cache.get(&request("aud")).await.unwrap().outcome,
+            Outcome::Hit
+        );
+        // Other keys have their own allowance.
+        let other = cache.get(&request("other")).await.unwrap();
+        assert!(
+            cache
+                .invalidate(&request("other").key, &handed_back(&other))
+                .unwrap()
+        );
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(cache.invalidate(&key, &handed_back(&second)).unwrap());
+        assert_eq!(
+            secret(&cache.get(&request("aud")).await.unwrap()),
+            "token-5"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchers_receive_the_token_fetched_after_an_invalidation() {
+        let source = FakeSource::new(HOUR);
+        let cache = cache(source.clone());
+        let (first, mut watch) = cache.watch(&request("aud")).await.unwrap();
+        assert!(
+            cache
+                .invalidate(&request("aud").key, &handed_back(&first))
+                .unwrap()
+        );
+        let next = watch.next(&CancellationToken::new()).await.unwrap();
+        assert_eq!(next.secret().expose(), "token-2");
+        assert_eq!(source.fetches(), 2);
     }
 }

@@ -11,6 +11,7 @@ use crate::cache::CacheConfig;
 use crate::emulator::EmulatorConfig;
 use crate::metadata_endpoint::MetadataAddr;
 use crate::socket::DEFAULT_SOCKET;
+use crate::sources::SourceConfig;
 use crate::telemetry::LogFormat;
 
 /// Shares Google Cloud access and ID tokens between every process on a
@@ -93,21 +94,49 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENBROKER_POLICY")]
     pub policy: Option<PathBuf>,
 
-    /// Metadata server as host[:port]. Ignored with --emulator.
+    /// Metadata server as host[:port]: the token source (and the base of
+    /// --impersonate) when no credentials file is given or found. Ignored
+    /// with --emulator.
     #[arg(long, env = "GCE_METADATA_HOST", default_value = crate::metadata::DEFAULT_METADATA_HOST)]
     pub metadata_host: String,
 
     /// Run a metadata server emulator in-process and fetch from it (for
-    /// machines outside Google Cloud).
-    #[arg(long, env = "TOKENBROKER_EMULATOR")]
+    /// machines outside Google Cloud). Skips credentials discovery.
+    #[arg(long, env = "TOKENBROKER_EMULATOR", conflicts_with = "credentials")]
     pub emulator: bool,
+
+    /// Credentials file: a service-account key ("type": "service_account")
+    /// or gcloud user credentials ("authorized_user"). Without it the broker
+    /// looks, in order, at GOOGLE_APPLICATION_CREDENTIALS, gcloud's
+    /// application_default_credentials.json (under $CLOUDSDK_CONFIG or
+    /// ~/.config/gcloud), then the metadata server. The file must not be
+    /// readable by every user.
+    #[arg(long, env = "TOKENBROKER_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+
+    /// Mint every token for this service account through the IAM
+    /// Credentials API, authorised by the access token of the source above
+    /// (which needs roles/iam.serviceAccountTokenCreator on it).
+    #[arg(long, env = "TOKENBROKER_IMPERSONATE", value_parser = parse_email)]
+    pub impersonate: Option<String>,
+
+    /// Delegation chain for --impersonate: service-account emails, each
+    /// allowed to impersonate the next (repeat or separate with commas).
+    #[arg(long, env = "TOKENBROKER_DELEGATES", value_delimiter = ',', requires = "impersonate", value_parser = parse_email)]
+    pub delegates: Vec<String>,
+
+    /// The IAM Credentials API for --impersonate (https://, or http:// to a
+    /// loopback address for tests and emulators).
+    #[arg(long, env = "TOKENBROKER_IAM_ENDPOINT", default_value = crate::impersonate::DEFAULT_IAM_ENDPOINT)]
+    pub iam_endpoint: String,
 
     /// Lifetime of the tokens the in-process emulator issues.
     #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = positive_at_most::<86_400>)]
     pub emulator_token_lifetime: Duration,
 
-    /// Longest one request to the metadata server may take, connect to last
-    /// byte. A request for an uncached token fails after this.
+    /// Longest one request upstream (metadata server, OAuth, IAM) may take,
+    /// connect to last byte. A request for an uncached token fails after
+    /// this.
     #[arg(long, env = "TOKENBROKER_UPSTREAM_TIMEOUT", default_value = "5s", value_parser = positive_at_most::<300>)]
     pub upstream_timeout: Duration,
 
@@ -142,6 +171,12 @@ pub struct ServeArgs {
     /// Stop refreshing and forget a token nobody asked for or watched in this long.
     #[arg(long, env = "TOKENBROKER_IDLE_TIMEOUT", default_value = "30m", value_parser = positive_at_most::<2_592_000>)]
     pub idle_timeout: Duration,
+
+    /// Least time between two InvalidateToken calls that drop the token of
+    /// one key; a sooner one gets RESOURCE_EXHAUSTED, so a misbehaving
+    /// client causes at most one upstream fetch per key in this time.
+    #[arg(long, env = "TOKENBROKER_INVALIDATE_INTERVAL", default_value = "30s", value_parser = at_most::<3600>)]
+    pub invalidate_interval: Duration,
 
     /// Most distinct tokens (keys) held at once; more gives RESOURCE_EXHAUSTED.
     #[arg(long, env = "TOKENBROKER_MAX_KEYS", default_value_t = crate::cache::DEFAULT_MAX_KEYS)]
@@ -190,6 +225,20 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Where tokens come from, with `metadata_host` (the emulator's, when
+    /// it runs) as the metadata server.
+    pub fn source_config(&self, metadata_host: String) -> SourceConfig {
+        SourceConfig {
+            credentials: self.credentials.clone(),
+            metadata_only: self.emulator,
+            metadata_host,
+            impersonate: self.impersonate.clone(),
+            delegates: self.delegates.clone(),
+            iam_endpoint: self.iam_endpoint.clone(),
+            timeout: self.upstream_timeout,
+        }
+    }
+
     /// The cache settings these flags ask for.
     pub fn cache_config(&self) -> CacheConfig {
         CacheConfig {
@@ -197,6 +246,7 @@ impl ServeArgs {
             expiry_skew: self.expiry_skew,
             idle_timeout: self.idle_timeout,
             max_keys: self.max_keys,
+            invalidate_interval: self.invalidate_interval,
             ..CacheConfig::default()
         }
     }
@@ -339,6 +389,16 @@ fn positive_at_most<const MAX_SECS: u64>(value: &str) -> Result<Duration, String
         return Err(format!("{value:?} must be more than zero"));
     }
     Ok(duration)
+}
+
+fn parse_email(value: &str) -> Result<String, String> {
+    match crate::request::ServiceAccount::parse("service account", value.to_string()) {
+        Ok(crate::request::ServiceAccount::Email(email)) => Ok(email),
+        Ok(crate::request::ServiceAccount::Default) => {
+            Err("name a service account by its email, not \"default\"".into())
+        }
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 /// A group by name or number.

@@ -3,6 +3,10 @@
 //! endpoints, the few instance and project values Google's auth libraries
 //! read, the real server's header rules, HS256-signed ID tokens, and failure
 //! modes switched on over HTTP (`/emulator/v1/...`) or from Rust.
+//! It also fakes Google's OAuth token endpoint and IAM Credentials API
+//! ([`google`]), verifying what they receive as the real ones do.
+
+pub mod google;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -152,6 +156,16 @@ pub struct Stats {
     /// Requests refused for their headers (no `Metadata-Flavor`, or
     /// `X-Forwarded-For`).
     pub rejected_requests: u64,
+    /// Requests to the fake OAuth token endpoint (`POST /token`).
+    #[serde(default)]
+    pub oauth_requests: u64,
+    /// Requests to the fake IAM Credentials API.
+    #[serde(default)]
+    pub iam_requests: u64,
+    /// OAuth and IAM requests refused (bad signature, claims, bearer token,
+    /// grant, account).
+    #[serde(default)]
+    pub google_rejected: u64,
 }
 
 /// What the emulator knows about an access token it issued (like Google's
@@ -181,6 +195,8 @@ struct State {
     issued: HashMap<String, TokenInfo>,
     /// When each token or identity request arrived (the latest ones).
     arrivals: Vec<std::time::Instant>,
+    /// What the fake Google APIs know: keys, users, who may be impersonated.
+    google: google::Accounts,
 }
 
 struct Shared {
@@ -188,6 +204,7 @@ struct Shared {
     stats: watch::Sender<Stats>,
     signing_key: [u8; 32],
     stop: CancellationToken,
+    addr: SocketAddr,
 }
 
 /// A running emulator; stops when dropped.
@@ -212,10 +229,12 @@ impl Emulator {
                 fault: None,
                 issued: HashMap::new(),
                 arrivals: Vec::new(),
+                google: google::Accounts::default(),
             }),
             stats: watch::Sender::new(Stats::default()),
             signing_key,
             stop: CancellationToken::new(),
+            addr,
         });
         let accepting = tokio::spawn(accept_loop(listener, shared.clone()));
         tracing::info!(%addr, "metadata server emulator listening");
@@ -271,6 +290,48 @@ impl Emulator {
     /// the latest [`MAX_REMEMBERED_TOKENS`]).
     pub fn arrivals(&self) -> Vec<std::time::Instant> {
         self.shared.lock().arrivals.clone()
+    }
+
+    /// The URL of the fake OAuth token endpoint (a key file's `token_uri`).
+    pub fn token_uri(&self) -> String {
+        format!("http://{}{}", self.addr, google::TOKEN_PATH)
+    }
+
+    /// The URL of the fake IAM Credentials API (`--iam-endpoint`).
+    pub fn iam_endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Makes the fake OAuth endpoint accept assertions signed by a key:
+    /// its id (`kid`), account and RSA public key (PKCS#1 DER).
+    pub fn add_service_account_key(&self, key_id: &str, email: &str, public_key_der: Vec<u8>) {
+        self.shared.lock().google.keys.insert(
+            key_id.to_string(),
+            google::RegisteredKey {
+                email: email.to_string(),
+                public_key_der,
+            },
+        );
+    }
+
+    /// Makes the fake OAuth endpoint accept a user's refresh token.
+    pub fn add_user(&self, user: google::User) {
+        self.shared.lock().google.users.push(user);
+    }
+
+    /// Lets any valid access token impersonate `email` (and name it as a
+    /// delegate) through the fake IAM Credentials API.
+    pub fn allow_impersonation(&self, email: &str) {
+        self.shared
+            .lock()
+            .google
+            .impersonable
+            .insert(email.to_string());
+    }
+
+    /// The calls the fake IAM Credentials API granted, oldest first.
+    pub fn iam_calls(&self) -> Vec<google::IamCall> {
+        self.shared.lock().google.calls.clone()
     }
 
     /// What the emulator issued an access token for, if it issued it.
@@ -388,6 +449,9 @@ async fn handle(
     let path = request.uri().path().to_string();
     if let Some(control) = path.strip_prefix("/emulator/v1/") {
         return Ok(control_api(&shared, request.method().clone(), control, request).await);
+    }
+    if let Some(api) = google::Api::of(request.method(), &path) {
+        return google::serve(&shared, api, request).await;
     }
     if request.method() != Method::GET {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"));
@@ -563,12 +627,9 @@ async fn respond(
     }
 }
 
-fn access_token(
-    shared: &Shared,
-    email: &str,
-    scopes: Vec<String>,
-    fault: Option<&Fault>,
-) -> String {
+/// Issues and remembers an access token; returns it and its lifetime in
+/// seconds.
+fn issue_access_token(shared: &Shared, email: &str, scopes: Vec<String>) -> (String, u64) {
     let token = format!("ya29.emulator.{}", random_alphanumeric(48));
     let mut state = shared.lock();
     let lifetime = state.config.access_token_lifetime.as_secs();
@@ -583,6 +644,16 @@ fn access_token(
             exp: unix_now() + lifetime,
         },
     );
+    (token, lifetime)
+}
+
+fn access_token(
+    shared: &Shared,
+    email: &str,
+    scopes: Vec<String>,
+    fault: Option<&Fault>,
+) -> String {
+    let (token, lifetime) = issue_access_token(shared, email, scopes);
     match fault {
         Some(Fault::NoExpiry) => json!({"access_token": token, "token_type": "Bearer"}),
         Some(Fault::Expired) => {
@@ -678,9 +749,24 @@ async fn control_api(
                 None => text(StatusCode::NOT_FOUND, "unknown token\n"),
             }
         }
+        (Method::PUT, "keys") => google::trust_key(shared, request).await,
+        (Method::PUT, "users") => match read_json::<google::User>(request).await {
+            Ok(user) => {
+                shared.lock().google.users.push(user);
+                text(StatusCode::OK, "ok\n")
+            }
+            Err(message) => text(StatusCode::BAD_REQUEST, &message),
+        },
+        (Method::PUT, "impersonable") => match read_json::<google::Impersonable>(request).await {
+            Ok(account) => {
+                shared.lock().google.impersonable.insert(account.email);
+                text(StatusCode::OK, "ok\n")
+            }
+            Err(message) => text(StatusCode::BAD_REQUEST, &message),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
-            "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=\n",
+            "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=, PUT keys, PUT users, PUT impersonable\n",
         ),
     }
 }
@@ -792,6 +878,7 @@ mod tests {
             }),
             issued: HashMap::new(),
             arrivals: Vec::new(),
+            google: google::Accounts::default(),
         };
         assert_eq!(state.take_fault(Target::Token), None);
         assert_eq!(state.take_fault(Target::Identity), Some(Fault::Garbage));

@@ -28,7 +28,7 @@ pub enum BrokerError {
         /// The configured bound.
         limit: usize,
     },
-    /// The metadata server could not give a token for this account.
+    /// The token source could not give a token for this account.
     #[error("{}", upstream_message(account, source))]
     Upstream {
         /// The service account asked for (an email or `default`).
@@ -36,9 +36,32 @@ pub enum BrokerError {
         /// What went wrong upstream.
         source: FetchError,
     },
+    /// The configured token source cannot mint tokens for this account
+    /// (a key file only for its own; impersonation only for its target).
+    #[error(
+        "{source_name} cannot mint tokens for service account \"{account}\": ask for \"default\" or \"{allowed}\""
+    )]
+    AccountNotAvailable {
+        /// The account asked for.
+        account: String,
+        /// The configured source, in words (e.g. "the key file /etc/key.json").
+        source_name: String,
+        /// The one account it can mint tokens for.
+        allowed: String,
+    },
+    /// The configured token source cannot give this kind of token at all.
+    #[error("{source_name} cannot give {what}: {hint}")]
+    Unsupported {
+        /// The configured source, in words.
+        source_name: String,
+        /// What was asked for, e.g. "ID tokens".
+        what: &'static str,
+        /// What to do instead.
+        hint: &'static str,
+    },
     /// A fresh token was fetched but does not live as long as asked.
     #[error(
-        "the freshest token is valid for {}, less than the {} asked for by min_valid_for; the metadata server hands out tokens with about an hour of life and reuses them until about 5 minutes before expiry, so ask for less",
+        "the freshest token is valid for {}, less than the {} asked for by min_valid_for; Google tokens live about an hour (and the metadata server reuses one until about 5 minutes before expiry), so ask for less",
         format_duration(*remaining),
         format_duration(*wanted)
     )]
@@ -75,6 +98,18 @@ pub enum BrokerError {
         "the token's cache entry was retired while this call waited (the broker is stopping or a refresh failed hard); try again"
     )]
     EntryRetired,
+    /// The key was invalidated too recently to be invalidated again.
+    #[error(
+        "this token's key was invalidated less than {} ago; try again in {} (at most one invalidation per key per --invalidate-interval)",
+        format_duration(*interval),
+        format_duration(Duration::from_secs(retry_in.as_secs().max(1)))
+    )]
+    InvalidateThrottled {
+        /// How long until the key may be invalidated again.
+        retry_in: Duration,
+        /// The configured least time between invalidations.
+        interval: Duration,
+    },
     /// The broker is stopping.
     #[error("broker shutting down")]
     ShuttingDown,
@@ -82,6 +117,15 @@ pub enum BrokerError {
 
 fn upstream_message(account: &str, source: &FetchError) -> String {
     match source {
+        // The OAuth and IAM APIs explain themselves; the hints below are the
+        // metadata server's, which answers with a bare status.
+        FetchError::Status {
+            status,
+            detail: Some(detail),
+            ..
+        } => {
+            format!("the token source refused a token for \"{account}\" (HTTP {status}): {detail}")
+        }
         FetchError::Status { status: 404, .. } => format!(
             "the metadata server does not know service account \"{account}\" (HTTP 404): use \"default\" or an email listed under computeMetadata/v1/instance/service-accounts/"
         ),
@@ -108,14 +152,19 @@ impl BrokerError {
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
-            Self::LimitExceeded { .. } => Code::ResourceExhausted,
+            Self::LimitExceeded { .. } | Self::InvalidateThrottled { .. } => {
+                Code::ResourceExhausted
+            }
             Self::Upstream { source, .. } => match source {
                 FetchError::Status { status: 400, .. } => Code::InvalidArgument,
-                FetchError::Status { status: 403, .. } => Code::PermissionDenied,
+                FetchError::Status {
+                    status: 401 | 403, ..
+                } => Code::PermissionDenied,
                 FetchError::Status { status: 404, .. } => Code::NotFound,
                 _ => Code::Unavailable,
             },
-            Self::PolicyDenied { .. } => Code::PermissionDenied,
+            Self::PolicyDenied { .. } | Self::AccountNotAvailable { .. } => Code::PermissionDenied,
+            Self::Unsupported { .. } => Code::InvalidArgument,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::MinValidForUnmet { .. }
             | Self::Expired { .. }
@@ -132,17 +181,23 @@ impl BrokerError {
     pub fn http_status(&self) -> (http::StatusCode, Option<Duration>) {
         use http::StatusCode as Http;
         match self {
-            Self::InvalidArgument { .. } => (Http::BAD_REQUEST, None),
-            Self::LimitExceeded { .. } => (Http::TOO_MANY_REQUESTS, None),
+            Self::InvalidArgument { .. } | Self::Unsupported { .. } => (Http::BAD_REQUEST, None),
+            Self::LimitExceeded { .. } | Self::InvalidateThrottled { .. } => {
+                (Http::TOO_MANY_REQUESTS, None)
+            }
             Self::PolicyDenied { .. } => (Http::FORBIDDEN, None),
+            // What the metadata server answers for an account it lacks.
+            Self::AccountNotAvailable { .. } => (Http::NOT_FOUND, None),
             Self::Upstream { source, .. } => match source {
                 FetchError::Status {
                     status: status @ (400 | 403 | 404 | 429),
                     retry_after,
+                    ..
                 } => (
                     Http::from_u16(*status).unwrap_or(Http::SERVICE_UNAVAILABLE),
                     *retry_after,
                 ),
+                FetchError::Status { status: 401, .. } => (Http::FORBIDDEN, None),
                 FetchError::Status { retry_after, .. } => (Http::SERVICE_UNAVAILABLE, *retry_after),
                 _ => (Http::SERVICE_UNAVAILABLE, None),
             },
@@ -171,6 +226,7 @@ mod tests {
             source: FetchError::Status {
                 status,
                 retry_after: None,
+                detail: None,
             },
         }
     }
@@ -209,6 +265,7 @@ mod tests {
             source: FetchError::Status {
                 status: 429,
                 retry_after: Some(Duration::from_secs(7)),
+                detail: None,
             },
         };
         assert_eq!(
@@ -260,5 +317,49 @@ mod tests {
             Code::DeadlineExceeded
         );
         assert_eq!(BrokerError::ShuttingDown.code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn explained_refusals_keep_their_code_and_show_the_explanation() {
+        let refused = |status| BrokerError::Upstream {
+            account: "default".into(),
+            source: FetchError::Status {
+                status,
+                retry_after: None,
+                detail: Some("OAuth token endpoint: invalid_grant: Invalid JWT Signature.".into()),
+            },
+        };
+        assert_eq!(refused(400).code(), Code::InvalidArgument);
+        assert_eq!(refused(401).code(), Code::PermissionDenied);
+        assert_eq!(refused(403).code(), Code::PermissionDenied);
+        assert_eq!(refused(404).code(), Code::NotFound);
+        assert_eq!(refused(503).code(), Code::Unavailable);
+        let message = refused(400).to_string();
+        assert!(
+            message.contains("invalid_grant: Invalid JWT Signature."),
+            "{message}"
+        );
+        assert!(!message.contains("metadata server"), "{message}");
+    }
+
+    #[test]
+    fn source_refusals_say_what_to_ask_for() {
+        let other = BrokerError::AccountNotAvailable {
+            account: "other@p.iam.gserviceaccount.com".into(),
+            source_name: "the key file /k.json".into(),
+            allowed: "me@p.iam.gserviceaccount.com".into(),
+        };
+        assert_eq!(other.code(), Code::PermissionDenied);
+        assert!(
+            other
+                .to_string()
+                .contains("\"me@p.iam.gserviceaccount.com\"")
+        );
+        let unsupported = BrokerError::Unsupported {
+            source_name: "user credentials".into(),
+            what: "ID tokens",
+            hint: "use --impersonate",
+        };
+        assert_eq!(unsupported.code(), Code::InvalidArgument);
     }
 }

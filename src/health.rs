@@ -1,7 +1,7 @@
-//! Whether the broker can hand out tokens. It is SERVING once the metadata
-//! server has answered, and NOT_SERVING while the metadata server cannot be
-//! reached and no cached token is usable. The state feeds gRPC health and
-//! `/readyz`.
+//! Whether the broker can hand out tokens. It is SERVING once the token
+//! source (metadata server, OAuth endpoint, IAM Credentials API) has
+//! answered, and NOT_SERVING while it cannot be reached and no cached token
+//! is usable. The state feeds gRPC health and `/readyz`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -188,6 +188,7 @@ mod tests {
         health.record::<()>(&Err(FetchError::Status {
             status: 404,
             retry_after: None,
+            detail: None,
         }));
         serving.wait_for(|s| *s).await.unwrap();
         stop.cancel();

@@ -1,6 +1,7 @@
 //! Just enough JWT: read the `exp` and `aud` claims without verifying the
-//! signature (the receiving service verifies it), and sign HS256 tokens for
-//! the emulator.
+//! signature (the receiving service verifies it), sign the RS256 assertions
+//! a service-account key exchanges for tokens, and sign (HS256) and verify
+//! (RS256) tokens in the emulator.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -20,6 +21,15 @@ pub enum JwtError {
     /// The payload is not a JSON object with the claims we need.
     #[error("JWT payload is not a JSON object with a numeric `exp` claim")]
     Claims,
+    /// The header is not `{"alg": "RS256", "kid": …}` JSON.
+    #[error("JWT header is not JSON with alg RS256 and a kid")]
+    Header,
+    /// The signature does not verify with the key.
+    #[error("JWT signature does not verify")]
+    Signature,
+    /// The private key refused to sign.
+    #[error("cannot sign the JWT with the key")]
+    Signing,
 }
 
 /// The claims the broker relies on.
@@ -87,6 +97,85 @@ pub fn sign_hs256(claims: &serde_json::Value, key: &[u8]) -> String {
     format!("{signing_input}.{signature}")
 }
 
+/// Signs `claims` as an RS256 JWT whose header names `key_id` (`kid`).
+pub fn sign_rs256(
+    claims: &serde_json::Value,
+    key_id: &str,
+    key: &ring::rsa::KeyPair,
+) -> Result<String, JwtError> {
+    let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": key_id});
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut signature = vec![0; key.public().modulus_len()];
+    key.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut signature,
+    )
+    .map_err(|_| JwtError::Signing)?;
+    Ok(format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(signature)
+    ))
+}
+
+/// The header and claims of an RS256 JWT.
+#[derive(Clone, Debug)]
+pub struct Verified {
+    /// The `kid` the header names.
+    pub key_id: String,
+    /// Every claim.
+    pub claims: serde_json::Value,
+}
+
+/// The `kid` of an RS256 JWT, read before its signature is checked (to
+/// pick the key to check it with).
+pub fn rs256_key_id(jwt: &str) -> Result<String, JwtError> {
+    let header = jwt.split('.').next().ok_or(JwtError::Shape)?;
+    let header = URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| JwtError::Encoding("header"))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|_| JwtError::Header)?;
+    if header["alg"] != "RS256" {
+        return Err(JwtError::Header);
+    }
+    header["kid"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or(JwtError::Header)
+}
+
+/// Verifies an RS256 JWT with an RSA public key (PKCS#1 `RSAPublicKey`
+/// DER) and returns its claims.
+pub fn verify_rs256(jwt: &str, public_key: &[u8]) -> Result<Verified, JwtError> {
+    let key_id = rs256_key_id(jwt)?;
+    let (signing_input, signature) = jwt.rsplit_once('.').ok_or(JwtError::Shape)?;
+    let (_, payload) = signing_input.split_once('.').ok_or(JwtError::Shape)?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| JwtError::Encoding("signature"))?;
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        public_key,
+    )
+    .verify(signing_input.as_bytes(), &signature)
+    .map_err(|_| JwtError::Signature)?;
+    let payload = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| JwtError::Encoding("payload"))?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&payload).map_err(|_| JwtError::Claims)?;
+    if !claims.is_object() {
+        return Err(JwtError::Claims);
+    }
+    Ok(Verified { key_id, claims })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +190,44 @@ mod tests {
         let claims = decode_claims(&jwt).unwrap();
         assert_eq!(claims.exp, 1_900_000_000);
         assert_eq!(claims.aud, vec!["https://a.run.app".to_string()]);
+    }
+
+    fn test_key(index: usize) -> ring::rsa::KeyPair {
+        use rustls::pki_types::PrivatePkcs8KeyDer;
+        use rustls::pki_types::pem::PemObject;
+        let pem = [
+            include_str!("../tests/fixtures/test-only-key-1.pem"),
+            include_str!("../tests/fixtures/test-only-key-2.pem"),
+        ][index];
+        let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).unwrap();
+        ring::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der()).unwrap()
+    }
+
+    #[test]
+    fn rs256_tokens_verify_only_with_their_key() {
+        use ring::signature::KeyPair;
+        let (key, other) = (test_key(0), test_key(1));
+        let claims = json!({"iss": "a@b.c", "exp": 1});
+        let signed = sign_rs256(&claims, "kid-1", &key).unwrap();
+        let verified = verify_rs256(&signed, key.public_key().as_ref()).unwrap();
+        assert_eq!(verified.key_id, "kid-1");
+        assert_eq!(verified.claims, claims);
+        assert_eq!(rs256_key_id(&signed), Ok("kid-1".to_string()));
+        assert_eq!(
+            verify_rs256(&signed, other.public_key().as_ref()).unwrap_err(),
+            JwtError::Signature
+        );
+        let forged = signed.replacen(
+            signed.split('.').nth(1).unwrap(),
+            &URL_SAFE_NO_PAD.encode(r#"{"iss":"evil@b.c","exp":1}"#),
+            1,
+        );
+        assert_eq!(
+            verify_rs256(&forged, key.public_key().as_ref()).unwrap_err(),
+            JwtError::Signature
+        );
+        let hs256 = sign_hs256(&claims, b"k");
+        assert_eq!(rs256_key_id(&hs256), Err(JwtError::Header));
     }
 
     #[test]

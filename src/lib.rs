@@ -4,7 +4,11 @@
 //! The binary (`src/main.rs`) only parses the command line; [`app`] wires:
 //! - [`request`]: validates requests into exact cache keys,
 //! - [`cache`]: shares, coalesces and refreshes tokens,
-//! - [`metadata`]: fetches them from the GCE metadata server,
+//! - [`metadata`], [`keyfile`]: fetch them from the GCE metadata server or
+//!   with a service-account key ([`credentials`] reads key files, [`https`]
+//!   talks TLS to Google), with gcloud's user credentials ([`adc`], which
+//!   also finds credentials) or by impersonation ([`impersonate`]);
+//!   [`sources`] chooses one,
 //! - [`service`], [`server`], [`socket`]: gRPC on a Unix socket,
 //! - [`emulator`]: stands in for the metadata server off Google Cloud,
 //! - [`config`], [`config_file`]: the command line and `serve --config`,
@@ -16,6 +20,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod adc;
 pub mod admin;
 pub mod app;
 pub mod cache;
@@ -24,10 +29,14 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod config_file;
+pub mod credentials;
 pub mod emulator;
 pub mod error;
 pub mod health;
+pub mod https;
+pub mod impersonate;
 pub mod jwt;
+pub mod keyfile;
 pub mod limits;
 pub mod metadata;
 pub mod metadata_endpoint;
@@ -42,6 +51,7 @@ pub mod server;
 pub mod service;
 pub mod sink;
 pub mod socket;
+pub mod sources;
 pub mod systemd;
 pub mod telemetry;
 pub mod token;

@@ -61,6 +61,10 @@ impl<S: TokenSource> TokenSource for RateLimited<S> {
             self.inner.fetch(key).await
         })
     }
+
+    fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
+        self.inner.admits(key)
+    }
 }
 
 /// Counts open watch streams against a total and a per-uid bound.

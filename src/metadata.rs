@@ -16,6 +16,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use crate::https::error_chain;
 use crate::jwt;
 use crate::request::{AccessTokenKey, IdTokenFormat, IdTokenKey, TokenKey};
 use crate::secret::Secret;
@@ -101,6 +102,7 @@ impl MetadataClient {
             return Err(FetchError::Status {
                 status: response.status().as_u16(),
                 retry_after: retry_after(response.headers()),
+                detail: None,
             });
         }
         check_flavor(response.headers())
@@ -150,7 +152,7 @@ impl MetadataClient {
         self.http
             .request(request)
             .await
-            .map_err(|e| FetchError::Connect(error_chain(&e)))
+            .map_err(|e| FetchError::Connect(format!("the metadata server: {}", error_chain(&e))))
     }
 
     async fn get(&self, url: &str) -> Result<Bytes, FetchError> {
@@ -160,6 +162,7 @@ impl MetadataClient {
             return Err(FetchError::Status {
                 status: status.as_u16(),
                 retry_after: retry_after(response.headers()),
+                detail: None,
             });
         }
         check_flavor(response.headers())?;
@@ -196,7 +199,9 @@ async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, FetchError> {
         if e.is::<http_body_util::LengthLimitError>() {
             FetchError::Malformed(format!("response larger than {limit} bytes"))
         } else {
-            FetchError::Connect(format!("connection broke while reading the response: {e}"))
+            FetchError::Connect(format!(
+                "the metadata server: connection broke while reading the response: {e}"
+            ))
         }
     })?;
     Ok(body.to_bytes())
@@ -253,7 +258,10 @@ struct AccessTokenBody {
 }
 
 /// Reads `{"access_token", "expires_in", "token_type"}`.
-fn parse_access_token(body: &[u8], fetched_at: (Instant, SystemTime)) -> Result<Token, FetchError> {
+pub(crate) fn parse_access_token(
+    body: &[u8],
+    fetched_at: (Instant, SystemTime),
+) -> Result<Token, FetchError> {
     let parsed: AccessTokenBody = serde_json::from_slice(body).map_err(|_| {
         FetchError::Malformed("not the expected JSON (access_token, expires_in, token_type)".into())
     })?;
@@ -287,7 +295,7 @@ fn parse_access_token(body: &[u8], fetched_at: (Instant, SystemTime)) -> Result<
 }
 
 /// Reads a raw JWT body and checks its audience and expiry.
-fn parse_id_token(body: &[u8], audience: &str) -> Result<Token, FetchError> {
+pub(crate) fn parse_id_token(body: &[u8], audience: &str) -> Result<Token, FetchError> {
     let jwt = std::str::from_utf8(body)
         .map_err(|_| FetchError::Malformed("identity response is not UTF-8".into()))?
         .trim();
@@ -328,22 +336,12 @@ fn check_flavor(headers: &HeaderMap) -> Result<(), FetchError> {
 /// that, so a hostile value cannot overflow a clock.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+/// The `Retry-After` of a response, in seconds (dates are ignored), at
+/// most [`MAX_RETRY_AFTER`].
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
     let seconds = value.trim().parse::<u64>().ok()?;
     Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
-}
-
-/// An error and its causes on one line (hyper's own message is terse).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 #[cfg(test)]

@@ -41,6 +41,8 @@ pub enum Rpc {
     MetadataToken,
     /// `GET …/identity` on the metadata-compatible endpoint.
     MetadataIdentity,
+    /// `InvalidateToken`.
+    InvalidateToken,
 }
 
 impl Rpc {
@@ -53,6 +55,7 @@ impl Rpc {
             Self::WatchToken => "WatchToken",
             Self::MetadataToken => "MetadataToken",
             Self::MetadataIdentity => "MetadataIdentity",
+            Self::InvalidateToken => "InvalidateToken",
         }
     }
 }
@@ -72,6 +75,7 @@ struct Instruments {
     watchers: UpDownCounter<i64>,
     token_remaining: Histogram<f64>,
     policy_denials: Counter<u64>,
+    invalidations: Counter<u64>,
     label_audience: bool,
 }
 
@@ -92,16 +96,16 @@ impl Metrics {
                 .build(),
             upstream_fetches: meter
                 .u64_counter("tokenbroker.upstream_fetches")
-                .with_description("Requests to the metadata server by result (ok, error).")
+                .with_description("Requests to the token source (metadata server, OAuth, IAM) by result (ok, error).")
                 .build(),
             upstream_failures: meter
                 .u64_counter("tokenbroker.upstream_failures")
-                .with_description("Failed requests to the metadata server by reason.")
+                .with_description("Failed requests to the token source by reason.")
                 .build(),
             upstream_fetch_duration: meter
                 .f64_histogram("tokenbroker.upstream_fetch_duration")
                 .with_unit("s")
-                .with_description("Time one request to the metadata server took.")
+                .with_description("Time one request to the token source took.")
                 .with_boundaries(FETCH_SECONDS_BUCKETS.to_vec())
                 .build(),
             refreshes: meter
@@ -121,6 +125,12 @@ impl Metrics {
             policy_denials: meter
                 .u64_counter("tokenbroker.policy_denials")
                 .with_description("Requests refused by the access policy, by RPC and token kind.")
+                .build(),
+            invalidations: meter
+                .u64_counter("tokenbroker.invalidations")
+                .with_description(
+                    "InvalidateToken calls by token kind and result (invalidated, stale).",
+                )
                 .build(),
             label_audience,
         }));
@@ -189,7 +199,16 @@ impl Metrics {
             .add(1, &[rpc_label(rpc), kind_label(kind)]);
     }
 
-    /// One request to the metadata server: `Err` holds the failure reason.
+    /// An `InvalidateToken` call that succeeded: `invalidated` if it dropped
+    /// the cached token, else the token handed back was already stale.
+    pub fn invalidation(&self, kind: TokenKind, invalidated: bool) {
+        let result = if invalidated { "invalidated" } else { "stale" };
+        self.0
+            .invalidations
+            .add(1, &[kind_label(kind), KeyValue::new("result", result)]);
+    }
+
+    /// One request to the token source: `Err` holds the failure reason.
     pub fn upstream_fetch(
         &self,
         kind: TokenKind,

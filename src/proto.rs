@@ -52,6 +52,20 @@ pub mod v1 {
         }
     }
 
+    impl fmt::Debug for InvalidateTokenRequest {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let request: Option<&dyn fmt::Debug> = match &self.request {
+                Some(invalidate_token_request::Request::AccessToken(r)) => Some(r),
+                Some(invalidate_token_request::Request::IdToken(r)) => Some(r),
+                None => None,
+            };
+            f.debug_struct("InvalidateTokenRequest")
+                .field("request", &request)
+                .field("token", &"[redacted]")
+                .finish()
+        }
+    }
+
     impl fmt::Debug for IdToken {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("IdToken")
@@ -64,7 +78,7 @@ pub mod v1 {
 
 #[cfg(test)]
 mod tests {
-    use super::v1::{AccessToken, IdToken, Token, token};
+    use super::v1::{AccessToken, IdToken, InvalidateTokenRequest, Token, token};
 
     #[test]
     fn debug_output_never_shows_a_token() {
@@ -80,7 +94,12 @@ mod tests {
         let wrapped = Token {
             token: Some(token::Token::IdToken(id.clone())),
         };
+        let invalidate = InvalidateTokenRequest {
+            request: None,
+            token: "ya29.secret".into(),
+        };
         for printed in [
+            format!("{invalidate:?}"),
             format!("{access:?}"),
             format!("{id:?}"),
             format!("{wrapped:?}"),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::error::BrokerError;
 use crate::proto::v1 as pb;
+use crate::secret::Secret;
 use crate::token::TokenKind;
 
 /// Most scopes one access-token request may name.
@@ -214,6 +215,56 @@ impl TryFrom<pb::WatchTokenRequest> for TokenRequest {
                 "set either access_token or id_token",
             )),
         }
+    }
+}
+
+/// Longest token accepted in `InvalidateToken` (16 KiB; ID tokens are a
+/// few KiB).
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// A validated `InvalidateToken` call: the key, and the token handed back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalidation {
+    /// The key the token was obtained for.
+    pub key: TokenKey,
+    /// The token the client's call was rejected with (`Debug` redacts it).
+    pub token: Secret,
+}
+
+impl TryFrom<pb::InvalidateTokenRequest> for Invalidation {
+    type Error = BrokerError;
+
+    fn try_from(request: pb::InvalidateTokenRequest) -> Result<Self, BrokerError> {
+        let key = match request.request {
+            Some(pb::invalidate_token_request::Request::AccessToken(access)) => {
+                TokenRequest::try_from(access)?.key
+            }
+            Some(pb::invalidate_token_request::Request::IdToken(id)) => {
+                TokenRequest::try_from(id)?.key
+            }
+            None => {
+                return Err(BrokerError::invalid(
+                    "request",
+                    "set either access_token or id_token: the request the token was obtained with",
+                ));
+            }
+        };
+        if request.token.is_empty() {
+            return Err(BrokerError::invalid(
+                "token",
+                "required: the token the service rejected",
+            ));
+        }
+        if request.token.len() > MAX_TOKEN_LEN {
+            return Err(BrokerError::invalid(
+                "token",
+                format!("longer than {MAX_TOKEN_LEN} bytes"),
+            ));
+        }
+        Ok(Self {
+            key,
+            token: Secret::new(request.token),
+        })
     }
 }
 
@@ -480,6 +531,47 @@ mod tests {
             assert!(!keys.contains(&key), "{key:?}");
             keys.push(key);
         }
+    }
+
+    #[test]
+    fn invalidations_need_a_request_and_a_token() {
+        let valid = pb::InvalidateTokenRequest {
+            request: Some(pb::invalidate_token_request::Request::IdToken(id("aud"))),
+            token: "eyJ.x.y".into(),
+        };
+        let parsed = Invalidation::try_from(valid.clone()).unwrap();
+        assert_eq!(parsed.token.expose(), "eyJ.x.y");
+        assert_eq!(parsed.key.kind(), TokenKind::Id);
+        assert!(!format!("{parsed:?}").contains("eyJ"));
+        let no_request = pb::InvalidateTokenRequest {
+            request: None,
+            ..valid.clone()
+        };
+        assert_eq!(
+            field_of(Invalidation::try_from(no_request).unwrap_err()),
+            "request"
+        );
+        let no_token = pb::InvalidateTokenRequest {
+            token: String::new(),
+            ..valid.clone()
+        };
+        assert_eq!(
+            field_of(Invalidation::try_from(no_token).unwrap_err()),
+            "token"
+        );
+        let huge = pb::InvalidateTokenRequest {
+            token: "x".repeat(MAX_TOKEN_LEN + 1),
+            ..valid.clone()
+        };
+        assert_eq!(field_of(Invalidation::try_from(huge).unwrap_err()), "token");
+        let bad_key = pb::InvalidateTokenRequest {
+            request: Some(pb::invalidate_token_request::Request::IdToken(id(""))),
+            ..valid
+        };
+        assert_eq!(
+            field_of(Invalidation::try_from(bad_key).unwrap_err()),
+            "audience"
+        );
     }
 }
 

@@ -87,6 +87,10 @@ impl<S: TokenSource> TokenSource for Retrying<S> {
     fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
         Box::pin(self.fetch_with_retries(key))
     }
+
+    fn admits(&self, key: &TokenKey) -> Result<(), crate::error::BrokerError> {
+        self.inner.admits(key)
+    }
 }
 
 #[cfg(test)]
@@ -152,6 +156,7 @@ mod tests {
         Err(FetchError::Status {
             status,
             retry_after: retry_after.map(Duration::from_secs),
+            detail: None,
         })
     }
 
@@ -221,6 +226,7 @@ mod tests {
             Scripted::new(vec![Err(FetchError::Status {
                 status: 503,
                 retry_after: Some(Duration::MAX),
+                detail: None,
             })]),
             RetryPolicy::default(),
         );

@@ -20,7 +20,7 @@ use crate::limits::{WatchLimits, WatchPermit};
 use crate::metrics::{Metrics, Rpc, code_name};
 use crate::policy::{Caller, Peer, PolicyStore};
 use crate::proto::v1 as pb;
-use crate::request::{TokenKey, TokenRequest};
+use crate::request::{Invalidation, TokenKey, TokenRequest};
 use crate::token::{Token, TokenKind};
 
 /// Implements `tokenbroker.v1.TokenBroker` over a [`TokenCache`].
@@ -159,6 +159,52 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
     ) -> Result<Response<pb::IdToken>, Status> {
         let token = self.unary(Rpc::GetIdToken, TokenKind::Id, request).await?;
         Ok(Response::new(id_token(&token)))
+    }
+
+    async fn invalidate_token(
+        &self,
+        request: Request<pb::InvalidateTokenRequest>,
+    ) -> Result<Response<pb::InvalidateTokenResponse>, Status> {
+        let rpc = Rpc::InvalidateToken;
+        let kind = match &request.get_ref().request {
+            Some(pb::invalidate_token_request::Request::AccessToken(_)) => Some(TokenKind::Access),
+            Some(pb::invalidate_token_request::Request::IdToken(_)) => Some(TokenKind::Id),
+            None => None,
+        };
+        let caller = Caller::Local(peer_of(&request));
+        let call = async {
+            let invalidation: Invalidation =
+                request.into_inner().try_into().inspect_err(|error| {
+                    self.report(rpc, kind, None, Err(error));
+                })?;
+            let kind = invalidation.key.kind();
+            let audience = audience(&invalidation.key);
+            let result = authorize(
+                &self.policy,
+                &self.metrics,
+                rpc,
+                kind,
+                &caller,
+                &invalidation.key,
+            )
+            .and_then(|()| {
+                self.cache
+                    .invalidate(&invalidation.key, &invalidation.token)
+            });
+            match &result {
+                Ok(invalidated) => {
+                    tracing::Span::current().record(
+                        "outcome",
+                        if *invalidated { "invalidated" } else { "stale" },
+                    );
+                    self.metrics.invalidation(kind, *invalidated);
+                }
+                Err(error) => self.report(rpc, Some(kind), audience, Err(error)),
+            }
+            result
+        };
+        let invalidated = call.instrument(rpc_span(rpc, kind)).await?;
+        Ok(Response::new(pb::InvalidateTokenResponse { invalidated }))
     }
 
     type WatchTokenStream = Pin<Box<dyn Stream<Item = Result<pb::Token, Status>> + Send>>;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
+use crate::error::BrokerError;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::request::TokenKey;
@@ -16,27 +17,41 @@ use crate::token::Token;
 pub trait TokenSource: Send + Sync + 'static {
     /// Fetches a fresh token for `key`.
     fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>>;
+
+    /// Refuses, before anything is cached or fetched, a key this source
+    /// can never serve (another account than a key file's own, a format
+    /// only the metadata server knows). The default admits every key.
+    fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
+        let _ = key;
+        Ok(())
+    }
 }
 
 /// Why a fetch failed. Messages never contain a token or a response body.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FetchError {
     /// No connection could be made, or it broke before a response arrived.
-    #[error("cannot reach the metadata server: {0}")]
+    /// The message names the service first, e.g. "the metadata server: …".
+    #[error("cannot reach {0}")]
     Connect(String),
     /// No complete response within the upstream timeout.
-    #[error("the metadata server did not answer within {}", humantime::format_duration(*.0))]
+    #[error("the token source did not answer within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
     /// A status other than 200.
-    #[error("the metadata server answered HTTP {status}")]
+    #[error("the token source answered HTTP {status}{}", detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
     Status {
         /// The HTTP status code.
         status: u16,
         /// The server's `Retry-After`, if it sent one.
         retry_after: Option<Duration>,
+        /// The service and its explanation, when it gave one (the OAuth and
+        /// IAM APIs do; the metadata server does not). Never a token.
+        detail: Option<String>,
     },
-    /// A 200 whose body or headers cannot be trusted as a token.
-    #[error("the metadata server sent an unusable response: {0}")]
+    /// A 200 whose body or headers cannot be trusted as a token, or a
+    /// request that could not be made at all (e.g. a JWT that cannot be
+    /// signed).
+    #[error("the token source sent an unusable response: {0}")]
     Malformed(String),
 }
 
@@ -51,7 +66,7 @@ impl FetchError {
         }
     }
 
-    /// Whether the metadata server could not be reached at all: no
+    /// Whether the token source could not be reached at all: no
     /// connection, no answer in time, or a 5xx from something in between.
     pub fn is_unreachable(&self) -> bool {
         match self {
@@ -121,6 +136,10 @@ impl<S: TokenSource> TokenSource for Instrumented<S> {
         };
         Box::pin(fetch.instrument(span))
     }
+
+    fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
+        self.inner.admits(key)
+    }
 }
 
 #[cfg(test)]
@@ -131,6 +150,7 @@ mod tests {
         FetchError::Status {
             status,
             retry_after: None,
+            detail: None,
         }
     }
 

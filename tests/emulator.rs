@@ -108,3 +108,351 @@ async fn identity_needs_an_audience_and_signs_its_claims() {
     assert!(claims["google"]["compute_engine"]["license_id"].is_array());
     assert_eq!(jwt.split('.').count(), 3);
 }
+
+// === The fake OAuth token endpoint and IAM Credentials API ===
+
+mod google {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+    use rustls::pki_types::pem::PemObject;
+    use serde_json::{Value, json};
+    use tokenbroker::emulator::{Emulator, EmulatorConfig};
+    use tokenbroker::jwt;
+
+    use super::common::{self, KEY_ACCOUNT, TEST_KEYS};
+
+    const JWT_BEARER: &str = "urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer";
+    const TARGET: &str = "target@test-project.iam.gserviceaccount.com";
+
+    async fn post(
+        url: &str,
+        content_type: &str,
+        body: String,
+        bearer: Option<&str>,
+    ) -> (u16, Value) {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let mut request = http::Request::post(url).header("content-type", content_type);
+        if let Some(bearer) = bearer {
+            request = request.header("authorization", format!("Bearer {bearer}"));
+        }
+        let response = client
+            .request(request.body(Full::new(Bytes::from(body))).unwrap())
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&body).expect("a JSON answer"),
+        )
+    }
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn sign(claims: &Value, kid: &str, key: usize) -> String {
+        let der = PrivatePkcs8KeyDer::from_pem_slice(TEST_KEYS[key].0.as_bytes()).unwrap();
+        let pair = ring::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der()).unwrap();
+        jwt::sign_rs256(claims, kid, &pair).unwrap()
+    }
+
+    async fn exchange(emulator: &Emulator, assertion: &str) -> (u16, Value) {
+        post(
+            &emulator.token_uri(),
+            "application/x-www-form-urlencoded",
+            format!("grant_type={JWT_BEARER}&assertion={assertion}"),
+            None,
+        )
+        .await
+    }
+
+    async fn trusting_emulator() -> Emulator {
+        let emulator = common::emulator(EmulatorConfig::default()).await;
+        emulator.add_service_account_key("kid-1", KEY_ACCOUNT, TEST_KEYS[0].1.to_vec());
+        emulator
+    }
+
+    fn good_claims(emulator: &Emulator) -> Value {
+        json!({
+            "iss": KEY_ACCOUNT,
+            "sub": KEY_ACCOUNT,
+            "aud": emulator.token_uri(),
+            "iat": now(),
+            "exp": now() + 3600,
+            "scope": "scope:a scope:b",
+        })
+    }
+
+    fn invalid_grant(answer: &(u16, Value), needle: &str) {
+        assert_eq!(answer.0, 400, "{answer:?}");
+        assert_eq!(answer.1["error"], "invalid_grant", "{answer:?}");
+        let description = answer.1["error_description"].as_str().unwrap();
+        assert!(description.contains(needle), "{description}");
+    }
+
+    #[tokio::test]
+    async fn the_token_endpoint_accepts_only_well_signed_short_lived_assertions() {
+        let emulator = trusting_emulator().await;
+        let (status, body) = exchange(&emulator, &sign(&good_claims(&emulator), "kid-1", 0)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["token_type"], "Bearer");
+        let info = emulator
+            .token_info(body["access_token"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(info.scopes, ["scope:a", "scope:b"]);
+
+        let mut id = good_claims(&emulator);
+        id.as_object_mut().unwrap().remove("scope");
+        id["target_audience"] = "https://a.run.app".into();
+        let (status, body) = exchange(&emulator, &sign(&id, "kid-1", 0)).await;
+        assert_eq!(status, 200);
+        let claims = common::claims(body["id_token"].as_str().unwrap());
+        assert_eq!(
+            (claims["aud"].as_str(), claims["email"].as_str()),
+            (Some("https://a.run.app"), Some(KEY_ACCOUNT))
+        );
+
+        // Signed by another key, or under an unknown kid.
+        invalid_grant(
+            &exchange(&emulator, &sign(&good_claims(&emulator), "kid-1", 1)).await,
+            "Invalid JWT Signature",
+        );
+        invalid_grant(
+            &exchange(&emulator, &sign(&good_claims(&emulator), "kid-9", 0)).await,
+            "Invalid JWT Signature",
+        );
+        // Claims changed after signing.
+        let signed = sign(&good_claims(&emulator), "kid-1", 0);
+        let mut parts: Vec<&str> = signed.split('.').collect();
+        let mut forged = good_claims(&emulator);
+        forged["scope"] = "scope:everything".into();
+        use base64::Engine;
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(forged.to_string());
+        parts[1] = &payload;
+        invalid_grant(
+            &exchange(&emulator, &parts.join(".")).await,
+            "Invalid JWT Signature",
+        );
+
+        let variants: [(&str, Value, &str); 5] = [
+            (
+                "aud",
+                json!("https://oauth2.googleapis.com/token"),
+                "audience",
+            ),
+            ("iss", json!("other@p.iam.gserviceaccount.com"), "iss"),
+            ("sub", json!("other@p.iam.gserviceaccount.com"), "sub"),
+            ("exp", json!(now() + 3601), "short-lived"),
+            ("iat", json!(now() + 3000), "short-lived"),
+        ];
+        for (claim, value, needle) in variants {
+            let mut claims = good_claims(&emulator);
+            claims[claim] = value;
+            invalid_grant(
+                &exchange(&emulator, &sign(&claims, "kid-1", 0)).await,
+                needle,
+            );
+        }
+        let mut expired = good_claims(&emulator);
+        expired["iat"] = json!(now() - 7200);
+        expired["exp"] = json!(now() - 3600);
+        invalid_grant(
+            &exchange(&emulator, &sign(&expired, "kid-1", 0)).await,
+            "short-lived",
+        );
+
+        let mut neither = good_claims(&emulator);
+        neither.as_object_mut().unwrap().remove("scope");
+        let (status, body) = exchange(&emulator, &sign(&neither, "kid-1", 0)).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_scope"))
+        );
+
+        let (status, body) = post(
+            &emulator.token_uri(),
+            "application/x-www-form-urlencoded",
+            "grant_type=password&username=x".into(),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("unsupported_grant_type"))
+        );
+        assert_eq!(emulator.stats().google_rejected, 11);
+    }
+
+    fn iam_url(emulator: &Emulator, method: &str) -> String {
+        format!(
+            "{}/v1/projects/-/serviceAccounts/{TARGET}:{method}",
+            emulator.iam_endpoint()
+        )
+    }
+
+    fn api_error(answer: &(u16, Value), code: u16, status: &str) {
+        assert_eq!(answer.0, code, "{answer:?}");
+        assert_eq!(answer.1["error"]["code"], code);
+        assert_eq!(answer.1["error"]["status"], status);
+    }
+
+    #[tokio::test]
+    async fn the_iam_api_checks_the_bearer_token_and_the_request() {
+        let emulator = trusting_emulator().await;
+        let token_for = async |scope: &str| {
+            let mut claims = good_claims(&emulator);
+            claims["scope"] = scope.into();
+            let (_, body) = exchange(&emulator, &sign(&claims, "kid-1", 0)).await;
+            body["access_token"].as_str().unwrap().to_string()
+        };
+        let cloud = token_for("https://www.googleapis.com/auth/cloud-platform").await;
+        let narrow = token_for("scope:a").await;
+        let body = json!({"scope": ["scope:x"], "lifetime": "3600s"}).to_string();
+        let access = iam_url(&emulator, "generateAccessToken");
+        let json = "application/json";
+
+        api_error(
+            &post(&access, json, body.clone(), None).await,
+            401,
+            "UNAUTHENTICATED",
+        );
+        api_error(
+            &post(&access, json, body.clone(), Some("ya29.made-up")).await,
+            401,
+            "UNAUTHENTICATED",
+        );
+        api_error(
+            &post(&access, json, body.clone(), Some(&narrow)).await,
+            403,
+            "PERMISSION_DENIED",
+        );
+        // Not (yet) allowed to impersonate the target.
+        api_error(
+            &post(&access, json, body.clone(), Some(&cloud)).await,
+            403,
+            "PERMISSION_DENIED",
+        );
+        emulator.allow_impersonation(TARGET);
+        let (status, answer) = post(&access, json, body, Some(&cloud)).await;
+        assert_eq!(status, 200, "{answer}");
+        let info = emulator
+            .token_info(answer["accessToken"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(info.email, TARGET);
+        assert!(humantime::parse_rfc3339(answer["expireTime"].as_str().unwrap()).is_ok());
+
+        let no_scope = json!({"lifetime": "3600s"}).to_string();
+        api_error(
+            &post(&access, json, no_scope, Some(&cloud)).await,
+            400,
+            "INVALID_ARGUMENT",
+        );
+        let too_long = json!({"scope": ["s"], "lifetime": "7200s"}).to_string();
+        api_error(
+            &post(&access, json, too_long, Some(&cloud)).await,
+            400,
+            "INVALID_ARGUMENT",
+        );
+        let unknown_delegate =
+            json!({"scope": ["s"], "delegates": ["projects/-/serviceAccounts/x@p.iam.gserviceaccount.com"]})
+                .to_string();
+        api_error(
+            &post(&access, json, unknown_delegate, Some(&cloud)).await,
+            403,
+            "PERMISSION_DENIED",
+        );
+
+        let id = iam_url(&emulator, "generateIdToken");
+        let no_audience = json!({"includeEmail": true}).to_string();
+        api_error(
+            &post(&id, json, no_audience, Some(&cloud)).await,
+            400,
+            "INVALID_ARGUMENT",
+        );
+        let good = json!({"audience": "https://a.run.app", "includeEmail": true}).to_string();
+        let (status, answer) = post(&id, json, good, Some(&cloud)).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            common::claims(answer["token"].as_str().unwrap())["email"],
+            TARGET
+        );
+        assert_eq!(emulator.iam_calls().len(), 2);
+        assert!(emulator.iam_calls().iter().all(|c| c.caller == KEY_ACCOUNT));
+    }
+
+    async fn put(emulator: &Emulator, what: &str, body: String) -> u16 {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let request = http::Request::put(format!("{}/emulator/v1/{what}", emulator.iam_endpoint()))
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        client.request(request).await.unwrap().status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn keys_users_and_impersonable_accounts_are_set_over_http() {
+        let emulator = common::emulator(EmulatorConfig::default()).await;
+        let key = common::key_json(&emulator, "kid-http");
+        assert_eq!(put(&emulator, "keys", key.to_string()).await, 200);
+        let (status, _) = exchange(&emulator, &sign(&good_claims(&emulator), "kid-http", 0)).await;
+        assert_eq!(status, 200, "the key is trusted");
+        let mut broken = key.clone();
+        broken["private_key"] = "not a key".into();
+        assert_eq!(put(&emulator, "keys", broken.to_string()).await, 400);
+        assert_eq!(put(&emulator, "keys", "{}".into()).await, 400);
+
+        let user = json!({
+            "client_id": "c", "client_secret": "s", "refresh_token": "r", "email": "dev@example.com",
+        });
+        assert_eq!(put(&emulator, "users", user.to_string()).await, 200);
+        let (status, body) = post(
+            &emulator.token_uri(),
+            "application/x-www-form-urlencoded",
+            "grant_type=refresh_token&client_id=c&client_secret=s&refresh_token=r".into(),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        let cloud = body["access_token"].as_str().unwrap().to_string();
+        assert_eq!(
+            emulator.token_info(&cloud).unwrap().email,
+            "dev@example.com"
+        );
+        let (status, body) = post(
+            &emulator.token_uri(),
+            "application/x-www-form-urlencoded",
+            "grant_type=refresh_token&client_id=c&client_secret=s&refresh_token=stolen".into(),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_grant"))
+        );
+
+        let body = json!({"scope": ["s"]}).to_string();
+        let access = iam_url(&emulator, "generateAccessToken");
+        assert_eq!(
+            post(&access, "application/json", body.clone(), Some(&cloud))
+                .await
+                .0,
+            403
+        );
+        let target = json!({"email": TARGET}).to_string();
+        assert_eq!(put(&emulator, "impersonable", target).await, 200);
+        assert_eq!(
+            post(&access, "application/json", body, Some(&cloud))
+                .await
+                .0,
+            200
+        );
+    }
+}

@@ -92,10 +92,22 @@ impl Broker {
     pub fn spawn_command(mut command: Command, socket: &Path, dir: tempfile::TempDir) -> Broker {
         let set =
             |command: &Command, name: &str| command.as_std().get_envs().any(|(key, _)| key == name);
-        for name in ["TOKENBROKER_SOCKET", "GCE_METADATA_HOST"] {
+        // Credentials discovery sees only what a test gives it: no
+        // variables, and a home without gcloud credentials.
+        for name in [
+            "TOKENBROKER_SOCKET",
+            "GCE_METADATA_HOST",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "CLOUDSDK_CONFIG",
+            "TOKENBROKER_CREDENTIALS",
+            "TOKENBROKER_IMPERSONATE",
+        ] {
             if !set(&command, name) {
                 command.env_remove(name);
             }
+        }
+        if !set(&command, "HOME") {
+            command.env("HOME", dir.path());
         }
         if !set(&command, "RUST_LOG") {
             command.env(
@@ -421,4 +433,50 @@ pub fn valid_for(token: &str, audience: &str) -> bool {
         .unwrap()
         .as_secs();
     claims["aud"] == audience && claims["exp"].as_u64().is_some_and(|exp| exp > now)
+}
+
+/// The test-only service-account key pairs under tests/fixtures/.
+pub const TEST_KEYS: [(&str, &[u8]); 2] = [
+    (
+        include_str!("../fixtures/test-only-key-1.pem"),
+        include_bytes!("../fixtures/test-only-key-1.public.der"),
+    ),
+    (
+        include_str!("../fixtures/test-only-key-2.pem"),
+        include_bytes!("../fixtures/test-only-key-2.public.der"),
+    ),
+];
+
+/// The account of the test key files.
+pub const KEY_ACCOUNT: &str = "keyed@test-project.iam.gserviceaccount.com";
+
+/// A service-account key file's JSON: test key 1 with id `kid`, whose
+/// `token_uri` is the emulator's.
+pub fn key_json(emulator: &Emulator, kid: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "service_account",
+        "project_id": "test-project",
+        "private_key_id": kid,
+        "private_key": TEST_KEYS[0].0,
+        "client_email": KEY_ACCOUNT,
+        "client_id": "1234567890",
+        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+        "token_uri": emulator.token_uri(),
+    })
+}
+
+/// Writes `json` to `dir/name` with permissions `mode`; returns the path.
+pub fn write_file(dir: &Path, name: &str, json: &serde_json::Value, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, serde_json::to_string_pretty(json).unwrap()).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+/// A key file for test key 1 that `emulator` trusts (registered as `kid-1`).
+pub fn trusted_key_file(emulator: &Emulator, dir: &Path) -> PathBuf {
+    emulator.add_service_account_key("kid-1", KEY_ACCOUNT, TEST_KEYS[0].1.to_vec());
+    write_file(dir, "key.json", &key_json(emulator, "kid-1"), 0o600)
 }

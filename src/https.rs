@@ -1,0 +1,306 @@
+//! HTTPS to Google's token APIs (OAuth token endpoint, IAM Credentials):
+//! rustls with the platform's root certificates, plain `http://` only to
+//! loopback addresses (tests, emulators), bounded requests and responses,
+//! and the APIs' error bodies turned into a one-line explanation.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+
+use crate::metadata::MAX_RESPONSE_BYTES;
+use crate::secret::Secret;
+use crate::upstream::FetchError;
+
+/// Longest explanation kept from an error body, in bytes.
+const MAX_DETAIL_LEN: usize = 300;
+
+/// Checks an endpoint URL from a key file or the command line: `https://`
+/// anywhere, `http://` only to a loopback address. `what` names it in the
+/// error, e.g. "token_uri".
+pub fn endpoint(what: &str, url: &str) -> Result<Uri, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| format!("{what} {url:?} is not a URL"))?;
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("{what} {url:?} has no host"))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!("{what} {url:?} must not hold user info"));
+    }
+    match uri.scheme_str() {
+        Some("https") => Ok(uri),
+        Some("http") if is_loopback(host) => Ok(uri),
+        Some("http") => Err(format!(
+            "{what} {url:?} is plain http to a host that is not loopback; use https:// (http:// is accepted only for 127.0.0.0/8, ::1 and localhost, for tests and emulators)"
+        )),
+        _ => Err(format!("{what} {url:?} must start with https://")),
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// An HTTP/1.1 client speaking TLS (rustls, platform roots) to `https://`
+/// endpoints. Cloning is cheap.
+#[derive(Clone)]
+pub struct HttpsClient {
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl HttpsClient {
+    /// A client whose requests each take at most `timeout`. Trusts the
+    /// platform's root certificates (as found by `rustls-native-certs`,
+    /// which honours `SSL_CERT_FILE` and `SSL_CERT_DIR`).
+    pub fn new(timeout: Duration) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        for error in &found.errors {
+            tracing::warn!(%error, "cannot read some platform root certificates");
+        }
+        let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            tracing::warn!("no platform root certificates found: HTTPS requests will fail");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("cannot set up TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(https);
+        Ok(Self { http, timeout })
+    }
+
+    /// POSTs `body` to `uri` and returns the body of a 200. `service`
+    /// names the API in errors ("the OAuth token endpoint"). Any other
+    /// status is [`FetchError::Status`] with the API's explanation.
+    pub async fn post(
+        &self,
+        service: &'static str,
+        uri: &Uri,
+        content_type: &'static str,
+        body: Bytes,
+        bearer: Option<&Secret>,
+    ) -> Result<Bytes, FetchError> {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(uri.clone())
+            .header(header::CONTENT_TYPE, content_type)
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, user_agent());
+        if let Some(bearer) = bearer {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {}", bearer.expose()));
+        }
+        let request = request
+            .body(Full::new(body))
+            .map_err(|_| FetchError::Malformed(format!("cannot build a request to {service}")))?;
+        let exchange = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|e| FetchError::Connect(format!("{service}: {}", error_chain(&e))))?;
+            let status = response.status();
+            let retry_after = crate::metadata::retry_after(response.headers());
+            let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        FetchError::Malformed(format!(
+                            "{service}: response larger than {MAX_RESPONSE_BYTES} bytes"
+                        ))
+                    } else {
+                        FetchError::Connect(format!(
+                            "{service}: connection broke while reading the response: {e}"
+                        ))
+                    }
+                })?
+                .to_bytes();
+            if status != StatusCode::OK {
+                return Err(FetchError::Status {
+                    status: status.as_u16(),
+                    retry_after,
+                    detail: Some(format!("{service}: {}", explain(&body))),
+                });
+            }
+            Ok(body)
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| FetchError::Timeout(self.timeout))?
+    }
+
+    /// Checks that `uri` answers at all: any status but a 5xx counts (a
+    /// token endpoint answers a GET with 404 or 405, which costs nothing).
+    pub async fn probe(&self, service: &'static str, uri: &Uri) -> Result<(), FetchError> {
+        let request = Request::get(uri.clone())
+            .header(header::USER_AGENT, user_agent())
+            .body(Full::new(Bytes::new()))
+            .map_err(|_| FetchError::Malformed(format!("cannot build a request to {service}")))?;
+        let response = tokio::time::timeout(self.timeout, self.http.request(request))
+            .await
+            .map_err(|_| FetchError::Timeout(self.timeout))?
+            .map_err(|e| FetchError::Connect(format!("{service}: {}", error_chain(&e))))?;
+        if response.status().is_server_error() {
+            return Err(FetchError::Status {
+                status: response.status().as_u16(),
+                retry_after: None,
+                detail: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn user_agent() -> &'static str {
+    concat!("tokenbroker/", env!("CARGO_PKG_VERSION"))
+}
+
+/// The error bodies of Google's APIs: OAuth's `{"error": "invalid_grant",
+/// "error_description": "…"}` and the JSON APIs' `{"error": {"code",
+/// "message", "status"}}`.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorField,
+    #[serde(default)]
+    error_description: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ErrorField {
+    OAuth(String),
+    Api {
+        #[serde(default)]
+        status: Option<String>,
+        #[serde(default)]
+        message: Option<String>,
+    },
+}
+
+/// One printable line explaining an error body (never the body itself
+/// when it is not one of Google's error shapes).
+fn explain(body: &[u8]) -> String {
+    let text = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody {
+            error: ErrorField::OAuth(error),
+            error_description,
+        }) => match error_description {
+            Some(description) => format!("{error}: {description}"),
+            None => error,
+        },
+        Ok(ErrorBody {
+            error: ErrorField::Api { status, message },
+            ..
+        }) => [status, message]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(": "),
+        Err(_) => "no explanation in the response".to_string(),
+    };
+    let mut line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if line.len() > MAX_DETAIL_LEN {
+        let mut end = MAX_DETAIL_LEN;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+        line.push('…');
+    }
+    line
+}
+
+/// An error and its causes on one line (hyper's own message is terse).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_only_to_loopback() {
+        for good in [
+            "https://oauth2.googleapis.com/token",
+            "https://private.googleapis.com:8443/token",
+            "http://127.0.0.1:8080/token",
+            "http://127.1.2.3/token",
+            "http://[::1]:9000/token",
+            "http://localhost:80/token",
+        ] {
+            assert!(endpoint("token_uri", good).is_ok(), "{good}");
+        }
+        let error = endpoint("token_uri", "http://oauth2.googleapis.com/token").unwrap_err();
+        assert!(
+            error.contains("token_uri") && error.contains("https://"),
+            "{error}"
+        );
+        assert!(endpoint("x", "http://10.0.0.1/token").is_err());
+        assert!(endpoint("x", "http://127.0.0.1.evil.example/token").is_err());
+        assert!(endpoint("x", "ftp://127.0.0.1/token").is_err());
+        assert!(endpoint("x", "https://user@host/token").is_err());
+        assert!(endpoint("x", "/token").is_err());
+        assert!(endpoint("x", "not a url").is_err());
+    }
+
+    #[test]
+    fn error_bodies_become_one_line() {
+        assert_eq!(
+            explain(br#"{"error":"invalid_grant","error_description":"Invalid JWT Signature."}"#),
+            "invalid_grant: Invalid JWT Signature."
+        );
+        assert_eq!(
+            explain(
+                br#"{"error":{"code":403,"message":"Permission denied.\nreally","status":"PERMISSION_DENIED"}}"#
+            ),
+            "PERMISSION_DENIED: Permission denied. really"
+        );
+        assert_eq!(
+            explain(b"<html>ya29.secret</html>"),
+            "no explanation in the response"
+        );
+        let long = format!(
+            r#"{{"error":"x","error_description":"{}"}}"#,
+            "é".repeat(400)
+        );
+        assert!(explain(long.as_bytes()).len() <= MAX_DETAIL_LEN + '…'.len_utf8());
+    }
+}

@@ -1,0 +1,287 @@
+//! Impersonation: tokens of another service account, minted by the IAM
+//! Credentials API (`generateAccessToken`, `generateIdToken`) on the
+//! strength of the base source's access token (cloud-platform scope).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use http::Uri;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::error::BrokerError;
+use crate::https::HttpsClient;
+use crate::keyfile::{DEFAULT_SCOPES, admit_one_account};
+use crate::metadata::{MAX_TOKEN_LIFETIME, parse_id_token};
+use crate::request::{AccessTokenKey, ServiceAccount, TokenKey};
+use crate::secret::Secret;
+use crate::token::Token;
+use crate::upstream::{FetchError, TokenSource};
+
+/// Google's IAM Credentials API, unless `--iam-endpoint` says otherwise.
+pub const DEFAULT_IAM_ENDPOINT: &str = "https://iamcredentials.googleapis.com";
+/// Lifetime asked for impersonated access tokens (1 hour, the default
+/// maximum).
+pub const ACCESS_TOKEN_LIFETIME: &str = "3600s";
+/// The base token is fetched again when it has less than this left (5 min).
+pub const BASE_TOKEN_MARGIN: Duration = Duration::from_secs(300);
+
+const SERVICE: &str = "the IAM Credentials API";
+
+/// Mints tokens for `target` through the IAM Credentials API.
+pub struct ImpersonatedSource {
+    base: Arc<dyn TokenSource>,
+    target: String,
+    delegates: Vec<String>,
+    endpoint: Uri,
+    http: HttpsClient,
+    /// The base source's latest access token, reused while it lasts. An
+    /// async lock, held across the base fetch, so that concurrent fetches
+    /// of several keys share one base token fetch.
+    base_token: tokio::sync::Mutex<Option<Arc<Token>>>,
+}
+
+impl ImpersonatedSource {
+    /// Impersonates `target` (through the chain `delegates`, emails) at the
+    /// IAM Credentials API under `endpoint`, authorised by `base`'s access
+    /// tokens.
+    pub fn new(
+        base: Arc<dyn TokenSource>,
+        target: String,
+        delegates: Vec<String>,
+        endpoint: Uri,
+        http: HttpsClient,
+    ) -> Self {
+        Self {
+            base,
+            target,
+            delegates,
+            endpoint,
+            http,
+            base_token: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The source in words.
+    pub fn describe(&self) -> String {
+        format!("impersonation of {}", self.target)
+    }
+
+    /// Checks that the IAM Credentials API answers (a GET of its root; any
+    /// status but a 5xx counts).
+    pub async fn probe(&self) -> Result<(), FetchError> {
+        self.http.probe(SERVICE, &self.endpoint).await
+    }
+
+    /// The base source's access token, fetched again when close to expiry.
+    async fn base_token(&self) -> Result<Arc<Token>, FetchError> {
+        let mut cached = self.base_token.lock().await;
+        if let Some(token) = cached
+            .as_ref()
+            .filter(|t| t.remaining(Instant::now()) > BASE_TOKEN_MARGIN)
+        {
+            return Ok(token.clone());
+        }
+        let key = TokenKey::Access(AccessTokenKey {
+            account: ServiceAccount::Default,
+            scopes: DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect(),
+        });
+        let token = Arc::new(self.base.fetch(&key).await?);
+        *cached = Some(token.clone());
+        Ok(token)
+    }
+
+    fn url(&self, method: &str) -> Result<Uri, FetchError> {
+        let base = self.endpoint.to_string();
+        format!(
+            "{}/v1/projects/-/serviceAccounts/{}:{method}",
+            base.trim_end_matches('/'),
+            self.target
+        )
+        .parse()
+        .map_err(|_| FetchError::Malformed("cannot build the IAM Credentials URL".into()))
+    }
+
+    fn delegate_names(&self) -> Vec<String> {
+        self.delegates
+            .iter()
+            .map(|email| format!("projects/-/serviceAccounts/{email}"))
+            .collect()
+    }
+
+    async fn fetch_token(&self, key: &TokenKey) -> Result<Token, FetchError> {
+        let bearer = self.base_token().await?;
+        let (method, body) = match key {
+            TokenKey::Access(access) => {
+                let scopes: Vec<&str> = if access.scopes.is_empty() {
+                    DEFAULT_SCOPES.to_vec()
+                } else {
+                    access.scopes.iter().map(String::as_str).collect()
+                };
+                let mut body = json!({"scope": scopes, "lifetime": ACCESS_TOKEN_LIFETIME});
+                if !self.delegates.is_empty() {
+                    body["delegates"] = json!(self.delegate_names());
+                }
+                ("generateAccessToken", body)
+            }
+            TokenKey::Id(id) => {
+                let mut body = json!({"audience": id.audience, "includeEmail": true});
+                if !self.delegates.is_empty() {
+                    body["delegates"] = json!(self.delegate_names());
+                }
+                ("generateIdToken", body)
+            }
+        };
+        let fetched_at = SystemTime::now();
+        let response = self
+            .http
+            .post(
+                SERVICE,
+                &self.url(method)?,
+                "application/json",
+                Bytes::from(body.to_string()),
+                Some(bearer.secret()),
+            )
+            .await;
+        if let Err(FetchError::Status { status: 401, .. }) = &response {
+            // The base token was refused: fetch a new one next time (unless
+            // another fetch already replaced it).
+            let mut cached = self.base_token.lock().await;
+            if cached.as_ref().is_some_and(|t| Arc::ptr_eq(t, &bearer)) {
+                *cached = None;
+            }
+        }
+        let response = response?;
+        match key {
+            TokenKey::Access(_) => parse_generated_access_token(&response, fetched_at),
+            TokenKey::Id(id) => {
+                let parsed: GeneratedIdToken = serde_json::from_slice(&response).map_err(|_| {
+                    FetchError::Malformed("not the expected JSON ({\"token\": …})".into())
+                })?;
+                parse_id_token(parsed.token.as_bytes(), &id.audience)
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeneratedAccessToken {
+    access_token: String,
+    expire_time: String,
+}
+
+#[derive(Deserialize)]
+struct GeneratedIdToken {
+    token: String,
+}
+
+/// Reads `{"accessToken", "expireTime"}` (RFC 3339).
+fn parse_generated_access_token(body: &[u8], now: SystemTime) -> Result<Token, FetchError> {
+    let parsed: GeneratedAccessToken = serde_json::from_slice(body).map_err(|_| {
+        FetchError::Malformed("not the expected JSON (accessToken, expireTime)".into())
+    })?;
+    if parsed.access_token.is_empty() || !parsed.access_token.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(FetchError::Malformed(
+            "accessToken is empty or not printable ASCII".into(),
+        ));
+    }
+    let expire_time = humantime::parse_rfc3339_weak(&parsed.expire_time)
+        .ok()
+        .filter(|t| *t > now && *t <= now + MAX_TOKEN_LIFETIME)
+        .ok_or_else(|| {
+            FetchError::Malformed("expireTime is not an RFC 3339 time within the next day".into())
+        })?;
+    Ok(Token::expiring_at(
+        Secret::new(parsed.access_token),
+        "Bearer".into(),
+        expire_time,
+    ))
+}
+
+impl TokenSource for ImpersonatedSource {
+    fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
+        self.fetch_token(key).boxed()
+    }
+
+    fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
+        admit_one_account(key, &self.target, || self.describe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_access_tokens_are_checked() {
+        let now = SystemTime::now();
+        let in_an_hour = humantime::format_rfc3339_seconds(now + Duration::from_secs(3600));
+        let good = format!(r#"{{"accessToken":"ya29.x","expireTime":"{in_an_hour}"}}"#);
+        let token = parse_generated_access_token(good.as_bytes(), now).unwrap();
+        assert_eq!(token.secret().expose(), "ya29.x");
+        assert_eq!(token.token_type(), "Bearer");
+        let past = humantime::format_rfc3339_seconds(now - Duration::from_secs(10));
+        for bad in [
+            format!(r#"{{"accessToken":"ya29.x","expireTime":"{past}"}}"#),
+            r#"{"accessToken":"ya29.x","expireTime":"tomorrow"}"#.to_string(),
+            format!(r#"{{"accessToken":"","expireTime":"{in_an_hour}"}}"#),
+            r#"{"token":"x"}"#.to_string(),
+        ] {
+            let error = parse_generated_access_token(bad.as_bytes(), now).unwrap_err();
+            assert!(!error.to_string().contains("ya29"), "{error}");
+        }
+    }
+
+    /// A base source counting its fetches, each a bit slow.
+    struct CountingBase(std::sync::atomic::AtomicUsize);
+
+    impl TokenSource for CountingBase {
+        fn fetch<'a>(&'a self, _key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
+            async move {
+                let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok(Token::expiring_in(
+                    Secret::new(format!("base-{n}")),
+                    "Bearer".into(),
+                    Duration::from_secs(3600),
+                    (Instant::now(), SystemTime::now()),
+                ))
+            }
+            .boxed()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_fetches_share_one_base_token() {
+        let base = Arc::new(CountingBase(Default::default()));
+        let source = Arc::new(ImpersonatedSource::new(
+            base.clone(),
+            "t@p.iam.gserviceaccount.com".into(),
+            vec![],
+            "http://127.0.0.1:1".parse().unwrap(),
+            HttpsClient::new(Duration::from_secs(1)).unwrap(),
+        ));
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let source = source.clone();
+                tokio::spawn(async move { source.base_token().await.unwrap() })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap().secret().expose(), "base-0");
+        }
+        assert_eq!(base.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Close to expiry, it is fetched again.
+        tokio::time::advance(Duration::from_secs(3600) - BASE_TOKEN_MARGIN).await;
+        assert_eq!(
+            source.base_token().await.unwrap().secret().expose(),
+            "base-1"
+        );
+    }
+}

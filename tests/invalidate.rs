@@ -1,0 +1,337 @@
+//! InvalidateToken end to end: a client hands back a token a service
+//! rejected; the broker drops it only if it is still the cached one, fetches
+//! one replacement for everybody, and rate-limits invalidations per key.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::{Broker, PATIENCE, Scrape, access_request, emulator, id_request, scrape_until};
+use tokenbroker::emulator::EmulatorConfig;
+use tokenbroker::proto::v1::{
+    InvalidateTokenRequest, WatchTokenRequest, invalidate_token_request, token, watch_token_request,
+};
+use tonic::Code;
+
+const AUDIENCE: &str = "https://svc.a.run.app";
+
+fn invalidate_id(audience: &str, token: &str) -> InvalidateTokenRequest {
+    InvalidateTokenRequest {
+        request: Some(invalidate_token_request::Request::IdToken(id_request(
+            audience,
+        ))),
+        token: token.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn a_stale_token_is_dropped_and_fetched_again_once() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &["--metrics-addr", "127.0.0.1:0"]).await;
+    let mut client = broker.client().await;
+    let first = client
+        .get_id_token(id_request(AUDIENCE))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_eq!(emulator.stats().identity_requests, 1);
+
+    let response = client
+        .invalidate_token(invalidate_id(AUDIENCE, &first))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(response.invalidated);
+    let second = client
+        .get_id_token(id_request(AUDIENCE))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_ne!(second, first, "the rejected token is never served again");
+    assert_eq!(emulator.stats().identity_requests, 2, "one refetch");
+
+    // The old token once more: the cache holds another one, nothing happens.
+    let response = client
+        .invalidate_token(invalidate_id(AUDIENCE, &first))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!response.invalidated);
+    let third = client
+        .get_id_token(id_request(AUDIENCE))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_eq!(third, second);
+    assert_eq!(emulator.stats().identity_requests, 2);
+
+    // A key nobody asked for: no-op, and no fetch.
+    let response = client
+        .invalidate_token(invalidate_id("https://other.a.run.app", &first))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!response.invalidated);
+    assert_eq!(emulator.stats().identity_requests, 2);
+
+    let scrape = Scrape::of(broker.metrics_addr().await).await;
+    let count = |result| {
+        scrape.value(
+            "tokenbroker_invalidations_total",
+            &[("token_kind", "id_token"), ("result", result)],
+        )
+    };
+    assert_eq!(count("invalidated"), 1.0);
+    assert_eq!(count("stale"), 2.0);
+}
+
+#[tokio::test]
+async fn concurrent_invalidations_of_one_token_cause_one_fetch() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &[]).await;
+    let client = broker.client().await;
+    let scopes = ["https://www.googleapis.com/auth/cloud-platform"];
+    let first = client
+        .clone()
+        .get_access_token(access_request(&scopes))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let calls = (0..40).map(|_| {
+        let mut client = client.clone();
+        let request = InvalidateTokenRequest {
+            request: Some(invalidate_token_request::Request::AccessToken(
+                access_request(&scopes),
+            )),
+            token: first.clone(),
+        };
+        async move {
+            let invalidated = client
+                .invalidate_token(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .invalidated;
+            let token = client
+                .get_access_token(access_request(&scopes))
+                .await
+                .unwrap()
+                .into_inner()
+                .token;
+            (invalidated, token)
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    assert_eq!(
+        results
+            .iter()
+            .filter(|(invalidated, _)| *invalidated)
+            .count(),
+        1
+    );
+    let tokens: HashSet<&String> = results.iter().map(|(_, token)| token).collect();
+    assert_eq!(tokens.len(), 1, "everybody shares the one new token");
+    assert!(!tokens.contains(&first));
+    assert_eq!(emulator.stats().token_requests, 2);
+}
+
+#[tokio::test]
+async fn invalidations_are_rate_limited_per_key() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &["--invalidate-interval", "1h"]).await;
+    let mut client = broker.client().await;
+    let getter = client.clone();
+    let get = async |audience: &str| {
+        getter
+            .clone()
+            .get_id_token(id_request(audience))
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    };
+    let first = get(AUDIENCE).await;
+    let other = get("https://other.a.run.app").await;
+    let second = {
+        let mut client = broker.client().await;
+        assert!(
+            client
+                .invalidate_token(invalidate_id(AUDIENCE, &first))
+                .await
+                .unwrap()
+                .into_inner()
+                .invalidated
+        );
+        get(AUDIENCE).await
+    };
+    let status = client
+        .invalidate_token(invalidate_id(AUDIENCE, &second))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("--invalidate-interval"),
+        "{status}"
+    );
+    assert_eq!(
+        get(AUDIENCE).await,
+        second,
+        "a throttled call drops nothing"
+    );
+    // Another key is not held back by the first one's invalidation.
+    assert!(
+        client
+            .invalidate_token(invalidate_id("https://other.a.run.app", &other))
+            .await
+            .unwrap()
+            .into_inner()
+            .invalidated
+    );
+    // Three fetches before, and the other key's replacement.
+    tokio::time::timeout(PATIENCE, emulator.wait_for(|s| s.identity_requests == 4))
+        .await
+        .expect("the other key's token is fetched again");
+}
+
+#[tokio::test]
+async fn watchers_receive_the_replacement() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &[]).await;
+    let mut client = broker.client().await;
+    let mut stream = client
+        .watch_token(WatchTokenRequest {
+            request: Some(watch_token_request::Request::IdToken(id_request(AUDIENCE))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = |message: tokenbroker::proto::v1::Token| match message.token {
+        Some(token::Token::IdToken(token)) => token.token,
+        other => panic!("expected an ID token, got {other:?}"),
+    };
+    let first = id(stream.message().await.unwrap().unwrap());
+    assert!(
+        client
+            .invalidate_token(invalidate_id(AUDIENCE, &first))
+            .await
+            .unwrap()
+            .into_inner()
+            .invalidated
+    );
+    let next = tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("the replacement is streamed")
+        .unwrap()
+        .unwrap();
+    assert_ne!(id(next), first);
+}
+
+#[tokio::test]
+async fn bad_invalidations_are_refused_and_change_nothing() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &["--metrics-addr", "127.0.0.1:0"]).await;
+    let mut client = broker.client().await;
+    let first = client
+        .get_id_token(id_request(AUDIENCE))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    for (request, field) in [
+        (
+            InvalidateTokenRequest {
+                request: None,
+                token: first.clone(),
+            },
+            "request",
+        ),
+        (invalidate_id(AUDIENCE, ""), "token"),
+        (invalidate_id("", &first), "audience"),
+    ] {
+        let status = client.invalidate_token(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains(field), "{status}");
+        assert!(!status.message().contains(&first));
+    }
+    let again = client
+        .get_id_token(id_request(AUDIENCE))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    assert_eq!(again, first);
+    assert_eq!(emulator.stats().identity_requests, 1);
+    // Counted by token kind: the call that names no key has none, and is
+    // only logged (as for WatchToken).
+    let addr = broker.metrics_addr().await;
+    scrape_until(addr, |scrape| {
+        scrape.value(
+            "tokenbroker_request_errors_total",
+            &[("rpc", "InvalidateToken"), ("code", "INVALID_ARGUMENT")],
+        ) == 2.0
+    })
+    .await;
+    assert!(!broker.logs().contains(&first), "a token reached the logs");
+}
+
+#[tokio::test]
+async fn the_policy_applies_to_invalidations() {
+    let me = nix::unistd::getuid().as_raw();
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!("[[allow]]\nuids = [{me}]\nservice_accounts = [\"default\"]\naudiences = [\"{AUDIENCE}\"]\n"),
+    )
+    .unwrap();
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--policy",
+            policy.to_str().unwrap(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let mut client = broker.client().await;
+    let first = client
+        .get_id_token(id_request(AUDIENCE))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let status = client
+        .invalidate_token(InvalidateTokenRequest {
+            request: Some(invalidate_token_request::Request::AccessToken(
+                access_request(&[]),
+            )),
+            token: first.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(status.message().contains("policy"), "{status}");
+    let scrape = Scrape::of(broker.metrics_addr().await).await;
+    assert_eq!(
+        scrape.value(
+            "tokenbroker_policy_denials_total",
+            &[("rpc", "InvalidateToken")]
+        ),
+        1.0
+    );
+    // The allowed key still works.
+    assert!(
+        client
+            .invalidate_token(invalidate_id(AUDIENCE, &first))
+            .await
+            .unwrap()
+            .into_inner()
+            .invalidated
+    );
+}
