@@ -158,6 +158,10 @@ struct Snapshot {
     fetching: bool,
     /// The entry was dropped from the cache; look the key up again.
     closed: bool,
+    /// When the newest token published stops being usable (its expiry less
+    /// the skew). Kept when an invalidation drops that token: watchers
+    /// still hold it, and the refresh task tells them at this moment.
+    unusable_at: Option<Instant>,
 }
 
 struct KeyEntry {
@@ -471,6 +475,7 @@ impl Inner {
                         .as_ref()
                         .is_some_and(|old| old.secret() == token.secret());
                     if !unchanged {
+                        s.unusable_at = token.expires_at().checked_sub(skew);
                         s.token = Some(Arc::new(token));
                     }
                     s.error = None;
@@ -509,29 +514,20 @@ impl Inner {
         }
     }
 
-    /// When the published token stops being usable (expiry less the skew),
-    /// if that is still ahead.
-    fn unusable_at(&self, entry: &KeyEntry, now: Instant) -> Option<Instant> {
-        let snapshot = entry.state.borrow();
-        let token = snapshot.token.as_ref()?;
-        let at = token.expires_at().checked_sub(self.config.expiry_skew)?;
-        (at > now).then_some(at)
-    }
-
-    /// Fetches a token for `entry`; if its current token stops being usable
-    /// meanwhile and somebody watches it, tells the watchers at that moment
-    /// (one timer for the key instead of one per watcher).
-    async fn fetch_for(&self, entry: &KeyEntry) -> Result<Token, FetchError> {
+    /// Fetches a token for `entry`; if its published token stops being
+    /// usable meanwhile, tells the watchers at that moment.
+    async fn fetch_for(
+        &self,
+        entry: &KeyEntry,
+        told: &mut Option<Instant>,
+    ) -> Result<Token, FetchError> {
         let mut fetch = self.source.fetch(&entry.key);
         loop {
-            let watched = entry.watchers.load(Ordering::Acquire) > 0;
-            let expiry_at = watched
-                .then(|| self.unusable_at(entry, Instant::now()))
-                .flatten();
+            let expiry_at = entry.expiry_untold(*told);
             tokio::select! {
                 result = &mut fetch => return result,
                 () = sleep_until(expiry_at.unwrap_or_else(Instant::now)), if expiry_at.is_some() => {
-                    entry.tell_watchers_of_expiry();
+                    entry.tell_watchers_if_expired(told, Instant::now());
                 }
             }
         }
@@ -612,31 +608,30 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
         None => return,
     };
     let mut refresh_at: Option<Instant> = None;
+    // The last moment of unusability the watchers were told of.
+    let mut told: Option<Instant> = None;
     loop {
         let generation = entry.state.borrow().generation;
         let asked = entry.wanted.load(Ordering::Acquire) > generation;
         if !asked {
             let Some(inner) = cache.upgrade() else { break };
-            // A watched key is never idle; the first watcher to come and the
-            // last to leave wake this task to start or stop these clocks.
-            let watched = entry.watchers.load(Ordering::Acquire) > 0;
-            let idle_at = (!watched).then(|| inner.idle_deadline(&entry));
-            let expiry_at = watched
-                .then(|| inner.unusable_at(&entry, Instant::now()))
-                .flatten();
+            // A watched key is never idle; the last watcher to leave wakes
+            // this task so the idle clock starts again.
+            let idle_at =
+                (entry.watchers.load(Ordering::Acquire) == 0).then(|| inner.idle_deadline(&entry));
             drop(inner);
             // One timer for whichever comes first (a task per key: small
-            // futures keep the cache small).
+            // futures keep the cache small). Watchers have no timer of
+            // their own: the expiry of their token is this task's to tell.
+            let expiry_at = entry.expiry_untold(told);
             let wake_at = [refresh_at, idle_at, expiry_at].into_iter().flatten().min();
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = entry.wake.notified() => continue,
+                () = entry.wake.notified() => {}
                 () = sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
             }
             let now = Instant::now();
-            if expiry_at.is_some_and(|expiry| now >= expiry) {
-                entry.tell_watchers_of_expiry();
-            }
+            entry.tell_watchers_if_expired(&mut told, now);
             if idle_at.is_some_and(|idle| now >= idle) {
                 match cache.upgrade() {
                     Some(inner) if inner.evict_if_idle(&entry) => break,
@@ -653,7 +648,7 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
             s.fetching = true;
             false
         });
-        let result = inner.fetch_for(&entry).await;
+        let result = inner.fetch_for(&entry, &mut told).await;
         if !asked {
             inner.metrics.refreshed(entry.key.kind(), result.is_ok());
         }
@@ -722,10 +717,24 @@ impl KeyEntry {
         self.last_used_ms.load(Ordering::Relaxed)
     }
 
-    /// Wakes every watcher to look at its token: the published one has just
-    /// stopped being usable, and a watcher without a newer one ends.
-    fn tell_watchers_of_expiry(&self) {
-        self.state.send_modify(|_| {});
+    /// When the newest published token stops being usable, unless the
+    /// watchers were already told of that moment.
+    fn expiry_untold(&self, told: Option<Instant>) -> Option<Instant> {
+        self.state
+            .borrow()
+            .unusable_at
+            .filter(|at| Some(*at) != told)
+    }
+
+    /// If the newest published token has stopped being usable and the
+    /// watchers were not told yet, wakes every watcher to look at its token:
+    /// one without a newer one ends. However the task woke (its timer, a
+    /// request, a watcher leaving), the moment is told once.
+    fn tell_watchers_if_expired(&self, told: &mut Option<Instant>, now: Instant) {
+        if let Some(at) = self.expiry_untold(*told).filter(|at| now >= *at) {
+            *told = Some(at);
+            self.state.send_modify(|_| {});
+        }
     }
 
     /// Asks the task for generation `generation`; returns whether this call
@@ -750,10 +759,7 @@ struct WatcherGuard {
 
 impl WatcherGuard {
     fn new(entry: Arc<KeyEntry>, cache: Arc<Inner>) -> Self {
-        if entry.watchers.fetch_add(1, Ordering::AcqRel) == 0 {
-            // The task starts timing the token's expiry for its watchers.
-            entry.wake.notify_one();
-        }
+        entry.watchers.fetch_add(1, Ordering::AcqRel);
         Self { entry, cache }
     }
 }
@@ -769,7 +775,7 @@ impl Drop for WatcherGuard {
 
 /// Follows one key after [`TokenCache::watch`]: yields each new token.
 /// Thousands may be open, so it holds no timer of its own: the key's
-/// refresh task wakes it when its token stops being usable.
+/// refresh task wakes it when the newest token stops being usable.
 pub struct TokenWatch {
     watcher: WatcherGuard,
     states: watch::Receiver<Snapshot>,
@@ -1376,5 +1382,23 @@ mod tests {
         let next = watch.next(&CancellationToken::new()).await.unwrap();
         assert_eq!(next.secret().expose(), "token-2");
         assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchers_of_an_invalidated_token_end_at_its_expiry_if_no_new_one_comes() {
+        let source = FakeSource::new(HOUR);
+        let cache = cache(source.clone());
+        let (first, mut watch) = cache.watch(&request("aud")).await.unwrap();
+        source.fail_with(Some(unavailable()));
+        assert!(
+            cache
+                .invalidate(&request("aud").key, &handed_back(&first))
+                .unwrap()
+        );
+        let next = tokio::time::timeout(2 * HOUR, watch.next(&CancellationToken::new())).await;
+        let error = next.expect("the watcher is told").unwrap_err();
+        assert!(matches!(error, BrokerError::Expired { .. }), "{error:?}");
+        let usable_until = first.token.expires_at() - CacheConfig::default().expiry_skew;
+        assert_eq!(Instant::now(), usable_until);
     }
 }
