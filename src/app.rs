@@ -14,7 +14,6 @@ use crate::config::{EmulatorArgs, ServeArgs};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::health::Health;
 use crate::limits::{RateLimited, WatchLimits};
-use crate::metadata::MetadataClient;
 use crate::metadata_endpoint::{self, MetadataAddr, MetadataEndpoint, MetadataListener};
 use crate::metrics::{Metrics, register_cache_gauge};
 use crate::policy::PolicyStore;
@@ -53,13 +52,6 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     let host = emulator
         .as_ref()
         .map_or_else(|| args.metadata_host.clone(), Emulator::host);
-    // The metadata-compatible endpoint passes what is not a token through
-    // to the metadata server, whatever the token source.
-    let pass_through = args
-        .metadata_addr
-        .is_some()
-        .then(|| MetadataClient::new(&host, args.upstream_timeout))
-        .transpose()?;
     let upstream = Upstream::build(&args.source_config(host), &Environment::from_process())?;
     tracing::info!(
         source = %upstream.describe(),
@@ -67,6 +59,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         "fetching tokens"
     );
 
+    let upstream_for_endpoint = upstream.clone();
     let meter = telemetry.meter();
     let metrics = Metrics::new(&meter, args.metrics_label_audience);
     let health = Health::new();
@@ -134,7 +127,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     };
     let sinks = Sinks::start(sinks, &cache);
     let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
-    if let (Some(addr), Some(pass_through)) = (&args.metadata_addr, pass_through) {
+    if let Some(addr) = &args.metadata_addr {
         let endpoint = MetadataEndpoint {
             service: BrokerService::new(
                 cache.clone(),
@@ -143,7 +136,13 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
                 watch_limits.clone(),
                 stop.clone(),
             ),
-            upstream: pass_through,
+            // Only a metadata server is asked for what is not a token: with
+            // other sources the name may resolve anywhere (off Google Cloud)
+            // or describe another account (the VM's, not the key's).
+            pass_through: match &upstream_for_endpoint {
+                Upstream::Metadata(client) => Some(client.clone()),
+                _ => None,
+            },
             timeout: args.upstream_timeout,
         };
         let listener = bind_metadata_endpoint(addr, &args).await?;

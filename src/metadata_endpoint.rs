@@ -27,7 +27,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -49,6 +49,8 @@ const FLAVOR: &str = "metadata-flavor";
 /// Longest a long-polling request (`wait_for_change=true`) is passed
 /// through for (1 hour).
 const MAX_LONG_POLL: Duration = Duration::from_secs(3600);
+/// Longest a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -110,8 +112,9 @@ pub enum MetadataListener {
 pub struct MetadataEndpoint {
     /// Serves tokens from the shared cache, with policy and metrics.
     pub service: BrokerService,
-    /// Where everything but tokens is passed through to.
-    pub upstream: MetadataClient,
+    /// Where everything but tokens is passed through to: the metadata
+    /// server, when it is the token source; else nothing is.
+    pub pass_through: Option<MetadataClient>,
     /// Longest a passed-through request may take.
     pub timeout: Duration,
 }
@@ -175,7 +178,10 @@ fn spawn_connection<S>(
             let endpoint = endpoint.clone();
             async move { Ok::<_, Infallible>(endpoint.handle(caller, request).await) }
         });
-        let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
         tokio::select! {
             () = stop.cancelled() => {}
             _ = connection => {}
@@ -217,7 +223,11 @@ impl<'a> Route<'a> {
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.@+".contains(&b))
         });
         let Some(account_path) = path.strip_prefix(ACCOUNTS) else {
-            return Ok(if plain && !rest.contains("//") {
+            // Never pass the accounts' subtree on in another spelling.
+            let other_case = path
+                .to_ascii_lowercase()
+                .starts_with(&ACCOUNTS.to_ascii_lowercase());
+            return Ok(if plain && !other_case && !rest.contains("//") {
                 Self::PassThrough(path)
             } else {
                 Self::NotFound
@@ -261,6 +271,12 @@ impl MetadataEndpoint {
             return text(
                 StatusCode::FORBIDDEN,
                 "Missing required header: Metadata-Flavor: Google\n",
+            );
+        }
+        if caller == Caller::Loopback && !local_host(&request) {
+            return text(
+                StatusCode::FORBIDDEN,
+                "Request denied: the Host header must name this machine (a loopback address, localhost or metadata.google.internal)\n",
             );
         }
         let uri = request.uri();
@@ -312,7 +328,13 @@ impl MetadataEndpoint {
 
     async fn pass_through(&self, path_and_query: &str, query: &str) -> Response<Full<Bytes>> {
         let timeout = self.timeout + long_poll(query);
-        match self.upstream.forward(path_and_query, timeout).await {
+        let Some(upstream) = &self.pass_through else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not served: the broker's tokens do not come from a metadata server, so it answers only …/token and …/identity\n",
+            );
+        };
+        match upstream.forward(path_and_query, timeout).await {
             Ok(forwarded) => {
                 let mut response = Response::new(Full::new(forwarded.body));
                 *response.status_mut() = forwarded.status;
@@ -328,6 +350,28 @@ impl MetadataEndpoint {
             }
         }
     }
+}
+
+/// Whether the request's host (`Host`, or the absolute URI's) names this
+/// machine. On a loopback TCP port a web page could otherwise reach the
+/// endpoint through a DNS name rebound to 127.0.0.1 (its requests then
+/// carry that name), and read tokens.
+fn local_host<B>(request: &Request<B>) -> bool {
+    let host = request.uri().host().map(str::to_string).or_else(|| {
+        let value = request.headers().get(header::HOST)?.to_str().ok()?;
+        let authority: http::uri::Authority = value.parse().ok()?;
+        Some(authority.host().to_string())
+    });
+    let Some(host) = host else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    ["localhost", "metadata.google.internal", "metadata"]
+        .iter()
+        .any(|name| host.eq_ignore_ascii_case(name))
 }
 
 /// The query's parameters, percent-decoded (`+` is a space, as in forms).
@@ -558,9 +602,44 @@ mod tests {
             "/computeMetadata/v1/instance/service-accounts/default/identity/x",
             "/computeMetadata/v1beta1/instance/service-accounts/default/token",
             "/computeMetadata/v1/instance/service-accounts/default/../default/token",
+            "/computeMetadata/v1/instance/Service-Accounts/default/token",
+            "/computeMetadata/v1/instance/SERVICE-ACCOUNTS/default/identity",
         ] {
             assert_eq!(Route::of(path), Ok(Route::NotFound), "{path}");
         }
+    }
+
+    #[test]
+    fn only_hosts_naming_this_machine_are_served_on_tcp() {
+        let with_host = |host: &str| {
+            Request::get("/computeMetadata/v1/project/project-id")
+                .header(header::HOST, host)
+                .body(())
+                .unwrap()
+        };
+        for host in [
+            "127.0.0.1:8181",
+            "127.0.0.2",
+            "[::1]:8181",
+            "localhost:8181",
+            "metadata.google.internal",
+            "METADATA",
+        ] {
+            assert!(local_host(&with_host(host)), "{host}");
+        }
+        for host in [
+            "attacker.example.com:8181",
+            "10.0.0.1",
+            "169.254.169.254",
+            "",
+        ] {
+            assert!(!local_host(&with_host(host)), "{host}");
+        }
+        let absolute = Request::get("http://rebound.example.com/")
+            .body(())
+            .unwrap();
+        assert!(!local_host(&absolute));
+        assert!(!local_host(&Request::get("/").body(()).unwrap()));
     }
 
     #[test]

@@ -57,10 +57,13 @@ async fn send(to: Endpoint<'_>, method: Method, path: &str, headers: &[(&str, &s
             handshake(stream).await
         }
     };
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "metadata.google.internal");
+    let mut request = Request::builder().method(method).uri(path);
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        request = request.header("host", "metadata.google.internal");
+    }
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -458,4 +461,61 @@ async fn non_loopback_addresses_are_refused_at_start() {
     ])
     .await;
     assert!(stderr.contains("not a loopback address"), "{stderr}");
+}
+
+#[tokio::test]
+async fn on_tcp_only_requests_naming_this_machine_are_served() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
+    let to = Endpoint::Tcp(broker.metadata_addr().await);
+    // A web page whose DNS name was rebound to 127.0.0.1 sends its own name.
+    let rebound = send(
+        to,
+        Method::GET,
+        TOKEN,
+        &[
+            ("Metadata-Flavor", "Google"),
+            ("Host", "attacker.example.com:8181"),
+        ],
+    )
+    .await;
+    assert_eq!(rebound.status, StatusCode::FORBIDDEN, "{}", rebound.body);
+    assert!(rebound.body.contains("Host"), "{}", rebound.body);
+    let by_ip = send(
+        to,
+        Method::GET,
+        TOKEN,
+        &[("Metadata-Flavor", "Google"), ("Host", "127.0.0.1:8181")],
+    )
+    .await;
+    assert_eq!(by_ip.status, StatusCode::OK, "{}", by_ip.body);
+    assert_eq!(emulator.stats().token_requests, 1);
+}
+
+#[tokio::test]
+async fn with_another_token_source_only_tokens_are_served() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = common::trusted_key_file(&emulator, dir.path());
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--credentials",
+            key.to_str().unwrap(),
+            "--metadata-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let to = Endpoint::Tcp(broker.metadata_addr().await);
+    let token = get(to, TOKEN).await;
+    assert_eq!(token.status, StatusCode::OK, "{}", token.body);
+    assert!(token.json()["access_token"].is_string());
+    // The metadata host is not the token source: nothing is passed to it
+    // (off Google Cloud its name could resolve anywhere).
+    let project = get(to, "/computeMetadata/v1/project/project-id").await;
+    assert_eq!(project.status, StatusCode::NOT_FOUND, "{}", project.body);
+    assert!(project.body.contains("metadata server"), "{}", project.body);
+    let stats = emulator.stats();
+    assert_eq!((stats.token_requests, stats.identity_requests), (0, 0));
 }
