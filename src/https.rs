@@ -114,7 +114,13 @@ impl HttpsClient {
             .header(header::ACCEPT, "application/json")
             .header(header::USER_AGENT, user_agent());
         if let Some(bearer) = bearer {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {}", bearer.expose()));
+            let mut value = http::HeaderValue::try_from(format!("Bearer {}", bearer.expose()))
+                .map_err(|_| {
+                    FetchError::Malformed(format!("cannot build a request to {service}"))
+                })?;
+            // Kept out of HTTP/2 header compression tables and Debug output.
+            value.set_sensitive(true);
+            request = request.header(header::AUTHORIZATION, value);
         }
         let request = request
             .body(Full::new(body))

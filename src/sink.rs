@@ -178,6 +178,11 @@ impl Sink {
             Some(mode) => parse_mode(mode).map_err(|e| invalid(format!("mode {e}")))?,
             None => DEFAULT_SINK_MODE,
         };
+        if mode & 0o007 != 0 {
+            return Err(invalid(format!(
+                "mode {mode:04o} would let every user read or change the token; use at most 0660 (and a group)"
+            )));
+        }
         let owner = config
             .owner
             .as_deref()
@@ -478,6 +483,10 @@ mod tests {
             (
                 "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\nowner = \"no-such-user-here\"",
                 "no user named",
+            ),
+            (
+                "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\nmode = \"0644\"",
+                "every user",
             ),
         ];
         for (toml, expected) in cases {
