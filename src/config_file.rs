@@ -192,10 +192,20 @@ fn file_arguments(
             key: key.clone(),
             hint: hint(serve, key),
         })?;
-        let overridden = matches!(
-            matches.value_source(arg.get_id().as_str()),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        );
+        let given = |arg: &Arg| {
+            matches!(
+                matches.value_source(arg.get_id().as_str()),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        // A flag given beats the file's value for it, and for any flag it
+        // excludes (`--emulator` given, the file's `credentials` yields).
+        let excluded_by_given = serve.get_arguments().any(|other| {
+            given(other)
+                && (serve.get_arg_conflicts_with(arg).contains(&other)
+                    || serve.get_arg_conflicts_with(other).contains(&arg))
+        });
+        let overridden = given(arg) || excluded_by_given;
         if overridden {
             continue;
         }
@@ -341,6 +351,17 @@ mod tests {
         .unwrap();
         assert_eq!(serve.socket_mode, 0o666);
         assert_eq!(serve.max_keys, 42);
+    }
+
+    #[test]
+    fn a_flag_given_also_beats_the_file_values_it_excludes() {
+        // `--emulator` conflicts with `--credentials`: given on the command
+        // line, it wins over the file's `credentials` instead of clashing.
+        let serve = serve_with("credentials = \"/etc/key.json\"\n", &["--emulator"]).unwrap();
+        assert!(serve.emulator);
+        assert_eq!(serve.credentials, None);
+        let serve = serve_with("emulator = true\n", &["--credentials", "/etc/key.json"]).unwrap();
+        assert!(!serve.emulator);
     }
 
     #[test]
