@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{
     BINARY, Broker, KEY_ACCOUNT, PATIENCE, TEST_KEYS, access_request, binary_fails, claims,
-    emulator, http_get, id_request, key_json, trusted_key_file, write_file,
+    emulator, id_request, key_json, trusted_key_file, write_file,
 };
 use tokenbroker::emulator::google::User;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultRule, Target};
@@ -250,11 +248,7 @@ async fn health_probes_the_key_files_token_endpoint() {
     )
     .await;
     let addr = broker.metrics_addr().await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while http_get(addr, "/readyz").await.0 != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until_ready(addr).await;
     assert_eq!(emulator.stats().oauth_requests, 0, "probing costs no token");
 }
 
@@ -521,11 +515,7 @@ async fn impersonation_can_build_on_a_key_file() {
     // Health probes the key's token endpoint and the IAM API, at no
     // token's cost.
     let addr = broker.metrics_addr().await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while http_get(addr, "/readyz").await.0 != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_until_ready(addr).await;
     assert_eq!(
         emulator.stats().oauth_requests + emulator.stats().iam_requests,
         0
