@@ -418,6 +418,21 @@ async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
         1,
         "the denied token was never fetched"
     );
+    // The README's curl line, as an operator would run it.
+    let curl = tokio::process::Command::new("curl")
+        .args(["-sf", "--unix-socket"])
+        .arg(&socket)
+        .args([
+            "-H",
+            "Metadata-Flavor: Google",
+            "http://metadata/computeMetadata/v1/instance/service-accounts/default/identity?audience=https://allowed.example.com",
+        ])
+        .output()
+        .await
+        .expect("curl runs");
+    assert!(curl.status.success(), "{curl:?}");
+    assert_eq!(String::from_utf8(curl.stdout).unwrap(), allowed.body);
+
     let mut broker = broker;
     broker.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(broker.wait().await.success());
