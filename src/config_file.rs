@@ -105,8 +105,18 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString>,
 {
+    parse_with(Cli::command(), args)
+}
+
+/// [`parse`] with the command line definition `command` (tests pass one
+/// without environment fallbacks, so the developer's shell cannot change
+/// their outcome).
+fn parse_with<I, T>(mut command: clap::Command, args: I) -> Result<Cli, ParseError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
     let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let mut command = Cli::command();
     command.build();
     let matches = command.clone().try_get_matches_from(&args)?;
     let file = match matches.subcommand() {
@@ -308,10 +318,17 @@ mod tests {
         std::fs::write(&path, file).unwrap();
         let mut args = vec!["tokenbroker", "serve", "--config", path.to_str().unwrap()];
         args.extend(flags);
-        match parse(args)?.command {
+        match parse_with(without_env(), args)?.command {
             Command::Serve(serve) => Ok(serve),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The command line without environment fallbacks.
+    fn without_env() -> clap::Command {
+        Cli::command()
+            .mut_args(|arg| arg.env(None))
+            .mut_subcommand("serve", |serve| serve.mut_args(|arg| arg.env(None)))
     }
 
     fn error(file: &str) -> String {
@@ -369,7 +386,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "log_format = \"json\"\n").unwrap();
-        let cli = parse(["tokenbroker", "serve", "--config", path.to_str().unwrap()]).unwrap();
+        let cli = parse_with(
+            without_env(),
+            ["tokenbroker", "serve", "--config", path.to_str().unwrap()],
+        )
+        .unwrap();
         assert_eq!(cli.log_format, crate::telemetry::LogFormat::Json);
     }
 
@@ -405,12 +426,15 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_an_error() {
-        let result = parse([
-            "tokenbroker",
-            "serve",
-            "--config",
-            "/nonexistent/tokenbroker.toml",
-        ]);
+        let result = parse_with(
+            without_env(),
+            [
+                "tokenbroker",
+                "serve",
+                "--config",
+                "/nonexistent/tokenbroker.toml",
+            ],
+        );
         let message = result.unwrap_err().to_string();
         assert!(
             message.contains("cannot read config file /nonexistent/tokenbroker.toml"),
@@ -443,12 +467,15 @@ mod tests {
     #[test]
     fn the_annotated_example_is_valid() {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tokenbroker.toml");
-        let cli = parse([
-            OsString::from("tokenbroker"),
-            "serve".into(),
-            "--config".into(),
-            example.into(),
-        ])
+        let cli = parse_with(
+            without_env(),
+            [
+                OsString::from("tokenbroker"),
+                "serve".into(),
+                "--config".into(),
+                example.into(),
+            ],
+        )
         .unwrap();
         let Command::Serve(serve) = cli.command else {
             panic!()
@@ -461,7 +488,11 @@ mod tests {
 
     #[test]
     fn other_subcommands_are_untouched() {
-        let cli = parse(["tokenbroker", "token", "id", "--audience", "https://a"]).unwrap();
+        let cli = parse_with(
+            without_env(),
+            ["tokenbroker", "token", "id", "--audience", "https://a"],
+        )
+        .unwrap();
         assert!(matches!(cli.command, Command::Token(_)));
     }
 }

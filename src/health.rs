@@ -103,7 +103,7 @@ impl Health {
             }
             let probed = probe().await;
             if let Err(error) = &probed {
-                tracing::debug!(%error, "metadata server probe failed");
+                tracing::debug!(%error, "token source probe failed");
             }
             self.record(&probed);
             if probed.is_ok() {

@@ -11,7 +11,7 @@ use tokenbroker::emulator::{EmulatorConfig, Fault, FaultRule};
 use tokio::process::Command;
 
 async fn run(broker: &Broker, args: &[&str]) -> Output {
-    let output = Command::new(BINARY)
+    let output = common::binary()
         .args(args)
         .arg("--socket")
         .arg(&broker.socket)
@@ -64,7 +64,16 @@ async fn token_id_prints_a_bearer_token_for_the_audience() {
         claims["google"]["compute_engine"]["license_id"].is_array(),
         "{claims}"
     );
-    assert!(printed["expire_time"].as_str().unwrap().ends_with('Z'));
+    let expire_time = humantime::parse_rfc3339(printed["expire_time"].as_str().unwrap()).unwrap();
+    let exp = expire_time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(
+        Some(exp),
+        claims["exp"].as_u64(),
+        "expire_time is the JWT's exp"
+    );
 }
 
 #[tokio::test]
@@ -110,10 +119,10 @@ async fn the_old_command_names_still_work() {
     assert_eq!(claims["aud"], "https://old");
     assert!(claims["google"]["compute_engine"].is_object());
     // Hidden from the help, which shows the new names.
-    let help = Command::new(BINARY).arg("--help").output().await.unwrap();
+    let help = common::binary().arg("--help").output().await.unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
     assert!(
-        help.contains("token") && !help.contains("print-access-token"),
+        help.contains("\n  token ") && !help.contains("print-access-token"),
         "{help}"
     );
 }
@@ -178,7 +187,7 @@ async fn each_failure_has_its_own_exit_code() {
 
     // 3: nothing listens on the socket.
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(BINARY)
+    let output = common::binary()
         .args(["token", "access", "--socket"])
         .arg(dir.path().join("none.sock"))
         .output()
@@ -192,7 +201,7 @@ async fn each_failure_has_its_own_exit_code() {
 #[tokio::test]
 async fn the_help_documents_the_exit_codes() {
     for args in [["token", "id", "--help"], ["token", "access", "--help"]] {
-        let output = Command::new(BINARY).args(args).output().await.unwrap();
+        let output = common::binary().args(args).output().await.unwrap();
         let help = String::from_utf8(output.stdout).unwrap();
         for line in [
             "3   cannot connect",
@@ -211,7 +220,7 @@ async fn the_help_documents_the_exit_codes() {
 async fn a_watch_that_the_broker_ends_exits_with_unavailable() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let mut broker = Broker::start(&emulator, &[]).await;
-    let mut watcher = Command::new(BINARY)
+    let mut watcher = common::binary()
         .args([
             "token",
             "id",

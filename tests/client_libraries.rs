@@ -21,15 +21,17 @@ const PROCESSES: usize = 6;
 fn library_program(program: &Path, script: &str, metadata: &str, home: &Path) -> Command {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut command = Command::new(program);
+    // Nothing of the developer's environment (project variables, proxies,
+    // credentials) may steer the libraries.
     command
         .arg(root.join(script))
         .arg(AUDIENCE)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("GCE_METADATA_HOST", metadata)
         .env("GCE_METADATA_IP", metadata)
         .env("HOME", home)
         .env("CLOUDSDK_CONFIG", home)
-        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
-        .env_remove("GOOGLE_CLOUD_PROJECT")
         .kill_on_drop(true);
     command
 }
@@ -55,7 +57,9 @@ async fn google_auth_libraries_in_many_processes_cause_one_fetch_per_key() {
             .await
             .unwrap();
     let emulator = emulator(EmulatorConfig::default()).await;
-    // A slow metadata server, so that the processes' requests overlap.
+    // A slow metadata server, so that many requests arrive while the first
+    // fetch is under way (how many overlap depends on the processes'
+    // start-up; coalescing itself is unit-tested in src/cache.rs).
     emulator.set_fault(Some(FaultRule::always(Fault::Delay { millis: 500 })));
     let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
     let metadata = broker.metadata_addr().await.to_string();

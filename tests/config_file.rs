@@ -60,10 +60,15 @@ async fn flags_beat_the_environment_which_beats_the_file() {
 async fn a_bad_config_file_stops_the_broker_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "emulator = true\nrefresh_margn = \"1m\"\n");
-    let output = tokio::process::Command::new(BINARY)
-        .args(["serve", "--config", &config])
-        .output()
+    let socket = dir.path().join("never.sock");
+    let run = common::binary()
+        .args(["serve", "--config", &config, "--socket"])
+        .arg(&socket)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(common::PATIENCE, run)
         .await
+        .expect("the broker refuses to start, it does not serve")
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -175,13 +180,16 @@ async fn a_sink_owner_the_broker_cannot_set_stops_it_with_a_clear_error() {
             .arg(BINARY);
         command
     } else {
-        tokio::process::Command::new(BINARY)
+        common::binary()
     };
-    let output = command
+    let run = command
         .args(["serve", "--config", &config, "--socket"])
         .arg(&socket)
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(common::PATIENCE, run)
         .await
+        .expect("the broker refuses to start, it does not serve")
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);

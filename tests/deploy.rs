@@ -144,7 +144,17 @@ fn the_kubernetes_manifests_match_the_api_schemas() {
     let broken = dir.path().join("daemonset.yaml");
     let text = std::fs::read_to_string(root().join("deploy/kubernetes/daemonset.yaml")).unwrap();
     std::fs::write(&broken, text.replace("readinessProbe:", "readinesProbe:")).unwrap();
-    assert!(!schema_check(&[broken]).status.success());
+    let refused = schema_check(&[broken]);
+    assert!(!refused.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        said.contains("readinesProbe"),
+        "refused for another reason: {said}"
+    );
 }
 
 #[tokio::test]

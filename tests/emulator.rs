@@ -182,12 +182,13 @@ mod google {
     }
 
     fn good_claims(emulator: &Emulator) -> Value {
+        let now = now();
         json!({
             "iss": KEY_ACCOUNT,
             "sub": KEY_ACCOUNT,
             "aud": emulator.token_uri(),
-            "iat": now(),
-            "exp": now() + 3600,
+            "iat": now,
+            "exp": now + 3600,
             "scope": "scope:a scope:b",
         })
     }
@@ -243,28 +244,40 @@ mod google {
             "Invalid JWT Signature",
         );
 
-        let variants: [(&str, Value, &str); 5] = [
+        // Each value is made from the good claims, so that times stay
+        // relative to their `iat` whatever the clock does meanwhile.
+        type Variant = (&'static str, fn(&Value) -> Value, &'static str);
+        let variants: [Variant; 5] = [
             (
                 "aud",
-                json!("https://oauth2.googleapis.com/token"),
+                |_| json!("https://oauth2.googleapis.com/token"),
                 "audience",
             ),
-            ("iss", json!("other@p.iam.gserviceaccount.com"), "iss"),
-            ("sub", json!("other@p.iam.gserviceaccount.com"), "sub"),
-            ("exp", json!(now() + 3601), "short-lived"),
-            ("iat", json!(now() + 3000), "short-lived"),
+            ("iss", |_| json!("other@p.iam.gserviceaccount.com"), "iss"),
+            ("sub", |_| json!("other@p.iam.gserviceaccount.com"), "sub"),
+            (
+                "exp",
+                |c| json!(c["iat"].as_u64().unwrap() + 3601),
+                "short-lived",
+            ),
+            (
+                "iat",
+                |c| json!(c["iat"].as_u64().unwrap() + 3000),
+                "short-lived",
+            ),
         ];
         for (claim, value, needle) in variants {
             let mut claims = good_claims(&emulator);
-            claims[claim] = value;
+            claims[claim] = value(&claims);
             invalid_grant(
                 &exchange(&emulator, &sign(&claims, "kid-1", 0)).await,
                 needle,
             );
         }
         let mut expired = good_claims(&emulator);
-        expired["iat"] = json!(now() - 7200);
-        expired["exp"] = json!(now() - 3600);
+        let now = now();
+        expired["iat"] = json!(now - 7200);
+        expired["exp"] = json!(now - 3600);
         invalid_grant(
             &exchange(&emulator, &sign(&expired, "kid-1", 0)).await,
             "short-lived",
@@ -348,7 +361,12 @@ mod google {
             .token_info(answer["accessToken"].as_str().unwrap())
             .unwrap();
         assert_eq!(info.email, TARGET);
-        assert!(humantime::parse_rfc3339(answer["expireTime"].as_str().unwrap()).is_ok());
+        let expire_time = humantime::parse_rfc3339(answer["expireTime"].as_str().unwrap()).unwrap();
+        let lifetime = expire_time
+            .duration_since(std::time::SystemTime::now())
+            .unwrap()
+            .as_secs();
+        assert!((3590..=3600).contains(&lifetime), "{lifetime}");
 
         let no_scope = json!({"lifetime": "3600s"}).to_string();
         api_error(

@@ -6,11 +6,10 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
 
-use common::{BINARY, Broker, PATIENCE, binary_fails, emulator, id_request};
+use common::{Broker, PATIENCE, binary_fails, emulator, id_request};
 use nix::sys::signal::Signal;
 use tokenbroker::emulator::EmulatorConfig;
 use tokenbroker::proto::v1::{WatchTokenRequest, watch_token_request};
-use tokio::process::Command;
 use tonic::Code;
 
 #[tokio::test]
@@ -107,7 +106,7 @@ async fn socket_path_comes_from_the_environment_for_broker_and_client() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("nested/dir/env.sock");
     let socket_str = socket.to_str().unwrap();
-    let mut command = Command::new(BINARY);
+    let mut command = common::binary();
     command
         .args(["serve", "--emulator"])
         .env("TOKENBROKER_SOCKET", socket_str)
@@ -126,7 +125,7 @@ async fn socket_path_comes_from_the_environment_for_broker_and_client() {
     });
     ready.await.unwrap();
 
-    let output = Command::new(BINARY)
+    let output = common::binary()
         .args(["token", "id", "--audience", "https://a.run.app", "--json"])
         .env("TOKENBROKER_SOCKET", socket_str)
         .output()
@@ -165,7 +164,7 @@ async fn the_client_command_prints_and_watches_tokens() {
     })
     .await;
     let broker = Broker::start(&emulator, &["--expiry-skew", "1s"]).await;
-    let output = Command::new(BINARY)
+    let output = common::binary()
         .args(["token", "access", "--scope", "scope:a,scope:b", "--socket"])
         .arg(&broker.socket)
         .output()
@@ -178,7 +177,7 @@ async fn the_client_command_prints_and_watches_tokens() {
         vec!["scope:a", "scope:b"]
     );
 
-    let mut watcher = Command::new(BINARY)
+    let mut watcher = common::binary()
         .args(["token", "access", "--watch", "--socket"])
         .arg(&broker.socket)
         .stdout(std::process::Stdio::piped())
@@ -203,7 +202,7 @@ async fn the_client_command_prints_and_watches_tokens() {
 
 #[tokio::test]
 async fn help_explains_every_flag_with_its_default() {
-    let output = Command::new(BINARY)
+    let output = common::binary()
         .args(["serve", "--help"])
         .output()
         .await

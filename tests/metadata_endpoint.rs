@@ -328,10 +328,11 @@ async fn errors_use_the_metadata_servers_codes() {
         assert_eq!(answer.status, status, "{path}: {}", answer.body);
         assert_eq!(flavor(&answer), Some("Google"));
     }
+    let stats = emulator.stats();
     assert_eq!(
-        emulator.stats().identity_requests,
-        0,
-        "bad input never goes upstream"
+        (stats.token_requests, stats.identity_requests),
+        (0, 0),
+        "bad input never goes upstream (the emulator counts no request for an unknown account)"
     );
 
     let fault = |status, retry_after_secs| {
@@ -525,7 +526,11 @@ async fn with_another_token_source_only_tokens_are_served() {
     let to = Endpoint::Tcp(broker.metadata_addr().await);
     let token = get(to, TOKEN).await;
     assert_eq!(token.status, StatusCode::OK, "{}", token.body);
-    assert!(token.json()["access_token"].is_string());
+    let minted = token.json()["access_token"].as_str().unwrap().to_string();
+    let info = emulator
+        .token_info(&minted)
+        .expect("minted by the emulator's OAuth endpoint");
+    assert_eq!(info.email, common::KEY_ACCOUNT);
     // The metadata host is not the token source: nothing is passed to it
     // (off Google Cloud its name could resolve anywhere).
     let project = get(to, "/computeMetadata/v1/project/project-id").await;

@@ -53,7 +53,7 @@ async fn client_as(
                 .arg(BINARY);
             command
         }
-        None => Command::new(BINARY),
+        None => common::binary(),
     };
     command
         .args(args)

@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    BINARY, Broker, KEY_ACCOUNT, PATIENCE, TEST_KEYS, access_request, binary_fails, claims,
-    emulator, id_request, key_json, trusted_key_file, write_file,
+    Broker, KEY_ACCOUNT, PATIENCE, TEST_KEYS, access_request, binary_fails, claims, emulator,
+    id_request, key_json, trusted_key_file, write_file,
 };
 use tokenbroker::emulator::google::User;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultRule, Target};
@@ -253,6 +253,42 @@ async fn health_probes_the_key_files_token_endpoint() {
 }
 
 #[tokio::test]
+async fn the_health_probe_goes_to_the_key_files_token_endpoint() {
+    // The metadata server is up, the key's token endpoint (a closed port)
+    // is not: the probe fails, naming the service it tried.
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut json = key_json(&emulator, "kid-1");
+    json["token_uri"] = format!("http://127.0.0.1:{port}/token").into();
+    let key = write_file(dir.path(), "key.json", &json, 0o600);
+    let broker = Broker::spawn(
+        vec![
+            "--metadata-host".into(),
+            emulator.host(),
+            "--credentials".into(),
+            flag(&key),
+        ],
+        &[("RUST_LOG", "info,tokenbroker::health=debug")],
+    )
+    .await;
+    broker.wait_for_log("probe failed").await;
+    let logs = broker.logs();
+    let failure = logs
+        .lines()
+        .find(|line| line.contains("probe failed"))
+        .unwrap();
+    assert!(failure.contains("OAuth token endpoint"), "{failure}");
+    assert_eq!(
+        emulator.stats(),
+        Default::default(),
+        "the metadata server was not asked"
+    );
+}
+
+#[tokio::test]
 async fn bad_key_files_stop_the_broker_with_a_clear_message() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -415,7 +451,7 @@ async fn discovery_prefers_the_variable_then_gclouds_file_then_the_metadata_serv
     drop(broker);
 
     // A variable naming a missing file is an error, not a fallback.
-    let mut missing = tokio::process::Command::new(BINARY);
+    let mut missing = common::binary();
     missing
         .args(["serve", "--socket"])
         .arg(home.path().join("s.sock"))

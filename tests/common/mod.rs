@@ -76,7 +76,7 @@ impl Broker {
         args: Vec<String>,
         env: &[(&str, &str)],
     ) -> Broker {
-        let mut command = Command::new(BINARY);
+        let mut command = binary();
         command
             .arg("serve")
             .arg("--socket")
@@ -94,18 +94,7 @@ impl Broker {
             |command: &Command, name: &str| command.as_std().get_envs().any(|(key, _)| key == name);
         // Credentials discovery sees only what a test gives it: no
         // variables, and a home without gcloud credentials.
-        for name in [
-            "TOKENBROKER_SOCKET",
-            "GCE_METADATA_HOST",
-            "GOOGLE_APPLICATION_CREDENTIALS",
-            "CLOUDSDK_CONFIG",
-            "TOKENBROKER_CREDENTIALS",
-            "TOKENBROKER_IMPERSONATE",
-        ] {
-            if !set(&command, name) {
-                command.env_remove(name);
-            }
-        }
+        scrub_env(&mut command);
         if !set(&command, "HOME") {
             command.env("HOME", dir.path());
         }
@@ -368,6 +357,40 @@ pub async fn scrape_until(
     }
 }
 
+/// Prefixes of the environment variables that change what the binary does
+/// (its flags' fallbacks, OpenTelemetry, credentials discovery, the
+/// metadata host).
+const BROKER_ENV_PREFIXES: [&str; 5] = ["TOKENBROKER_", "OTEL_", "GOOGLE_", "CLOUDSDK_", "GCE_"];
+
+/// Removes from `command` the variables of this process's environment that
+/// would change what the binary does, unless the test set them on
+/// `command` itself: tests see only what they give.
+pub fn scrub_env(command: &mut Command) {
+    let set: Vec<std::ffi::OsString> = command
+        .as_std()
+        .get_envs()
+        .map(|(key, _)| key.to_os_string())
+        .collect();
+    for (name, _) in std::env::vars_os() {
+        let inherited = name.to_str().is_some_and(|name| {
+            BROKER_ENV_PREFIXES
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+        });
+        if inherited && !set.contains(&name) {
+            command.env_remove(&name);
+        }
+    }
+}
+
+/// The binary under test, with an environment scrubbed of the developer's
+/// broker, OpenTelemetry and Google settings ([`scrub_env`]).
+pub fn binary() -> Command {
+    let mut command = Command::new(BINARY);
+    scrub_env(&mut command);
+    command
+}
+
 /// Runs the binary with `args`, which must fail; returns what it printed
 /// on stderr.
 pub async fn binary_fails<I, S>(args: I) -> String
@@ -375,7 +398,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let output = tokio::time::timeout(PATIENCE, Command::new(BINARY).args(args).output())
+    let output = tokio::time::timeout(PATIENCE, binary().args(args).output())
         .await
         .expect("the binary exits in time")
         .expect("the binary runs");
