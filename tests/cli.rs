@@ -258,6 +258,9 @@ async fn a_shell_script_calls_a_service_with_the_token() {
     let broker = Broker::start(&emulator, &[]).await;
     let (addr, accepted) = common::checking_server().await;
     let url = format!("http://{addr}/hello");
+    tokio::task::spawn_blocking(|| common::install_test_deps(&["tools"]))
+        .await
+        .unwrap();
     // The README's line, with the local server for the service.
     let script = format!(
         "curl -sf -H \"Authorization: Bearer $(tokenbroker token id --audience {url})\" {url}"

@@ -72,11 +72,14 @@ async fn the_node_example_watches_a_token_and_calls_with_it() {
 async fn the_go_example_watches_a_token_and_calls_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let binary = dir.path().join("watch_and_call");
+    tokio::task::spawn_blocking(|| common::install_test_deps(&["go"]))
+        .await
+        .unwrap();
     let build = Command::new(root().join("examples/go/build.sh"))
         .arg(&binary)
         .output()
         .await
-        .expect("examples/go/build.sh runs (Go and protoc from Debian: see .ci/run)");
+        .expect("examples/go/build.sh runs");
     assert!(
         build.status.success(),
         "the Go example does not build:\n{}",

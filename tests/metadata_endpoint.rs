@@ -420,6 +420,9 @@ async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
         "the denied token was never fetched"
     );
     // The README's curl line, as an operator would run it.
+    tokio::task::spawn_blocking(|| common::install_test_deps(&["tools"]))
+        .await
+        .unwrap();
     let curl = tokio::process::Command::new("curl")
         .args(["-sf", "--unix-socket"])
         .arg(&socket)
