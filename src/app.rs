@@ -59,7 +59,13 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         "fetching tokens"
     );
 
-    let upstream_for_endpoint = upstream.clone();
+    // Only a metadata server is asked for what is not a token (see the
+    // metadata endpoint): with other sources the name may resolve anywhere
+    // (off Google Cloud) or describe another account (the VM's, not the key's).
+    let metadata_pass_through = match &upstream {
+        Upstream::Metadata(client) => Some(client.clone()),
+        _ => None,
+    };
     let meter = telemetry.meter();
     let metrics = Metrics::new(&meter, args.metrics_label_audience);
     let health = Health::new();
@@ -136,13 +142,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
                 watch_limits.clone(),
                 stop.clone(),
             ),
-            // Only a metadata server is asked for what is not a token: with
-            // other sources the name may resolve anywhere (off Google Cloud)
-            // or describe another account (the VM's, not the key's).
-            pass_through: match &upstream_for_endpoint {
-                Upstream::Metadata(client) => Some(client.clone()),
-                _ => None,
-            },
+            pass_through: metadata_pass_through,
             timeout: args.upstream_timeout,
         };
         let listener = bind_metadata_endpoint(addr, &args).await?;
