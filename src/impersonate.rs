@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::error::BrokerError;
 use crate::https::HttpsClient;
 use crate::keyfile::{DEFAULT_SCOPES, admit_one_account};
-use crate::metadata::{MAX_TOKEN_LIFETIME, parse_id_token};
+use crate::metadata::{MAX_TOKEN_LIFETIME, check_printable, parse_id_token};
 use crate::request::{AccessTokenKey, ServiceAccount, TokenKey};
 use crate::secret::Secret;
 use crate::token::Token;
@@ -185,12 +185,7 @@ fn parse_generated_access_token(body: &[u8], now: SystemTime) -> Result<Token, F
     let parsed: GeneratedAccessToken = serde_json::from_slice(body).map_err(|_| {
         FetchError::Malformed("not the expected JSON (accessToken, expireTime)".into())
     })?;
-    if parsed.access_token.is_empty() || !parsed.access_token.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Err(FetchError::Malformed(
-            "accessToken is empty or not printable ASCII".into(),
-        ));
-    }
+    check_printable("accessToken", &parsed.access_token)?;
     let expire_time = humantime::parse_rfc3339_weak(&parsed.expire_time)
         .ok()
         .filter(|t| *t > now && *t <= now + MAX_TOKEN_LIFETIME)

@@ -265,12 +265,7 @@ pub(crate) fn parse_access_token(
     let parsed: AccessTokenBody = serde_json::from_slice(body).map_err(|_| {
         FetchError::Malformed("not the expected JSON (access_token, expires_in, token_type)".into())
     })?;
-    if parsed.access_token.is_empty() || !parsed.access_token.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Err(FetchError::Malformed(
-            "access_token is empty or not printable ASCII".into(),
-        ));
-    }
+    check_printable("access_token", &parsed.access_token)?;
     let lifetime = u64::try_from(parsed.expires_in)
         .ok()
         .map(Duration::from_secs)
@@ -320,6 +315,17 @@ pub(crate) fn parse_id_token(body: &[u8], audience: &str) -> Result<Token, Fetch
         String::new(),
         expire_time,
     ))
+}
+
+/// Refuses an access token that is empty or not printable ASCII (it goes
+/// into `Authorization` headers as it is); `field` names it in the error.
+pub(crate) fn check_printable(field: &str, token: &str) -> Result<(), FetchError> {
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(FetchError::Malformed(format!(
+            "{field} is empty or not printable ASCII"
+        )));
+    }
+    Ok(())
 }
 
 fn check_flavor(headers: &HeaderMap) -> Result<(), FetchError> {
