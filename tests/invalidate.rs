@@ -6,7 +6,9 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{Broker, PATIENCE, Scrape, access_request, emulator, id_request, scrape_until};
+use common::{
+    Broker, PATIENCE, Scrape, access_request, emulator, id_request, invalidate_id, scrape_until,
+};
 use tokenbroker::emulator::EmulatorConfig;
 use tokenbroker::proto::v1::{
     InvalidateTokenRequest, WatchTokenRequest, invalidate_token_request, token, watch_token_request,
@@ -14,15 +16,6 @@ use tokenbroker::proto::v1::{
 use tonic::Code;
 
 const AUDIENCE: &str = "https://svc.a.run.app";
-
-fn invalidate_id(audience: &str, token: &str) -> InvalidateTokenRequest {
-    InvalidateTokenRequest {
-        request: Some(invalidate_token_request::Request::IdToken(id_request(
-            audience,
-        ))),
-        token: token.to_string(),
-    }
-}
 
 #[tokio::test]
 async fn a_stale_token_is_dropped_and_fetched_again_once() {

@@ -12,8 +12,8 @@ use common::{
 use tokenbroker::emulator::google::User;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultRule, Target};
 use tokenbroker::proto::v1::{
-    GetAccessTokenRequest, GetIdTokenRequest, IdTokenFormat, InvalidateTokenRequest,
-    WatchTokenRequest, invalidate_token_request, token, watch_token_request,
+    GetAccessTokenRequest, GetIdTokenRequest, IdTokenFormat, WatchTokenRequest, token,
+    watch_token_request,
 };
 use tonic::Code;
 
@@ -212,12 +212,7 @@ async fn invalidation_works_with_a_key_file() {
         .into_inner()
         .token;
     let response = client
-        .invalidate_token(InvalidateTokenRequest {
-            request: Some(invalidate_token_request::Request::IdToken(id_request(
-                AUDIENCE,
-            ))),
-            token: first.clone(),
-        })
+        .invalidate_token(common::invalidate_id(AUDIENCE, &first))
         .await
         .unwrap()
         .into_inner();
@@ -775,12 +770,7 @@ async fn no_key_or_token_reaches_the_logs_even_at_trace_level() {
         .unwrap()
         .into_inner()
         .token;
-    let handed_back = InvalidateTokenRequest {
-        request: Some(invalidate_token_request::Request::IdToken(id_request(
-            AUDIENCE,
-        ))),
-        token: id.clone(),
-    };
+    let handed_back = common::invalidate_id(AUDIENCE, &id);
     assert!(
         client
             .invalidate_token(handed_back)

@@ -209,6 +209,21 @@ pub fn access_request(scopes: &[&str]) -> GetAccessTokenRequest {
     }
 }
 
+/// An `InvalidateTokenRequest` handing back `token`, obtained as the ID
+/// token for `audience` with defaults elsewhere.
+pub fn invalidate_id(
+    audience: &str,
+    token: &str,
+) -> tokenbroker::proto::v1::InvalidateTokenRequest {
+    use tokenbroker::proto::v1::{InvalidateTokenRequest, invalidate_token_request};
+    InvalidateTokenRequest {
+        request: Some(invalidate_token_request::Request::IdToken(id_request(
+            audience,
+        ))),
+        token: token.to_string(),
+    }
+}
+
 /// A request carrying a gRPC deadline.
 pub fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
