@@ -9,7 +9,8 @@
 //!   talks TLS to Google), with gcloud's user credentials ([`adc`], which
 //!   also finds credentials) or by impersonation ([`impersonate`]);
 //!   [`sources`] chooses one,
-//! - [`service`], [`server`], [`socket`]: gRPC on a Unix socket,
+//! - [`service`], [`server`], [`socket`]: gRPC on a Unix socket, which
+//!   accepts any `:authority` (`authority`),
 //! - [`emulator`]: stands in for the metadata server off Google Cloud,
 //! - [`config`], [`config_file`]: the command line and `serve --config`,
 //! - [`sink`]: tokens kept written to files,
@@ -23,6 +24,7 @@
 pub mod adc;
 pub mod admin;
 pub mod app;
+mod authority;
 pub mod cache;
 pub mod cli;
 pub mod client;

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
@@ -20,6 +21,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::MapFrame;
 use tower::util::MapResponseLayer;
 
+use crate::authority::{self, AnyAuthority};
 use crate::cache::TokenCache;
 use crate::health::Health;
 use crate::limits::WatchLimits;
@@ -87,12 +89,22 @@ pub async fn serve(
             stopping.cancel();
         }
     };
+    // Every client's `:authority` is accepted (see `authority`), and the
+    // limits it enforces are the ones the server advertises.
+    let connections = UnixListenerStream::new(listener).map(|accepted| {
+        accepted.map(|stream| {
+            let peer = stream.peer_cred().ok();
+            AnyAuthority::new(stream, peer)
+        })
+    });
     let server = Server::builder()
+        .max_frame_size(authority::MAX_FRAME_SIZE as u32)
+        .http2_max_header_list_size(authority::MAX_HEADER_LIST_SIZE as u32)
         .layer(MapResponseLayer::new(oversized_is_resource_exhausted))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(connections, signal);
     tracing::info!(socket = %owner.path().display(), "tokenbroker ready");
     crate::systemd::notify_ready();
     let result = tokio::select! {

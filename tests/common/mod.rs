@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod authority_shim;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -176,6 +178,11 @@ impl Broker {
         tokenbroker::client::connect(&self.socket)
             .await
             .expect("client connects")
+    }
+
+    /// The broker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("broker is running")
     }
 
     /// Sends `signal` to the broker.
