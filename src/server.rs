@@ -76,10 +76,15 @@ pub async fn serve(
     let service = TokenBrokerServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(publish_health(broker.health, reporter, stopping.clone()));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl speaks v1, while grpc_cli, Evans
+    // and Python's grpcio-reflection client speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let signal = {
         let stopping = stopping.clone();
         async move {
@@ -102,7 +107,8 @@ pub async fn serve(
         .http2_max_header_list_size(authority::MAX_HEADER_LIST_SIZE as u32)
         .layer(MapResponseLayer::new(oversized_is_resource_exhausted))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(connections, signal);
     tracing::info!(socket = %owner.path().display(), "tokenbroker ready");

@@ -1,5 +1,6 @@
 //! A client in another language: Python grpcio stubs generated from the
-//! proto talk to the broker binary over its socket.
+//! proto talk to the broker binary over its socket, with no channel options
+//! (gRPC C-core then sends the percent-encoded socket path as `:authority`).
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::process::Command;
 use common::Broker;
 
 #[tokio::test]
-async fn a_python_grpcio_client_gets_tokens_over_the_socket() {
+async fn a_stock_python_grpcio_client_calls_every_rpc_health_and_reflection() {
     let python = tokio::task::spawn_blocking(common::python).await.unwrap();
     let broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
     let out_dir = tempfile::tempdir().unwrap();
@@ -32,6 +33,16 @@ async fn a_python_grpcio_client_gets_tokens_over_the_socket() {
     assert_eq!(seen["id_token_aud"], "https://hello-abc123-uc.a.run.app");
     assert_eq!(seen["watch_first_matches"], true);
     assert_eq!(seen["empty_audience"], "INVALID_ARGUMENT");
+    assert_eq!(seen["invalidated"], true);
+    assert_eq!(seen["health"], "SERVING");
+    assert_eq!(
+        seen["reflected_services"],
+        serde_json::json!([
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+            "tokenbroker.v1.TokenBroker"
+        ])
+    );
     assert!(
         seen["access_token"]
             .as_str()

@@ -65,10 +65,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as out_dir:
         pb, rpc = load_stubs(out_dir)
-        # Name the HTTP/2 authority "localhost": gRPC C-core would send the
-        # socket path, which the broker's HTTP/2 stack rejects.
-        channel = grpc.insecure_channel(
-            f"unix://{args.socket}", options=[("grpc.default_authority", "localhost")])
+        channel = grpc.insecure_channel(f"unix://{args.socket}")
         broker = rpc.TokenBrokerStub(channel)
         request = pb.WatchTokenRequest(id_token=pb.GetIdTokenRequest(audience=args.audience))
         calls = 0

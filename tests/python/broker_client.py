@@ -1,5 +1,7 @@
 """A Python grpcio client compiled from proto/ at run time, talking to a
-running broker over its Unix socket. Run by tests/polyglot.rs:
+running broker over its Unix socket with the channel a Python user writes
+first: no options, so gRPC C-core sends the percent-encoded socket path as
+the HTTP/2 :authority. Run by tests/polyglot.rs:
 
     python broker_client.py SOCKET PROTO_DIR OUT_DIR
 
@@ -39,18 +41,40 @@ def jwt_claims(token):
     return json.loads(base64.urlsafe_b64decode(payload))
 
 
+def health_status(channel):
+    """grpc.health.v1 through grpcio-health-checking's stubs."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    response = health.Check(
+        health_pb2.HealthCheckRequest(service="tokenbroker.v1.TokenBroker"), timeout=10
+    )
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def reflected_services(channel):
+    """The services server reflection lists, through Python's reflection
+    client, which speaks only grpc.reflection.v1alpha; and the broker's
+    service resolved from the descriptors it returns."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    database = ProtoReflectionDescriptorDatabase(channel)
+    services = sorted(database.get_services())
+    service = DescriptorPool(database).FindServiceByName("tokenbroker.v1.TokenBroker")
+    assert "WatchToken" in [method.name for method in service.methods], service.methods
+    return services
+
+
 def main():
     socket, proto_dir, out_dir = sys.argv[1:4]
     compile_proto(proto_dir, out_dir)
     from tokenbroker.v1 import tokenbroker_pb2 as pb
     from tokenbroker.v1 import tokenbroker_pb2_grpc as rpc
 
-    # gRPC C-core (Python, Ruby, PHP, C++) sends the socket path as the HTTP/2
-    # :authority, which the broker's HTTP/2 stack rejects as malformed; name
-    # the authority "localhost", as grpc-go and Kubernetes do for sockets.
-    channel = grpc.insecure_channel(
-        f"unix://{socket}", options=[("grpc.default_authority", "localhost")]
-    )
+    channel = grpc.insecure_channel(f"unix://{socket}")
     broker = rpc.TokenBrokerStub(channel)
     seen = {}
 
@@ -81,6 +105,22 @@ def main():
     assert first.id_token.token == id_token.token, "watch did not share the cached token"
     watch.cancel()
     seen["watch_first_matches"] = True
+
+    invalidated = broker.InvalidateToken(
+        pb.InvalidateTokenRequest(
+            id_token=pb.GetIdTokenRequest(audience=audience, format=pb.ID_TOKEN_FORMAT_FULL),
+            token=id_token.token,
+        ),
+        timeout=10,
+    )
+    seen["invalidated"] = invalidated.invalidated
+    fresh = broker.GetIdToken(
+        pb.GetIdTokenRequest(audience=audience, format=pb.ID_TOKEN_FORMAT_FULL), timeout=10
+    )
+    assert fresh.token != id_token.token, "the invalidated token came back"
+
+    seen["health"] = health_status(channel)
+    seen["reflected_services"] = reflected_services(channel)
 
     try:
         broker.GetIdToken(pb.GetIdTokenRequest(audience=""), timeout=10)
