@@ -1,6 +1,8 @@
-//! A client in another language: Python grpcio stubs generated from the
-//! proto talk to the broker binary over its socket, with no channel options
-//! (gRPC C-core then sends the percent-encoded socket path as `:authority`).
+//! Clients in other languages talk to the broker binary over its socket as
+//! they come: Python grpcio stubs generated from the proto, with no channel
+//! options (gRPC C-core then sends the percent-encoded socket path as
+//! `:authority`), and grpc-js sending the raw path, as grpc-java and grpcurl
+//! do.
 
 mod common;
 
@@ -49,4 +51,31 @@ async fn a_stock_python_grpcio_client_calls_every_rpc_health_and_reflection() {
             .unwrap()
             .starts_with("ya29.emulator.")
     );
+}
+
+#[tokio::test]
+async fn grpc_js_sending_the_raw_socket_path_as_authority_gets_tokens() {
+    let node_path = tokio::task::spawn_blocking(common::node_example_path)
+        .await
+        .unwrap();
+    let broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let path = broker.socket.to_str().unwrap().to_string();
+    for authority in [path.clone(), format!("unix:{path}"), "localhost".into()] {
+        let output = tokio::process::Command::new("node")
+            .arg(root.join("tests/node/grpc_js_authority_client.js"))
+            .arg(&broker.socket)
+            .arg(root.join("proto/tokenbroker/v1/tokenbroker.proto"))
+            .arg(&authority)
+            .arg("https://hello-abc123-uc.a.run.app")
+            .env("NODE_PATH", &node_path)
+            .output()
+            .await
+            .expect("node runs");
+        assert!(
+            output.status.success(),
+            "authority {authority:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }
