@@ -4,14 +4,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
-
-use bytes::Bytes;
+use common::http::{Answer, Endpoint, get, send};
 use common::{Broker, Scrape, access_request, claims, emulator, id_request};
-use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use http::{Method, StatusCode};
 use tokenbroker::emulator::{
     DEFAULT_ACCOUNT, EmulatorConfig, Fault, FaultRule, PROJECT_ID, Target, ZONE,
 };
@@ -20,82 +15,6 @@ use tokenbroker::proto::v1::{GetIdTokenRequest, IdTokenFormat};
 const TOKEN: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
 const IDENTITY: &str = "/computeMetadata/v1/instance/service-accounts/default/identity";
 const CLOUD: &str = "https://www.googleapis.com/auth/cloud-platform";
-
-/// An answer from the endpoint.
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).expect("JSON body")
-    }
-}
-
-/// Where requests go: the TCP port or the Unix socket.
-#[derive(Clone, Copy)]
-enum Endpoint<'a> {
-    Tcp(SocketAddr),
-    Unix(&'a Path),
-}
-
-/// `method path` with `headers`, over one fresh HTTP/1.1 connection.
-async fn send(to: Endpoint<'_>, method: Method, path: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut sender = match to {
-        Endpoint::Tcp(addr) => {
-            let stream = tokio::net::TcpStream::connect(addr)
-                .await
-                .expect("connects");
-            handshake(stream).await
-        }
-        Endpoint::Unix(path) => {
-            let stream = tokio::net::UnixStream::connect(path)
-                .await
-                .expect("connects");
-            handshake(stream).await
-        }
-    };
-    let mut request = Request::builder().method(method).uri(path);
-    if !headers
-        .iter()
-        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
-    {
-        request = request.header("host", "metadata.google.internal");
-    }
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = sender
-        .send_request(request.body(Empty::<Bytes>::new()).unwrap())
-        .await
-        .expect("response");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    Answer {
-        status,
-        headers,
-        body: String::from_utf8(body.to_vec()).expect("UTF-8 body"),
-    }
-}
-
-async fn handshake<S>(stream: S) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("handshake");
-    tokio::spawn(connection);
-    sender
-}
-
-/// `GET path` as Google's libraries send it.
-async fn get(to: Endpoint<'_>, path: &str) -> Answer {
-    send(to, Method::GET, path, &[("Metadata-Flavor", "Google")]).await
-}
 
 fn flavor(answer: &Answer) -> Option<&str> {
     answer

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod authority_shim;
+pub mod http;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -259,6 +260,11 @@ impl Broker {
         self.logged_addr("metadata_addr").await
     }
 
+    /// The address of `serve --emulator`'s emulator, read from the logs.
+    pub async fn emulator_addr(&self) -> std::net::SocketAddr {
+        self.logged_addr("\"addr\":").await
+    }
+
     /// The address logged in the field `field`.
     async fn logged_addr(&self, field: &str) -> std::net::SocketAddr {
         self.wait_for_log(field).await;
@@ -306,16 +312,14 @@ pub fn node_example_path() -> PathBuf {
 
 /// `GET http://{addr}{path}`: status and body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use http_body_util::{BodyExt, Empty};
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Empty<bytes::Bytes>>();
-    let response = client
-        .get(format!("http://{addr}{path}").parse().unwrap())
-        .await
-        .expect("HTTP request");
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
+    let answer = http::send(
+        http::Endpoint::Tcp(addr),
+        ::http::Method::GET,
+        path,
+        &[("host", "localhost")],
+    )
+    .await;
+    (answer.status.as_u16(), answer.body)
 }
 
 /// The Prometheus text of a broker's `/metrics`.
@@ -366,14 +370,28 @@ pub async fn scrape_until(
 ) -> Scrape {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let scrape = Scrape::of(addr).await;
-        if condition(&scrape) {
-            return scrape;
-        }
+        // The listener may refuse a connection while it is at its bound.
+        let answer = http::try_send(
+            http::Endpoint::Tcp(addr),
+            ::http::Method::GET,
+            "/metrics",
+            &[("host", "localhost")],
+        )
+        .await;
+        let last = match answer {
+            Ok(answer) if answer.status == 200 => {
+                let scrape = Scrape(answer.body);
+                if condition(&scrape) {
+                    return scrape;
+                }
+                scrape.0
+            }
+            Ok(answer) => format!("status {}: {}", answer.status, answer.body),
+            Err(error) => error,
+        };
         assert!(
             tokio::time::Instant::now() < deadline,
-            "metrics never matched:\n{}",
-            scrape.0
+            "metrics never matched:\n{last}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
