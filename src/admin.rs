@@ -1,6 +1,9 @@
 //! The operators' HTTP listener (`--metrics-addr`): `/metrics` in the
 //! Prometheus text format, `/healthz` (the process is alive) and `/readyz`
-//! (the broker can hand out tokens, as in gRPC health).
+//! (the broker can hand out tokens, as in gRPC health). Its connections are
+//! bounded, and one that sends no request within
+//! [`connections::HEADER_READ_TIMEOUT`] (also between keep-alive requests)
+//! is closed.
 
 use std::convert::Infallible;
 
@@ -8,44 +11,36 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::connections::{self, Acceptor, Listener, ListenerLimits};
 use crate::health::Health;
 
-/// Serves the admin endpoints on `listener` until `stop`.
+/// Serves the admin endpoints on `listener`, within `limits`, until `stop`.
 pub async fn serve(
     listener: TcpListener,
+    limits: ListenerLimits,
     registry: prometheus::Registry,
     health: Health,
     stop: CancellationToken,
 ) {
+    let mut acceptor = Acceptor::new(Listener::Metrics.as_str());
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "metrics listener accept failed");
-                    continue;
-                }
-            },
+            stream = acceptor.accept(&listener) => stream,
         };
-        let (registry, health, stop) = (registry.clone(), health.clone(), stop.clone());
-        tokio::spawn(async move {
-            let service = service_fn(|request| {
-                std::future::ready(Ok::<_, Infallible>(respond(&request, &registry, &health)))
-            });
-            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                () = stop.cancelled() => {}
-                _ = connection => {}
-            }
+        let Some(permit) = limits.admit(None) else {
+            continue;
+        };
+        let (registry, health) = (registry.clone(), health.clone());
+        let service = service_fn(move |request| {
+            std::future::ready(Ok::<_, Infallible>(respond(&request, &registry, &health)))
         });
+        connections::spawn_http1(stream, service, permit, stop.clone());
     }
 }
 

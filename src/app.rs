@@ -11,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 use crate::adc::Environment;
 use crate::cache::TokenCache;
 use crate::config::{EmulatorArgs, ServeArgs};
+use crate::connections::{self, ConnectionLimits, Listener, METRICS_MAX_CONNECTIONS};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::health::Health;
-use crate::limits::{RateLimited, WatchLimits};
-use crate::metadata_endpoint::{self, MetadataAddr, MetadataEndpoint, MetadataListener};
+use crate::limits::{RateLimited, UpstreamLimits, WatchLimits};
+use crate::metadata_endpoint::{self, LongPolls, MetadataAddr, MetadataEndpoint, MetadataListener};
 use crate::metrics::{Metrics, register_cache_gauge};
 use crate::policy::PolicyStore;
 use crate::retry::{RetryPolicy, Retrying};
@@ -38,13 +39,18 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     if let Some(path) = &args.config {
         tracing::info!(config = %path.display(), "configuration file read");
     }
+    let descriptors = connections::raise_descriptor_limit()?;
     let sinks = sink::check_all(args.sinks.clone())?;
     let emulator = if args.emulator {
         let config = EmulatorConfig {
             access_token_lifetime: args.emulator_token_lifetime,
             id_token_lifetime: args.emulator_token_lifetime,
+            control: args.emulator_control,
             ..EmulatorConfig::default()
         };
+        if !args.emulator_control {
+            tracing::info!("the emulator's control API is off (--emulator-control turns it on)");
+        }
         Some(Emulator::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config).await?)
     } else {
         None
@@ -68,15 +74,26 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     };
     let meter = telemetry.meter();
     let metrics = Metrics::new(&meter, args.metrics_label_audience);
+    // Upstream connections (token fetches and long-polls) come out of the
+    // descriptors kept back from clients.
+    let upstream_descriptors = args.upstream_max_concurrency + metadata_endpoint::MAX_LONG_POLLS;
+    let connection_limits = ConnectionLimits::new(
+        ConnectionLimits::budget_for(descriptors, upstream_descriptors),
+        &meter,
+    );
+    tracing::info!(
+        soft = descriptors.soft,
+        hard = descriptors.hard,
+        started_with = descriptors.initial_soft,
+        client_connections = connection_limits.budget(),
+        "file descriptor limit"
+    );
     let health = Health::new();
     // Each attempt waits for the global limits, then is recorded; retries
     // wrap it all.
     let attempt = Instrumented::new(upstream.clone(), metrics.clone(), health.clone());
-    let limited = RateLimited::new(
-        attempt,
-        args.upstream_max_rps,
-        args.upstream_max_concurrency,
-    );
+    let upstream_limits = UpstreamLimits::new(args.upstream_max_rps, args.upstream_max_concurrency);
+    let limited = RateLimited::new(attempt, upstream_limits.clone());
     let retry = RetryPolicy {
         max_attempts: args.upstream_max_attempts.max(1),
         budget: args.upstream_retry_budget,
@@ -109,8 +126,10 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
             .await
             .map_err(|error| format!("cannot listen for metrics on {addr}: {error}"))?;
         tracing::info!(metrics_addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+        let limits = connection_limits.listener(Listener::Metrics, METRICS_MAX_CONNECTIONS, None);
         tokio::spawn(admin::serve(
             listener,
+            limits,
             registry,
             health.clone(),
             stop.clone(),
@@ -143,10 +162,20 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
                 stop.clone(),
             ),
             pass_through: metadata_pass_through,
+            upstream_limits,
+            long_polls: LongPolls::default(),
             timeout: args.upstream_timeout,
         };
         let listener = bind_metadata_endpoint(addr, &args).await?;
-        tokio::spawn(metadata_endpoint::serve(listener, endpoint, stop.clone()));
+        let per_uid = matches!(addr, MetadataAddr::Unix(_)).then_some(args.max_connections_per_uid);
+        let limits =
+            connection_limits.listener(Listener::Metadata, args.metadata_max_connections, per_uid);
+        tokio::spawn(metadata_endpoint::serve(
+            listener,
+            limits,
+            endpoint,
+            stop.clone(),
+        ));
     }
     let broker = Broker {
         cache: cache.clone(),
@@ -154,6 +183,13 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         health,
         policy,
         watch_limits,
+        connections: connection_limits.listener(
+            Listener::Grpc,
+            args.max_connections,
+            Some(args.max_connections_per_uid),
+        ),
+        max_concurrent_streams: args.max_concurrent_streams,
+        idle_timeout: args.connection_idle_timeout,
     };
     let served = server::serve(socket, broker, shutdown, args.shutdown_grace).await;
     sinks.stop(args.shutdown_grace).await;

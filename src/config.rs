@@ -105,6 +105,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENBROKER_EMULATOR", conflicts_with = "credentials")]
     pub emulator: bool,
 
+    /// With --emulator: also serve the emulator's control API (fault
+    /// injection, token lifetimes, stats under /emulator/v1/). Off by
+    /// default: any local process could reach it and disturb everyone's
+    /// tokens.
+    #[arg(long, env = "TOKENBROKER_EMULATOR_CONTROL", requires = "emulator")]
+    pub emulator_control: bool,
+
     /// Credentials file: a service-account key ("type": "service_account")
     /// or gcloud user credentials ("authorized_user"). Without it the broker
     /// looks, in order, at GOOGLE_APPLICATION_CREDENTIALS, gcloud's
@@ -219,6 +226,32 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENBROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = at_most::<3600>)]
     pub shutdown_grace: Duration,
 
+    /// Most connections to the gRPC socket at once. A connection over this
+    /// bound, or over --max-connections-per-uid, or beyond what the file
+    /// descriptor limit allows, is accepted and closed at once.
+    #[arg(long, env = "TOKENBROKER_MAX_CONNECTIONS", default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS, value_parser = at_least_one)]
+    pub max_connections: usize,
+
+    /// Most connections one peer uid holds to the gRPC socket (and to a
+    /// unix: metadata endpoint).
+    #[arg(long, env = "TOKENBROKER_MAX_CONNECTIONS_PER_UID", default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS_PER_UID, value_parser = at_least_one)]
+    pub max_connections_per_uid: usize,
+
+    /// Most connections to the metadata-compatible endpoint at once.
+    #[arg(long, env = "TOKENBROKER_METADATA_MAX_CONNECTIONS", default_value_t = crate::connections::DEFAULT_METADATA_MAX_CONNECTIONS, value_parser = at_least_one)]
+    pub metadata_max_connections: usize,
+
+    /// Most calls open at once on one gRPC connection; a client's further
+    /// streams are refused (REFUSED_STREAM) until one ends.
+    #[arg(long, env = "TOKENBROKER_MAX_CONCURRENT_STREAMS", default_value_t = crate::server::DEFAULT_MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+
+    /// Close a gRPC connection that has had no call in flight this long
+    /// (clients reconnect when they next call). A connection that sends
+    /// nothing at all is closed after 10 s.
+    #[arg(long, env = "TOKENBROKER_CONNECTION_IDLE_TIMEOUT", default_value = "5m", value_parser = positive_at_most::<86_400>)]
+    pub connection_idle_timeout: Duration,
+
     /// The file sinks of the config file (`[[sink]]`); empty without one.
     #[arg(skip)]
     pub sinks: Vec<crate::sink::SinkConfig>,
@@ -283,6 +316,9 @@ impl EmulatorArgs {
             accounts: self.accounts.clone(),
             access_token_lifetime: self.token_lifetime,
             id_token_lifetime: self.id_token_lifetime,
+            // The standalone emulator is a test tool: its control API is
+            // what it is run for.
+            control: true,
         }
     }
 }
@@ -389,6 +425,15 @@ fn positive_at_most<const MAX_SECS: u64>(value: &str) -> Result<Duration, String
         return Err(format!("{value:?} must be more than zero"));
     }
     Ok(duration)
+}
+
+/// A count of at least one.
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{value:?}: {e}")),
+    }
 }
 
 fn parse_email(value: &str) -> Result<String, String> {

@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::connections::Acceptor;
 use crate::jwt;
 
 /// Email of the emulated VM's default service account.
@@ -37,6 +38,10 @@ pub const DEFAULT_ACCOUNT: &str = "tokenbroker-emulator@emulator-project.iam.gse
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Scopes an access token gets when the request names none.
 pub const DEFAULT_SCOPES: &[&str] = &["https://www.googleapis.com/auth/cloud-platform"];
+
+/// How long a long-poll without `timeout_sec` waits (an hour: the real
+/// server waits for a change, which never comes here).
+const LONG_POLL_DEFAULT_WAIT: Duration = Duration::from_secs(3600);
 
 /// The emulated project's id (`project/project-id`).
 pub const PROJECT_ID: &str = "emulator-project";
@@ -59,6 +64,8 @@ pub struct EmulatorConfig {
     pub access_token_lifetime: Duration,
     /// Lifetime of ID tokens.
     pub id_token_lifetime: Duration,
+    /// Whether the control API (`/emulator/v1/...`) is served.
+    pub control: bool,
 }
 
 impl Default for EmulatorConfig {
@@ -67,6 +74,7 @@ impl Default for EmulatorConfig {
             accounts: vec![DEFAULT_ACCOUNT.to_string()],
             access_token_lifetime: DEFAULT_TOKEN_LIFETIME,
             id_token_lifetime: DEFAULT_TOKEN_LIFETIME,
+            control: true,
         }
     }
 }
@@ -166,6 +174,17 @@ pub struct Stats {
     /// grant, account).
     #[serde(default)]
     pub google_rejected: u64,
+    /// Other metadata requests (directories, project id, attributes, ...),
+    /// long-polls included; not the account listing, which the broker's
+    /// health probe reads.
+    #[serde(default)]
+    pub other_requests: u64,
+    /// Long-polls (`wait_for_change=true`) waiting now.
+    #[serde(default)]
+    pub long_polls_waiting: u64,
+    /// The most long-polls that waited at once.
+    #[serde(default)]
+    pub long_polls_most: u64,
 }
 
 /// What the emulator knows about an access token it issued (like Google's
@@ -419,16 +438,11 @@ impl State {
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut acceptor = Acceptor::new("emulator");
     loop {
         let stream = tokio::select! {
             () = shared.stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "emulator accept failed");
-                    continue;
-                }
-            },
+            stream = acceptor.accept(&listener) => stream,
         };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -448,6 +462,12 @@ async fn handle(
 ) -> Result<Response<Body>, std::io::Error> {
     let path = request.uri().path().to_string();
     if let Some(control) = path.strip_prefix("/emulator/v1/") {
+        if !shared.lock().config.control {
+            return Ok(text(
+                StatusCode::NOT_FOUND,
+                "the emulator's control API is off (serve --emulator-control turns it on)",
+            ));
+        }
         return Ok(control_api(&shared, request.method().clone(), control, request).await);
     }
     if let Some(api) = google::Api::of(request.method(), &path) {
@@ -472,7 +492,35 @@ async fn handle(
         ));
     }
     let query = parse_query(request.uri().query().unwrap_or(""));
+    let listing = path == PREFIX || path == PREFIX.trim_end_matches('/');
+    if !path.ends_with("/token") && !path.ends_with("/identity") && !listing {
+        shared.count(|s| s.other_requests += 1);
+        if query.get("wait_for_change").map(String::as_str) == Some("true") {
+            long_poll(&shared, &query).await;
+        }
+    }
     metadata_api(&shared, &path, &query).await
+}
+
+/// Waits as a long-poll does when nothing changes: `timeout_sec` (the
+/// emulated values never change), counted in the stats while it waits.
+async fn long_poll(shared: &Shared, query: &HashMap<String, String>) {
+    let wait = query
+        .get("timeout_sec")
+        .and_then(|t| t.parse().ok())
+        .map_or(LONG_POLL_DEFAULT_WAIT, Duration::from_secs);
+    shared.count(|s| {
+        s.long_polls_waiting += 1;
+        s.long_polls_most = s.long_polls_most.max(s.long_polls_waiting);
+    });
+    struct Done<'a>(&'a Shared);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.count(|s| s.long_polls_waiting -= 1);
+        }
+    }
+    let _done = Done(shared);
+    tokio::time::sleep(wait).await;
 }
 
 async fn metadata_api(

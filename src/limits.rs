@@ -2,15 +2,15 @@
 //! global rate and concurrency limit on upstream requests, and limits on
 //! open watch streams (in total and per peer uid).
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::Semaphore;
+use governor::{DefaultDirectRateLimiter, RateLimiter};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::error::BrokerError;
+use crate::quota::{Exceeded, Quota, QuotaPermit};
 use crate::request::TokenKey;
 use crate::token::Token;
 use crate::upstream::{FetchError, TokenSource};
@@ -25,39 +25,69 @@ pub const DEFAULT_MAX_WATCHERS: usize = 10_000;
 /// Default most open watch streams of one peer uid (1 000).
 pub const DEFAULT_MAX_WATCHERS_PER_UID: usize = 1_000;
 
-/// Spaces out requests to an inner source: at most `max_rps` per second
-/// (bursts of a fifth of that) and `max_concurrency` at once. Requests wait
-/// their turn; each key's refresh task still makes one at a time, so single
-/// flight holds while queued.
-pub struct RateLimited<S> {
-    inner: S,
-    rate: DefaultDirectRateLimiter,
-    in_flight: Semaphore,
+/// The global bounds on requests to the token source and the metadata
+/// server: at most `max_rps` per second (bursts of a fifth of that) and
+/// `max_concurrency` at once. Token fetches and the metadata endpoint's
+/// pass-through share one; clones share it.
+#[derive(Clone)]
+pub struct UpstreamLimits {
+    rate: Arc<DefaultDirectRateLimiter>,
+    in_flight: Arc<Semaphore>,
 }
 
-impl<S: TokenSource> RateLimited<S> {
-    /// Limits `inner` to `max_rps` requests per second and
-    /// `max_concurrency` at once (both at least 1).
-    pub fn new(inner: S, max_rps: u32, max_concurrency: usize) -> Self {
+impl UpstreamLimits {
+    /// Limits of `max_rps` requests per second and `max_concurrency` at
+    /// once (both at least 1).
+    pub fn new(max_rps: u32, max_concurrency: usize) -> Self {
         let rps = NonZeroU32::new(max_rps).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(max_rps / 5).unwrap_or(NonZeroU32::MIN);
         Self {
-            inner,
-            rate: RateLimiter::direct(Quota::per_second(rps).allow_burst(burst)),
-            in_flight: Semaphore::new(max_concurrency.max(1)),
+            rate: Arc::new(RateLimiter::direct(
+                governor::Quota::per_second(rps).allow_burst(burst),
+            )),
+            in_flight: Arc::new(Semaphore::new(max_concurrency.max(1))),
         }
+    }
+
+    /// Waits for a place among the requests in flight, then for a turn
+    /// within the rate; the place is held until the permit is dropped.
+    pub async fn acquire(&self) -> Result<SemaphorePermit<'_>, FetchError> {
+        let permit = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|_| FetchError::Connect("upstream limiter closed".into()))?;
+        self.rate.until_ready().await;
+        Ok(permit)
+    }
+
+    /// Waits for a turn within the rate only: for a long-poll, which waits
+    /// upstream for minutes and must not hold a place token fetches need
+    /// (long-polls have bounds of their own).
+    pub async fn turn(&self) {
+        self.rate.until_ready().await;
+    }
+}
+
+/// Spaces out requests to an inner source within [`UpstreamLimits`].
+/// Requests wait their turn; each key's refresh task still makes one at a
+/// time, so single flight holds while queued.
+pub struct RateLimited<S> {
+    inner: S,
+    limits: UpstreamLimits,
+}
+
+impl<S: TokenSource> RateLimited<S> {
+    /// Limits `inner` to `limits`.
+    pub fn new(inner: S, limits: UpstreamLimits) -> Self {
+        Self { inner, limits }
     }
 }
 
 impl<S: TokenSource> TokenSource for RateLimited<S> {
     fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
         Box::pin(async move {
-            let _permit = self
-                .in_flight
-                .acquire()
-                .await
-                .map_err(|_| FetchError::Connect("upstream limiter closed".into()))?;
-            self.rate.until_ready().await;
+            let _permit = self.limits.acquire().await?;
             self.inner.fetch(key).await
         })
     }
@@ -70,75 +100,33 @@ impl<S: TokenSource> TokenSource for RateLimited<S> {
 /// Counts open watch streams against a total and a per-uid bound.
 #[derive(Clone)]
 pub struct WatchLimits {
-    inner: Arc<WatchCounts>,
-}
-
-struct WatchCounts {
-    max_total: usize,
-    max_per_uid: usize,
-    open: Mutex<(usize, HashMap<u32, usize>)>,
+    quota: Quota,
 }
 
 /// One open watch stream; dropping it frees its place.
-pub struct WatchPermit {
-    limits: Arc<WatchCounts>,
-    uid: Option<u32>,
-}
+pub type WatchPermit = QuotaPermit;
 
 impl WatchLimits {
     /// Limits of `max_total` streams, and `max_per_uid` for any one uid.
     pub fn new(max_total: usize, max_per_uid: usize) -> Self {
         Self {
-            inner: Arc::new(WatchCounts {
-                max_total,
-                max_per_uid,
-                open: Mutex::new((0, HashMap::new())),
-            }),
+            quota: Quota::new(max_total, max_per_uid),
         }
     }
 
     /// Takes a place for a stream of the peer `uid` (unknown: only the
     /// total applies), or fails with `RESOURCE_EXHAUSTED`.
     pub fn acquire(&self, uid: Option<u32>) -> Result<WatchPermit, BrokerError> {
-        let mut open = self.inner.open.lock().unwrap_or_else(|e| e.into_inner());
-        let (total, per_uid) = &mut *open;
-        if *total >= self.inner.max_total {
-            return Err(BrokerError::LimitExceeded {
+        self.quota.acquire(uid).map_err(|exceeded| match exceeded {
+            Exceeded::Total(limit) => BrokerError::LimitExceeded {
                 what: "too many open watch streams",
-                limit: self.inner.max_total,
-            });
-        }
-        if let Some(uid) = uid {
-            let count = per_uid.entry(uid).or_default();
-            if *count >= self.inner.max_per_uid {
-                return Err(BrokerError::LimitExceeded {
-                    what: "too many open watch streams for this uid",
-                    limit: self.inner.max_per_uid,
-                });
-            }
-            *count += 1;
-        }
-        *total += 1;
-        Ok(WatchPermit {
-            limits: self.inner.clone(),
-            uid,
+                limit,
+            },
+            Exceeded::Owner(limit) => BrokerError::LimitExceeded {
+                what: "too many open watch streams for this uid",
+                limit,
+            },
         })
-    }
-}
-
-impl Drop for WatchPermit {
-    fn drop(&mut self) {
-        let mut open = self.limits.open.lock().unwrap_or_else(|e| e.into_inner());
-        let (total, per_uid) = &mut *open;
-        *total -= 1;
-        if let Some(uid) = self.uid
-            && let Some(count) = per_uid.get_mut(&uid)
-        {
-            *count -= 1;
-            if *count == 0 {
-                per_uid.remove(&uid);
-            }
-        }
     }
 }
 

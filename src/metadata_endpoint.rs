@@ -25,19 +25,20 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::connections::{self, Acceptor, ConnectionPermit, Listener, ListenerLimits};
 use crate::error::BrokerError;
+use crate::limits::UpstreamLimits;
 use crate::metadata::MetadataClient;
 use crate::metrics::Rpc;
 use crate::policy::{Caller, Peer};
 use crate::proto::v1 as pb;
+use crate::quota::{Exceeded, Quota};
 use crate::request::TokenRequest;
 use crate::service::BrokerService;
 use crate::socket::BoundSocket;
@@ -46,13 +47,15 @@ use crate::token::{Token, TokenKind};
 const ROOT: &str = "/computeMetadata/v1/";
 const ACCOUNTS: &str = "/computeMetadata/v1/instance/service-accounts/";
 const FLAVOR: &str = "metadata-flavor";
-/// Longest a long-polling request (`wait_for_change=true`) is passed
-/// through for (1 hour).
-const MAX_LONG_POLL: Duration = Duration::from_secs(3600);
-/// Longest a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest a long-poll (`wait_for_change=true`) waits (5 minutes): its
+/// `timeout_sec` is lowered to this, so the metadata server answers by then,
+/// and the client asks again.
+const MAX_LONG_POLL: Duration = Duration::from_secs(300);
+/// Most long-polls passed through at once (64); each holds an upstream
+/// connection for up to [`MAX_LONG_POLL`].
+pub const MAX_LONG_POLLS: usize = 64;
+/// Most long-polls of one peer uid at once (8), on a `unix:` endpoint.
+pub const MAX_LONG_POLLS_PER_UID: usize = 8;
 
 /// Where the endpoint listens: `127.0.0.1:PORT` (or another loopback
 /// address), or `unix:/path/to/socket`.
@@ -115,38 +118,53 @@ pub struct MetadataEndpoint {
     /// Where everything but tokens is passed through to: the metadata
     /// server, when it is the token source; else nothing is.
     pub pass_through: Option<MetadataClient>,
+    /// The rate and concurrency bounds token fetches obey too.
+    pub upstream_limits: UpstreamLimits,
+    /// Long-polls in flight.
+    pub long_polls: LongPolls,
     /// Longest a passed-through request may take.
     pub timeout: Duration,
 }
 
-/// Serves the endpoint on `listener` until `stop`.
+/// Long-polls in flight, in all and per peer uid.
+#[derive(Clone, Debug)]
+pub struct LongPolls(Quota);
+
+impl Default for LongPolls {
+    fn default() -> Self {
+        Self(Quota::new(MAX_LONG_POLLS, MAX_LONG_POLLS_PER_UID))
+    }
+}
+
+/// Serves the endpoint on `listener`, within `limits`, until `stop`.
 pub async fn serve(
     listener: MetadataListener,
+    limits: ListenerLimits,
     endpoint: MetadataEndpoint,
     stop: CancellationToken,
 ) {
     let endpoint = Arc::new(endpoint);
+    let mut acceptor = Acceptor::new(Listener::Metadata.as_str());
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
-            accepted = accept(&listener) => accepted,
+            accepted = accept(&listener, &mut acceptor) => accepted,
         };
         match accepted {
-            Ok(Connection::Tcp(stream)) => {
-                spawn_connection(stream, Caller::Loopback, &endpoint, &stop)
+            Connection::Tcp(stream) => {
+                if let Some(permit) = limits.admit(None) {
+                    spawn_connection(stream, permit, Caller::Loopback, &endpoint, &stop)
+                }
             }
-            Ok(Connection::Unix(stream)) => {
+            Connection::Unix(stream) => {
                 let peer = stream.peer_cred().ok().map(|credentials| Peer {
                     uid: credentials.uid(),
                     gid: credentials.gid(),
                     pid: credentials.pid(),
                 });
-                spawn_connection(stream, Caller::Local(peer), &endpoint, &stop);
-            }
-            Err(error) => {
-                // Out of file descriptors, typically: back off rather than spin.
-                tracing::warn!(%error, "metadata endpoint accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                if let Some(permit) = limits.admit(peer.map(|p| p.uid)) {
+                    spawn_connection(stream, permit, Caller::Local(peer), &endpoint, &stop);
+                }
             }
         }
     }
@@ -157,36 +175,28 @@ enum Connection {
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(listener: &MetadataListener) -> std::io::Result<Connection> {
+async fn accept(listener: &MetadataListener, acceptor: &mut Acceptor) -> Connection {
     match listener {
-        MetadataListener::Tcp(listener) => Ok(Connection::Tcp(listener.accept().await?.0)),
-        MetadataListener::Unix(socket) => Ok(Connection::Unix(socket.listener.accept().await?.0)),
+        MetadataListener::Tcp(listener) => Connection::Tcp(acceptor.accept(listener).await),
+        MetadataListener::Unix(socket) => Connection::Unix(acceptor.accept(&socket.listener).await),
     }
 }
 
 fn spawn_connection<S>(
     stream: S,
+    permit: ConnectionPermit,
     caller: Caller,
     endpoint: &Arc<MetadataEndpoint>,
     stop: &CancellationToken,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (endpoint, stop) = (endpoint.clone(), stop.clone());
-    tokio::spawn(async move {
-        let service = service_fn(|request| {
-            let endpoint = endpoint.clone();
-            async move { Ok::<_, Infallible>(endpoint.handle(caller, request).await) }
-        });
-        let connection = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
-        tokio::select! {
-            () = stop.cancelled() => {}
-            _ = connection => {}
-        }
+    let endpoint = endpoint.clone();
+    let service = service_fn(move |request| {
+        let endpoint = endpoint.clone();
+        async move { Ok::<_, Infallible>(endpoint.handle(caller, request).await) }
     });
+    connections::spawn_http1(stream, service, permit, stop.clone());
 }
 
 /// The endpoint a request path names.
@@ -301,10 +311,7 @@ impl MetadataEndpoint {
                     .await;
                 token.map_or_else(|error| error_response(&error), |t| raw_jwt(&t))
             }
-            Route::PassThrough(path) => {
-                let path_and_query = uri.path_and_query().map_or(path, |pq| pq.as_str());
-                self.pass_through(path_and_query, query).await
-            }
+            Route::PassThrough(path) => self.pass_through(path, query, caller).await,
             Route::NotFound => text(
                 StatusCode::NOT_FOUND,
                 "not found: the broker serves / and /computeMetadata/v1/ (tokens from its cache, the rest passed through)\n",
@@ -326,30 +333,85 @@ impl MetadataEndpoint {
         self.service.token(rpc, kind, request, caller, None).await
     }
 
-    async fn pass_through(&self, path_and_query: &str, query: &str) -> Response<Full<Bytes>> {
-        let timeout = self.timeout + long_poll(query);
+    /// Passes a request on to the metadata server, within the upstream
+    /// bounds; a long-poll also within the long-poll bounds, and for at
+    /// most [`MAX_LONG_POLL`].
+    async fn pass_through(&self, path: &str, query: &str, caller: Caller) -> Response<Full<Bytes>> {
         let Some(upstream) = &self.pass_through else {
             return text(
                 StatusCode::NOT_FOUND,
                 "not served: the broker's tokens do not come from a metadata server, so it answers only …/token and …/identity\n",
             );
         };
-        match upstream.forward(path_and_query, timeout).await {
+        let wait = long_poll(query);
+        let (query, _place, _permit) = if wait.is_zero() {
+            let permit = match self.upstream_limits.acquire().await {
+                Ok(permit) => permit,
+                Err(error) => return unavailable(path, &error),
+            };
+            (query.to_string(), None, Some(permit))
+        } else {
+            let uid = match caller {
+                Caller::Local(peer) => peer.map(|p| p.uid),
+                Caller::Loopback => None,
+            };
+            let place = match self.long_polls.0.acquire(uid) {
+                Ok(place) => place,
+                Err(exceeded) => return error_response(&long_polls_exceeded(exceeded)),
+            };
+            self.upstream_limits.turn().await;
+            (with_timeout(query, wait), Some(place), None)
+        };
+        let path_and_query = if query.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{query}")
+        };
+        match upstream.forward(&path_and_query, self.timeout + wait).await {
             Ok(forwarded) => {
                 let mut response = Response::new(Full::new(forwarded.body));
                 *response.status_mut() = forwarded.status;
                 *response.headers_mut() = forwarded.headers;
                 with_flavor(response)
             }
-            Err(error) => {
-                tracing::info!(path = path_and_query, %error, "metadata pass-through failed");
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("cannot pass the request on: {error}\n"),
-                )
-            }
+            Err(error) => unavailable(path, &error),
         }
     }
+}
+
+/// 503 for a pass-through that could not be made.
+fn unavailable(path: &str, error: &crate::upstream::FetchError) -> Response<Full<Bytes>> {
+    tracing::info!(path, %error, "metadata pass-through failed");
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("cannot pass the request on: {error}\n"),
+    )
+}
+
+fn long_polls_exceeded(exceeded: Exceeded) -> BrokerError {
+    match exceeded {
+        Exceeded::Total(limit) => BrokerError::LimitExceeded {
+            what: "too many long-polls (wait_for_change=true) in flight",
+            limit,
+        },
+        Exceeded::Owner(limit) => BrokerError::LimitExceeded {
+            what: "too many long-polls (wait_for_change=true) in flight for this uid",
+            limit,
+        },
+    }
+}
+
+/// The query of a long-poll that waits `wait`: its `timeout_sec` set to
+/// that (the metadata server then answers within it), its other parameters
+/// as they came.
+fn with_timeout(query: &str, wait: Duration) -> String {
+    let kept = query
+        .split('&')
+        .filter(|pair| !pair.is_empty() && !pair.starts_with("timeout_sec="));
+    let timeout = format!("timeout_sec={}", wait.as_secs());
+    kept.chain(std::iter::once(timeout.as_str()))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Whether the request's host (`Host`, or the absolute URI's) names this
@@ -703,6 +765,28 @@ mod tests {
             let error = id_token_request("default".into(), bad).unwrap_err();
             assert_eq!(error.http_status().0, StatusCode::BAD_REQUEST, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_long_poll_asks_upstream_for_the_capped_timeout() {
+        assert_eq!(
+            with_timeout("wait_for_change=true", MAX_LONG_POLL),
+            "wait_for_change=true&timeout_sec=300"
+        );
+        assert_eq!(
+            with_timeout(
+                "timeout_sec=999999&wait_for_change=true&last_etag=x",
+                MAX_LONG_POLL
+            ),
+            "wait_for_change=true&last_etag=x&timeout_sec=300"
+        );
+        assert_eq!(
+            with_timeout(
+                "wait_for_change=true&timeout_sec=30",
+                Duration::from_secs(30)
+            ),
+            "wait_for_change=true&timeout_sec=30"
+        );
     }
 
     #[test]

@@ -5,8 +5,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::transport::Server;
@@ -23,6 +21,8 @@ use tower::util::MapResponseLayer;
 
 use crate::authority::{self, AnyAuthority};
 use crate::cache::TokenCache;
+use crate::connections::idle::{ActivityLayer, IdleClose};
+use crate::connections::{Acceptor, Listener, ListenerLimits};
 use crate::health::Health;
 use crate::limits::WatchLimits;
 use crate::metrics::Metrics;
@@ -38,6 +38,21 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Largest request message accepted (16 KiB): the largest valid request
 /// (32 scopes of 256 bytes, a 2 KiB audience) fits well within it.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// Default most streams (calls) open at once on one connection (256);
+/// beyond it a client's new stream is refused with `REFUSED_STREAM`.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Streams a client may reset before the server accepted them, per
+/// connection (h2's default, 20): the defence against "Rapid Reset".
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+/// Streams the server may reset for a client's protocol errors before it
+/// closes the connection (hyper's default, 1 024; tonic turns the limit off
+/// unless told): the defence against "MadeYouReset" (CVE-2025-8671).
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// How often an HTTP/2 ping checks that a client is alive (60 s), and how
+/// long its answer may take (20 s); a client that does not answer is
+/// disconnected.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The parts of a broker the server exposes.
 pub struct Broker {
@@ -51,6 +66,12 @@ pub struct Broker {
     pub policy: Arc<PolicyStore>,
     /// Bounds on open watch streams.
     pub watch_limits: WatchLimits,
+    /// Bounds on the socket's connections.
+    pub connections: ListenerLimits,
+    /// Most streams open at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Longest a connection may stay open with no call in flight.
+    pub idle_timeout: Duration,
 }
 
 /// Serves the broker on `socket` until `shutdown` completes.
@@ -96,15 +117,16 @@ pub async fn serve(
     };
     // Every client's `:authority` is accepted (see `authority`), and the
     // limits it enforces are the ones the server advertises.
-    let connections = UnixListenerStream::new(listener).map(|accepted| {
-        accepted.map(|stream| {
-            let peer = stream.peer_cred().ok();
-            AnyAuthority::new(stream, peer)
-        })
-    });
+    let connections = accept(listener, broker.connections, broker.idle_timeout);
     let server = Server::builder()
         .max_frame_size(authority::MAX_FRAME_SIZE as u32)
         .http2_max_header_list_size(authority::MAX_HEADER_LIST_SIZE as u32)
+        .max_concurrent_streams(broker.max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(ActivityLayer)
         .layer(MapResponseLayer::new(oversized_is_resource_exhausted))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -123,6 +145,33 @@ pub async fn serve(
     drop(owner);
     tracing::info!("stopped");
     Ok(result?)
+}
+
+/// The socket's connections, within the connection bounds (a connection
+/// over them is closed at once), each closed when idle and open to any
+/// `:authority`. Failed accepts back off.
+fn accept(
+    listener: tokio::net::UnixListener,
+    limits: ListenerLimits,
+    idle_timeout: Duration,
+) -> impl tokio_stream::Stream<Item = std::io::Result<AnyAuthority<IdleClose<tokio::net::UnixStream>>>>
+{
+    let acceptor = Acceptor::new(Listener::Grpc.as_str());
+    futures_util::stream::unfold((listener, acceptor), move |(listener, mut acceptor)| {
+        let limits = limits.clone();
+        async move {
+            loop {
+                let stream = acceptor.accept(&listener).await;
+                let peer = stream.peer_cred().ok();
+                let Some(permit) = limits.admit(peer.map(|p| p.uid())) else {
+                    continue;
+                };
+                let connection =
+                    AnyAuthority::new(IdleClose::new(stream, permit, idle_timeout), peer);
+                return Some((Ok(connection), (listener, acceptor)));
+            }
+        }
+    })
 }
 
 /// Reports an oversized request as `RESOURCE_EXHAUSTED`, as gRPC specifies

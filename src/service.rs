@@ -10,11 +10,11 @@ use std::time::Duration;
 use futures_util::{Stream, stream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::cache::{Served, TokenCache, TokenWatch};
+use crate::connections::idle::ConnectionInfo;
 use crate::error::BrokerError;
 use crate::limits::{WatchLimits, WatchPermit};
 use crate::metrics::{Metrics, Rpc, code_name};
@@ -390,7 +390,11 @@ fn authorize(
 
 /// The connecting process, from the Unix socket's peer credentials.
 fn peer_of<T>(request: &Request<T>) -> Option<Peer> {
-    let credentials = request.extensions().get::<UdsConnectInfo>()?.peer_cred?;
+    let credentials = request
+        .extensions()
+        .get::<ConnectionInfo>()?
+        .uds
+        .peer_cred?;
     Some(Peer {
         uid: credentials.uid(),
         gid: credentials.gid(),

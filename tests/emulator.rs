@@ -474,3 +474,22 @@ mod google {
         );
     }
 }
+
+#[tokio::test]
+async fn serve_emulator_has_its_control_api_only_when_asked() {
+    use common::http::{Endpoint, send};
+    for (flags, status) in [(vec![], 404), (vec!["--emulator-control"], 200)] {
+        let mut args = vec!["--emulator".to_string()];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        let broker = common::Broker::spawn(args, &[]).await;
+        let addr = broker.emulator_addr().await;
+        let answer = send(
+            Endpoint::Tcp(addr),
+            http::Method::GET,
+            "/emulator/v1/stats",
+            &[],
+        )
+        .await;
+        assert_eq!(answer.status, status, "{flags:?}: {}", answer.body);
+    }
+}
