@@ -5,13 +5,15 @@
 //! sink watches the token's cache key (so it counts as a watcher and the
 //! key keeps being refreshed) and rewrites the file atomically with every
 //! new token: a temporary file in the same directory, given its mode and
-//! owner before the token is written, then renamed over the path. On
-//! shutdown the file is removed, or kept if so configured.
+//! owner before the token is written, then renamed over the path. The
+//! directory is opened once at start and every write is made relative to
+//! it ([`dir`]), so swapping a directory on the path for a link later
+//! redirects nothing. On shutdown the file is removed, or kept if so
+//! configured.
 
-use std::fs::Permissions;
-use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::ffi::OsString;
+use std::io;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,11 +30,13 @@ use crate::request::TokenRequest;
 use crate::schedule::{Backoff, DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAX};
 use crate::token::Token;
 
+pub mod dir;
+
+pub use dir::{DirError, FilePerms, SinkDir, Step};
+
 /// Mode of a sink's file unless configured (owner reads and writes, group
 /// reads).
 pub const DEFAULT_SINK_MODE: u32 = 0o640;
-/// Prefix of the temporary files a sink writes before renaming.
-const TEMP_PREFIX: &str = ".tokenbroker-sink-";
 
 /// One `[[sink]]` table as written in the config file.
 #[derive(Clone, Debug, Deserialize)]
@@ -106,6 +110,14 @@ pub enum SinkError {
         /// What is wrong and what is accepted.
         reason: String,
     },
+    /// The sink's directory cannot be used.
+    #[error("sink {}: {source}", path.display())]
+    Directory {
+        /// The sink's path.
+        path: PathBuf,
+        /// What is wrong with the directory.
+        source: DirError,
+    },
     /// Writing the file failed.
     #[error("sink {}: cannot {action}: {source}{hint}", path.display())]
     Io {
@@ -120,28 +132,31 @@ pub enum SinkError {
     },
 }
 
-/// A checked sink, ready to run.
+/// A sink whose configuration is valid; [`open`](Self::open) readies it.
 #[derive(Clone, Debug)]
 pub struct Sink {
     path: PathBuf,
     request: TokenRequest,
-    mode: u32,
-    owner: Option<Uid>,
-    group: Option<Gid>,
+    perms: FilePerms,
     on_shutdown: OnShutdown,
 }
 
 impl Sink {
-    /// Checks a `[[sink]]` table: the token request with the same rules as
-    /// a gRPC request, the mode, and that owner and group exist.
+    /// Checks a `[[sink]]` table: the path, the token request with the same
+    /// rules as a gRPC request, the mode, and that owner and group exist.
     pub fn from_config(config: SinkConfig) -> Result<Self, SinkError> {
         let path = config.path;
         let invalid = |reason: String| SinkError::Config {
             path: path.clone(),
             reason,
         };
-        if !path.is_absolute() || path.file_name().is_none() {
-            return Err(invalid("`path` must be an absolute path to a file".into()));
+        let plain = path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        if !path.is_absolute() || path.file_name().is_none() || !plain {
+            return Err(invalid(
+                "`path` must be an absolute path to a file, without `.` or `..`".into(),
+            ));
         }
         let request = match (config.access_token, config.id_token) {
             (Some(access), None) => TokenRequest::try_from(pb::GetAccessTokenRequest {
@@ -198,9 +213,7 @@ impl Sink {
         Ok(Self {
             path,
             request,
-            mode,
-            owner,
-            group,
+            perms: FilePerms { mode, owner, group },
             on_shutdown: config.on_shutdown,
         })
     }
@@ -210,66 +223,79 @@ impl Sink {
         &self.path
     }
 
-    /// Checks, before the broker serves, that the directory exists and a
-    /// file with the sink's mode and owner can be created in it (a failed
-    /// `chown` is reported here, not at the first token).
-    pub fn check(&self) -> Result<(), SinkError> {
-        let file = self.temp_file()?;
-        drop(file);
-        Ok(())
+    /// Opens the sink's directory for good ([`SinkDir::open`]: no symbolic
+    /// links, owned by the broker's user or root, writable by its owner
+    /// only) and checks that a file with the sink's mode and owner can be
+    /// created in it (a failed `chown` is reported here, not at the first
+    /// token).
+    pub fn open(self) -> Result<OpenSink, SinkError> {
+        let parent = self.path.parent().unwrap_or(Path::new("/"));
+        let dir = SinkDir::open(parent, nix::unistd::geteuid()).map_err(|source| {
+            SinkError::Directory {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        let name = self.path.file_name().unwrap_or_default().to_os_string();
+        let sink = OpenSink {
+            sink: self,
+            name,
+            dir,
+        };
+        sink.dir
+            .probe(sink.sink.perms)
+            .map_err(|error| sink.write_error(error))?;
+        Ok(sink)
+    }
+}
+
+/// A sink ready to run: its directory is held open, and its file is
+/// written, renamed and removed relative to it.
+#[derive(Debug)]
+pub struct OpenSink {
+    sink: Sink,
+    name: OsString,
+    dir: SinkDir,
+}
+
+impl OpenSink {
+    /// The file the sink keeps.
+    pub fn path(&self) -> &Path {
+        &self.sink.path
     }
 
     /// Writes `token` to the file atomically.
     pub fn write(&self, token: &Token) -> Result<(), SinkError> {
-        let mut file = self.temp_file()?;
-        file.write_all(token.secret().expose().as_bytes())
-            .and_then(|()| file.as_file().sync_all())
-            .map_err(self.io_error("write a temporary file", ""))?;
-        file.persist(&self.path)
-            .map_err(|error| error.error)
-            .map_err(self.io_error("rename the temporary file into place", ""))?;
-        Ok(())
-    }
-
-    /// An empty temporary file beside the path, with the final mode and
-    /// owner already set (so the token is never readable by more).
-    fn temp_file(&self) -> Result<tempfile::NamedTempFile, SinkError> {
-        let dir = self.path.parent().unwrap_or(Path::new("/"));
-        let file = tempfile::Builder::new()
-            .prefix(TEMP_PREFIX)
-            .permissions(Permissions::from_mode(0o600))
-            .tempfile_in(dir)
-            .map_err(self.io_error(
-                "create a file in its directory",
-                " (the directory must exist and be writable by the broker; under systemd add it to ReadWritePaths=)",
-            ))?;
-        if self.owner.is_some() || self.group.is_some() {
-            std::os::unix::fs::fchown(
-                file.as_file(),
-                self.owner.map(Uid::as_raw),
-                self.group.map(Gid::as_raw),
+        self.dir
+            .replace(
+                &self.name,
+                token.secret().expose().as_bytes(),
+                self.sink.perms,
             )
-            .map_err(self.io_error(
-                "set the file's owner or group",
-                " (giving a file to another user needs root or CAP_CHOWN, another group membership of it)",
-            ))?;
-        }
-        file.as_file()
-            .set_permissions(Permissions::from_mode(self.mode))
-            .map_err(self.io_error("set the file's mode", ""))?;
-        Ok(file)
+            .map_err(|error| self.write_error(error))
     }
 
-    fn io_error(
-        &self,
-        action: &'static str,
-        hint: &'static str,
-    ) -> impl FnOnce(io::Error) -> SinkError {
-        let path = self.path.clone();
-        move |source| SinkError::Io {
-            path,
-            action,
-            source,
+    /// Removes the file; `false` if there was none.
+    pub fn remove(&self) -> Result<bool, SinkError> {
+        self.dir
+            .remove(&self.name)
+            .map_err(|error| self.write_error(error))
+    }
+
+    fn write_error(&self, error: dir::WriteError) -> SinkError {
+        let hint = match error.step {
+            Step::Create => {
+                " (the directory must be writable by the broker; under systemd add it to ReadWritePaths=)"
+            }
+            Step::Chown => {
+                " (giving a file to another user needs root or CAP_CHOWN, another group membership of it)"
+            }
+            _ => "",
+        };
+        SinkError::Io {
+            path: self.sink.path.clone(),
+            action: error.step.action(),
+            source: error.source,
             hint,
         }
     }
@@ -282,7 +308,7 @@ impl Sink {
         while !stop.is_cancelled() {
             let watched = tokio::select! {
                 () = stop.cancelled() => break,
-                watched = cache.watch(&self.request) => watched,
+                watched = cache.watch(&self.sink.request) => watched,
             };
             match watched {
                 Ok((served, mut watch)) => {
@@ -293,7 +319,7 @@ impl Sink {
                             Ok(token) => self.write_logged(token).await,
                             Err(BrokerError::ShuttingDown) => break,
                             Err(error) => {
-                                tracing::warn!(sink = %self.path.display(), %error, "sink lost its token; asking again");
+                                tracing::warn!(sink = %self.path().display(), %error, "sink lost its token; asking again");
                                 break;
                             }
                         }
@@ -301,7 +327,7 @@ impl Sink {
                     continue;
                 }
                 Err(error) => {
-                    tracing::warn!(sink = %self.path.display(), %error, "no token for the sink yet");
+                    tracing::warn!(sink = %self.path().display(), %error, "no token for the sink yet");
                 }
             }
             let delay = backoff.next_delay(fastrand::f64());
@@ -310,13 +336,11 @@ impl Sink {
                 () = tokio::time::sleep(delay) => {}
             }
         }
-        if self.on_shutdown == OnShutdown::Remove {
-            match std::fs::remove_file(&self.path) {
-                Ok(()) => tracing::info!(sink = %self.path.display(), "sink removed"),
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    tracing::warn!(sink = %self.path.display(), %error, "could not remove sink")
-                }
+        if self.sink.on_shutdown == OnShutdown::Remove {
+            match self.remove() {
+                Ok(true) => tracing::info!(sink = %self.path().display(), "sink removed"),
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "could not remove sink"),
             }
         }
     }
@@ -327,10 +351,12 @@ impl Sink {
         let written = tokio::task::spawn_blocking(move || sink.write(&token)).await;
         match written {
             Ok(Ok(())) => {
-                tracing::info!(sink = %self.path.display(), %expire_time, "sink written")
+                tracing::info!(sink = %self.path().display(), %expire_time, "sink written")
             }
             Ok(Err(error)) => tracing::error!(%error, "sink not written"),
-            Err(error) => tracing::error!(sink = %self.path.display(), %error, "sink task failed"),
+            Err(error) => {
+                tracing::error!(sink = %self.path().display(), %error, "sink task failed")
+            }
         }
     }
 }
@@ -355,11 +381,11 @@ pub struct Sinks {
 
 impl Sinks {
     /// Starts one task per sink.
-    pub fn start(sinks: Vec<Sink>, cache: &TokenCache) -> Self {
+    pub fn start(sinks: Vec<OpenSink>, cache: &TokenCache) -> Self {
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         for sink in sinks {
-            tracing::info!(sink = %sink.path.display(), "keeping a token in a file");
+            tracing::info!(sink = %sink.path().display(), "keeping a token in a file");
             tasks.spawn(Arc::new(sink).run(cache.clone(), stop.clone()));
         }
         Self { tasks, stop }
@@ -375,19 +401,19 @@ impl Sinks {
     }
 }
 
-/// Checks every sink's configuration, and that no two share a path.
-pub fn check_all(configs: Vec<SinkConfig>) -> Result<Vec<Sink>, SinkError> {
-    let mut sinks: Vec<Sink> = Vec::with_capacity(configs.len());
+/// Checks every sink's configuration, that no two share a path, and opens
+/// each ([`Sink::open`]).
+pub fn check_all(configs: Vec<SinkConfig>) -> Result<Vec<OpenSink>, SinkError> {
+    let mut sinks: Vec<OpenSink> = Vec::with_capacity(configs.len());
     for config in configs {
         let sink = Sink::from_config(config)?;
-        if sinks.iter().any(|other| other.path == sink.path) {
+        if sinks.iter().any(|other| other.path() == sink.path()) {
             return Err(SinkError::Config {
                 path: sink.path,
                 reason: "two sinks write this path".into(),
             });
         }
-        sink.check()?;
-        sinks.push(sink);
+        sinks.push(sink.open()?);
     }
     Ok(sinks)
 }
@@ -419,9 +445,10 @@ mod tests {
         let sink = Sink::from_config(config(&format!(
             "path = {path:?}\nid_token = {{ audience = \"https://a.run.app\" }}\n"
         )))
+        .unwrap()
+        .open()
         .unwrap();
-        sink.check().unwrap();
-        assert!(!path.exists(), "check writes nothing at the path");
+        assert!(!path.exists(), "opening writes nothing at the path");
         sink.write(&token("first")).unwrap();
         let inode = std::fs::metadata(&path).unwrap().ino();
         sink.write(&token("second")).unwrap();
@@ -449,6 +476,8 @@ mod tests {
         let sink = Sink::from_config(config(&format!(
             "path = {path:?}\nmode = \"0600\"\nowner = \"{uid}\"\ngroup = \"{gid}\"\naccess_token = {{ scopes = [\"s:a\"] }}\n"
         )))
+        .unwrap()
+        .open()
         .unwrap();
         sink.write(&token("t")).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
@@ -488,6 +517,10 @@ mod tests {
                 "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\nmode = \"0644\"",
                 "every user",
             ),
+            (
+                "path = \"/x/../t\"\nid_token = { audience = \"https://a\" }",
+                "without `.` or `..`",
+            ),
         ];
         for (toml, expected) in cases {
             let message = Sink::from_config(config(toml)).unwrap_err().to_string();
@@ -500,12 +533,12 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_directory_fails_the_check() {
+    fn a_missing_directory_fails_to_open() {
         let sink = Sink::from_config(config(
             "path = \"/nonexistent-dir/t\"\nid_token = { audience = \"https://a\" }",
         ))
         .unwrap();
-        let message = sink.check().unwrap_err().to_string();
+        let message = sink.open().unwrap_err().to_string();
         assert!(message.contains("/nonexistent-dir/t"), "{message}");
         assert!(message.contains("directory must exist"), "{message}");
     }
