@@ -131,6 +131,9 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         }
         Activation::None => socket::bind(&args.socket, args.socket_mode, args.socket_group)?,
     };
+    if let Some(gid) = socket.owner.client_group() {
+        sink::warn_if_clients_can_read(&sinks, nix::unistd::Gid::from_raw(gid));
+    }
     let sinks = Sinks::start(sinks, &cache);
     let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
     if let Some(addr) = &args.metadata_addr {

@@ -34,9 +34,12 @@ pub mod dir;
 
 pub use dir::{DirError, FilePerms, SinkDir, Step};
 
-/// Mode of a sink's file unless configured (owner reads and writes, group
-/// reads).
-pub const DEFAULT_SINK_MODE: u32 = 0o640;
+/// Mode of a sink's file without `mode` and `group` (`0600`: only its
+/// owner reads and writes it).
+pub const DEFAULT_SINK_MODE: u32 = 0o600;
+/// Mode of a sink's file with a `group` but no `mode` (`0640`: the group
+/// reads it too).
+pub const DEFAULT_SINK_GROUP_MODE: u32 = 0o640;
 
 /// One `[[sink]]` table as written in the config file.
 #[derive(Clone, Debug, Deserialize)]
@@ -48,11 +51,14 @@ pub struct SinkConfig {
     pub access_token: Option<AccessTokenSpec>,
     /// An ID token: `id_token = { audience = "..." }`.
     pub id_token: Option<IdTokenSpec>,
-    /// Permissions of the file, octal (default `"0640"`).
+    /// Permissions of the file, octal (default `"0600"`, or `"0640"` with
+    /// a `group`); group bits need a `group`.
     pub mode: Option<String>,
     /// Owner of the file, by name or uid (default: the broker's user).
     pub owner: Option<String>,
-    /// Group of the file, by name or gid (default: the broker's group).
+    /// Group of the file, by name or gid: the users who may read it. None
+    /// by default (the file is created with the broker's group, which the
+    /// mode then gives no access).
     pub group: Option<String>,
     /// What to do with the file on shutdown (default `remove`).
     #[serde(default)]
@@ -137,13 +143,16 @@ pub enum SinkError {
 pub struct Sink {
     path: PathBuf,
     request: TokenRequest,
-    perms: FilePerms,
+    mode: u32,
+    owner: Option<String>,
+    group: Option<String>,
     on_shutdown: OnShutdown,
 }
 
 impl Sink {
     /// Checks a `[[sink]]` table: the path, the token request with the same
-    /// rules as a gRPC request, the mode, and that owner and group exist.
+    /// rules as a gRPC request, and the mode (owner and group are looked up
+    /// by [`open`](Self::open), on the machine that runs the broker).
     pub fn from_config(config: SinkConfig) -> Result<Self, SinkError> {
         let path = config.path;
         let invalid = |reason: String| SinkError::Config {
@@ -189,31 +198,27 @@ impl Sink {
             }
         }
         .map_err(|error: BrokerError| invalid(error.to_string()))?;
-        let mode = match &config.mode {
-            Some(mode) => parse_mode(mode).map_err(|e| invalid(format!("mode {e}")))?,
-            None => DEFAULT_SINK_MODE,
+        let mode = match (&config.mode, &config.group) {
+            (Some(mode), _) => parse_mode(mode).map_err(|e| invalid(format!("mode {e}")))?,
+            (None, None) => DEFAULT_SINK_MODE,
+            (None, Some(_)) => DEFAULT_SINK_GROUP_MODE,
         };
         if mode & 0o007 != 0 {
             return Err(invalid(format!(
                 "mode {mode:04o} would let every user read or change the token; use at most 0660 (and a group)"
             )));
         }
-        let owner = config
-            .owner
-            .as_deref()
-            .map(lookup_user)
-            .transpose()
-            .map_err(|e| invalid(format!("owner: {e}")))?;
-        let group = config
-            .group
-            .as_deref()
-            .map(|g| crate::config::parse_group(g).map(Gid::from_raw))
-            .transpose()
-            .map_err(|e| invalid(format!("group: {e}")))?;
+        if mode & 0o070 != 0 && config.group.is_none() {
+            return Err(invalid(format!(
+                "mode {mode:04o} gives the file's group access, but no `group` is set: name the group whose members may read the token (group = \"NAME\", not the socket's group), or use mode 0600"
+            )));
+        }
         Ok(Self {
             path,
             request,
-            perms: FilePerms { mode, owner, group },
+            mode,
+            owner: config.owner,
+            group: config.group,
             on_shutdown: config.on_shutdown,
         })
     }
@@ -223,12 +228,33 @@ impl Sink {
         &self.path
     }
 
-    /// Opens the sink's directory for good ([`SinkDir::open`]: no symbolic
-    /// links, owned by the broker's user or root, writable by its owner
-    /// only) and checks that a file with the sink's mode and owner can be
-    /// created in it (a failed `chown` is reported here, not at the first
-    /// token).
+    /// Looks up the owner and group, opens the sink's directory for good
+    /// ([`SinkDir::open`]: no symbolic links, owned by the broker's user or
+    /// root, writable by its owner only) and checks that a file with the
+    /// sink's mode and owner can be created in it (a failed `chown` is
+    /// reported here, not at the first token).
     pub fn open(self) -> Result<OpenSink, SinkError> {
+        let invalid = |reason: String| SinkError::Config {
+            path: self.path.clone(),
+            reason,
+        };
+        let owner = self
+            .owner
+            .as_deref()
+            .map(lookup_user)
+            .transpose()
+            .map_err(|e| invalid(format!("owner: {e}")))?;
+        let group = self
+            .group
+            .as_deref()
+            .map(|g| crate::config::parse_group(g).map(Gid::from_raw))
+            .transpose()
+            .map_err(|e| invalid(format!("group: {e}")))?;
+        let perms = FilePerms {
+            mode: self.mode,
+            owner,
+            group,
+        };
         let parent = self.path.parent().unwrap_or(Path::new("/"));
         let dir = SinkDir::open(parent, nix::unistd::geteuid()).map_err(|source| {
             SinkError::Directory {
@@ -241,9 +267,10 @@ impl Sink {
             sink: self,
             name,
             dir,
+            perms,
         };
         sink.dir
-            .probe(sink.sink.perms)
+            .probe(sink.perms)
             .map_err(|error| sink.write_error(error))?;
         Ok(sink)
     }
@@ -256,6 +283,7 @@ pub struct OpenSink {
     sink: Sink,
     name: OsString,
     dir: SinkDir,
+    perms: FilePerms,
 }
 
 impl OpenSink {
@@ -267,12 +295,14 @@ impl OpenSink {
     /// Writes `token` to the file atomically.
     pub fn write(&self, token: &Token) -> Result<(), SinkError> {
         self.dir
-            .replace(
-                &self.name,
-                token.secret().expose().as_bytes(),
-                self.sink.perms,
-            )
+            .replace(&self.name, token.secret().expose().as_bytes(), self.perms)
             .map_err(|error| self.write_error(error))
+    }
+
+    /// Whether members of `gid` may read the file: `gid` is its `group` and
+    /// the mode gives the group access.
+    pub fn readable_by_group(&self, gid: Gid) -> bool {
+        self.perms.group == Some(gid) && self.perms.mode & 0o060 != 0
     }
 
     /// Removes the file; `false` if there was none.
@@ -401,6 +431,18 @@ impl Sinks {
     }
 }
 
+/// Warns about each sink whose file the members of `gid`, the group that
+/// may connect to the socket, may read: the policy does not guard it.
+pub fn warn_if_clients_can_read(sinks: &[OpenSink], gid: Gid) {
+    for sink in sinks.iter().filter(|sink| sink.readable_by_group(gid)) {
+        tracing::warn!(
+            sink = %sink.path().display(),
+            group = gid.as_raw(),
+            "the sink's group is the socket's group: every client that may connect can read this token, whatever the policy allows it; give the sink a group of its own"
+        );
+    }
+}
+
 /// Checks every sink's configuration, that no two share a path, and opens
 /// each ([`Sink::open`]).
 pub fn check_all(configs: Vec<SinkConfig>) -> Result<Vec<OpenSink>, SinkError> {
@@ -510,8 +552,12 @@ mod tests {
                 "mode",
             ),
             (
-                "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\nowner = \"no-such-user-here\"",
-                "no user named",
+                "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\nmode = \"0640\"",
+                "mode 0640 gives the file's group access, but no `group` is set",
+            ),
+            (
+                "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\nmode = \"0620\"\nowner = \"0\"",
+                "name the group whose members may read the token",
             ),
             (
                 "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\nmode = \"0644\"",
@@ -530,6 +576,54 @@ mod tests {
             "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\non_shutdown = \"shred\"",
         );
         assert!(on_shutdown.is_err());
+    }
+
+    #[test]
+    fn a_group_gets_read_access_by_default_and_nobody_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let gid = nix::unistd::getegid();
+        let sink = Sink::from_config(config(&format!(
+            "path = {path:?}\ngroup = \"{gid}\"\nid_token = {{ audience = \"https://a\" }}\n"
+        )))
+        .unwrap()
+        .open()
+        .unwrap();
+        sink.write(&token("t")).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, DEFAULT_SINK_GROUP_MODE);
+        assert_eq!(meta.gid(), gid.as_raw());
+        assert!(sink.readable_by_group(gid));
+        assert!(!sink.readable_by_group(Gid::from_raw(gid.as_raw() + 1)));
+
+        // Without a group: owner only, and no group can read it.
+        let sink = Sink::from_config(config(&format!(
+            "path = {path:?}\nid_token = {{ audience = \"https://a\" }}\n"
+        )))
+        .unwrap()
+        .open()
+        .unwrap();
+        sink.write(&token("t")).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert!(!sink.readable_by_group(gid));
+    }
+
+    #[test]
+    fn unknown_owners_and_groups_are_refused_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        for (key, expected) in [
+            ("owner = \"no-such-user-here\"", "owner: no user named"),
+            ("group = \"no-such-group-here\"", "group: no group named"),
+        ] {
+            let sink = Sink::from_config(config(&format!(
+                "path = {path:?}\n{key}\nid_token = {{ audience = \"https://a\" }}\n"
+            )))
+            .expect("looked up only when opened");
+            let message = sink.open().unwrap_err().to_string();
+            assert!(message.contains(expected), "{message}");
+        }
     }
 
     #[test]

@@ -89,6 +89,13 @@ impl SocketOwner {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The group whose members may connect: the socket's group, if its
+    /// mode lets the group write (connect) and the socket can be inspected.
+    pub fn client_group(&self) -> Option<u32> {
+        let meta = fs::metadata(&self.path).ok()?;
+        (meta.mode() & 0o020 != 0).then_some(meta.gid())
+    }
 }
 
 impl Drop for SocketOwner {
@@ -255,8 +262,11 @@ mod tests {
             .filter(|name| name.to_string_lossy().starts_with(".tb-"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+        assert_eq!(bound.owner.client_group(), None, "mode 0600: no group");
         drop(bound);
         assert!(!path.exists());
+        let bound = bind(&path, 0o660, Some(gid)).unwrap();
+        assert_eq!(bound.owner.client_group(), Some(gid));
     }
 
     #[tokio::test]

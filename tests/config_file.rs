@@ -132,7 +132,11 @@ on_shutdown = "keep"
         .await;
     let first = std::fs::read_to_string(&id_path).unwrap();
     assert_eq!(common::claims(&first)["aud"], "https://sink.a.run.app");
-    assert_eq!(socket_mode(&id_path), 0o640, "the default mode");
+    assert_eq!(
+        socket_mode(&id_path),
+        0o600,
+        "the default mode, without a group"
+    );
 
     // The sink is a watcher of the key: it is refreshed with nobody asking.
     broker

@@ -1,5 +1,6 @@
 //! File sinks against a hostile local user: a swapped directory redirects
-//! no write, and unsafe sink directories stop the broker at start.
+//! no write, unsafe sink directories and modes stop the broker at start,
+//! and a sink the socket's group may read is warned about.
 
 mod common;
 
@@ -171,6 +172,15 @@ async fn unsafe_sink_directories_stop_the_broker_with_a_clear_error() {
         );
     }
 
+    let private = base.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    let stderr = refused(base.path(), &private.join("token"), "mode = \"0640\"\n").await;
+    assert!(
+        stderr.contains("mode 0640 gives the file's group access, but no `group` is set")
+            && stderr.contains("name the group whose members may read the token"),
+        "{stderr}"
+    );
+
     let real = base.path().join("real");
     std::fs::create_dir(&real).unwrap();
     let link = base.path().join("link");
@@ -195,5 +205,51 @@ async fn unsafe_sink_directories_stop_the_broker_with_a_clear_error() {
             theirs.display()
         )),
         "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_sink_the_socket_group_may_read_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let gid = nix::unistd::getegid();
+    let shared = dir.path().join("shared.jwt");
+    let private = dir.path().join("private.jwt");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+emulator = true
+socket_group = "{gid}"
+
+[[sink]]
+path = {shared:?}
+id_token = {{ audience = "https://a" }}
+group = "{gid}"
+
+[[sink]]
+path = {private:?}
+id_token = {{ audience = "https://a" }}
+group = "{gid}"
+mode = "0600"
+"#
+        ),
+    );
+    let broker = Broker::spawn(vec!["--config".into(), config], &[]).await;
+    let warning =
+        "the sink's group is the socket's group: every client that may connect can read this token";
+    broker
+        .wait_for_log_lines(&[warning, shared.to_str().unwrap()], 1)
+        .await;
+    for path in [&shared, &private] {
+        broker
+            .wait_for_log_lines(&["sink written", path.to_str().unwrap()], 1)
+            .await;
+    }
+    let logs = broker.logs();
+    assert_eq!(logs.matches(warning).count(), 1, "{logs}");
+    assert_eq!(
+        std::fs::metadata(&shared).unwrap().mode() & 0o777,
+        0o640,
+        "a group's default mode"
     );
 }
