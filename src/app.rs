@@ -26,7 +26,7 @@ use crate::sources::Upstream;
 use crate::systemd::Activation;
 use crate::telemetry::Telemetry;
 use crate::upstream::Instrumented;
-use crate::{admin, server, socket};
+use crate::{admin, hardening, server, socket};
 
 /// What a subcommand fails with; printed by `main`.
 pub type AppResult = Result<(), Box<dyn Error + Send + Sync>>;
@@ -36,6 +36,12 @@ pub type AppResult = Result<(), Box<dyn Error + Send + Sync>>;
 pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetry) -> AppResult {
     // Installed first: a SIGTERM during start-up still means a clean exit.
     let shutdown = shutdown_signal()?;
+    // Before any credentials are read or tokens fetched.
+    if args.allow_core_dumps {
+        tracing::debug!("--allow-core-dumps: core dump limit and dumpable flag left as inherited");
+    } else {
+        hardening::forbid_core_dumps()?;
+    }
     if let Some(path) = &args.config {
         tracing::info!(config = %path.display(), "configuration file read");
     }
@@ -150,6 +156,9 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         }
         Activation::None => socket::bind(&args.socket, args.socket_mode, args.socket_group)?,
     };
+    if let Some(gid) = socket.owner.client_group() {
+        sink::warn_if_clients_can_read(&sinks, nix::unistd::Gid::from_raw(gid));
+    }
     let sinks = Sinks::start(sinks, &cache);
     let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
     if let Some(addr) = &args.metadata_addr {

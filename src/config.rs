@@ -222,6 +222,14 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENBROKER_MAX_WATCHERS_PER_UID", default_value_t = crate::limits::DEFAULT_MAX_WATCHERS_PER_UID)]
     pub max_watchers_per_uid: usize,
 
+    /// Let the broker dump core. Off by default: a core dump would hold
+    /// tokens and key material, so at start the broker sets RLIMIT_CORE to
+    /// 0 (soft and hard) and makes itself non-dumpable (prctl
+    /// PR_SET_DUMPABLE 0, which also keeps other processes of its user from
+    /// reading its memory).
+    #[arg(long, env = "TOKENBROKER_ALLOW_CORE_DUMPS")]
+    pub allow_core_dumps: bool,
+
     /// Time in-flight calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "TOKENBROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = at_most::<3600>)]
     pub shutdown_grace: Duration,

@@ -15,6 +15,7 @@
 //! - [`config`], [`config_file`]: the command line and `serve --config`,
 //! - [`sink`]: tokens kept written to files,
 //! - [`systemd`]: socket activation and readiness notification,
+//! - [`hardening`]: no core dumps, unless `--allow-core-dumps`,
 //! - [`client`], [`cli`]: a typed Rust client and `tokenbroker token`,
 //! - [`metrics`], [`health`], [`admin`], [`telemetry`]: what operators see.
 
@@ -35,6 +36,7 @@ pub mod connections;
 pub mod credentials;
 pub mod emulator;
 pub mod error;
+pub mod hardening;
 pub mod health;
 pub mod https;
 pub mod impersonate;

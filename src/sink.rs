@@ -5,13 +5,15 @@
 //! sink watches the token's cache key (so it counts as a watcher and the
 //! key keeps being refreshed) and rewrites the file atomically with every
 //! new token: a temporary file in the same directory, given its mode and
-//! owner before the token is written, then renamed over the path. On
-//! shutdown the file is removed, or kept if so configured.
+//! owner before the token is written, then renamed over the path. The
+//! directory is opened once at start and every write is made relative to
+//! it ([`dir`]), so swapping a directory on the path for a link later
+//! redirects nothing. On shutdown the file is removed, or kept if so
+//! configured.
 
-use std::fs::Permissions;
-use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::ffi::OsString;
+use std::io;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,11 +30,16 @@ use crate::request::TokenRequest;
 use crate::schedule::{Backoff, DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAX};
 use crate::token::Token;
 
-/// Mode of a sink's file unless configured (owner reads and writes, group
-/// reads).
-pub const DEFAULT_SINK_MODE: u32 = 0o640;
-/// Prefix of the temporary files a sink writes before renaming.
-const TEMP_PREFIX: &str = ".tokenbroker-sink-";
+pub mod dir;
+
+pub use dir::{DirError, FilePerms, SinkDir, Step};
+
+/// Mode of a sink's file without `mode` and `group` (`0600`: only its
+/// owner reads and writes it).
+pub const DEFAULT_SINK_MODE: u32 = 0o600;
+/// Mode of a sink's file with a `group` but no `mode` (`0640`: the group
+/// reads it too).
+pub const DEFAULT_SINK_GROUP_MODE: u32 = 0o640;
 
 /// One `[[sink]]` table as written in the config file.
 #[derive(Clone, Debug, Deserialize)]
@@ -44,11 +51,14 @@ pub struct SinkConfig {
     pub access_token: Option<AccessTokenSpec>,
     /// An ID token: `id_token = { audience = "..." }`.
     pub id_token: Option<IdTokenSpec>,
-    /// Permissions of the file, octal (default `"0640"`).
+    /// Permissions of the file, octal (default `"0600"`, or `"0640"` with
+    /// a `group`); group bits need a `group`.
     pub mode: Option<String>,
     /// Owner of the file, by name or uid (default: the broker's user).
     pub owner: Option<String>,
-    /// Group of the file, by name or gid (default: the broker's group).
+    /// Group of the file, by name or gid: the users who may read it. None
+    /// by default (the file is created with the broker's group, which the
+    /// mode then gives no access).
     pub group: Option<String>,
     /// What to do with the file on shutdown (default `remove`).
     #[serde(default)]
@@ -106,6 +116,14 @@ pub enum SinkError {
         /// What is wrong and what is accepted.
         reason: String,
     },
+    /// The sink's directory cannot be used.
+    #[error("sink {}: {source}", path.display())]
+    Directory {
+        /// The sink's path.
+        path: PathBuf,
+        /// What is wrong with the directory.
+        source: DirError,
+    },
     /// Writing the file failed.
     #[error("sink {}: cannot {action}: {source}{hint}", path.display())]
     Io {
@@ -120,28 +138,34 @@ pub enum SinkError {
     },
 }
 
-/// A checked sink, ready to run.
+/// A sink whose configuration is valid; [`open`](Self::open) readies it.
 #[derive(Clone, Debug)]
 pub struct Sink {
     path: PathBuf,
     request: TokenRequest,
     mode: u32,
-    owner: Option<Uid>,
-    group: Option<Gid>,
+    owner: Option<String>,
+    group: Option<String>,
     on_shutdown: OnShutdown,
 }
 
 impl Sink {
-    /// Checks a `[[sink]]` table: the token request with the same rules as
-    /// a gRPC request, the mode, and that owner and group exist.
+    /// Checks a `[[sink]]` table: the path, the token request with the same
+    /// rules as a gRPC request, and the mode (owner and group are looked up
+    /// by [`open`](Self::open), on the machine that runs the broker).
     pub fn from_config(config: SinkConfig) -> Result<Self, SinkError> {
         let path = config.path;
         let invalid = |reason: String| SinkError::Config {
             path: path.clone(),
             reason,
         };
-        if !path.is_absolute() || path.file_name().is_none() {
-            return Err(invalid("`path` must be an absolute path to a file".into()));
+        let plain = path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        if !path.is_absolute() || path.file_name().is_none() || !plain {
+            return Err(invalid(
+                "`path` must be an absolute path to a file, without `.` or `..`".into(),
+            ));
         }
         let request = match (config.access_token, config.id_token) {
             (Some(access), None) => TokenRequest::try_from(pb::GetAccessTokenRequest {
@@ -174,33 +198,27 @@ impl Sink {
             }
         }
         .map_err(|error: BrokerError| invalid(error.to_string()))?;
-        let mode = match &config.mode {
-            Some(mode) => parse_mode(mode).map_err(|e| invalid(format!("mode {e}")))?,
-            None => DEFAULT_SINK_MODE,
+        let mode = match (&config.mode, &config.group) {
+            (Some(mode), _) => parse_mode(mode).map_err(|e| invalid(format!("mode {e}")))?,
+            (None, None) => DEFAULT_SINK_MODE,
+            (None, Some(_)) => DEFAULT_SINK_GROUP_MODE,
         };
         if mode & 0o007 != 0 {
             return Err(invalid(format!(
                 "mode {mode:04o} would let every user read or change the token; use at most 0660 (and a group)"
             )));
         }
-        let owner = config
-            .owner
-            .as_deref()
-            .map(lookup_user)
-            .transpose()
-            .map_err(|e| invalid(format!("owner: {e}")))?;
-        let group = config
-            .group
-            .as_deref()
-            .map(|g| crate::config::parse_group(g).map(Gid::from_raw))
-            .transpose()
-            .map_err(|e| invalid(format!("group: {e}")))?;
+        if mode & 0o070 != 0 && config.group.is_none() {
+            return Err(invalid(format!(
+                "mode {mode:04o} gives the file's group access, but no `group` is set: name the group whose members may read the token (group = \"NAME\", not the socket's group), or use mode 0600"
+            )));
+        }
         Ok(Self {
             path,
             request,
             mode,
-            owner,
-            group,
+            owner: config.owner,
+            group: config.group,
             on_shutdown: config.on_shutdown,
         })
     }
@@ -210,66 +228,104 @@ impl Sink {
         &self.path
     }
 
-    /// Checks, before the broker serves, that the directory exists and a
-    /// file with the sink's mode and owner can be created in it (a failed
-    /// `chown` is reported here, not at the first token).
-    pub fn check(&self) -> Result<(), SinkError> {
-        let file = self.temp_file()?;
-        drop(file);
-        Ok(())
+    /// Looks up the owner and group, opens the sink's directory for good
+    /// ([`SinkDir::open`]: no symbolic links, owned by the broker's user or
+    /// root, writable by its owner only) and checks that a file with the
+    /// sink's mode and owner can be created in it (a failed `chown` is
+    /// reported here, not at the first token).
+    pub fn open(self) -> Result<OpenSink, SinkError> {
+        let invalid = |reason: String| SinkError::Config {
+            path: self.path.clone(),
+            reason,
+        };
+        let owner = self
+            .owner
+            .as_deref()
+            .map(lookup_user)
+            .transpose()
+            .map_err(|e| invalid(format!("owner: {e}")))?;
+        let group = self
+            .group
+            .as_deref()
+            .map(|g| crate::config::parse_group(g).map(Gid::from_raw))
+            .transpose()
+            .map_err(|e| invalid(format!("group: {e}")))?;
+        let perms = FilePerms {
+            mode: self.mode,
+            owner,
+            group,
+        };
+        let parent = self.path.parent().unwrap_or(Path::new("/"));
+        let dir = SinkDir::open(parent, nix::unistd::geteuid()).map_err(|source| {
+            SinkError::Directory {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        let name = self.path.file_name().unwrap_or_default().to_os_string();
+        let sink = OpenSink {
+            sink: self,
+            name,
+            dir,
+            perms,
+        };
+        sink.dir
+            .probe(sink.perms)
+            .map_err(|error| sink.write_error(error))?;
+        Ok(sink)
+    }
+}
+
+/// A sink ready to run: its directory is held open, and its file is
+/// written, renamed and removed relative to it.
+#[derive(Debug)]
+pub struct OpenSink {
+    sink: Sink,
+    name: OsString,
+    dir: SinkDir,
+    perms: FilePerms,
+}
+
+impl OpenSink {
+    /// The file the sink keeps.
+    pub fn path(&self) -> &Path {
+        &self.sink.path
     }
 
     /// Writes `token` to the file atomically.
     pub fn write(&self, token: &Token) -> Result<(), SinkError> {
-        let mut file = self.temp_file()?;
-        file.write_all(token.secret().expose().as_bytes())
-            .and_then(|()| file.as_file().sync_all())
-            .map_err(self.io_error("write a temporary file", ""))?;
-        file.persist(&self.path)
-            .map_err(|error| error.error)
-            .map_err(self.io_error("rename the temporary file into place", ""))?;
-        Ok(())
+        self.dir
+            .replace(&self.name, token.secret().expose().as_bytes(), self.perms)
+            .map_err(|error| self.write_error(error))
     }
 
-    /// An empty temporary file beside the path, with the final mode and
-    /// owner already set (so the token is never readable by more).
-    fn temp_file(&self) -> Result<tempfile::NamedTempFile, SinkError> {
-        let dir = self.path.parent().unwrap_or(Path::new("/"));
-        let file = tempfile::Builder::new()
-            .prefix(TEMP_PREFIX)
-            .permissions(Permissions::from_mode(0o600))
-            .tempfile_in(dir)
-            .map_err(self.io_error(
-                "create a file in its directory",
-                " (the directory must exist and be writable by the broker; under systemd add it to ReadWritePaths=)",
-            ))?;
-        if self.owner.is_some() || self.group.is_some() {
-            std::os::unix::fs::fchown(
-                file.as_file(),
-                self.owner.map(Uid::as_raw),
-                self.group.map(Gid::as_raw),
-            )
-            .map_err(self.io_error(
-                "set the file's owner or group",
-                " (giving a file to another user needs root or CAP_CHOWN, another group membership of it)",
-            ))?;
-        }
-        file.as_file()
-            .set_permissions(Permissions::from_mode(self.mode))
-            .map_err(self.io_error("set the file's mode", ""))?;
-        Ok(file)
+    /// Whether members of `gid` may read the file: `gid` is its `group` and
+    /// the mode gives the group access.
+    pub fn readable_by_group(&self, gid: Gid) -> bool {
+        self.perms.group == Some(gid) && self.perms.mode & 0o060 != 0
     }
 
-    fn io_error(
-        &self,
-        action: &'static str,
-        hint: &'static str,
-    ) -> impl FnOnce(io::Error) -> SinkError {
-        let path = self.path.clone();
-        move |source| SinkError::Io {
-            path,
-            action,
-            source,
+    /// Removes the file; `false` if there was none.
+    pub fn remove(&self) -> Result<bool, SinkError> {
+        self.dir
+            .remove(&self.name)
+            .map_err(|error| self.write_error(error))
+    }
+
+    fn write_error(&self, error: dir::WriteError) -> SinkError {
+        let hint = match error.step {
+            Step::Create => {
+                " (the directory must be writable by the broker; under systemd add it to ReadWritePaths=)"
+            }
+            Step::Chown => {
+                " (giving a file to another user needs root or CAP_CHOWN, another group membership of it)"
+            }
+            _ => "",
+        };
+        SinkError::Io {
+            path: self.sink.path.clone(),
+            action: error.step.action(),
+            source: error.source,
             hint,
         }
     }
@@ -282,7 +338,7 @@ impl Sink {
         while !stop.is_cancelled() {
             let watched = tokio::select! {
                 () = stop.cancelled() => break,
-                watched = cache.watch(&self.request) => watched,
+                watched = cache.watch(&self.sink.request) => watched,
             };
             match watched {
                 Ok((served, mut watch)) => {
@@ -293,7 +349,7 @@ impl Sink {
                             Ok(token) => self.write_logged(token).await,
                             Err(BrokerError::ShuttingDown) => break,
                             Err(error) => {
-                                tracing::warn!(sink = %self.path.display(), %error, "sink lost its token; asking again");
+                                tracing::warn!(sink = %self.path().display(), %error, "sink lost its token; asking again");
                                 break;
                             }
                         }
@@ -301,7 +357,7 @@ impl Sink {
                     continue;
                 }
                 Err(error) => {
-                    tracing::warn!(sink = %self.path.display(), %error, "no token for the sink yet");
+                    tracing::warn!(sink = %self.path().display(), %error, "no token for the sink yet");
                 }
             }
             let delay = backoff.next_delay(fastrand::f64());
@@ -310,13 +366,11 @@ impl Sink {
                 () = tokio::time::sleep(delay) => {}
             }
         }
-        if self.on_shutdown == OnShutdown::Remove {
-            match std::fs::remove_file(&self.path) {
-                Ok(()) => tracing::info!(sink = %self.path.display(), "sink removed"),
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    tracing::warn!(sink = %self.path.display(), %error, "could not remove sink")
-                }
+        if self.sink.on_shutdown == OnShutdown::Remove {
+            match self.remove() {
+                Ok(true) => tracing::info!(sink = %self.path().display(), "sink removed"),
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "could not remove sink"),
             }
         }
     }
@@ -327,10 +381,12 @@ impl Sink {
         let written = tokio::task::spawn_blocking(move || sink.write(&token)).await;
         match written {
             Ok(Ok(())) => {
-                tracing::info!(sink = %self.path.display(), %expire_time, "sink written")
+                tracing::info!(sink = %self.path().display(), %expire_time, "sink written")
             }
             Ok(Err(error)) => tracing::error!(%error, "sink not written"),
-            Err(error) => tracing::error!(sink = %self.path.display(), %error, "sink task failed"),
+            Err(error) => {
+                tracing::error!(sink = %self.path().display(), %error, "sink task failed")
+            }
         }
     }
 }
@@ -355,11 +411,11 @@ pub struct Sinks {
 
 impl Sinks {
     /// Starts one task per sink.
-    pub fn start(sinks: Vec<Sink>, cache: &TokenCache) -> Self {
+    pub fn start(sinks: Vec<OpenSink>, cache: &TokenCache) -> Self {
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         for sink in sinks {
-            tracing::info!(sink = %sink.path.display(), "keeping a token in a file");
+            tracing::info!(sink = %sink.path().display(), "keeping a token in a file");
             tasks.spawn(Arc::new(sink).run(cache.clone(), stop.clone()));
         }
         Self { tasks, stop }
@@ -375,19 +431,31 @@ impl Sinks {
     }
 }
 
-/// Checks every sink's configuration, and that no two share a path.
-pub fn check_all(configs: Vec<SinkConfig>) -> Result<Vec<Sink>, SinkError> {
-    let mut sinks: Vec<Sink> = Vec::with_capacity(configs.len());
+/// Warns about each sink whose file the members of `gid`, the group that
+/// may connect to the socket, may read: the policy does not guard it.
+pub fn warn_if_clients_can_read(sinks: &[OpenSink], gid: Gid) {
+    for sink in sinks.iter().filter(|sink| sink.readable_by_group(gid)) {
+        tracing::warn!(
+            sink = %sink.path().display(),
+            group = gid.as_raw(),
+            "the sink's group is the socket's group: every client that may connect can read this token, whatever the policy allows it; give the sink a group of its own"
+        );
+    }
+}
+
+/// Checks every sink's configuration, that no two share a path, and opens
+/// each ([`Sink::open`]).
+pub fn check_all(configs: Vec<SinkConfig>) -> Result<Vec<OpenSink>, SinkError> {
+    let mut sinks: Vec<OpenSink> = Vec::with_capacity(configs.len());
     for config in configs {
         let sink = Sink::from_config(config)?;
-        if sinks.iter().any(|other| other.path == sink.path) {
+        if sinks.iter().any(|other| other.path() == sink.path()) {
             return Err(SinkError::Config {
                 path: sink.path,
                 reason: "two sinks write this path".into(),
             });
         }
-        sink.check()?;
-        sinks.push(sink);
+        sinks.push(sink.open()?);
     }
     Ok(sinks)
 }
@@ -419,9 +487,10 @@ mod tests {
         let sink = Sink::from_config(config(&format!(
             "path = {path:?}\nid_token = {{ audience = \"https://a.run.app\" }}\n"
         )))
+        .unwrap()
+        .open()
         .unwrap();
-        sink.check().unwrap();
-        assert!(!path.exists(), "check writes nothing at the path");
+        assert!(!path.exists(), "opening writes nothing at the path");
         sink.write(&token("first")).unwrap();
         let inode = std::fs::metadata(&path).unwrap().ino();
         sink.write(&token("second")).unwrap();
@@ -449,6 +518,8 @@ mod tests {
         let sink = Sink::from_config(config(&format!(
             "path = {path:?}\nmode = \"0600\"\nowner = \"{uid}\"\ngroup = \"{gid}\"\naccess_token = {{ scopes = [\"s:a\"] }}\n"
         )))
+        .unwrap()
+        .open()
         .unwrap();
         sink.write(&token("t")).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
@@ -481,12 +552,20 @@ mod tests {
                 "mode",
             ),
             (
-                "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\nowner = \"no-such-user-here\"",
-                "no user named",
+                "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\nmode = \"0640\"",
+                "mode 0640 gives the file's group access, but no `group` is set",
+            ),
+            (
+                "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\nmode = \"0620\"\nowner = \"0\"",
+                "name the group whose members may read the token",
             ),
             (
                 "path = \"/x/t\"\nid_token = { audience = \"https://a\" }\nmode = \"0644\"",
                 "every user",
+            ),
+            (
+                "path = \"/x/../t\"\nid_token = { audience = \"https://a\" }",
+                "without `.` or `..`",
             ),
         ];
         for (toml, expected) in cases {
@@ -500,12 +579,60 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_directory_fails_the_check() {
+    fn a_group_gets_read_access_by_default_and_nobody_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let gid = nix::unistd::getegid();
+        let sink = Sink::from_config(config(&format!(
+            "path = {path:?}\ngroup = \"{gid}\"\nid_token = {{ audience = \"https://a\" }}\n"
+        )))
+        .unwrap()
+        .open()
+        .unwrap();
+        sink.write(&token("t")).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, DEFAULT_SINK_GROUP_MODE);
+        assert_eq!(meta.gid(), gid.as_raw());
+        assert!(sink.readable_by_group(gid));
+        assert!(!sink.readable_by_group(Gid::from_raw(gid.as_raw() + 1)));
+
+        // Without a group: owner only, and no group can read it.
+        let sink = Sink::from_config(config(&format!(
+            "path = {path:?}\nid_token = {{ audience = \"https://a\" }}\n"
+        )))
+        .unwrap()
+        .open()
+        .unwrap();
+        sink.write(&token("t")).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert!(!sink.readable_by_group(gid));
+    }
+
+    #[test]
+    fn unknown_owners_and_groups_are_refused_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        for (key, expected) in [
+            ("owner = \"no-such-user-here\"", "owner: no user named"),
+            ("group = \"no-such-group-here\"", "group: no group named"),
+        ] {
+            let sink = Sink::from_config(config(&format!(
+                "path = {path:?}\n{key}\nid_token = {{ audience = \"https://a\" }}\n"
+            )))
+            .expect("looked up only when opened");
+            let message = sink.open().unwrap_err().to_string();
+            assert!(message.contains(expected), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_missing_directory_fails_to_open() {
         let sink = Sink::from_config(config(
             "path = \"/nonexistent-dir/t\"\nid_token = { audience = \"https://a\" }",
         ))
         .unwrap();
-        let message = sink.check().unwrap_err().to_string();
+        let message = sink.open().unwrap_err().to_string();
         assert!(message.contains("/nonexistent-dir/t"), "{message}");
         assert!(message.contains("directory must exist"), "{message}");
     }

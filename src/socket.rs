@@ -8,6 +8,8 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt,
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use tokio::net::UnixListener;
 
 /// Where the broker listens unless told otherwise.
@@ -35,6 +37,17 @@ pub enum SocketError {
     /// Something that is not a socket is in the way.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    /// The lock file is not a regular file of the broker's user.
+    #[error(
+        "refusing lock file {}: {reason}; remove it, or choose another --socket",
+        path.display()
+    )]
+    UnsafeLock {
+        /// The lock file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The path does not fit in a socket address.
     #[error(
         "socket path {path} is too long ({len} bytes with the staging name the broker binds through first); Unix sockets allow at most {MAX_SOCKET_PATH}"
@@ -88,6 +101,13 @@ impl SocketOwner {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The group whose members may connect: the socket's group, if its
+    /// mode lets the group write (connect) and the socket can be inspected.
+    pub fn client_group(&self) -> Option<u32> {
+        let meta = fs::metadata(&self.path).ok()?;
+        (meta.mode() & 0o020 != 0).then_some(meta.gid())
     }
 }
 
@@ -172,17 +192,44 @@ pub fn inherited(listener: std::os::unix::net::UnixListener) -> Result<BoundSock
     })
 }
 
+/// Opens and locks `PATH.lock`: never through a symbolic link (`O_NOFOLLOW`),
+/// and only a regular file owned by the broker's user (another user's
+/// file could be held, or swapped, by them).
 fn acquire_lock(path: &Path) -> Result<File, SocketError> {
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
+    let refuse = |reason: String| SocketError::UnsafeLock {
+        path: lock_path.clone(),
+        reason,
+    };
+    // O_NONBLOCK: a FIFO in the way fails (or opens) at once, not blocks.
     let lock = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
         .open(&lock_path)
-        .map_err(io_error("open lock file", &lock_path))?;
+        .map_err(|error| match error.raw_os_error() {
+            Some(code) if code == Errno::ELOOP as i32 => {
+                refuse("it is a symbolic link, which the broker does not follow".into())
+            }
+            _ => io_error("open lock file", &lock_path)(error),
+        })?;
+    let meta = lock
+        .metadata()
+        .map_err(io_error("inspect lock file", &lock_path))?;
+    if !meta.file_type().is_file() {
+        return Err(refuse("it is not a regular file".into()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(refuse(format!(
+            "it is owned by uid {}, not by the broker's user (uid {me})",
+            meta.uid()
+        )));
+    }
     match lock.try_lock() {
         Ok(()) => Ok(lock),
         Err(fs::TryLockError::WouldBlock) => Err(SocketError::InUse(path.to_path_buf())),
@@ -255,8 +302,11 @@ mod tests {
             .filter(|name| name.to_string_lossy().starts_with(".tb-"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+        assert_eq!(bound.owner.client_group(), None, "mode 0600: no group");
         drop(bound);
         assert!(!path.exists());
+        let bound = bind(&path, 0o660, Some(gid)).unwrap();
+        assert_eq!(bound.owner.client_group(), Some(gid));
     }
 
     #[tokio::test]
@@ -303,6 +353,56 @@ mod tests {
             Err(SocketError::NotASocket(_))
         ));
         assert_eq!(fs::read_to_string(&path).unwrap(), "precious");
+    }
+
+    #[tokio::test]
+    async fn a_symbolic_link_at_the_lock_path_is_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sock");
+        let target = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&target, dir.path().join("broker.sock.lock")).unwrap();
+        let error = bind(&path, DEFAULT_SOCKET_MODE, None).err().unwrap();
+        assert!(matches!(error, SocketError::UnsafeLock { .. }), "{error}");
+        assert!(error.to_string().contains("is a symbolic link"), "{error}");
+        assert!(!target.exists(), "the link was not followed");
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_lock_file_of_another_user_is_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: cannot give a file to another user; skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sock");
+        let lock = dir.path().join("broker.sock.lock");
+        fs::write(&lock, "").unwrap();
+        std::os::unix::fs::chown(&lock, Some(65534), None).unwrap();
+        let error = bind(&path, DEFAULT_SOCKET_MODE, None).err().unwrap();
+        let message = error.to_string();
+        assert!(
+            message.contains("is owned by uid 65534, not by the broker's user (uid 0)"),
+            "{message}"
+        );
+        assert!(!path.exists());
+        // The broker's own leftover lock file is reused.
+        std::os::unix::fs::chown(&lock, Some(0), None).unwrap();
+        drop(bind(&path, DEFAULT_SOCKET_MODE, None).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_lock_path_that_is_not_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.sock");
+        nix::unistd::mkfifo(
+            &dir.path().join("broker.sock.lock"),
+            nix::sys::stat::Mode::S_IRWXU,
+        )
+        .unwrap();
+        let error = bind(&path, DEFAULT_SOCKET_MODE, None).err().unwrap();
+        assert!(error.to_string().contains("lock"), "{error}");
+        assert!(!path.exists());
     }
 
     #[test]

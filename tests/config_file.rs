@@ -132,7 +132,11 @@ on_shutdown = "keep"
         .await;
     let first = std::fs::read_to_string(&id_path).unwrap();
     assert_eq!(common::claims(&first)["aud"], "https://sink.a.run.app");
-    assert_eq!(socket_mode(&id_path), 0o640, "the default mode");
+    assert_eq!(
+        socket_mode(&id_path),
+        0o600,
+        "the default mode, without a group"
+    );
 
     // The sink is a watcher of the key: it is refreshed with nobody asking.
     broker
@@ -163,7 +167,11 @@ on_shutdown = "keep"
 #[tokio::test]
 async fn a_sink_owner_the_broker_cannot_set_stops_it_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let root = nix::unistd::geteuid().is_root();
+    if root {
+        // The broker runs as nobody below: the directory is its own.
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    }
     let config = write_config(
         dir.path(),
         &format!(
@@ -173,7 +181,7 @@ async fn a_sink_owner_the_broker_cannot_set_stops_it_with_a_clear_error() {
     );
     let socket = dir.path().join("s.sock");
     // Giving a file to root needs root: run as nobody if we are root.
-    let mut command = if nix::unistd::geteuid().is_root() {
+    let mut command = if root {
         let mut command = tokio::process::Command::new("setpriv");
         command
             .args(["--reuid=65534", "--regid=65534", "--clear-groups"])

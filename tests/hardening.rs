@@ -1,0 +1,146 @@
+//! Process hardening with the real binary: the socket's lock file, and no
+//! core dumps unless `--allow-core-dumps`.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::{BINARY, Broker};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+const NOBODY: u32 = 65534;
+
+/// The soft and hard core file size limits in `/proc/<pid>/limits`.
+fn core_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find_map(|line| line.strip_prefix("Max core file size"))
+        .expect("a core file size line");
+    let mut values = line.split_whitespace();
+    (
+        values.next().unwrap().to_string(),
+        values.next().unwrap().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn core_dumps_are_off_unless_allowed() {
+    // Give the broker a non-zero limit to inherit, so turning it off shows.
+    let (_, hard) = getrlimit(Resource::RLIMIT_CORE).unwrap();
+    let soft = hard.min(1 << 20);
+    assert!(soft > 0, "the test's hard core limit is 0");
+    setrlimit(Resource::RLIMIT_CORE, soft, hard).unwrap();
+    let inherited = core_limits(std::process::id());
+    assert_ne!(inherited.0, "0");
+
+    let broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
+    assert_eq!(core_limits(broker.pid()), ("0".into(), "0".into()));
+    drop(broker);
+
+    let broker = Broker::spawn(vec!["--emulator".into(), "--allow-core-dumps".into()], &[]).await;
+    assert_eq!(core_limits(broker.pid()), inherited);
+    drop(broker);
+
+    // The flag can come from the environment and the config file too.
+    let broker = Broker::spawn(
+        vec!["--emulator".into()],
+        &[("TOKENBROKER_ALLOW_CORE_DUMPS", "true")],
+    )
+    .await;
+    assert_eq!(core_limits(broker.pid()), inherited);
+    drop(broker);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tokenbroker.toml");
+    std::fs::write(&config, "emulator = true\nallow_core_dumps = true\n").unwrap();
+    let broker = Broker::spawn(
+        vec!["--config".into(), config.to_str().unwrap().into()],
+        &[],
+    )
+    .await;
+    assert_eq!(core_limits(broker.pid()), inherited);
+}
+
+/// The owner of `/proc/<pid>/environ` of a broker run as `nobody`: root's
+/// when the broker is not dumpable, else `nobody`'s.
+async fn environ_owner_as_nobody(extra: &[&str]) -> u32 {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let socket = dir.path().join("tokenbroker.sock");
+    let mut command = tokio::process::Command::new("setpriv");
+    command
+        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .args(["--clear-groups", BINARY, "serve", "--emulator", "--socket"])
+        .arg(&socket)
+        .args(extra);
+    let broker = Broker::spawn_command(command, &socket, dir);
+    broker.wait_for_log("tokenbroker ready").await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", broker.pid())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.contains(&NOBODY.to_string())),
+        "the broker runs as nobody:\n{status}"
+    );
+    std::fs::metadata(format!("/proc/{}/environ", broker.pid()))
+        .unwrap()
+        .uid()
+}
+
+#[tokio::test]
+async fn the_broker_is_not_dumpable_unless_allowed() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: cannot run the broker as another uid; skipped");
+        return;
+    }
+    assert_eq!(environ_owner_as_nobody(&[]).await, 0, "non-dumpable");
+    assert_eq!(
+        environ_owner_as_nobody(&["--allow-core-dumps"]).await,
+        NOBODY,
+        "dumpable with --allow-core-dumps"
+    );
+}
+
+/// Starts `serve` on `socket`, which must fail; returns stderr.
+async fn refused(socket: &Path) -> String {
+    let stderr =
+        common::binary_fails(["serve", "--emulator", "--socket", socket.to_str().unwrap()]).await;
+    assert!(!socket.exists(), "the broker never served");
+    stderr
+}
+
+#[tokio::test]
+async fn an_unsafe_lock_file_stops_the_broker_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("tokenbroker.sock");
+    let lock = dir.path().join("tokenbroker.sock.lock");
+    let target = dir.path().join("elsewhere");
+    std::os::unix::fs::symlink(&target, &lock).unwrap();
+    let stderr = refused(&socket).await;
+    assert!(
+        stderr.contains(&format!(
+            "refusing lock file {}: it is a symbolic link",
+            lock.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!target.exists(), "the link was not followed");
+
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: cannot give the lock file to another uid; skipped");
+        return;
+    }
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::write(&lock, "").unwrap();
+    std::os::unix::fs::chown(&lock, Some(NOBODY), None).unwrap();
+    let stderr = refused(&socket).await;
+    assert!(
+        stderr.contains(&format!(
+            "refusing lock file {}: it is owned by uid {NOBODY}, not by the broker's user (uid 0)",
+            lock.display()
+        )),
+        "{stderr}"
+    );
+}

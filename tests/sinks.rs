@@ -1,0 +1,255 @@
+//! File sinks against a hostile local user: a swapped directory redirects
+//! no write, unsafe sink directories and modes stop the broker at start,
+//! and a sink the socket's group may read is warned about.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::Path;
+
+use common::Broker;
+use nix::sys::signal::Signal;
+
+const NOBODY: u32 = 65534;
+
+fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("tokenbroker.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn is_root() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("not root: a broker with CAP_CHOWN and another uid are needed; skipped");
+    }
+    root
+}
+
+/// Runs `script` with `sh` as uid and gid `NOBODY`.
+fn as_nobody(script: &str) {
+    let output = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .args(["--clear-groups", "sh", "-c", script])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The broker runs as root and gives the sink's file to `nobody`, who owns
+/// the sink directory's parent. Once the broker runs, `nobody` swaps the
+/// directory for a link to a root-owned directory: the next refresh must
+/// still land in the original directory, never through the link.
+#[tokio::test]
+async fn a_swapped_sink_directory_redirects_no_write() {
+    if !is_root() {
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    chmod(base.path(), 0o755);
+    let home = base.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
+    let sinks = home.join("sinks");
+    std::fs::create_dir(&sinks).unwrap();
+    chmod(&sinks, 0o755);
+    let protected = base.path().join("protected");
+    std::fs::create_dir(&protected).unwrap();
+    chmod(&protected, 0o755);
+    let path = sinks.join("token");
+    let config = write_config(
+        base.path(),
+        &format!(
+            r#"
+emulator = true
+emulator_token_lifetime = "4s"
+expiry_skew = "1s"
+
+[[sink]]
+path = {path:?}
+id_token = {{ audience = "https://sink.a.run.app" }}
+owner = "{NOBODY}"
+mode = "0600"
+"#
+        ),
+    );
+    let mut broker = Broker::spawn(vec!["--config".into(), config], &[]).await;
+    let written = ["written", path.to_str().unwrap()];
+    broker.wait_for_log_lines(&written, 1).await;
+    let first = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().uid(), NOBODY);
+
+    let moved = home.join("moved");
+    as_nobody(&format!(
+        "mv {sinks:?} {moved:?} && ln -s {protected:?} {sinks:?}"
+    ));
+    assert!(std::fs::symlink_metadata(&sinks).unwrap().is_symlink());
+    let before = broker
+        .logs()
+        .lines()
+        .filter(|line| written.iter().all(|needle| line.contains(needle)))
+        .count();
+    broker.wait_for_log_lines(&written, before + 1).await;
+
+    assert!(
+        names(&protected).is_empty(),
+        "a write followed the link: {:?}",
+        names(&protected)
+    );
+    let logs = broker.logs();
+    if !logs.contains("sink not written") {
+        let second = std::fs::read_to_string(moved.join("token")).unwrap();
+        assert_ne!(
+            first, second,
+            "the refreshed token is in the original directory"
+        );
+        assert_eq!(
+            std::fs::metadata(moved.join("token")).unwrap().uid(),
+            NOBODY
+        );
+    }
+
+    broker.signal(Signal::SIGTERM);
+    assert!(broker.wait().await.success());
+    assert!(names(&protected).is_empty(), "{:?}", names(&protected));
+    assert!(
+        names(&moved).is_empty(),
+        "removed from the original directory"
+    );
+}
+
+/// Starts `serve` with one sink at `sink_path` (plus `extra` lines in its
+/// table), which must fail; returns stderr.
+async fn refused(dir: &Path, sink_path: &Path, extra: &str) -> String {
+    let config = write_config(
+        dir,
+        &format!(
+            "emulator = true\n[[sink]]\npath = {sink_path:?}\nid_token = {{ audience = \"https://a\" }}\n{extra}"
+        ),
+    );
+    let socket = dir.join("s.sock");
+    let stderr = common::binary_fails([
+        "serve",
+        "--config",
+        &config,
+        "--socket",
+        socket.to_str().unwrap(),
+    ])
+    .await;
+    assert!(!socket.exists(), "the broker never served");
+    assert!(!sink_path.exists());
+    stderr
+}
+
+#[tokio::test]
+async fn unsafe_sink_directories_stop_the_broker_with_a_clear_error() {
+    let base = tempfile::tempdir().unwrap();
+    let shared = base.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    for mode in [0o770, 0o777, 0o1777] {
+        chmod(&shared, mode);
+        let stderr = refused(base.path(), &shared.join("token"), "").await;
+        let expected = format!("directory {} has mode {mode:04o}", shared.display());
+        assert!(
+            stderr.contains(&expected) && stderr.contains("writable by its group or by every user"),
+            "{stderr}"
+        );
+    }
+
+    let private = base.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    let stderr = refused(base.path(), &private.join("token"), "mode = \"0640\"\n").await;
+    assert!(
+        stderr.contains("mode 0640 gives the file's group access, but no `group` is set")
+            && stderr.contains("name the group whose members may read the token"),
+        "{stderr}"
+    );
+
+    let real = base.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = base.path().join("link");
+    symlink(&real, &link).unwrap();
+    let stderr = refused(base.path(), &link.join("token"), "").await;
+    assert!(
+        stderr.contains(&format!("{} is a symbolic link", link.display())),
+        "{stderr}"
+    );
+    assert!(names(&real).is_empty());
+
+    if !is_root() {
+        return;
+    }
+    let theirs = base.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(NOBODY), None).unwrap();
+    let stderr = refused(base.path(), &theirs.join("token"), "").await;
+    assert!(
+        stderr.contains(&format!(
+            "directory {} is owned by uid {NOBODY}; it must be owned by the broker's user (uid 0) or root",
+            theirs.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_sink_the_socket_group_may_read_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let gid = nix::unistd::getegid();
+    let shared = dir.path().join("shared.jwt");
+    let private = dir.path().join("private.jwt");
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
+emulator = true
+socket_group = "{gid}"
+
+[[sink]]
+path = {shared:?}
+id_token = {{ audience = "https://a" }}
+group = "{gid}"
+
+[[sink]]
+path = {private:?}
+id_token = {{ audience = "https://a" }}
+group = "{gid}"
+mode = "0600"
+"#
+        ),
+    );
+    let broker = Broker::spawn(vec!["--config".into(), config], &[]).await;
+    let warning =
+        "the sink's group is the socket's group: every client that may connect can read this token";
+    broker
+        .wait_for_log_lines(&[warning, shared.to_str().unwrap()], 1)
+        .await;
+    for path in [&shared, &private] {
+        broker
+            .wait_for_log_lines(&["sink written", path.to_str().unwrap()], 1)
+            .await;
+    }
+    let logs = broker.logs();
+    assert_eq!(logs.matches(warning).count(), 1, "{logs}");
+    assert_eq!(
+        std::fs::metadata(&shared).unwrap().mode() & 0o777,
+        0o640,
+        "a group's default mode"
+    );
+}
