@@ -6,6 +6,7 @@ use std::time::Duration;
 use humantime::format_duration;
 use tonic::{Code, Status};
 
+use crate::quota::Owner;
 use crate::upstream::FetchError;
 
 /// Everything that can stop a request from getting a token. Messages say
@@ -26,6 +27,15 @@ pub enum BrokerError {
         /// What ran out, e.g. "too many cached keys".
         what: &'static str,
         /// The configured bound.
+        limit: usize,
+    },
+    /// The caller's uid (or the shared bucket of callers without one) holds
+    /// as many keys it created as `--max-keys-per-uid` allows.
+    #[error("{}", quota_message(*owner, *limit))]
+    KeyQuotaExceeded {
+        /// Whom the new key would have been charged to.
+        owner: Owner,
+        /// The configured quota.
         limit: usize,
     },
     /// The token source could not give a token for this account.
@@ -115,6 +125,20 @@ pub enum BrokerError {
     ShuttingDown,
 }
 
+fn quota_message(owner: Owner, limit: usize) -> String {
+    let holder = match owner {
+        Owner::Uid(uid) => {
+            format!("uid {uid} holds {limit} cached keys it created, the most one uid may hold")
+        }
+        _ => format!(
+            "{owner} (the metadata endpoint on loopback TCP) hold {limit} cached keys they created, the most they may hold together"
+        ),
+    };
+    format!(
+        "{holder} (--max-keys-per-uid {limit}); keys are dropped when unused for --idle-timeout"
+    )
+}
+
 fn upstream_message(account: &str, source: &FetchError) -> String {
     match source {
         // The OAuth and IAM APIs explain themselves; the hints below are the
@@ -148,13 +172,21 @@ impl BrokerError {
         }
     }
 
+    /// Whether this is a refusal that keeps the cache's fair shares (a key
+    /// over the per-uid quota): a peer can repeat it as fast as it likes, so
+    /// it is logged only at debug level (the cache counts them, and warns
+    /// of a quota once a minute).
+    pub fn is_fair_share_refusal(&self) -> bool {
+        matches!(self, Self::KeyQuotaExceeded { .. })
+    }
+
     /// The gRPC status code this error is reported with.
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
-            Self::LimitExceeded { .. } | Self::InvalidateThrottled { .. } => {
-                Code::ResourceExhausted
-            }
+            Self::LimitExceeded { .. }
+            | Self::KeyQuotaExceeded { .. }
+            | Self::InvalidateThrottled { .. } => Code::ResourceExhausted,
             Self::Upstream { source, .. } => match source {
                 FetchError::Status { status: 400, .. } => Code::InvalidArgument,
                 FetchError::Status {
@@ -182,9 +214,9 @@ impl BrokerError {
         use http::StatusCode as Http;
         match self {
             Self::InvalidArgument { .. } | Self::Unsupported { .. } => (Http::BAD_REQUEST, None),
-            Self::LimitExceeded { .. } | Self::InvalidateThrottled { .. } => {
-                (Http::TOO_MANY_REQUESTS, None)
-            }
+            Self::LimitExceeded { .. }
+            | Self::KeyQuotaExceeded { .. }
+            | Self::InvalidateThrottled { .. } => (Http::TOO_MANY_REQUESTS, None),
             Self::PolicyDenied { .. } => (Http::FORBIDDEN, None),
             // What the metadata server answers for an account it lacks.
             Self::AccountNotAvailable { .. } => (Http::NOT_FOUND, None),

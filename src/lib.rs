@@ -3,7 +3,8 @@
 //!
 //! The binary (`src/main.rs`) only parses the command line; [`app`] wires:
 //! - [`request`]: validates requests into exact cache keys,
-//! - [`cache`]: shares, coalesces and refreshes tokens,
+//! - [`cache`]: shares, coalesces and refreshes tokens, within per-uid
+//!   key quotas ([`quota`]),
 //! - [`metadata`], [`keyfile`]: fetch them from the GCE metadata server or
 //!   with a service-account key ([`credentials`] reads key files, [`https`]
 //!   talks TLS to Google), with gcloud's user credentials ([`adc`], which
@@ -45,6 +46,7 @@ pub mod metadata_endpoint;
 pub mod metrics;
 pub mod policy;
 pub mod proto;
+pub mod quota;
 pub mod request;
 pub mod retry;
 pub mod schedule;

@@ -76,6 +76,7 @@ struct Instruments {
     token_remaining: Histogram<f64>,
     policy_denials: Counter<u64>,
     invalidations: Counter<u64>,
+    cache_refusals: Counter<u64>,
     label_audience: bool,
 }
 
@@ -130,6 +131,12 @@ impl Metrics {
                 .u64_counter("tokenbroker.invalidations")
                 .with_description(
                     "InvalidateToken calls by token kind and result (invalidated, stale).",
+                )
+                .build(),
+            cache_refusals: meter
+                .u64_counter("tokenbroker.cache_refusals")
+                .with_description(
+                    "Requests the cache refused to keep its fair shares, by token kind and reason (max_keys, max_keys_per_uid).",
                 )
                 .build(),
             label_audience,
@@ -206,6 +213,14 @@ impl Metrics {
         self.0
             .invalidations
             .add(1, &[kind_label(kind), KeyValue::new("result", result)]);
+    }
+
+    /// A request the cache refused for `reason`: `max_keys` or
+    /// `max_keys_per_uid`.
+    pub fn cache_refused(&self, kind: TokenKind, reason: &'static str) {
+        self.0
+            .cache_refusals
+            .add(1, &[kind_label(kind), KeyValue::new("reason", reason)]);
     }
 
     /// One request to the token source: `Err` holds the failure reason.

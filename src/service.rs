@@ -20,6 +20,7 @@ use crate::limits::{WatchLimits, WatchPermit};
 use crate::metrics::{Metrics, Rpc, code_name};
 use crate::policy::{Caller, Peer, PolicyStore};
 use crate::proto::v1 as pb;
+use crate::quota::Owner;
 use crate::request::{Invalidation, TokenKey, TokenRequest};
 use crate::token::{Token, TokenKind};
 
@@ -96,7 +97,8 @@ impl BrokerService {
                 &request.key,
             )
             .inspect_err(|error| self.report(rpc, Some(kind), audience, Err(error)))?;
-            let result = within(deadline, self.cache.get(&request)).await;
+            let owner = owner_of(&caller);
+            let result = within(deadline, self.cache.get(&request, owner)).await;
             self.report(rpc, Some(kind), audience, result.as_ref());
             Ok(result?.token)
         };
@@ -129,13 +131,13 @@ impl BrokerService {
                 if let Some(kind) = kind {
                     self.metrics.failed(rpc, kind, code, audience);
                 }
-                tracing::info!(
-                    rpc = rpc.as_str(),
-                    token_kind = kind.map(TokenKind::as_str),
-                    code = code_name(code),
-                    %error,
-                    "request failed"
-                );
+                let (rpc, kind, code) =
+                    (rpc.as_str(), kind.map(TokenKind::as_str), code_name(code));
+                if error.is_fair_share_refusal() {
+                    tracing::debug!(rpc, token_kind = kind, code, %error, "request failed");
+                } else {
+                    tracing::info!(rpc, token_kind = kind, code, %error, "request failed");
+                }
             }
         }
     }
@@ -238,7 +240,8 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
             )
             .and_then(|()| self.watch_limits.acquire(peer.map(|p| p.uid)))
             .inspect_err(|error| self.report(Rpc::WatchToken, Some(kind), audience, Err(error)))?;
-            let result = within(deadline, self.cache.watch(&request)).await;
+            let owner = owner_of(&caller);
+            let result = within(deadline, self.cache.watch(&request, owner)).await;
             self.report(
                 Rpc::WatchToken,
                 Some(kind),
@@ -386,6 +389,15 @@ fn authorize(
             "request denied by policy"
         );
     })
+}
+
+/// Whom the keys a caller creates are charged to: its uid, or the shared
+/// bucket of callers without one.
+fn owner_of(caller: &Caller) -> Owner {
+    match caller {
+        Caller::Local(Some(peer)) => Owner::Uid(peer.uid),
+        Caller::Local(None) | Caller::Loopback => Owner::Unidentified,
+    }
 }
 
 /// The connecting process, from the Unix socket's peer credentials.

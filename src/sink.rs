@@ -24,6 +24,7 @@ use crate::cache::TokenCache;
 use crate::config::parse_mode;
 use crate::error::BrokerError;
 use crate::proto::v1 as pb;
+use crate::quota::Owner;
 use crate::request::TokenRequest;
 use crate::schedule::{Backoff, DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAX};
 use crate::token::Token;
@@ -282,7 +283,8 @@ impl Sink {
         while !stop.is_cancelled() {
             let watched = tokio::select! {
                 () = stop.cancelled() => break,
-                watched = cache.watch(&self.request) => watched,
+                // The broker's own keys are charged to nobody's quota.
+                watched = cache.watch(&self.request, Owner::Broker) => watched,
             };
             match watched {
                 Ok((served, mut watch)) => {
