@@ -7,7 +7,7 @@
 //! any number of concurrent readers cause one fetch. The task also refreshes
 //! the token before it expires, keeps the old token when a refresh fails,
 //! and removes the entry once nobody has used or watched it for the idle
-//! timeout.
+//! timeout (a minute, for a key that never got a token).
 //!
 //! No caller can take the cache from the others: each key is charged to
 //! the uid that created it, up to `--max-keys-per-uid` ([`crate::quota`]).
@@ -40,6 +40,10 @@ pub const DEFAULT_MAX_KEYS: usize = 10_000;
 /// Default bound on the keys one uid may create (1 000); callers without a
 /// uid share one such quota, the broker's own sinks have none.
 pub const DEFAULT_MAX_KEYS_PER_UID: usize = 1_000;
+/// How long a key that never got a token (its fetches failed) stays
+/// unused before it is dropped (1 minute), instead of the idle timeout:
+/// failed keys must not hold their creator's quota for half an hour.
+pub const FAILED_KEY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default expiry skew (10 s): a token this close to expiry is treated as
 /// expired, so it is still valid when the receiving service checks it.
 pub const DEFAULT_EXPIRY_SKEW: Duration = Duration::from_secs(10);
@@ -594,19 +598,23 @@ impl Inner {
         }
     }
 
-    /// Drops `entry` if nobody used, watched or asked for it within the idle
-    /// timeout. Returns whether it was dropped.
-    fn evict_if_idle(&self, entry: &Arc<KeyEntry>) -> bool {
+    /// Drops `entry` if nobody used, watched or asked for it within its
+    /// idle timeout (shorter if it never `produced` a token). Returns
+    /// whether it was dropped.
+    fn evict_if_idle(&self, entry: &Arc<KeyEntry>, produced: bool) -> bool {
+        let timeout = self.idle_timeout(produced);
         let idle = self
             .now_ms(Instant::now())
             .saturating_sub(entry.last_used_ms())
-            >= self.idle_timeout_ms();
+            >= u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let pending = entry.wanted.load(Ordering::Acquire) > entry.state.borrow().generation;
         if !idle || pending || entry.watchers.load(Ordering::Acquire) > 0 {
             return false;
         }
         self.remove(entry);
-        tracing::debug!(key = ?entry.key, "idle key dropped");
+        let reason = if produced { "idle" } else { "failed" };
+        self.metrics.cache_evicted(entry.key.kind(), reason);
+        tracing::debug!(key = ?entry.key, reason, "unused key dropped");
         true
     }
 
@@ -620,12 +628,18 @@ impl Inner {
             });
     }
 
-    fn idle_timeout_ms(&self) -> u64 {
-        u64::try_from(self.config.idle_timeout.as_millis()).unwrap_or(u64::MAX)
+    /// How long a key stays unused: the idle timeout, or at most
+    /// [`FAILED_KEY_TIMEOUT`] if it never produced a token.
+    fn idle_timeout(&self, produced: bool) -> Duration {
+        if produced {
+            self.config.idle_timeout
+        } else {
+            self.config.idle_timeout.min(FAILED_KEY_TIMEOUT)
+        }
     }
 
-    fn idle_deadline(&self, entry: &KeyEntry) -> Instant {
-        self.epoch + Duration::from_millis(entry.last_used_ms()) + self.config.idle_timeout
+    fn idle_deadline(&self, entry: &KeyEntry, produced: bool) -> Instant {
+        self.epoch + Duration::from_millis(entry.last_used_ms()) + self.idle_timeout(produced)
     }
 }
 
@@ -671,6 +685,9 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
     let mut refresh_at: Option<Instant> = None;
     // The last moment of unusability the watchers were told of.
     let mut told: Option<Instant> = None;
+    // Whether a fetch ever succeeded: a key that never got a token is
+    // dropped sooner, releasing its creator's quota.
+    let mut produced = false;
     loop {
         let generation = entry.state.borrow().generation;
         let asked = entry.wanted.load(Ordering::Acquire) > generation;
@@ -678,8 +695,8 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
             let Some(inner) = cache.upgrade() else { break };
             // A watched key is never idle; the last watcher to leave wakes
             // this task so the idle clock starts again.
-            let idle_at =
-                (entry.watchers.load(Ordering::Acquire) == 0).then(|| inner.idle_deadline(&entry));
+            let idle_at = (entry.watchers.load(Ordering::Acquire) == 0)
+                .then(|| inner.idle_deadline(&entry, produced));
             drop(inner);
             // One timer for whichever comes first (a task per key: small
             // futures keep the cache small). Watchers have no timer of
@@ -695,7 +712,7 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
             entry.tell_watchers_if_expired(&mut told, now);
             if idle_at.is_some_and(|idle| now >= idle) {
                 match cache.upgrade() {
-                    Some(inner) if inner.evict_if_idle(&entry) => break,
+                    Some(inner) if inner.evict_if_idle(&entry, produced) => break,
                     Some(_) => {}
                     None => break,
                 }
@@ -710,6 +727,7 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
             false
         });
         let result = inner.fetch_for(&entry, &mut told).await;
+        produced |= result.is_ok();
         if !asked {
             inner.metrics.refreshed(entry.key.kind(), result.is_ok());
         }
@@ -1226,6 +1244,44 @@ mod tests {
         assert_eq!((cache.len(), cache.held_by(ME)), (0, 0));
         cache.get(&request("b"), ME).await.unwrap();
         assert_eq!(cache.held_by(ME), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_that_never_got_a_token_is_dropped_after_a_minute() {
+        let source = FakeSource::gated(HOUR);
+        source.fail_with(Some(unavailable()));
+        let cache = cache(source.clone());
+        let waiter = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&request("failing"), ME).await }
+        });
+        settle().await;
+        assert_eq!(source.fetches(), 1);
+        // A request waiting keeps the key, however long the fetch takes.
+        tokio::time::advance(2 * FAILED_KEY_TIMEOUT).await;
+        settle().await;
+        assert_eq!((cache.len(), cache.held_by(ME)), (1, 1));
+        source.gate.as_ref().unwrap().add_permits(2);
+        assert!(waiter.await.unwrap().is_err());
+        // Its minute since the request is up: it goes as soon as it failed.
+        settle().await;
+        assert_eq!((cache.len(), cache.held_by(ME)), (0, 0));
+        // Asked for again, it fails again and stays a minute.
+        assert!(cache.get(&request("failing"), ME).await.is_err());
+        tokio::time::advance(FAILED_KEY_TIMEOUT - Duration::from_millis(10)).await;
+        settle().await;
+        assert_eq!(cache.len(), 1);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        settle().await;
+        assert_eq!((cache.len(), cache.held_by(ME)), (0, 0));
+        assert_eq!(source.fetches(), 2);
+        // A key that got a token once stays for the idle timeout.
+        source.fail_with(None);
+        source.gate.as_ref().unwrap().add_permits(1);
+        cache.get(&request("fine"), ME).await.unwrap();
+        tokio::time::advance(2 * FAILED_KEY_TIMEOUT).await;
+        settle().await;
+        assert_eq!(cache.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

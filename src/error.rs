@@ -135,7 +135,7 @@ fn quota_message(owner: Owner, limit: usize) -> String {
         ),
     };
     format!(
-        "{holder} (--max-keys-per-uid {limit}); keys are dropped when unused for --idle-timeout"
+        "{holder} (--max-keys-per-uid {limit}); keys are dropped when unused for --idle-timeout, sooner if they never got a token"
     )
 }
 

@@ -77,6 +77,7 @@ struct Instruments {
     policy_denials: Counter<u64>,
     invalidations: Counter<u64>,
     cache_refusals: Counter<u64>,
+    cache_evictions: Counter<u64>,
     label_audience: bool,
 }
 
@@ -137,6 +138,12 @@ impl Metrics {
                 .u64_counter("tokenbroker.cache_refusals")
                 .with_description(
                     "Requests the cache refused to keep its fair shares, by token kind and reason (max_keys, max_keys_per_uid).",
+                )
+                .build(),
+            cache_evictions: meter
+                .u64_counter("tokenbroker.cache_evictions")
+                .with_description(
+                    "Keys dropped unused, by token kind and reason (idle: after --idle-timeout; failed: never got a token, after a minute).",
                 )
                 .build(),
             label_audience,
@@ -220,6 +227,13 @@ impl Metrics {
     pub fn cache_refused(&self, kind: TokenKind, reason: &'static str) {
         self.0
             .cache_refusals
+            .add(1, &[kind_label(kind), KeyValue::new("reason", reason)]);
+    }
+
+    /// A key dropped unused: `idle`, or `failed` (it never got a token).
+    pub fn cache_evicted(&self, kind: TokenKind, reason: &'static str) {
+        self.0
+            .cache_evictions
             .add(1, &[kind_label(kind), KeyValue::new("reason", reason)]);
     }
 
