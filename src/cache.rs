@@ -10,7 +10,9 @@
 //! timeout (a minute, for a key that never got a token).
 //!
 //! No caller can take the cache from the others: each key is charged to
-//! the uid that created it, up to `--max-keys-per-uid` ([`crate::quota`]).
+//! the uid that created it, up to `--max-keys-per-uid` ([`crate::quota`]),
+//! and a `min_valid_for` the cached token does not meet refetches a key at
+//! most once per [`MIN_VALID_FOR_REFETCH_INTERVAL`].
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -44,6 +46,11 @@ pub const DEFAULT_MAX_KEYS_PER_UID: usize = 1_000;
 /// unused before it is dropped (1 minute), instead of the idle timeout:
 /// failed keys must not hold their creator's quota for half an hour.
 pub const FAILED_KEY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Least time between the last fetch of a key and a fetch for a
+/// `min_valid_for` its token does not meet (10 s). With single flight,
+/// such refetches are also one at a time per key; other calls in this time
+/// get `UNAVAILABLE` at once.
+pub const MIN_VALID_FOR_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 /// Default expiry skew (10 s): a token this close to expiry is treated as
 /// expired, so it is still valid when the receiving service checks it.
 pub const DEFAULT_EXPIRY_SKEW: Duration = Duration::from_secs(10);
@@ -174,6 +181,8 @@ struct Snapshot {
     fetching: bool,
     /// The entry was dropped from the cache; look the key up again.
     closed: bool,
+    /// When the latest fetch completed, successful or not.
+    fetched_at: Option<Instant>,
     /// When the newest token published stops being usable (its expiry less
     /// the skew). Kept when an invalidation drops that token: watchers
     /// still hold it, and the refresh task tells them at this moment.
@@ -482,6 +491,7 @@ impl Inner {
             if snapshot.closed {
                 return Ok(None);
             }
+            self.refetch_allowed(entry, &snapshot, request, now)?;
             (snapshot.generation, snapshot.fetching)
         };
         let caused = entry.want(seen + 1);
@@ -517,6 +527,39 @@ impl Inner {
         })
     }
 
+    /// Refuses a fetch for a `min_valid_for` that the cached token does not
+    /// meet (though it would serve a plain request) when the key was
+    /// fetched less than [`MIN_VALID_FOR_REFETCH_INTERVAL`] ago. A fetch
+    /// already under way or asked for is always joined: it costs nothing.
+    fn refetch_allowed(
+        &self,
+        entry: &KeyEntry,
+        snapshot: &Snapshot,
+        request: &TokenRequest,
+        now: Instant,
+    ) -> Result<(), BrokerError> {
+        let skew = self.config.expiry_skew;
+        let pending =
+            snapshot.fetching || entry.wanted.load(Ordering::Acquire) > snapshot.generation;
+        let (Some(token), Some(fetched_at)) = (usable(snapshot, now, skew), snapshot.fetched_at)
+        else {
+            return Ok(());
+        };
+        let interval = MIN_VALID_FOR_REFETCH_INTERVAL;
+        let retry_in = (fetched_at + interval).saturating_duration_since(now);
+        if pending || retry_in.is_zero() {
+            return Ok(());
+        }
+        self.metrics
+            .cache_refused(entry.key.kind(), "min_valid_for_interval");
+        Err(BrokerError::MinValidForThrottled {
+            wanted: request.min_valid_for,
+            remaining: token.remaining(now).saturating_sub(skew),
+            retry_in,
+            interval,
+        })
+    }
+
     /// Publishes the result of a fetch and returns when to refresh next
     /// (`None`: only when asked).
     fn record(
@@ -546,6 +589,7 @@ impl Inner {
                     s.error = None;
                     s.generation += 1;
                     s.fetching = false;
+                    s.fetched_at = Some(now);
                 });
                 tracing::debug!(key = ?entry.key, valid_for = ?usable_for, "token fetched");
                 Some(now + refresh_delay(usable_for, self.config.refresh_margin, fastrand::f64()))
@@ -556,6 +600,7 @@ impl Inner {
                     s.error = Some(error.clone());
                     s.generation += 1;
                     s.fetching = false;
+                    s.fetched_at = Some(now);
                     still_usable = s
                         .token
                         .as_ref()
@@ -1177,7 +1222,79 @@ mod tests {
         assert_eq!(fresh.outcome, Outcome::Miss);
         assert_eq!(source.fetches(), 2);
         demanding.min_valid_for = Duration::from_secs(700);
+        tokio::time::advance(MIN_VALID_FOR_REFETCH_INTERVAL).await;
         let error = cache.get(&demanding, ME).await.unwrap_err();
+        assert!(
+            matches!(error, BrokerError::MinValidForUnmet { .. }),
+            "{error:?}"
+        );
+        assert_eq!(source.fetches(), 3);
+    }
+
+    fn demanding(min_valid_for: Duration) -> TokenRequest {
+        TokenRequest {
+            min_valid_for,
+            ..request("aud")
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn min_valid_for_refetches_are_one_at_a_time_and_one_per_interval() {
+        let source = FakeSource::gated(HOUR);
+        source.gate.as_ref().unwrap().add_permits(1);
+        let cache = cache(source.clone());
+        cache.get(&request("aud"), ME).await.unwrap();
+        // Fetched just now: no refetch for a min_valid_for it cannot meet.
+        let error = cache.get(&demanding(HOUR), ME).await.unwrap_err();
+        assert_eq!(
+            error,
+            BrokerError::MinValidForThrottled {
+                wanted: HOUR,
+                remaining: HOUR - DEFAULT_EXPIRY_SKEW,
+                retry_in: MIN_VALID_FOR_REFETCH_INTERVAL,
+                interval: MIN_VALID_FOR_REFETCH_INTERVAL,
+            }
+        );
+        assert_eq!(error.code(), tonic::Code::Unavailable);
+        assert_eq!(source.fetches(), 1);
+        // What the cached token meets is served as before.
+        let met = cache.get(&demanding(HOUR / 2), ME).await.unwrap();
+        assert_eq!(met.outcome, Outcome::Hit);
+
+        tokio::time::advance(MIN_VALID_FOR_REFETCH_INTERVAL).await;
+        let callers: Vec<_> = (0..50)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&demanding(HOUR), ME).await })
+            })
+            .collect();
+        settle().await;
+        assert_eq!(source.fetches(), 2, "one refetch in flight, shared");
+        assert_eq!(
+            cache.get(&request("aud"), ME).await.unwrap().outcome,
+            Outcome::Hit
+        );
+        source.gate.as_ref().unwrap().add_permits(1);
+        for caller in callers {
+            let error = caller.await.unwrap().unwrap_err();
+            assert!(
+                matches!(error, BrokerError::MinValidForUnmet { .. }),
+                "{error:?}"
+            );
+        }
+        tokio::time::advance(MIN_VALID_FOR_REFETCH_INTERVAL / 2).await;
+        for _ in 0..50 {
+            let error = cache.get(&demanding(HOUR), ME).await.unwrap_err();
+            let BrokerError::MinValidForThrottled { retry_in, .. } = error else {
+                panic!("{error:?}");
+            };
+            assert_eq!(retry_in, MIN_VALID_FOR_REFETCH_INTERVAL / 2);
+        }
+        assert_eq!(source.fetches(), 2, "no fetch within the interval");
+
+        tokio::time::advance(MIN_VALID_FOR_REFETCH_INTERVAL / 2).await;
+        source.gate.as_ref().unwrap().add_permits(1);
+        let error = cache.get(&demanding(HOUR), ME).await.unwrap_err();
         assert!(
             matches!(error, BrokerError::MinValidForUnmet { .. }),
             "{error:?}"

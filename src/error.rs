@@ -81,6 +81,26 @@ pub enum BrokerError {
         /// How long the freshest token stays valid.
         remaining: Duration,
     },
+    /// The cached token does not meet `min_valid_for`, and the key was
+    /// fetched too recently to be fetched again for it.
+    #[error(
+        "the token of this key was fetched less than {} ago and stays valid for {}, less than the {} asked for by min_valid_for; a key is refetched for min_valid_for at most once per {}, so try again in {} or ask for less (Google tokens live about an hour)",
+        format_duration(*interval),
+        format_duration(Duration::from_secs(remaining.as_secs())),
+        format_duration(*wanted),
+        format_duration(*interval),
+        format_duration(Duration::from_secs(retry_in.as_secs().max(1)))
+    )]
+    MinValidForThrottled {
+        /// The requested `min_valid_for`.
+        wanted: Duration,
+        /// How long the current token stays valid (less the expiry skew).
+        remaining: Duration,
+        /// How long until the key may be refetched.
+        retry_in: Duration,
+        /// The least time between two fetches of a key for `min_valid_for`.
+        interval: Duration,
+    },
     /// A watched token expired and no replacement could be fetched.
     #[error("the token expired and no replacement could be fetched: {}", last_error.as_ref().map_or_else(|| "no fetch succeeded".to_string(), ToString::to_string))]
     Expired {
@@ -173,11 +193,14 @@ impl BrokerError {
     }
 
     /// Whether this is a refusal that keeps the cache's fair shares (a key
-    /// over the per-uid quota): a peer can repeat it as fast as it likes, so
-    /// it is logged only at debug level (the cache counts them, and warns
-    /// of a quota once a minute).
+    /// over the per-uid quota, a `min_valid_for` refetch too soon): a peer
+    /// can repeat it as fast as it likes, so it is logged only at debug
+    /// level (the cache counts them, and warns of a quota once a minute).
     pub fn is_fair_share_refusal(&self) -> bool {
-        matches!(self, Self::KeyQuotaExceeded { .. })
+        matches!(
+            self,
+            Self::KeyQuotaExceeded { .. } | Self::MinValidForThrottled { .. }
+        )
     }
 
     /// The gRPC status code this error is reported with.
@@ -199,6 +222,7 @@ impl BrokerError {
             Self::Unsupported { .. } => Code::InvalidArgument,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::MinValidForUnmet { .. }
+            | Self::MinValidForThrottled { .. }
             | Self::Expired { .. }
             | Self::EntryRetired
             | Self::ShuttingDown => Code::Unavailable,
@@ -233,6 +257,9 @@ impl BrokerError {
                 FetchError::Status { retry_after, .. } => (Http::SERVICE_UNAVAILABLE, *retry_after),
                 _ => (Http::SERVICE_UNAVAILABLE, None),
             },
+            Self::MinValidForThrottled { retry_in, .. } => {
+                (Http::SERVICE_UNAVAILABLE, Some(*retry_in))
+            }
             Self::MinValidForUnmet { .. }
             | Self::Expired { .. }
             | Self::DeadlineExceeded(_)

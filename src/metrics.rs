@@ -137,7 +137,7 @@ impl Metrics {
             cache_refusals: meter
                 .u64_counter("tokenbroker.cache_refusals")
                 .with_description(
-                    "Requests the cache refused to keep its fair shares, by token kind and reason (max_keys, max_keys_per_uid).",
+                    "Requests the cache refused to keep its fair shares, by token kind and reason (max_keys, max_keys_per_uid, min_valid_for_interval).",
                 )
                 .build(),
             cache_evictions: meter
@@ -222,8 +222,8 @@ impl Metrics {
             .add(1, &[kind_label(kind), KeyValue::new("result", result)]);
     }
 
-    /// A request the cache refused for `reason`: `max_keys` or
-    /// `max_keys_per_uid`.
+    /// A request the cache refused for `reason`: `max_keys`,
+    /// `max_keys_per_uid` or `min_valid_for_interval`.
     pub fn cache_refused(&self, kind: TokenKind, reason: &'static str) {
         self.0
             .cache_refusals

@@ -1,5 +1,5 @@
-//! Fair shares of the cache: one uid flooding it with keys takes nothing
-//! from the others.
+//! Fair shares of the cache: one uid flooding it with keys, or asking for
+//! an unreachable `min_valid_for`, takes nothing from the others.
 
 mod common;
 
@@ -7,6 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use common::{Broker, PATIENCE, Scrape, emulator_with_lifetime, id_request, with_deadline};
+use tokenbroker::proto::v1::GetIdTokenRequest;
 use tonic::Code;
 
 const NOBODY: u32 = 65534;
@@ -230,4 +231,56 @@ async fn flood_client() {
         }
     }
     println!("{FLOOD_REPORT} {served} {over_quota} {other}");
+}
+
+#[tokio::test]
+async fn an_unreachable_min_valid_for_fetches_at_most_once_per_10s() {
+    let emulator = emulator_with_lifetime(Duration::from_secs(3600)).await;
+    let broker = Broker::start(&emulator, &[]).await;
+    let client = broker.client().await;
+    let demanding = || GetIdTokenRequest {
+        min_valid_for: Some(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+        ..id_request("https://demanding.run.app")
+    };
+    let started = Instant::now();
+    let callers = (0..4).map(|_| {
+        let mut client = client.clone();
+        async move {
+            let mut codes = Vec::new();
+            let mut throttled = 0;
+            while started.elapsed() < Duration::from_secs(10) {
+                let status = client.get_id_token(demanding()).await.unwrap_err();
+                throttled += usize::from(status.message().contains("less than 10s ago"));
+                codes.push(status.code());
+            }
+            (codes, throttled)
+        }
+    });
+    let results = futures_util::future::join_all(callers).await;
+    let codes: Vec<Code> = results.iter().flat_map(|(c, _)| c.clone()).collect();
+    let throttled: usize = results.iter().map(|(_, t)| t).sum();
+    assert!(codes.len() > 100, "only {} calls", codes.len());
+    assert!(
+        codes.iter().all(|code| *code == Code::Unavailable),
+        "{codes:?}"
+    );
+    let fetches = emulator.stats().identity_requests;
+    assert!(fetches <= 2, "{fetches} fetches for {} calls", codes.len());
+    // Only the callers that joined one of the (at most 2) fetches were not
+    // told of the interval.
+    assert!(
+        throttled >= codes.len() - 2 * results.len(),
+        "{throttled} of {}",
+        codes.len()
+    );
+    // A call the cached token satisfies is served from it.
+    client
+        .clone()
+        .get_id_token(id_request("https://demanding.run.app"))
+        .await
+        .unwrap();
+    assert_eq!(emulator.stats().identity_requests, fetches);
 }
