@@ -87,7 +87,8 @@ impl BrokerService {
             let request = request.inspect_err(|error| {
                 self.report(rpc, Some(kind), None, Err(error));
             })?;
-            let audience = audience(&request.key);
+            // Audiences of denied requests never become labels: a denied
+            // peer could fill the series cap with them.
             authorize(
                 &self.policy,
                 &self.metrics,
@@ -96,7 +97,8 @@ impl BrokerService {
                 &caller,
                 &request.key,
             )
-            .inspect_err(|error| self.report(rpc, Some(kind), audience, Err(error)))?;
+            .inspect_err(|error| self.report(rpc, Some(kind), None, Err(error)))?;
+            let audience = audience(&request.key);
             let owner = owner_of(&caller);
             let result = within(deadline, self.cache.get(&request, owner)).await;
             self.report(rpc, Some(kind), audience, result.as_ref());
@@ -180,16 +182,19 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
                     self.report(rpc, kind, None, Err(error));
                 })?;
             let kind = invalidation.key.kind();
-            let audience = audience(&invalidation.key);
-            let result = authorize(
+            let allowed = authorize(
                 &self.policy,
                 &self.metrics,
                 rpc,
                 kind,
                 &caller,
                 &invalidation.key,
-            )
-            .and_then(|()| {
+            );
+            let audience = allowed
+                .is_ok()
+                .then(|| audience(&invalidation.key))
+                .flatten();
+            let result = allowed.and_then(|()| {
                 self.cache
                     .invalidate(&invalidation.key, &invalidation.token)
             });
@@ -229,8 +234,7 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
                 self.report(Rpc::WatchToken, kind, None, Err(error));
             })?;
             let kind = request.key.kind();
-            let audience = audience(&request.key);
-            let permit = authorize(
+            authorize(
                 &self.policy,
                 &self.metrics,
                 Rpc::WatchToken,
@@ -238,8 +242,14 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
                 &caller,
                 &request.key,
             )
-            .and_then(|()| self.watch_limits.acquire(peer.map(|p| p.uid)))
-            .inspect_err(|error| self.report(Rpc::WatchToken, Some(kind), audience, Err(error)))?;
+            .inspect_err(|error| self.report(Rpc::WatchToken, Some(kind), None, Err(error)))?;
+            let audience = audience(&request.key);
+            let permit = self
+                .watch_limits
+                .acquire(peer.map(|p| p.uid))
+                .inspect_err(|error| {
+                    self.report(Rpc::WatchToken, Some(kind), audience, Err(error))
+                })?;
             let owner = owner_of(&caller);
             let result = within(deadline, self.cache.watch(&request, owner)).await;
             self.report(
