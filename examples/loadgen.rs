@@ -221,6 +221,8 @@ impl Server {
                 "256",
                 "--max-keys",
                 "1000000",
+                "--max-keys-per-uid",
+                "1000000",
                 "--max-watchers",
                 "1000000",
                 "--max-watchers-per-uid",

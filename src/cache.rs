@@ -7,7 +7,12 @@
 //! any number of concurrent readers cause one fetch. The task also refreshes
 //! the token before it expires, keeps the old token when a refresh fails,
 //! and removes the entry once nobody has used or watched it for the idle
-//! timeout.
+//! timeout (a minute, for a key that never got a token).
+//!
+//! No caller can take the cache from the others: each key is charged to
+//! the uid that created it, up to `--max-keys-per-uid` ([`crate::key_quota`]),
+//! and a `min_valid_for` the cached token does not meet refetches a key at
+//! most once per [`MIN_VALID_FOR_REFETCH_INTERVAL`].
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -21,6 +26,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::BrokerError;
+use crate::key_quota::{KeyQuota, Owner, Refused};
 use crate::metrics::Metrics;
 use crate::request::{TokenKey, TokenRequest};
 use crate::schedule::{self, Backoff, refresh_delay};
@@ -33,6 +39,18 @@ use crate::upstream::{FetchError, TokenSource};
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Default bound on cached keys (10 000).
 pub const DEFAULT_MAX_KEYS: usize = 10_000;
+/// Default bound on the keys one uid may create (1 000); callers without a
+/// uid share one such quota, the broker's own sinks have none.
+pub const DEFAULT_MAX_KEYS_PER_UID: usize = 1_000;
+/// How long a key that never got a token (its fetches failed) stays
+/// unused before it is dropped (1 minute), instead of the idle timeout:
+/// failed keys must not hold their creator's quota for half an hour.
+pub const FAILED_KEY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Least time between the last fetch of a key and a fetch for a
+/// `min_valid_for` its token does not meet (10 s). With single flight,
+/// such refetches are also one at a time per key; other calls in this time
+/// get `UNAVAILABLE` at once.
+pub const MIN_VALID_FOR_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 /// Default expiry skew (10 s): a token this close to expiry is treated as
 /// expired, so it is still valid when the receiving service checks it.
 pub const DEFAULT_EXPIRY_SKEW: Duration = Duration::from_secs(10);
@@ -73,6 +91,8 @@ pub struct CacheConfig {
     pub idle_timeout: Duration,
     /// Most keys held at once ([`DEFAULT_MAX_KEYS`]).
     pub max_keys: usize,
+    /// Most keys charged to one uid at once ([`DEFAULT_MAX_KEYS_PER_UID`]).
+    pub max_keys_per_uid: usize,
     /// First wait after a failed refresh ([`schedule::DEFAULT_RETRY_INITIAL`]).
     pub retry_initial: Duration,
     /// Longest wait between failed refreshes ([`schedule::DEFAULT_RETRY_MAX`]).
@@ -88,6 +108,7 @@ impl Default for CacheConfig {
             expiry_skew: DEFAULT_EXPIRY_SKEW,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_keys: DEFAULT_MAX_KEYS,
+            max_keys_per_uid: DEFAULT_MAX_KEYS_PER_UID,
             retry_initial: schedule::DEFAULT_RETRY_INITIAL,
             retry_max: schedule::DEFAULT_RETRY_MAX,
             invalidate_interval: DEFAULT_INVALIDATE_INTERVAL,
@@ -140,6 +161,8 @@ struct Inner {
     live_keys: AtomicUsize,
     /// Live keys per token kind, indexed by [`kind_index`].
     live_by_kind: [AtomicUsize; 2],
+    /// Live keys per creator.
+    quota: KeyQuota,
     epoch: Instant,
     /// Stops every refresh task when the last handle to the cache is gone.
     stop: CancellationToken,
@@ -158,6 +181,8 @@ struct Snapshot {
     fetching: bool,
     /// The entry was dropped from the cache; look the key up again.
     closed: bool,
+    /// When the latest fetch completed, successful or not.
+    fetched_at: Option<Instant>,
     /// When the newest token published stops being usable (its expiry less
     /// the skew). Kept when an invalidation drops that token: watchers
     /// still hold it, and the refresh task tells them at this moment.
@@ -166,6 +191,8 @@ struct Snapshot {
 
 struct KeyEntry {
     key: TokenKey,
+    /// Whom the key is charged to: the creator, for the key's whole life.
+    owner: Owner,
     state: watch::Sender<Snapshot>,
     /// The generation readers wait for; the task fetches while it is ahead
     /// of the published one.
@@ -184,6 +211,7 @@ impl TokenCache {
     /// A cache fetching through `source`, counting background refreshes
     /// in `metrics`.
     pub fn new(source: Arc<dyn TokenSource>, config: CacheConfig, metrics: Metrics) -> Self {
+        let quota = KeyQuota::new(config.max_keys_per_uid);
         Self {
             inner: Arc::new(Inner {
                 entries: moka::sync::Cache::builder().build(),
@@ -192,6 +220,7 @@ impl TokenCache {
                 metrics,
                 live_keys: AtomicUsize::new(0),
                 live_by_kind: Default::default(),
+                quota,
                 epoch: Instant::now(),
                 stop: CancellationToken::new(),
             }),
@@ -200,12 +229,13 @@ impl TokenCache {
 
     /// Returns a token for the request's key that stays valid at least
     /// `min_valid_for` (plus the expiry skew), fetching one if needed. A key
-    /// the source never serves is refused before anything is cached.
+    /// the source never serves is refused before anything is cached; a new
+    /// key is charged to `owner`, and refused if that exceeds its quota.
     /// Callers bound the wait with their own deadline.
-    pub async fn get(&self, request: &TokenRequest) -> Result<Served, BrokerError> {
+    pub async fn get(&self, request: &TokenRequest, owner: Owner) -> Result<Served, BrokerError> {
         self.inner.source.admits(&request.key)?;
         for _ in 0..MAX_LOOKUPS {
-            let entry = self.inner.entry(&request.key)?;
+            let entry = self.inner.entry(&request.key, owner)?;
             if let Some(served) = self.inner.serve(&entry, request).await? {
                 return Ok(served);
             }
@@ -215,10 +245,14 @@ impl TokenCache {
 
     /// Like [`get`](Self::get), then keeps following the key: the returned
     /// [`TokenWatch`] yields every later token of the key.
-    pub async fn watch(&self, request: &TokenRequest) -> Result<(Served, TokenWatch), BrokerError> {
+    pub async fn watch(
+        &self,
+        request: &TokenRequest,
+        owner: Owner,
+    ) -> Result<(Served, TokenWatch), BrokerError> {
         self.inner.source.admits(&request.key)?;
         for _ in 0..MAX_LOOKUPS {
-            let entry = self.inner.entry(&request.key)?;
+            let entry = self.inner.entry(&request.key, owner)?;
             let watcher = WatcherGuard::new(entry, self.inner.clone());
             let states = watcher.entry.state.subscribe();
             let Some(served) = self.inner.serve(&watcher.entry, request).await? else {
@@ -233,6 +267,7 @@ impl TokenCache {
                 watcher,
                 states,
                 current: served.token.clone(),
+                owner,
             };
             return Ok((served, watch));
         }
@@ -295,6 +330,11 @@ impl TokenCache {
         self.len() == 0
     }
 
+    /// How many keys are charged to `owner`.
+    pub fn held_by(&self, owner: Owner) -> usize {
+        self.inner.quota.held_by(owner)
+    }
+
     /// How many keys of one kind the cache holds.
     pub fn len_of(&self, kind: TokenKind) -> usize {
         self.inner.live_by_kind[kind_index(kind)].load(Ordering::Relaxed)
@@ -318,8 +358,9 @@ impl Inner {
         u64::try_from((now - self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The key's entry, created (with its refresh task) if missing.
-    fn entry(self: &Arc<Self>, key: &TokenKey) -> Result<Arc<KeyEntry>, BrokerError> {
+    /// The key's entry, created (with its refresh task) if missing and
+    /// charged to `owner`, within `owner`'s quota and the bound on keys.
+    fn entry(self: &Arc<Self>, key: &TokenKey, owner: Owner) -> Result<Arc<KeyEntry>, BrokerError> {
         if let Some(entry) = self.recent(key) {
             return Ok(entry);
         }
@@ -328,10 +369,15 @@ impl Inner {
             return Ok(entry);
         }
         let mut created = None;
+        let mut over_quota = None;
         let inserted = self
             .entries
             .entry_by_ref(key)
             .or_optionally_insert_with(|| {
+                if let Err(refused) = self.quota.charge(owner) {
+                    over_quota = Some(refused);
+                    return None;
+                }
                 let reserved = self
                     .live_keys
                     .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -339,16 +385,17 @@ impl Inner {
                     })
                     .is_ok();
                 if !reserved {
+                    self.quota.release(owner);
                     return None;
                 }
-                let entry = KeyEntry::new(key.clone(), self.now_ms(Instant::now()));
+                let entry = KeyEntry::new(key.clone(), owner, self.now_ms(Instant::now()));
                 created = Some(entry.clone());
                 Some(entry)
             });
         let Some(inserted) = inserted else {
-            return Err(BrokerError::LimitExceeded {
-                what: "too many cached keys",
-                limit: self.config.max_keys,
+            return Err(match over_quota {
+                Some(refused) => self.over_quota(key.kind(), owner, refused),
+                None => self.over_max_keys(key.kind()),
             });
         };
         let entry = inserted.into_value();
@@ -361,6 +408,33 @@ impl Inner {
             ));
         }
         Ok(entry)
+    }
+
+    /// Counts and explains a key not created: the cache holds `max_keys`.
+    fn over_max_keys(&self, kind: TokenKind) -> BrokerError {
+        self.metrics.cache_refused(kind, "max_keys");
+        BrokerError::LimitExceeded {
+            what: "too many cached keys",
+            limit: self.config.max_keys,
+        }
+    }
+
+    /// Counts and explains a key not created: `owner` holds its quota. The
+    /// warning is logged at most once a minute per owner, with a count.
+    fn over_quota(&self, kind: TokenKind, owner: Owner, refused: Refused) -> BrokerError {
+        self.metrics.cache_refused(kind, "max_keys_per_uid");
+        if let Some(refusals) = refused.warn {
+            tracing::warn!(
+                owner = %owner,
+                refusals,
+                limit = self.quota.limit(),
+                "new keys refused: this creator holds its quota of keys (--max-keys-per-uid); logged at most once a minute per creator"
+            );
+        }
+        BrokerError::KeyQuotaExceeded {
+            owner,
+            limit: self.quota.limit(),
+        }
     }
 
     /// The key's entry if this thread looked it up recently and it is still
@@ -417,6 +491,7 @@ impl Inner {
             if snapshot.closed {
                 return Ok(None);
             }
+            self.refetch_allowed(entry, &snapshot, request, now)?;
             (snapshot.generation, snapshot.fetching)
         };
         let caused = entry.want(seen + 1);
@@ -452,6 +527,39 @@ impl Inner {
         })
     }
 
+    /// Refuses a fetch for a `min_valid_for` that the cached token does not
+    /// meet (though it would serve a plain request) when the key was
+    /// fetched less than [`MIN_VALID_FOR_REFETCH_INTERVAL`] ago. A fetch
+    /// already under way or asked for is always joined: it costs nothing.
+    fn refetch_allowed(
+        &self,
+        entry: &KeyEntry,
+        snapshot: &Snapshot,
+        request: &TokenRequest,
+        now: Instant,
+    ) -> Result<(), BrokerError> {
+        let skew = self.config.expiry_skew;
+        let pending =
+            snapshot.fetching || entry.wanted.load(Ordering::Acquire) > snapshot.generation;
+        let (Some(token), Some(fetched_at)) = (usable(snapshot, now, skew), snapshot.fetched_at)
+        else {
+            return Ok(());
+        };
+        let interval = MIN_VALID_FOR_REFETCH_INTERVAL;
+        let retry_in = (fetched_at + interval).saturating_duration_since(now);
+        if pending || retry_in.is_zero() {
+            return Ok(());
+        }
+        self.metrics
+            .cache_refused(entry.key.kind(), "min_valid_for_interval");
+        Err(BrokerError::MinValidForThrottled {
+            wanted: request.min_valid_for,
+            remaining: token.remaining(now).saturating_sub(skew),
+            retry_in,
+            interval,
+        })
+    }
+
     /// Publishes the result of a fetch and returns when to refresh next
     /// (`None`: only when asked).
     fn record(
@@ -481,6 +589,7 @@ impl Inner {
                     s.error = None;
                     s.generation += 1;
                     s.fetching = false;
+                    s.fetched_at = Some(now);
                 });
                 tracing::debug!(key = ?entry.key, valid_for = ?usable_for, "token fetched");
                 Some(now + refresh_delay(usable_for, self.config.refresh_margin, fastrand::f64()))
@@ -491,6 +600,7 @@ impl Inner {
                     s.error = Some(error.clone());
                     s.generation += 1;
                     s.fetching = false;
+                    s.fetched_at = Some(now);
                     still_usable = s
                         .token
                         .as_ref()
@@ -533,19 +643,23 @@ impl Inner {
         }
     }
 
-    /// Drops `entry` if nobody used, watched or asked for it within the idle
-    /// timeout. Returns whether it was dropped.
-    fn evict_if_idle(&self, entry: &Arc<KeyEntry>) -> bool {
+    /// Drops `entry` if nobody used, watched or asked for it within its
+    /// idle timeout (shorter if it never `produced` a token). Returns
+    /// whether it was dropped.
+    fn evict_if_idle(&self, entry: &Arc<KeyEntry>, produced: bool) -> bool {
+        let timeout = self.idle_timeout(produced);
         let idle = self
             .now_ms(Instant::now())
             .saturating_sub(entry.last_used_ms())
-            >= self.idle_timeout_ms();
+            >= u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let pending = entry.wanted.load(Ordering::Acquire) > entry.state.borrow().generation;
         if !idle || pending || entry.watchers.load(Ordering::Acquire) > 0 {
             return false;
         }
         self.remove(entry);
-        tracing::debug!(key = ?entry.key, "idle key dropped");
+        let reason = if produced { "idle" } else { "failed" };
+        self.metrics.cache_evicted(entry.key.kind(), reason);
+        tracing::debug!(key = ?entry.key, reason, "unused key dropped");
         true
     }
 
@@ -559,12 +673,18 @@ impl Inner {
             });
     }
 
-    fn idle_timeout_ms(&self) -> u64 {
-        u64::try_from(self.config.idle_timeout.as_millis()).unwrap_or(u64::MAX)
+    /// How long a key stays unused: the idle timeout, or at most
+    /// [`FAILED_KEY_TIMEOUT`] if it never produced a token.
+    fn idle_timeout(&self, produced: bool) -> Duration {
+        if produced {
+            self.config.idle_timeout
+        } else {
+            self.config.idle_timeout.min(FAILED_KEY_TIMEOUT)
+        }
     }
 
-    fn idle_deadline(&self, entry: &KeyEntry) -> Instant {
-        self.epoch + Duration::from_millis(entry.last_used_ms()) + self.config.idle_timeout
+    fn idle_deadline(&self, entry: &KeyEntry, produced: bool) -> Instant {
+        self.epoch + Duration::from_millis(entry.last_used_ms()) + self.idle_timeout(produced)
     }
 }
 
@@ -610,6 +730,9 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
     let mut refresh_at: Option<Instant> = None;
     // The last moment of unusability the watchers were told of.
     let mut told: Option<Instant> = None;
+    // Whether a fetch ever succeeded: a key that never got a token is
+    // dropped sooner, releasing its creator's quota.
+    let mut produced = false;
     loop {
         let generation = entry.state.borrow().generation;
         let asked = entry.wanted.load(Ordering::Acquire) > generation;
@@ -617,8 +740,8 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
             let Some(inner) = cache.upgrade() else { break };
             // A watched key is never idle; the last watcher to leave wakes
             // this task so the idle clock starts again.
-            let idle_at =
-                (entry.watchers.load(Ordering::Acquire) == 0).then(|| inner.idle_deadline(&entry));
+            let idle_at = (entry.watchers.load(Ordering::Acquire) == 0)
+                .then(|| inner.idle_deadline(&entry, produced));
             drop(inner);
             // One timer for whichever comes first (a task per key: small
             // futures keep the cache small). Watchers have no timer of
@@ -634,7 +757,7 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
             entry.tell_watchers_if_expired(&mut told, now);
             if idle_at.is_some_and(|idle| now >= idle) {
                 match cache.upgrade() {
-                    Some(inner) if inner.evict_if_idle(&entry) => break,
+                    Some(inner) if inner.evict_if_idle(&entry, produced) => break,
                     Some(_) => {}
                     None => break,
                 }
@@ -649,6 +772,7 @@ async fn refresh_task(cache: Weak<Inner>, entry: Arc<KeyEntry>, stop: Cancellati
             false
         });
         let result = inner.fetch_for(&entry, &mut told).await;
+        produced |= result.is_ok();
         if !asked {
             inner.metrics.refreshed(entry.key.kind(), result.is_ok());
         }
@@ -677,6 +801,7 @@ impl Drop for Retire {
             s.fetching = false;
         });
         if let Some(inner) = inner {
+            inner.quota.release(self.entry.owner);
             inner.live_keys.fetch_sub(1, Ordering::AcqRel);
             inner.live_by_kind[kind_index(self.entry.key.kind())].fetch_sub(1, Ordering::AcqRel);
         }
@@ -686,9 +811,10 @@ impl Drop for Retire {
 // === impl KeyEntry ===
 
 impl KeyEntry {
-    fn new(key: TokenKey, now_ms: u64) -> Arc<Self> {
+    fn new(key: TokenKey, owner: Owner, now_ms: u64) -> Arc<Self> {
         Arc::new(Self {
             key,
+            owner,
             state: watch::Sender::new(Snapshot::default()),
             wanted: AtomicU64::new(0),
             wake: Notify::new(),
@@ -780,6 +906,8 @@ pub struct TokenWatch {
     watcher: WatcherGuard,
     states: watch::Receiver<Snapshot>,
     current: Arc<Token>,
+    /// Who watches: a new entry of the key is charged to them.
+    owner: Owner,
 }
 
 impl TokenWatch {
@@ -834,7 +962,7 @@ impl TokenWatch {
     /// and asks it for a token.
     fn reattach(&mut self) -> Result<(), BrokerError> {
         let cache = self.watcher.cache.clone();
-        let entry = cache.entry(&self.watcher.entry.key)?;
+        let entry = cache.entry(&self.watcher.entry.key, self.owner)?;
         self.watcher = WatcherGuard::new(entry, cache);
         self.states = self.watcher.entry.state.subscribe();
         let generation = self.states.borrow().generation;
@@ -923,6 +1051,8 @@ mod tests {
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
+    /// The uid most tests ask as.
+    const ME: Owner = Owner::Uid(1000);
 
     fn unavailable() -> FetchError {
         FetchError::Status {
@@ -971,7 +1101,7 @@ mod tests {
         let waiters: Vec<_> = (0..200)
             .map(|_| {
                 let cache = cache.clone();
-                tokio::spawn(async move { cache.get(&request("aud")).await })
+                tokio::spawn(async move { cache.get(&request("aud"), ME).await })
             })
             .collect();
         settle().await;
@@ -992,7 +1122,7 @@ mod tests {
                 .count(),
             199
         );
-        let hit = cache.get(&request("aud")).await.unwrap();
+        let hit = cache.get(&request("aud"), ME).await.unwrap();
         assert_eq!(hit.outcome, Outcome::Hit);
         assert_eq!(source.fetches(), 1);
     }
@@ -1001,10 +1131,13 @@ mod tests {
     async fn each_key_has_its_own_token() {
         let source = FakeSource::new(HOUR);
         let cache = cache(source.clone());
-        let a = cache.get(&request("a")).await.unwrap();
-        let b = cache.get(&request("b")).await.unwrap();
+        let a = cache.get(&request("a"), ME).await.unwrap();
+        let b = cache.get(&request("b"), ME).await.unwrap();
         assert_ne!(secret(&a), secret(&b));
-        assert_eq!(secret(&cache.get(&request("a")).await.unwrap()), secret(&a));
+        assert_eq!(
+            secret(&cache.get(&request("a"), ME).await.unwrap()),
+            secret(&a)
+        );
         assert_eq!(cache.len(), 2);
     }
 
@@ -1012,7 +1145,7 @@ mod tests {
     async fn refreshes_before_expiry_without_being_asked() {
         let source = FakeSource::new(HOUR);
         let cache = cache(source.clone());
-        let first = cache.get(&request("aud")).await.unwrap();
+        let first = cache.get(&request("aud"), ME).await.unwrap();
         // Usable until an hour minus the skew; refreshed 300 to 240 s before.
         let usable = HOUR - DEFAULT_EXPIRY_SKEW;
         tokio::time::advance(usable - Duration::from_secs(301)).await;
@@ -1021,7 +1154,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(62)).await;
         settle().await;
         assert_eq!(source.fetches(), 2, "not refreshed within the margin");
-        let second = cache.get(&request("aud")).await.unwrap();
+        let second = cache.get(&request("aud"), ME).await.unwrap();
         assert_eq!(second.outcome, Outcome::Hit);
         assert_ne!(secret(&second), secret(&first));
     }
@@ -1030,13 +1163,13 @@ mod tests {
     async fn failed_refresh_keeps_serving_the_valid_token() {
         let source = FakeSource::new(HOUR);
         let cache = cache(source.clone());
-        let first = cache.get(&request("aud")).await.unwrap();
+        let first = cache.get(&request("aud"), ME).await.unwrap();
         source.fail_with(Some(unavailable()));
         tokio::time::advance(HOUR - Duration::from_secs(200)).await;
         settle().await;
         let failed_refreshes = source.fetches() - 1;
         assert!(failed_refreshes >= 1);
-        let served = cache.get(&request("aud")).await.unwrap();
+        let served = cache.get(&request("aud"), ME).await.unwrap();
         assert_eq!(served.outcome, Outcome::Hit);
         assert_eq!(secret(&served), secret(&first));
         tokio::time::advance(Duration::from_secs(150)).await;
@@ -1047,10 +1180,10 @@ mod tests {
         );
         // Past expiry (minus skew) the old token is never returned.
         tokio::time::advance(Duration::from_secs(50)).await;
-        let error = cache.get(&request("aud")).await.unwrap_err();
+        let error = cache.get(&request("aud"), ME).await.unwrap_err();
         assert!(matches!(error, BrokerError::Upstream { .. }), "{error:?}");
         source.fail_with(None);
-        let recovered = cache.get(&request("aud")).await.unwrap();
+        let recovered = cache.get(&request("aud"), ME).await.unwrap();
         assert_eq!(recovered.outcome, Outcome::Miss);
         assert_ne!(secret(&recovered), secret(&first));
     }
@@ -1063,7 +1196,7 @@ mod tests {
         let waiters: Vec<_> = (0..10)
             .map(|_| {
                 let cache = cache.clone();
-                tokio::spawn(async move { cache.get(&request("aud")).await })
+                tokio::spawn(async move { cache.get(&request("aud"), ME).await })
             })
             .collect();
         settle().await;
@@ -1073,7 +1206,7 @@ mod tests {
         }
         assert_eq!(source.fetches(), 1);
         source.fail_with(None);
-        assert!(cache.get(&request("aud")).await.is_ok());
+        assert!(cache.get(&request("aud"), ME).await.is_ok());
         assert_eq!(source.fetches(), 2);
     }
 
@@ -1081,15 +1214,16 @@ mod tests {
     async fn min_valid_for_forces_one_fresh_fetch() {
         let source = FakeSource::new(Duration::from_secs(600));
         let cache = cache(source.clone());
-        cache.get(&request("aud")).await.unwrap();
+        cache.get(&request("aud"), ME).await.unwrap();
         tokio::time::advance(Duration::from_secs(120)).await;
         let mut demanding = request("aud");
         demanding.min_valid_for = Duration::from_secs(500);
-        let fresh = cache.get(&demanding).await.unwrap();
+        let fresh = cache.get(&demanding, ME).await.unwrap();
         assert_eq!(fresh.outcome, Outcome::Miss);
         assert_eq!(source.fetches(), 2);
         demanding.min_valid_for = Duration::from_secs(700);
-        let error = cache.get(&demanding).await.unwrap_err();
+        tokio::time::advance(MIN_VALID_FOR_REFETCH_INTERVAL).await;
+        let error = cache.get(&demanding, ME).await.unwrap_err();
         assert!(
             matches!(error, BrokerError::MinValidForUnmet { .. }),
             "{error:?}"
@@ -1097,11 +1231,181 @@ mod tests {
         assert_eq!(source.fetches(), 3);
     }
 
+    fn demanding(min_valid_for: Duration) -> TokenRequest {
+        TokenRequest {
+            min_valid_for,
+            ..request("aud")
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn min_valid_for_refetches_are_one_at_a_time_and_one_per_interval() {
+        let source = FakeSource::gated(HOUR);
+        source.gate.as_ref().unwrap().add_permits(1);
+        let cache = cache(source.clone());
+        cache.get(&request("aud"), ME).await.unwrap();
+        // Fetched just now: no refetch for a min_valid_for it cannot meet.
+        let error = cache.get(&demanding(HOUR), ME).await.unwrap_err();
+        assert_eq!(
+            error,
+            BrokerError::MinValidForThrottled {
+                wanted: HOUR,
+                remaining: HOUR - DEFAULT_EXPIRY_SKEW,
+                retry_in: MIN_VALID_FOR_REFETCH_INTERVAL,
+                interval: MIN_VALID_FOR_REFETCH_INTERVAL,
+            }
+        );
+        assert_eq!(error.code(), tonic::Code::Unavailable);
+        assert_eq!(source.fetches(), 1);
+        // What the cached token meets is served as before.
+        let met = cache.get(&demanding(HOUR / 2), ME).await.unwrap();
+        assert_eq!(met.outcome, Outcome::Hit);
+
+        tokio::time::advance(MIN_VALID_FOR_REFETCH_INTERVAL).await;
+        let callers: Vec<_> = (0..50)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.get(&demanding(HOUR), ME).await })
+            })
+            .collect();
+        settle().await;
+        assert_eq!(source.fetches(), 2, "one refetch in flight, shared");
+        assert_eq!(
+            cache.get(&request("aud"), ME).await.unwrap().outcome,
+            Outcome::Hit
+        );
+        source.gate.as_ref().unwrap().add_permits(1);
+        for caller in callers {
+            let error = caller.await.unwrap().unwrap_err();
+            assert!(
+                matches!(error, BrokerError::MinValidForUnmet { .. }),
+                "{error:?}"
+            );
+        }
+        tokio::time::advance(MIN_VALID_FOR_REFETCH_INTERVAL / 2).await;
+        for _ in 0..50 {
+            let error = cache.get(&demanding(HOUR), ME).await.unwrap_err();
+            let BrokerError::MinValidForThrottled { retry_in, .. } = error else {
+                panic!("{error:?}");
+            };
+            assert_eq!(retry_in, MIN_VALID_FOR_REFETCH_INTERVAL / 2);
+        }
+        assert_eq!(source.fetches(), 2, "no fetch within the interval");
+
+        tokio::time::advance(MIN_VALID_FOR_REFETCH_INTERVAL / 2).await;
+        source.gate.as_ref().unwrap().add_permits(1);
+        let error = cache.get(&demanding(HOUR), ME).await.unwrap_err();
+        assert!(
+            matches!(error, BrokerError::MinValidForUnmet { .. }),
+            "{error:?}"
+        );
+        assert_eq!(source.fetches(), 3);
+    }
+
+    fn with_quota(source: Arc<FakeSource>, max_keys_per_uid: usize) -> TokenCache {
+        let config = CacheConfig {
+            max_keys_per_uid,
+            ..CacheConfig::default()
+        };
+        TokenCache::new(source, config, Metrics::disabled())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_uid_at_its_quota_leaves_new_keys_to_the_others() {
+        let source = FakeSource::new(HOUR);
+        let cache = with_quota(source.clone(), 2);
+        let other = Owner::Uid(2);
+        cache.get(&request("a"), ME).await.unwrap();
+        cache.get(&request("b"), ME).await.unwrap();
+        let error = cache.get(&request("c"), ME).await.unwrap_err();
+        assert_eq!(
+            error,
+            BrokerError::KeyQuotaExceeded {
+                owner: ME,
+                limit: 2
+            }
+        );
+        assert_eq!(error.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            error.to_string().contains("--max-keys-per-uid 2"),
+            "{error}"
+        );
+        assert_eq!((source.fetches(), cache.len()), (2, 2), "nothing changed");
+        // Other uids, callers without a uid and the broker still get new keys.
+        cache.get(&request("c"), other).await.unwrap();
+        cache.get(&request("d"), Owner::Unidentified).await.unwrap();
+        for audience in ["e", "f", "g"] {
+            cache.get(&request(audience), Owner::Broker).await.unwrap();
+        }
+        assert_eq!(cache.len(), 7);
+        // Keys others created are served to a uid at its quota, and stay
+        // charged to their creator.
+        assert!(cache.get(&request("c"), ME).await.is_ok());
+        assert!(cache.get(&request("a"), other).await.is_ok());
+        let held = |owner| cache.held_by(owner);
+        assert_eq!(
+            (held(ME), held(other), held(Owner::Unidentified)),
+            (2, 1, 1)
+        );
+        assert_eq!(held(Owner::Broker), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_key_releases_its_charge() {
+        let source = FakeSource::new(HOUR);
+        let cache = with_quota(source.clone(), 1);
+        cache.get(&request("a"), ME).await.unwrap();
+        assert!(cache.get(&request("b"), ME).await.is_err());
+        tokio::time::advance(DEFAULT_IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!((cache.len(), cache.held_by(ME)), (0, 0));
+        cache.get(&request("b"), ME).await.unwrap();
+        assert_eq!(cache.held_by(ME), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_that_never_got_a_token_is_dropped_after_a_minute() {
+        let source = FakeSource::gated(HOUR);
+        source.fail_with(Some(unavailable()));
+        let cache = cache(source.clone());
+        let waiter = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.get(&request("failing"), ME).await }
+        });
+        settle().await;
+        assert_eq!(source.fetches(), 1);
+        // A request waiting keeps the key, however long the fetch takes.
+        tokio::time::advance(2 * FAILED_KEY_TIMEOUT).await;
+        settle().await;
+        assert_eq!((cache.len(), cache.held_by(ME)), (1, 1));
+        source.gate.as_ref().unwrap().add_permits(2);
+        assert!(waiter.await.unwrap().is_err());
+        // Its minute since the request is up: it goes as soon as it failed.
+        settle().await;
+        assert_eq!((cache.len(), cache.held_by(ME)), (0, 0));
+        // Asked for again, it fails again and stays a minute.
+        assert!(cache.get(&request("failing"), ME).await.is_err());
+        tokio::time::advance(FAILED_KEY_TIMEOUT - Duration::from_millis(10)).await;
+        settle().await;
+        assert_eq!(cache.len(), 1);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        settle().await;
+        assert_eq!((cache.len(), cache.held_by(ME)), (0, 0));
+        assert_eq!(source.fetches(), 2);
+        // A key that got a token once stays for the idle timeout.
+        source.fail_with(None);
+        source.gate.as_ref().unwrap().add_permits(1);
+        cache.get(&request("fine"), ME).await.unwrap();
+        tokio::time::advance(2 * FAILED_KEY_TIMEOUT).await;
+        settle().await;
+        assert_eq!(cache.len(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn never_hands_out_a_token_inside_the_skew() {
         let source = FakeSource::new(Duration::from_secs(5));
         let cache = cache(source.clone());
-        let error = cache.get(&request("aud")).await.unwrap_err();
+        let error = cache.get(&request("aud"), ME).await.unwrap_err();
         assert!(
             matches!(error, BrokerError::MinValidForUnmet { .. }),
             "{error:?}"
@@ -1112,7 +1416,7 @@ mod tests {
     async fn idle_keys_are_dropped_and_stop_refreshing() {
         let source = FakeSource::new(HOUR);
         let cache = TokenCache::new(source.clone(), CacheConfig::default(), Metrics::disabled());
-        cache.get(&request("aud")).await.unwrap();
+        cache.get(&request("aud"), ME).await.unwrap();
         tokio::time::advance(DEFAULT_IDLE_TIMEOUT + Duration::from_secs(1)).await;
         settle().await;
         assert_eq!(cache.len(), 0);
@@ -1120,7 +1424,7 @@ mod tests {
         settle().await;
         assert_eq!(source.fetches(), 1);
         assert_eq!(
-            cache.get(&request("aud")).await.unwrap().outcome,
+            cache.get(&request("aud"), ME).await.unwrap().outcome,
             Outcome::Miss
         );
     }
@@ -1129,8 +1433,8 @@ mod tests {
     async fn watched_keys_stay_and_stream_every_refresh() {
         let source = FakeSource::new(HOUR);
         let cache = TokenCache::new(source.clone(), CacheConfig::default(), Metrics::disabled());
-        let (first, mut watch) = cache.watch(&request("aud")).await.unwrap();
-        let (_, mut second_watch) = cache.watch(&request("aud")).await.unwrap();
+        let (first, mut watch) = cache.watch(&request("aud"), ME).await.unwrap();
+        let (_, mut second_watch) = cache.watch(&request("aud"), ME).await.unwrap();
         let mut previous = first.token;
         for round in 2..=4 {
             let next = watch.next(&CancellationToken::new()).await.unwrap();
@@ -1161,7 +1465,7 @@ mod tests {
     async fn watch_ends_when_the_token_expires_without_replacement() {
         let source = FakeSource::new(HOUR);
         let cache = cache(source.clone());
-        let (first, mut watch) = cache.watch(&request("aud")).await.unwrap();
+        let (first, mut watch) = cache.watch(&request("aud"), ME).await.unwrap();
         source.fail_with(Some(unavailable()));
         let error = watch.next(&CancellationToken::new()).await.unwrap_err();
         assert!(
@@ -1186,7 +1490,7 @@ mod tests {
         let source = FakeSource::gated(HOUR);
         source.gate.as_ref().unwrap().add_permits(1);
         let cache = cache(source.clone());
-        let (first, mut watch) = cache.watch(&request("aud")).await.unwrap();
+        let (first, mut watch) = cache.watch(&request("aud"), ME).await.unwrap();
         // The refresh starts before expiry and never completes.
         let next = tokio::time::timeout(2 * HOUR, watch.next(&CancellationToken::new())).await;
         let error = next.expect("the watcher is told at expiry").unwrap_err();
@@ -1204,11 +1508,11 @@ mod tests {
             ..CacheConfig::default()
         };
         let cache = TokenCache::new(source, config, Metrics::disabled());
-        cache.get(&request("a")).await.unwrap();
-        cache.get(&request("b")).await.unwrap();
-        let error = cache.get(&request("c")).await.unwrap_err();
+        cache.get(&request("a"), ME).await.unwrap();
+        cache.get(&request("b"), ME).await.unwrap();
+        let error = cache.get(&request("c"), ME).await.unwrap_err();
         assert!(matches!(error, BrokerError::LimitExceeded { limit: 2, .. }));
-        assert!(cache.get(&request("a")).await.is_ok());
+        assert!(cache.get(&request("a"), ME).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -1217,8 +1521,8 @@ mod tests {
         let first = cache(first_source.clone());
         let second = cache(second_source.clone());
         for _ in 0..3 {
-            first.get(&request("aud")).await.unwrap();
-            second.get(&request("aud")).await.unwrap();
+            first.get(&request("aud"), ME).await.unwrap();
+            second.get(&request("aud"), ME).await.unwrap();
         }
         assert_eq!((first_source.fetches(), second_source.fetches()), (1, 1));
         assert_eq!(first.len(), 1);
@@ -1230,7 +1534,7 @@ mod tests {
         let source = FakeSource::new(HOUR);
         source.panic_once.store(true, Ordering::SeqCst);
         let cache = cache(source.clone());
-        let served = cache.get(&request("aud")).await.unwrap();
+        let served = cache.get(&request("aud"), ME).await.unwrap();
         assert_eq!(secret(&served), "token-2");
         assert_eq!(cache.len(), 1);
     }
@@ -1239,7 +1543,7 @@ mod tests {
     async fn dropping_the_cache_stops_its_tasks() {
         let source = FakeSource::new(HOUR);
         let cache = cache(source.clone());
-        cache.get(&request("aud")).await.unwrap();
+        cache.get(&request("aud"), ME).await.unwrap();
         drop(cache);
         tokio::time::advance(3 * HOUR).await;
         settle().await;
@@ -1255,16 +1559,16 @@ mod tests {
     async fn invalidating_the_cached_token_fetches_a_new_one_once() {
         let source = FakeSource::new(HOUR);
         let cache = cache(source.clone());
-        let first = cache.get(&request("aud")).await.unwrap();
+        let first = cache.get(&request("aud"), ME).await.unwrap();
         let key = request("aud").key;
         assert!(cache.invalidate(&key, &handed_back(&first)).unwrap());
-        let second = cache.get(&request("aud")).await.unwrap();
+        let second = cache.get(&request("aud"), ME).await.unwrap();
         assert_eq!(secret(&second), "token-2");
         assert_eq!(source.fetches(), 2);
         // The old token again: the cache already moved on, nothing happens.
         assert!(!cache.invalidate(&key, &handed_back(&first)).unwrap());
         assert_eq!(
-            cache.get(&request("aud")).await.unwrap().outcome,
+            cache.get(&request("aud"), ME).await.unwrap().outcome,
             Outcome::Hit
         );
         assert_eq!(source.fetches(), 2);
@@ -1276,7 +1580,7 @@ mod tests {
         let cache = cache(source.clone());
         let getter = tokio::spawn({
             let cache = cache.clone();
-            async move { cache.get(&request("aud")).await }
+            async move { cache.get(&request("aud"), ME).await }
         });
         settle().await;
         source.gate.as_ref().unwrap().add_permits(1);
@@ -1296,7 +1600,7 @@ mod tests {
         let waiters: Vec<_> = (0..20)
             .map(|_| {
                 let cache = cache.clone();
-                tokio::spawn(async move { cache.get(&request("aud")).await })
+                tokio::spawn(async move { cache.get(&request("aud"), ME).await })
             })
             .collect();
         settle().await;
@@ -1315,7 +1619,7 @@ mod tests {
         let stranger = Secret::new("token-1".into());
         assert!(!cache.invalidate(&key, &stranger).unwrap());
         assert_eq!(cache.len(), 0, "an invalidation never creates a key");
-        cache.get(&request("aud")).await.unwrap();
+        cache.get(&request("aud"), ME).await.unwrap();
         assert!(
             !cache
                 .invalidate(&key, &Secret::new("token-9".into()))
@@ -1327,7 +1631,7 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(
-            cache.get(&request("aud")).await.unwrap().outcome,
+            cache.get(&request("aud"), ME).await.unwrap().outcome,
             Outcome::Hit
         );
         assert_eq!(source.fetches(), 1);
@@ -1338,9 +1642,9 @@ mod tests {
         let source = FakeSource::new(HOUR);
         let cache = cache(source.clone());
         let key = request("aud").key;
-        let first = cache.get(&request("aud")).await.unwrap();
+        let first = cache.get(&request("aud"), ME).await.unwrap();
         assert!(cache.invalidate(&key, &handed_back(&first)).unwrap());
-        let second = cache.get(&request("aud")).await.unwrap();
+        let second = cache.get(&request("aud"), ME).await.unwrap();
         tokio::time::advance(Duration::from_secs(10)).await;
         let error = cache.invalidate(&key, &handed_back(&second)).unwrap_err();
         assert_eq!(
@@ -1351,11 +1655,11 @@ mod tests {
             }
         );
         assert_eq!(
-            cache.get(&request("aud")).await.unwrap().outcome,
+            cache.get(&request("aud"), ME).await.unwrap().outcome,
             Outcome::Hit
         );
         // Other keys have their own allowance.
-        let other = cache.get(&request("other")).await.unwrap();
+        let other = cache.get(&request("other"), ME).await.unwrap();
         assert!(
             cache
                 .invalidate(&request("other").key, &handed_back(&other))
@@ -1364,7 +1668,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(20)).await;
         assert!(cache.invalidate(&key, &handed_back(&second)).unwrap());
         assert_eq!(
-            secret(&cache.get(&request("aud")).await.unwrap()),
+            secret(&cache.get(&request("aud"), ME).await.unwrap()),
             "token-5"
         );
     }
@@ -1373,7 +1677,7 @@ mod tests {
     async fn watchers_receive_the_token_fetched_after_an_invalidation() {
         let source = FakeSource::new(HOUR);
         let cache = cache(source.clone());
-        let (first, mut watch) = cache.watch(&request("aud")).await.unwrap();
+        let (first, mut watch) = cache.watch(&request("aud"), ME).await.unwrap();
         assert!(
             cache
                 .invalidate(&request("aud").key, &handed_back(&first))
@@ -1388,7 +1692,7 @@ mod tests {
     async fn watchers_of_an_invalidated_token_end_at_its_expiry_if_no_new_one_comes() {
         let source = FakeSource::new(HOUR);
         let cache = cache(source.clone());
-        let (first, mut watch) = cache.watch(&request("aud")).await.unwrap();
+        let (first, mut watch) = cache.watch(&request("aud"), ME).await.unwrap();
         source.fail_with(Some(unavailable()));
         assert!(
             cache

@@ -189,6 +189,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENBROKER_MAX_KEYS", default_value_t = crate::cache::DEFAULT_MAX_KEYS)]
     pub max_keys: usize,
 
+    /// Most keys one peer uid may have created and still held; more gives
+    /// that uid RESOURCE_EXHAUSTED, whatever the others do. Callers without
+    /// a uid (the metadata endpoint on TCP) share one such quota; file
+    /// sinks have none. A key stays charged to its creator.
+    #[arg(long, env = "TOKENBROKER_MAX_KEYS_PER_UID", default_value_t = crate::cache::DEFAULT_MAX_KEYS_PER_UID)]
+    pub max_keys_per_uid: usize,
+
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz over HTTP
     /// on this address, e.g. 127.0.0.1:9464. Off unless set.
     #[arg(long, env = "TOKENBROKER_METRICS_ADDR")]
@@ -287,6 +294,7 @@ impl ServeArgs {
             expiry_skew: self.expiry_skew,
             idle_timeout: self.idle_timeout,
             max_keys: self.max_keys,
+            max_keys_per_uid: self.max_keys_per_uid,
             invalidate_interval: self.invalidate_interval,
             ..CacheConfig::default()
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use humantime::format_duration;
 use tonic::{Code, Status};
 
+use crate::key_quota::Owner;
 use crate::upstream::FetchError;
 
 /// Everything that can stop a request from getting a token. Messages say
@@ -26,6 +27,15 @@ pub enum BrokerError {
         /// What ran out, e.g. "too many cached keys".
         what: &'static str,
         /// The configured bound.
+        limit: usize,
+    },
+    /// The caller's uid (or the shared bucket of callers without one) holds
+    /// as many keys it created as `--max-keys-per-uid` allows.
+    #[error("{}", quota_message(*owner, *limit))]
+    KeyQuotaExceeded {
+        /// Whom the new key would have been charged to.
+        owner: Owner,
+        /// The configured quota.
         limit: usize,
     },
     /// The token source could not give a token for this account.
@@ -71,6 +81,26 @@ pub enum BrokerError {
         /// How long the freshest token stays valid.
         remaining: Duration,
     },
+    /// The cached token does not meet `min_valid_for`, and the key was
+    /// fetched too recently to be fetched again for it.
+    #[error(
+        "the token of this key was fetched less than {} ago and stays valid for {}, less than the {} asked for by min_valid_for; a key is refetched for min_valid_for at most once per {}, so try again in {} or ask for less (Google tokens live about an hour)",
+        format_duration(*interval),
+        format_duration(Duration::from_secs(remaining.as_secs())),
+        format_duration(*wanted),
+        format_duration(*interval),
+        format_duration(Duration::from_secs(retry_in.as_secs().max(1)))
+    )]
+    MinValidForThrottled {
+        /// The requested `min_valid_for`.
+        wanted: Duration,
+        /// How long the current token stays valid (less the expiry skew).
+        remaining: Duration,
+        /// How long until the key may be refetched.
+        retry_in: Duration,
+        /// The least time between two fetches of a key for `min_valid_for`.
+        interval: Duration,
+    },
     /// A watched token expired and no replacement could be fetched.
     #[error("the token expired and no replacement could be fetched: {}", last_error.as_ref().map_or_else(|| "no fetch succeeded".to_string(), ToString::to_string))]
     Expired {
@@ -115,6 +145,20 @@ pub enum BrokerError {
     ShuttingDown,
 }
 
+fn quota_message(owner: Owner, limit: usize) -> String {
+    let holder = match owner {
+        Owner::Uid(uid) => {
+            format!("uid {uid} holds {limit} cached keys it created, the most one uid may hold")
+        }
+        _ => format!(
+            "{owner} (the metadata endpoint on loopback TCP) hold {limit} cached keys they created, the most they may hold together"
+        ),
+    };
+    format!(
+        "{holder} (--max-keys-per-uid {limit}); keys are dropped when unused for --idle-timeout, sooner if they never got a token"
+    )
+}
+
 fn upstream_message(account: &str, source: &FetchError) -> String {
     match source {
         // The OAuth and IAM APIs explain themselves; the hints below are the
@@ -148,13 +192,24 @@ impl BrokerError {
         }
     }
 
+    /// Whether this is a refusal that keeps the cache's fair shares (a key
+    /// over the per-uid quota, a `min_valid_for` refetch too soon): a peer
+    /// can repeat it as fast as it likes, so it is logged only at debug
+    /// level (the cache counts them, and warns of a quota once a minute).
+    pub fn is_fair_share_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::KeyQuotaExceeded { .. } | Self::MinValidForThrottled { .. }
+        )
+    }
+
     /// The gRPC status code this error is reported with.
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
-            Self::LimitExceeded { .. } | Self::InvalidateThrottled { .. } => {
-                Code::ResourceExhausted
-            }
+            Self::LimitExceeded { .. }
+            | Self::KeyQuotaExceeded { .. }
+            | Self::InvalidateThrottled { .. } => Code::ResourceExhausted,
             Self::Upstream { source, .. } => match source {
                 FetchError::Status { status: 400, .. } => Code::InvalidArgument,
                 FetchError::Status {
@@ -167,6 +222,7 @@ impl BrokerError {
             Self::Unsupported { .. } => Code::InvalidArgument,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::MinValidForUnmet { .. }
+            | Self::MinValidForThrottled { .. }
             | Self::Expired { .. }
             | Self::EntryRetired
             | Self::ShuttingDown => Code::Unavailable,
@@ -182,9 +238,9 @@ impl BrokerError {
         use http::StatusCode as Http;
         match self {
             Self::InvalidArgument { .. } | Self::Unsupported { .. } => (Http::BAD_REQUEST, None),
-            Self::LimitExceeded { .. } | Self::InvalidateThrottled { .. } => {
-                (Http::TOO_MANY_REQUESTS, None)
-            }
+            Self::LimitExceeded { .. }
+            | Self::KeyQuotaExceeded { .. }
+            | Self::InvalidateThrottled { .. } => (Http::TOO_MANY_REQUESTS, None),
             Self::PolicyDenied { .. } => (Http::FORBIDDEN, None),
             // What the metadata server answers for an account it lacks.
             Self::AccountNotAvailable { .. } => (Http::NOT_FOUND, None),
@@ -201,6 +257,9 @@ impl BrokerError {
                 FetchError::Status { retry_after, .. } => (Http::SERVICE_UNAVAILABLE, *retry_after),
                 _ => (Http::SERVICE_UNAVAILABLE, None),
             },
+            Self::MinValidForThrottled { retry_in, .. } => {
+                (Http::SERVICE_UNAVAILABLE, Some(*retry_in))
+            }
             Self::MinValidForUnmet { .. }
             | Self::Expired { .. }
             | Self::DeadlineExceeded(_)

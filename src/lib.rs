@@ -3,7 +3,8 @@
 //!
 //! The binary (`src/main.rs`) only parses the command line; [`app`] wires:
 //! - [`request`]: validates requests into exact cache keys,
-//! - [`cache`]: shares, coalesces and refreshes tokens,
+//! - [`cache`]: shares, coalesces and refreshes tokens, within per-uid
+//!   key quotas ([`key_quota`]),
 //! - [`metadata`], [`keyfile`]: fetch them from the GCE metadata server or
 //!   with a service-account key ([`credentials`] reads key files, [`https`]
 //!   talks TLS to Google), with gcloud's user credentials ([`adc`], which
@@ -41,6 +42,7 @@ pub mod health;
 pub mod https;
 pub mod impersonate;
 pub mod jwt;
+pub mod key_quota;
 pub mod keyfile;
 pub mod limits;
 pub mod metadata;

@@ -76,6 +76,8 @@ struct Instruments {
     token_remaining: Histogram<f64>,
     policy_denials: Counter<u64>,
     invalidations: Counter<u64>,
+    cache_refusals: Counter<u64>,
+    cache_evictions: Counter<u64>,
     label_audience: bool,
 }
 
@@ -130,6 +132,18 @@ impl Metrics {
                 .u64_counter("tokenbroker.invalidations")
                 .with_description(
                     "InvalidateToken calls by token kind and result (invalidated, stale).",
+                )
+                .build(),
+            cache_refusals: meter
+                .u64_counter("tokenbroker.cache_refusals")
+                .with_description(
+                    "Requests the cache refused to keep its fair shares, by token kind and reason (max_keys, max_keys_per_uid, min_valid_for_interval).",
+                )
+                .build(),
+            cache_evictions: meter
+                .u64_counter("tokenbroker.cache_evictions")
+                .with_description(
+                    "Keys dropped unused, by token kind and reason (idle: after --idle-timeout; failed: never got a token, after a minute).",
                 )
                 .build(),
             label_audience,
@@ -206,6 +220,21 @@ impl Metrics {
         self.0
             .invalidations
             .add(1, &[kind_label(kind), KeyValue::new("result", result)]);
+    }
+
+    /// A request the cache refused for `reason`: `max_keys`,
+    /// `max_keys_per_uid` or `min_valid_for_interval`.
+    pub fn cache_refused(&self, kind: TokenKind, reason: &'static str) {
+        self.0
+            .cache_refusals
+            .add(1, &[kind_label(kind), KeyValue::new("reason", reason)]);
+    }
+
+    /// A key dropped unused: `idle`, or `failed` (it never got a token).
+    pub fn cache_evicted(&self, kind: TokenKind, reason: &'static str) {
+        self.0
+            .cache_evictions
+            .add(1, &[kind_label(kind), KeyValue::new("reason", reason)]);
     }
 
     /// One request to the token source: `Err` holds the failure reason.

@@ -16,6 +16,7 @@ use tracing::Instrument;
 use crate::cache::{Served, TokenCache, TokenWatch};
 use crate::connections::idle::ConnectionInfo;
 use crate::error::BrokerError;
+use crate::key_quota::Owner;
 use crate::limits::{WatchLimits, WatchPermit};
 use crate::metrics::{Metrics, Rpc, code_name};
 use crate::policy::{Caller, Peer, PolicyStore};
@@ -86,7 +87,8 @@ impl BrokerService {
             let request = request.inspect_err(|error| {
                 self.report(rpc, Some(kind), None, Err(error));
             })?;
-            let audience = audience(&request.key);
+            // Audiences of denied requests never become labels: a denied
+            // peer could fill the series cap with them.
             authorize(
                 &self.policy,
                 &self.metrics,
@@ -95,8 +97,10 @@ impl BrokerService {
                 &caller,
                 &request.key,
             )
-            .inspect_err(|error| self.report(rpc, Some(kind), audience, Err(error)))?;
-            let result = within(deadline, self.cache.get(&request)).await;
+            .inspect_err(|error| self.report(rpc, Some(kind), None, Err(error)))?;
+            let audience = audience(&request.key);
+            let owner = owner_of(&caller);
+            let result = within(deadline, self.cache.get(&request, owner)).await;
             self.report(rpc, Some(kind), audience, result.as_ref());
             Ok(result?.token)
         };
@@ -129,13 +133,13 @@ impl BrokerService {
                 if let Some(kind) = kind {
                     self.metrics.failed(rpc, kind, code, audience);
                 }
-                tracing::info!(
-                    rpc = rpc.as_str(),
-                    token_kind = kind.map(TokenKind::as_str),
-                    code = code_name(code),
-                    %error,
-                    "request failed"
-                );
+                let (rpc, kind, code) =
+                    (rpc.as_str(), kind.map(TokenKind::as_str), code_name(code));
+                if error.is_fair_share_refusal() {
+                    tracing::debug!(rpc, token_kind = kind, code, %error, "request failed");
+                } else {
+                    tracing::info!(rpc, token_kind = kind, code, %error, "request failed");
+                }
             }
         }
     }
@@ -178,16 +182,19 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
                     self.report(rpc, kind, None, Err(error));
                 })?;
             let kind = invalidation.key.kind();
-            let audience = audience(&invalidation.key);
-            let result = authorize(
+            let allowed = authorize(
                 &self.policy,
                 &self.metrics,
                 rpc,
                 kind,
                 &caller,
                 &invalidation.key,
-            )
-            .and_then(|()| {
+            );
+            let audience = allowed
+                .is_ok()
+                .then(|| audience(&invalidation.key))
+                .flatten();
+            let result = allowed.and_then(|()| {
                 self.cache
                     .invalidate(&invalidation.key, &invalidation.token)
             });
@@ -227,8 +234,7 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
                 self.report(Rpc::WatchToken, kind, None, Err(error));
             })?;
             let kind = request.key.kind();
-            let audience = audience(&request.key);
-            let permit = authorize(
+            authorize(
                 &self.policy,
                 &self.metrics,
                 Rpc::WatchToken,
@@ -236,9 +242,16 @@ impl pb::token_broker_server::TokenBroker for BrokerService {
                 &caller,
                 &request.key,
             )
-            .and_then(|()| self.watch_limits.acquire(peer.map(|p| p.uid)))
-            .inspect_err(|error| self.report(Rpc::WatchToken, Some(kind), audience, Err(error)))?;
-            let result = within(deadline, self.cache.watch(&request)).await;
+            .inspect_err(|error| self.report(Rpc::WatchToken, Some(kind), None, Err(error)))?;
+            let audience = audience(&request.key);
+            let permit = self
+                .watch_limits
+                .acquire(peer.map(|p| p.uid))
+                .inspect_err(|error| {
+                    self.report(Rpc::WatchToken, Some(kind), audience, Err(error))
+                })?;
+            let owner = owner_of(&caller);
+            let result = within(deadline, self.cache.watch(&request, owner)).await;
             self.report(
                 Rpc::WatchToken,
                 Some(kind),
@@ -386,6 +399,15 @@ fn authorize(
             "request denied by policy"
         );
     })
+}
+
+/// Whom the keys a caller creates are charged to: its uid, or the shared
+/// bucket of callers without one.
+fn owner_of(caller: &Caller) -> Owner {
+    match caller {
+        Caller::Local(Some(peer)) => Owner::Uid(peer.uid),
+        Caller::Local(None) | Caller::Loopback => Owner::Unidentified,
+    }
 }
 
 /// The connecting process, from the Unix socket's peer credentials.

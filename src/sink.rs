@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::TokenCache;
 use crate::config::parse_mode;
 use crate::error::BrokerError;
+use crate::key_quota::Owner;
 use crate::proto::v1 as pb;
 use crate::request::TokenRequest;
 use crate::schedule::{Backoff, DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAX};
@@ -338,7 +339,8 @@ impl OpenSink {
         while !stop.is_cancelled() {
             let watched = tokio::select! {
                 () = stop.cancelled() => break,
-                watched = cache.watch(&self.sink.request) => watched,
+                // The broker's own keys are charged to nobody's quota.
+                watched = cache.watch(&self.sink.request, Owner::Broker) => watched,
             };
             match watched {
                 Ok((served, mut watch)) => {

@@ -244,6 +244,55 @@ async fn audiences_become_labels_only_when_asked() {
     );
 }
 
+#[tokio::test]
+async fn audiences_of_denied_requests_never_become_labels() {
+    let me = nix::unistd::geteuid().as_raw();
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[allow]]\nuids = [{me}]\nservice_accounts = [\"*\"]\naudiences = [\"https://allowed.run.app\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut flags = metrics_flags();
+    flags.extend([
+        "--metrics-label-audience",
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    let broker = Broker::start(&emulator, &flags).await;
+    let addr = broker.metrics_addr().await;
+    let mut client = broker.client().await;
+    client
+        .get_id_token(id_request("https://allowed.run.app"))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let audience = format!("https://denied-{i}.run.app");
+        let denied = client
+            .get_id_token(id_request(&audience))
+            .await
+            .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    }
+    let scrape = Scrape::of(addr).await;
+    assert_eq!(
+        scrape.value(
+            "tokenbroker_request_errors_total",
+            &[("code", "PERMISSION_DENIED")]
+        ),
+        3.0
+    );
+    assert!(!scrape.0.contains("denied-"), "{}", scrape.0);
+    assert_eq!(
+        scrape.value(REQUESTS, &[("audience", "https://allowed.run.app")]),
+        1.0
+    );
+}
+
 async fn health_status(
     client: &mut HealthClient<tonic::transport::Channel>,
     service: &str,

@@ -1,0 +1,286 @@
+//! Fair shares of the cache: one uid flooding it with keys, or asking for
+//! an unreachable `min_valid_for`, takes nothing from the others.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::{Broker, PATIENCE, Scrape, emulator_with_lifetime, id_request, with_deadline};
+use tokenbroker::proto::v1::GetIdTokenRequest;
+use tonic::Code;
+
+const NOBODY: u32 = 65534;
+/// Keys the flooding uid asks for.
+const FLOOD_KEYS: usize = 10_000;
+/// The per-uid quota: the default.
+const QUOTA: usize = tokenbroker::cache::DEFAULT_MAX_KEYS_PER_UID;
+/// Set in the flooding child: the broker's socket.
+const FLOOD_SOCKET: &str = "FAIR_SHARE_FLOOD_SOCKET";
+/// What the flooding child prints before its counts.
+const FLOOD_REPORT: &str = "flood report:";
+/// Bound on the broker's CPU time (user + system) over the flood: 1 000
+/// fetches and 9 000 refusals, each refusal one gRPC call answered without
+/// a fetch or a log line. On the 2-core development machine (debug build,
+/// other builds running) the flood costs the broker about 1.2 s; 5 s leaves
+/// room for a slower CI machine and still catches a refusal costing several
+/// times what it should (a fetch, a log line or a lock convoy per call).
+const FLOOD_CPU_BOUND: Duration = Duration::from_secs(5);
+
+/// Root (this process) may have any ID token; the restricted uid only
+/// `https://*.a.run.app`.
+fn policy(me: u32) -> String {
+    format!(
+        r#"
+        [[allow]]
+        uids = [{me}]
+        service_accounts = ["*"]
+        audiences = ["*"]
+
+        [[allow]]
+        uids = [{NOBODY}]
+        service_accounts = ["default"]
+        audiences = ["https://*.a.run.app"]
+        "#
+    )
+}
+
+/// The broker's CPU time so far (utime + stime, from /proc/PID/stat).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+#[tokio::test]
+async fn a_key_flood_from_one_uid_leaves_new_keys_to_the_others() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: cannot run the flood as another uid; skipped");
+        return;
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    let emulator = emulator_with_lifetime(Duration::from_secs(3600)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.toml");
+    std::fs::write(&policy_path, policy(me)).unwrap();
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--policy",
+            policy_path.to_str().unwrap(),
+            "--socket-mode",
+            "0666",
+            "--upstream-max-rps",
+            "100000",
+            "--upstream-max-concurrency",
+            "64",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let metrics = broker.metrics_addr().await;
+    std::fs::set_permissions(broker.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut root = broker.client().await;
+    let cpu_before = cpu_time(broker.pid());
+
+    let mut flood = tokio::process::Command::new("setpriv")
+        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .arg("--clear-groups")
+        .arg(std::env::current_exe().unwrap())
+        .args(["flood_client", "--exact", "--ignored", "--nocapture"])
+        .env(FLOOD_SOCKET, &broker.socket)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let flood_output = flood.stdout.take().unwrap();
+    let reading = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut output = String::new();
+        let mut flood_output = flood_output;
+        flood_output.read_to_string(&mut output).await.unwrap();
+        output
+    });
+
+    // Throughout the flood, and after it, root gets new keys within 1 s.
+    let mut root_keys = 0;
+    let finished = loop {
+        let audience = format!("https://root-{root_keys}.example.com");
+        let started = Instant::now();
+        let token = root
+            .get_id_token(with_deadline(id_request(&audience), Duration::from_secs(1)))
+            .await;
+        assert!(token.is_ok(), "root's new key {root_keys}: {token:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        root_keys += 1;
+        let done = tokio::time::timeout(Duration::from_millis(100), flood.wait()).await;
+        if let Ok(status) = done {
+            break status.unwrap();
+        }
+        assert!(root_keys < 10 * PATIENCE.as_secs(), "the flood never ended");
+    };
+    let cpu = cpu_time(broker.pid()) - cpu_before;
+    let output = reading.await.unwrap();
+    assert!(finished.success(), "flooding client failed:\n{output}");
+    let started = Instant::now();
+    root.get_id_token(with_deadline(
+        id_request("https://after-the-flood.example.com"),
+        Duration::from_secs(1),
+    ))
+    .await
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    root_keys += 1;
+
+    let report = output
+        .lines()
+        .find_map(|line| line.strip_prefix(FLOOD_REPORT))
+        .unwrap_or_else(|| panic!("no report from the flooding client:\n{output}"));
+    let counts: Vec<usize> = report
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let [served, over_quota, other] = counts[..] else {
+        panic!("{report}")
+    };
+    assert_eq!((served, over_quota, other), (QUOTA, FLOOD_KEYS - QUOTA, 0));
+    assert_eq!(
+        emulator.stats().identity_requests as usize,
+        QUOTA + root_keys as usize,
+        "a refused key is never fetched"
+    );
+    let scrape = Scrape::of(metrics).await;
+    assert_eq!(
+        scrape.value(
+            "tokenbroker_cache_refusals_total",
+            &[("reason", "max_keys_per_uid")]
+        ),
+        (FLOOD_KEYS - QUOTA) as f64
+    );
+    assert_eq!(
+        scrape.value("tokenbroker_cache_entries", &[("token_kind", "id_token")]),
+        (QUOTA + root_keys as usize) as f64
+    );
+    let logs = broker.logs();
+    assert!(logs.len() < 1_000_000, "{} bytes of log", logs.len());
+    assert!(
+        logs.contains("new keys refused") && logs.contains(&format!("uid {NOBODY}")),
+        "the quota was hit unannounced"
+    );
+    assert!(
+        cpu < FLOOD_CPU_BOUND,
+        "the broker spent {cpu:?} of CPU on the flood"
+    );
+    eprintln!("broker CPU over the flood: {cpu:?}");
+}
+
+/// Not a test by itself: the flooding client of
+/// `a_key_flood_from_one_uid_leaves_new_keys_to_the_others`, which runs
+/// this test binary as another uid. Asks for `FLOOD_KEYS` distinct
+/// audiences as fast as it can and prints how many were served, refused
+/// over the per-uid quota, or anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run as another uid by a_key_flood_from_one_uid_leaves_new_keys_to_the_others"]
+async fn flood_client() {
+    use futures_util::StreamExt;
+    let Some(socket) = std::env::var_os(FLOOD_SOCKET) else {
+        return;
+    };
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(
+            tokenbroker::client::connect(std::path::Path::new(&socket))
+                .await
+                .unwrap(),
+        );
+    }
+    let calls = (0..FLOOD_KEYS).map(|i| {
+        let mut client = clients[i % clients.len()].clone();
+        async move {
+            let audience = format!("https://flood-{i}.a.run.app");
+            client.get_id_token(id_request(&audience)).await
+        }
+    });
+    let results: Vec<_> = futures_util::stream::iter(calls)
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let (mut served, mut over_quota, mut other) = (0, 0, 0);
+    for result in results {
+        match result {
+            Ok(_) => served += 1,
+            Err(status)
+                if status.code() == Code::ResourceExhausted
+                    && status.message().contains("--max-keys-per-uid") =>
+            {
+                over_quota += 1
+            }
+            Err(status) => {
+                other += 1;
+                eprintln!("unexpected: {status:?}");
+            }
+        }
+    }
+    println!("{FLOOD_REPORT} {served} {over_quota} {other}");
+}
+
+#[tokio::test]
+async fn an_unreachable_min_valid_for_fetches_at_most_once_per_10s() {
+    let emulator = emulator_with_lifetime(Duration::from_secs(3600)).await;
+    let broker = Broker::start(&emulator, &[]).await;
+    let client = broker.client().await;
+    let demanding = || GetIdTokenRequest {
+        min_valid_for: Some(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+        ..id_request("https://demanding.run.app")
+    };
+    let started = Instant::now();
+    let callers = (0..4).map(|_| {
+        let mut client = client.clone();
+        async move {
+            let mut codes = Vec::new();
+            let mut throttled = 0;
+            while started.elapsed() < Duration::from_secs(10) {
+                let status = client.get_id_token(demanding()).await.unwrap_err();
+                throttled += usize::from(status.message().contains("less than 10s ago"));
+                codes.push(status.code());
+            }
+            (codes, throttled)
+        }
+    });
+    let results = futures_util::future::join_all(callers).await;
+    let codes: Vec<Code> = results.iter().flat_map(|(c, _)| c.clone()).collect();
+    let throttled: usize = results.iter().map(|(_, t)| t).sum();
+    assert!(codes.len() > 100, "only {} calls", codes.len());
+    assert!(
+        codes.iter().all(|code| *code == Code::Unavailable),
+        "{codes:?}"
+    );
+    let fetches = emulator.stats().identity_requests;
+    assert!(fetches <= 2, "{fetches} fetches for {} calls", codes.len());
+    // Only the callers that joined one of the (at most 2) fetches were not
+    // told of the interval.
+    assert!(
+        throttled >= codes.len() - 2 * results.len(),
+        "{throttled} of {}",
+        codes.len()
+    );
+    // A call the cached token satisfies is served from it.
+    client
+        .clone()
+        .get_id_token(id_request("https://demanding.run.app"))
+        .await
+        .unwrap();
+    assert_eq!(emulator.stats().identity_requests, fetches);
+}
