@@ -15,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         // Small per-call buffers: see `src/codec.rs`.
-        .codec_path("crate::codec::CompactCodec")
+        .codec_path("crate::proto::codec::CompactCodec")
         // These carry credentials: `src/proto.rs` gives them a redacting `Debug`.
         .skip_debug([
             ".tokenbroker.v1.AccessToken",

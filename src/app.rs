@@ -8,25 +8,27 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::adc::Environment;
 use crate::cache::TokenCache;
 use crate::config::{EmulatorArgs, ServeArgs};
 use crate::connections::{self, ConnectionLimits, Listener, METRICS_MAX_CONNECTIONS};
 use crate::emulator::{Emulator, EmulatorConfig};
-use crate::health::Health;
-use crate::limits::{RateLimited, UpstreamLimits, WatchLimits};
+use crate::grpc::server;
+use crate::grpc::server::Broker;
+use crate::grpc::service::BrokerService;
 use crate::metadata_endpoint::{self, LongPolls, MetadataAddr, MetadataEndpoint, MetadataListener};
-use crate::metrics::{Metrics, register_cache_gauge};
 use crate::policy::PolicyStore;
-use crate::retry::{RetryPolicy, Retrying};
-use crate::server::Broker;
-use crate::service::BrokerService;
 use crate::sink::{self, Sinks};
 use crate::sources::Upstream;
+use crate::sources::adc::Environment;
 use crate::systemd::Activation;
 use crate::telemetry::Telemetry;
+use crate::telemetry::admin;
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::{Metrics, register_cache_gauge};
 use crate::upstream::Instrumented;
-use crate::{admin, hardening, server, socket};
+use crate::upstream::limits::{RateLimited, UpstreamLimits, WatchLimits};
+use crate::upstream::retry::{RetryPolicy, Retrying};
+use crate::{hardening, socket};
 
 /// What a subcommand fails with; printed by `main`.
 pub type AppResult = Result<(), Box<dyn Error + Send + Sync>>;
@@ -122,7 +124,11 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         let upstream = upstream.clone();
         async move { upstream.probe().await }
     };
-    tokio::spawn(health.clone().monitor(cache.clone(), probe, stop.clone()));
+    let usable = {
+        let cache = cache.clone();
+        move || cache.has_usable_token()
+    };
+    tokio::spawn(health.clone().monitor(usable, probe, stop.clone()));
     if let Some(addr) = args.metrics_addr {
         let registry = telemetry
             .registry()

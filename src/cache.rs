@@ -10,9 +10,11 @@
 //! timeout (a minute, for a key that never got a token).
 //!
 //! No caller can take the cache from the others: each key is charged to
-//! the uid that created it, up to `--max-keys-per-uid` ([`crate::key_quota`]),
+//! the uid that created it, up to `--max-keys-per-uid` ([`crate::cache::quota`]),
 //! and a `min_valid_for` the cached token does not meet refetches a key at
 //! most once per [`MIN_VALID_FOR_REFETCH_INTERVAL`].
+
+pub mod quota;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -25,14 +27,15 @@ use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::quota::{KeyQuota, Owner, Refused};
 use crate::error::BrokerError;
-use crate::key_quota::{KeyQuota, Owner, Refused};
-use crate::metrics::Metrics;
+use crate::error::FetchError;
 use crate::request::{TokenKey, TokenRequest};
 use crate::schedule::{self, Backoff, refresh_delay};
 use crate::secret::Secret;
+use crate::telemetry::metrics::{Metrics, Outcome};
 use crate::token::{Token, TokenKind};
-use crate::upstream::{FetchError, TokenSource};
+use crate::upstream::TokenSource;
 
 /// Default idle timeout (30 minutes): a key nobody asked for or watched for
 /// this long stops being refreshed and is dropped.
@@ -112,28 +115,6 @@ impl Default for CacheConfig {
             retry_initial: schedule::DEFAULT_RETRY_INITIAL,
             retry_max: schedule::DEFAULT_RETRY_MAX,
             invalidate_interval: DEFAULT_INVALIDATE_INTERVAL,
-        }
-    }
-}
-
-/// How a request was served.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// From the cache, without waiting.
-    Hit,
-    /// This request caused an upstream fetch.
-    Miss,
-    /// This request waited for a fetch another request or a refresh started.
-    Coalesced,
-}
-
-impl Outcome {
-    /// A stable name for logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Hit => "hit",
-            Self::Miss => "miss",
-            Self::Coalesced => "coalesced",
         }
     }
 }
@@ -432,7 +413,7 @@ impl Inner {
             );
         }
         BrokerError::KeyQuotaExceeded {
-            owner,
+            uid: owner.uid(),
             limit: self.quota.limit(),
         }
     }
@@ -1321,7 +1302,7 @@ mod tests {
         assert_eq!(
             error,
             BrokerError::KeyQuotaExceeded {
-                owner: ME,
+                uid: ME.uid(),
                 limit: 2
             }
         );

@@ -26,6 +26,8 @@
 //!
 //! [`connect`] returns the bare generated client, for every RPC as is.
 
+pub mod cli;
+
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;

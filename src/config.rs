@@ -1,6 +1,8 @@
 //! The command line: every flag has an environment fallback and its
 //! default in `--help`.
 
+pub mod file;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::cache::CacheConfig;
+use crate::client::cli::{AccessTokenArgs, IdTokenArgs};
 use crate::emulator::EmulatorConfig;
 use crate::metadata_endpoint::MetadataAddr;
 use crate::socket::DEFAULT_SOCKET;
@@ -42,13 +45,13 @@ pub enum Command {
     /// Run the metadata server emulator alone (for tests and demos).
     Emulator(EmulatorArgs),
     /// Print a token from a running broker (for shell scripts).
-    #[command(subcommand, after_long_help = crate::cli::EXIT_CODES_HELP)]
+    #[command(subcommand, after_long_help = crate::client::cli::EXIT_CODES_HELP)]
     Token(TokenCommand),
     /// The old name of `token access`, kept for existing scripts.
-    #[command(hide = true, after_long_help = crate::cli::EXIT_CODES_HELP)]
+    #[command(hide = true, after_long_help = crate::client::cli::EXIT_CODES_HELP)]
     PrintAccessToken(AccessTokenArgs),
     /// The old name of `token id`, kept for existing scripts.
-    #[command(hide = true, after_long_help = crate::cli::EXIT_CODES_HELP)]
+    #[command(hide = true, after_long_help = crate::client::cli::EXIT_CODES_HELP)]
     PrintIdentityToken(IdTokenArgs),
 }
 
@@ -56,17 +59,17 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Print an OAuth2 access token, e.g. for `Authorization: Bearer`.
-    #[command(after_long_help = crate::cli::EXIT_CODES_HELP)]
+    #[command(after_long_help = crate::client::cli::EXIT_CODES_HELP)]
     Access(AccessTokenArgs),
     /// Print an OIDC ID token for an audience (to call Cloud Run, Cloud
     /// Functions, IAP, ...).
-    #[command(after_long_help = crate::cli::EXIT_CODES_HELP)]
+    #[command(after_long_help = crate::client::cli::EXIT_CODES_HELP)]
     Id(IdTokenArgs),
 }
 
 /// `tokenbroker serve`.
 #[derive(Debug, Args)]
-#[command(after_long_help = crate::config_file::CONFIG_FILE_HELP)]
+#[command(after_long_help = crate::config::file::CONFIG_FILE_HELP)]
 pub struct ServeArgs {
     /// Configuration file (TOML): any flag of `serve` by its long name with
     /// `_` for `-` (e.g. `socket_mode = "0660"`), and `[[sink]]` tables.
@@ -80,12 +83,12 @@ pub struct ServeArgs {
 
     /// Permissions of the socket (octal). Connecting needs write permission,
     /// so 0660 lets the owner and the socket's group in.
-    #[arg(long, env = "TOKENBROKER_SOCKET_MODE", default_value = "0660", value_parser = parse_mode)]
+    #[arg(long, env = "TOKENBROKER_SOCKET_MODE", default_value = "0660", value_parser = crate::permissions::parse_mode)]
     pub socket_mode: u32,
 
     /// Group of the socket, by name or number (default: the broker's own).
     /// With mode 0660, members of this group may connect.
-    #[arg(long, env = "TOKENBROKER_SOCKET_GROUP", value_parser = parse_group)]
+    #[arg(long, env = "TOKENBROKER_SOCKET_GROUP", value_parser = crate::permissions::parse_group)]
     pub socket_group: Option<u32>,
 
     /// Access policy (TOML): which uids/gids may get which tokens. Without
@@ -97,7 +100,7 @@ pub struct ServeArgs {
     /// Metadata server as host[:port]: the token source (and the base of
     /// --impersonate) when no credentials file is given or found. Ignored
     /// with --emulator.
-    #[arg(long, env = "GCE_METADATA_HOST", default_value = crate::metadata::DEFAULT_METADATA_HOST)]
+    #[arg(long, env = "GCE_METADATA_HOST", default_value = crate::sources::metadata::DEFAULT_METADATA_HOST)]
     pub metadata_host: String,
 
     /// Run a metadata server emulator in-process and fetch from it (for
@@ -134,7 +137,7 @@ pub struct ServeArgs {
 
     /// The IAM Credentials API for --impersonate (https://, or http:// to a
     /// loopback address for tests and emulators).
-    #[arg(long, env = "TOKENBROKER_IAM_ENDPOINT", default_value = crate::impersonate::DEFAULT_IAM_ENDPOINT)]
+    #[arg(long, env = "TOKENBROKER_IAM_ENDPOINT", default_value = crate::sources::impersonate::DEFAULT_IAM_ENDPOINT)]
     pub iam_endpoint: String,
 
     /// Lifetime of the tokens the in-process emulator issues.
@@ -149,16 +152,16 @@ pub struct ServeArgs {
 
     /// Most requests per second to the metadata server, all keys together
     /// (the metadata server itself allows about 50).
-    #[arg(long, env = "TOKENBROKER_UPSTREAM_MAX_RPS", default_value_t = crate::limits::DEFAULT_UPSTREAM_MAX_RPS)]
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_MAX_RPS", default_value_t = crate::upstream::limits::DEFAULT_UPSTREAM_MAX_RPS)]
     pub upstream_max_rps: u32,
 
     /// Most requests to the metadata server in flight at once.
-    #[arg(long, env = "TOKENBROKER_UPSTREAM_MAX_CONCURRENCY", default_value_t = crate::limits::DEFAULT_UPSTREAM_MAX_CONCURRENCY)]
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_MAX_CONCURRENCY", default_value_t = crate::upstream::limits::DEFAULT_UPSTREAM_MAX_CONCURRENCY)]
     pub upstream_max_concurrency: usize,
 
     /// Most attempts per fetch: connect errors, timeouts, 408, 429 and 5xx
     /// are retried with exponential backoff and full jitter.
-    #[arg(long, env = "TOKENBROKER_UPSTREAM_MAX_ATTEMPTS", default_value_t = crate::retry::DEFAULT_MAX_ATTEMPTS)]
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_MAX_ATTEMPTS", default_value_t = crate::upstream::retry::DEFAULT_MAX_ATTEMPTS)]
     pub upstream_max_attempts: u32,
 
     /// Time for all attempts of one fetch, waits (and Retry-After) included.
@@ -222,11 +225,11 @@ pub struct ServeArgs {
     pub metrics_label_audience: bool,
 
     /// Most open WatchToken streams in all.
-    #[arg(long, env = "TOKENBROKER_MAX_WATCHERS", default_value_t = crate::limits::DEFAULT_MAX_WATCHERS)]
+    #[arg(long, env = "TOKENBROKER_MAX_WATCHERS", default_value_t = crate::upstream::limits::DEFAULT_MAX_WATCHERS)]
     pub max_watchers: usize,
 
     /// Most open WatchToken streams of one peer uid.
-    #[arg(long, env = "TOKENBROKER_MAX_WATCHERS_PER_UID", default_value_t = crate::limits::DEFAULT_MAX_WATCHERS_PER_UID)]
+    #[arg(long, env = "TOKENBROKER_MAX_WATCHERS_PER_UID", default_value_t = crate::upstream::limits::DEFAULT_MAX_WATCHERS_PER_UID)]
     pub max_watchers_per_uid: usize,
 
     /// Let the broker dump core. Off by default: a core dump would hold
@@ -258,7 +261,7 @@ pub struct ServeArgs {
 
     /// Most calls open at once on one gRPC connection; a client's further
     /// streams are refused (REFUSED_STREAM) until one ends.
-    #[arg(long, env = "TOKENBROKER_MAX_CONCURRENT_STREAMS", default_value_t = crate::server::DEFAULT_MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "TOKENBROKER_MAX_CONCURRENT_STREAMS", default_value_t = crate::grpc::server::DEFAULT_MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
 
     /// Close a gRPC connection that has had no call in flight this long
@@ -339,88 +342,6 @@ impl EmulatorArgs {
     }
 }
 
-/// Flags every client subcommand shares.
-#[derive(Debug, Args)]
-pub struct ClientArgs {
-    /// The broker's socket.
-    #[arg(long, env = "TOKENBROKER_SOCKET", default_value = DEFAULT_SOCKET)]
-    pub socket: PathBuf,
-
-    /// Service account email, or "default".
-    #[arg(long, default_value = "default")]
-    pub service_account: String,
-
-    /// Only accept a token valid at least this long.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub min_valid_for: Option<Duration>,
-
-    /// Keep running and print every refreshed token on its own line.
-    #[arg(long)]
-    pub watch: bool,
-
-    /// Print JSON ({"token", "expire_time"}) instead of the bare token.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// `tokenbroker token access`.
-#[derive(Debug, Args)]
-pub struct AccessTokenArgs {
-    /// OAuth2 scopes (repeat or separate with commas); none means the
-    /// account's default scopes.
-    #[arg(long = "scope", value_delimiter = ',')]
-    pub scopes: Vec<String>,
-
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub client: ClientArgs,
-}
-
-/// `tokenbroker token id`.
-#[derive(Debug, Args)]
-pub struct IdTokenArgs {
-    /// The audience: usually the URL of the service to call.
-    #[arg(long)]
-    pub audience: String,
-
-    /// Claims in the token: `standard` (identity only) or `full` (adds the
-    /// instance and project).
-    #[arg(long, value_enum, default_value_t = IdFormat::Standard)]
-    pub format: IdFormat,
-
-    /// Same as `--format full` (the old spelling).
-    #[arg(long, hide = true)]
-    pub full: bool,
-
-    /// Include license codes (needs `--format full`).
-    #[arg(long)]
-    pub include_licenses: bool,
-
-    #[command(flatten)]
-    #[allow(missing_docs)]
-    pub client: ClientArgs,
-}
-
-/// The claims of an ID token (`--format`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum IdFormat {
-    /// Identity claims only.
-    Standard,
-    /// Adds `google.compute_engine` instance and project claims.
-    Full,
-}
-
-impl IdTokenArgs {
-    /// The format asked for, by `--format` or the old `--full`.
-    pub fn format(&self) -> IdFormat {
-        if self.full {
-            IdFormat::Full
-        } else {
-            self.format
-        }
-    }
-}
-
 /// A duration of at most `MAX_SECS` seconds, e.g. `10s` or `4m30s`.
 fn at_most<const MAX_SECS: u64>(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value).map_err(|e| format!("{value:?}: {e}"))?;
@@ -462,28 +383,6 @@ fn parse_email(value: &str) -> Result<String, String> {
     }
 }
 
-/// A group by name or number.
-pub fn parse_group(value: &str) -> Result<u32, String> {
-    if let Ok(gid) = value.parse::<u32>() {
-        return Ok(gid);
-    }
-    match nix::unistd::Group::from_name(value) {
-        Ok(Some(group)) => Ok(group.gid.as_raw()),
-        Ok(None) => Err(format!("no group named {value:?}")),
-        Err(error) => Err(format!("cannot look up group {value:?}: {error}")),
-    }
-}
-
-/// An octal permission mode such as `0660`, at most `0777`.
-pub fn parse_mode(value: &str) -> Result<u32, String> {
-    let mode = u32::from_str_radix(value.trim_start_matches("0o"), 8)
-        .map_err(|_| format!("{value:?} is not an octal mode such as 0660"))?;
-    if mode > 0o777 {
-        return Err(format!("{value:?} is not a permission mode (at most 0777)"));
-    }
-    Ok(mode)
-}
-
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -497,18 +396,18 @@ mod tests {
 
     #[test]
     fn modes_are_octal() {
-        assert_eq!(parse_mode("0660"), Ok(0o660));
-        assert_eq!(parse_mode("600"), Ok(0o600));
-        assert_eq!(parse_mode("0o640"), Ok(0o640));
-        assert!(parse_mode("999").is_err());
-        assert!(parse_mode("1777").is_err());
+        assert_eq!(crate::permissions::parse_mode("0660"), Ok(0o660));
+        assert_eq!(crate::permissions::parse_mode("600"), Ok(0o600));
+        assert_eq!(crate::permissions::parse_mode("0o640"), Ok(0o640));
+        assert!(crate::permissions::parse_mode("999").is_err());
+        assert!(crate::permissions::parse_mode("1777").is_err());
     }
 
     #[test]
     fn groups_are_names_or_numbers() {
-        assert_eq!(parse_group("0"), Ok(0));
-        assert_eq!(parse_group("root"), Ok(0));
-        assert!(parse_group("no-such-group-here").is_err());
+        assert_eq!(crate::permissions::parse_group("0"), Ok(0));
+        assert_eq!(crate::permissions::parse_group("root"), Ok(0));
+        assert!(crate::permissions::parse_group("no-such-group-here").is_err());
     }
 
     #[test]

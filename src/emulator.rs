@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::Acceptor;
-use crate::jwt;
+use crate::sources::jwt;
 
 /// Email of the emulated VM's default service account.
 pub const DEFAULT_ACCOUNT: &str = "tokenbroker-emulator@emulator-project.iam.gserviceaccount.com";

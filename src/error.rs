@@ -6,9 +6,6 @@ use std::time::Duration;
 use humantime::format_duration;
 use tonic::{Code, Status};
 
-use crate::key_quota::Owner;
-use crate::upstream::FetchError;
-
 /// Everything that can stop a request from getting a token. Messages say
 /// what to fix and never contain a token.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -31,10 +28,11 @@ pub enum BrokerError {
     },
     /// The caller's uid (or the shared bucket of callers without one) holds
     /// as many keys it created as `--max-keys-per-uid` allows.
-    #[error("{}", quota_message(*owner, *limit))]
+    #[error("{}", quota_message(*uid, *limit))]
     KeyQuotaExceeded {
-        /// Whom the new key would have been charged to.
-        owner: Owner,
+        /// Whom the new key would have been charged to: a uid, or `None`
+        /// for the bucket callers without a uid share.
+        uid: Option<u32>,
         /// The configured quota.
         limit: usize,
     },
@@ -145,13 +143,13 @@ pub enum BrokerError {
     ShuttingDown,
 }
 
-fn quota_message(owner: Owner, limit: usize) -> String {
-    let holder = match owner {
-        Owner::Uid(uid) => {
+fn quota_message(uid: Option<u32>, limit: usize) -> String {
+    let holder = match uid {
+        Some(uid) => {
             format!("uid {uid} holds {limit} cached keys it created, the most one uid may hold")
         }
-        _ => format!(
-            "{owner} (the metadata endpoint on loopback TCP) hold {limit} cached keys they created, the most they may hold together"
+        None => format!(
+            "callers without a uid (the metadata endpoint on loopback TCP) hold {limit} cached keys they created, the most they may hold together"
         ),
     };
     format!(
@@ -272,6 +270,69 @@ impl BrokerError {
 impl From<BrokerError> for Status {
     fn from(error: BrokerError) -> Self {
         Status::new(error.code(), error.to_string())
+    }
+}
+
+/// Why a fetch failed. Messages never contain a token or a response body.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// No connection could be made, or it broke before a response arrived.
+    /// The message names the service first, e.g. "the metadata server: …".
+    #[error("cannot reach {0}")]
+    Connect(String),
+    /// No complete response within the upstream timeout.
+    #[error("the token source did not answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// A status other than 200.
+    #[error("the token source answered HTTP {status}{}", detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
+    Status {
+        /// The HTTP status code.
+        status: u16,
+        /// The server's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+        /// The service and its explanation, when it gave one (the OAuth and
+        /// IAM APIs do; the metadata server does not). Never a token.
+        detail: Option<String>,
+    },
+    /// A 200 whose body or headers cannot be trusted as a token, or a
+    /// request that could not be made at all (e.g. a JWT that cannot be
+    /// signed).
+    #[error("the token source sent an unusable response: {0}")]
+    Malformed(String),
+}
+
+impl FetchError {
+    /// Whether trying again may succeed: connect errors, timeouts, 408, 429
+    /// and 5xx.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Connect(_) | Self::Timeout(_) => true,
+            Self::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            Self::Malformed(_) => false,
+        }
+    }
+
+    /// Whether the token source could not be reached at all: no
+    /// connection, no answer in time, or a 5xx from something in between.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Connect(_) | Self::Timeout(_) => true,
+            Self::Status { status, .. } => *status >= 500,
+            Self::Malformed(_) => false,
+        }
+    }
+
+    /// A bounded label for metrics: `http_4xx`, `http_5xx`, `rate_limited`,
+    /// `timeout`, `connect` or `malformed`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect",
+            Self::Timeout(_) => "timeout",
+            Self::Status { status: 429, .. } => "rate_limited",
+            Self::Status { status, .. } if *status >= 500 => "http_5xx",
+            Self::Status { .. } => "http_4xx",
+            Self::Malformed(_) => "malformed",
+        }
     }
 }
 
@@ -420,5 +481,36 @@ mod tests {
             hint: "use --impersonate",
         };
         assert_eq!(unsupported.code(), Code::InvalidArgument);
+    }
+
+    fn fetch_status(status: u16) -> FetchError {
+        FetchError::Status {
+            status,
+            retry_after: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn transient_errors_are_those_worth_retrying() {
+        assert!(FetchError::Connect("refused".into()).is_transient());
+        assert!(FetchError::Timeout(Duration::from_secs(1)).is_transient());
+        for code in [408, 429, 500, 503] {
+            assert!(fetch_status(code).is_transient(), "{code}");
+        }
+        for code in [400, 403, 404] {
+            assert!(!fetch_status(code).is_transient(), "{code}");
+        }
+        assert!(!FetchError::Malformed("x".into()).is_transient());
+    }
+
+    #[test]
+    fn reasons_are_the_documented_labels() {
+        assert_eq!(fetch_status(429).reason(), "rate_limited");
+        assert_eq!(fetch_status(503).reason(), "http_5xx");
+        assert_eq!(fetch_status(404).reason(), "http_4xx");
+        assert_eq!(FetchError::Timeout(Duration::ZERO).reason(), "timeout");
+        assert_eq!(FetchError::Connect(String::new()).reason(), "connect");
+        assert_eq!(FetchError::Malformed(String::new()).reason(), "malformed");
     }
 }

@@ -23,40 +23,23 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod adc;
-pub mod admin;
 pub mod app;
-mod authority;
 pub mod cache;
-pub mod cli;
 pub mod client;
-pub mod codec;
 pub mod config;
-pub mod config_file;
 pub mod connections;
-pub mod credentials;
 pub mod emulator;
 pub mod error;
+pub mod grpc;
 pub mod hardening;
-pub mod health;
-pub mod https;
-pub mod impersonate;
-pub mod jwt;
-pub mod key_quota;
-pub mod keyfile;
-pub mod limits;
-pub mod metadata;
 pub mod metadata_endpoint;
-pub mod metrics;
+pub mod permissions;
 pub mod policy;
 pub mod proto;
 pub mod quota;
 pub mod request;
-pub mod retry;
 pub mod schedule;
 pub mod secret;
-pub mod server;
-pub mod service;
 pub mod sink;
 pub mod socket;
 pub mod sources;

@@ -3,9 +3,9 @@
 use std::process::ExitCode;
 
 use tokenbroker::app;
-use tokenbroker::cli::{self, CliError, EXIT_USAGE};
+use tokenbroker::client::cli::{self, CliError, EXIT_USAGE};
+use tokenbroker::config::file::{self as config_file, ParseError};
 use tokenbroker::config::{Cli, Command, TokenCommand};
-use tokenbroker::config_file::{self, ParseError};
 use tokenbroker::systemd::{self, Activation};
 use tokenbroker::telemetry::{self, Exports};
 

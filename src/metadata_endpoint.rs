@@ -33,16 +33,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connections::{self, Acceptor, ConnectionPermit, Listener, ListenerLimits};
 use crate::error::BrokerError;
-use crate::limits::UpstreamLimits;
-use crate::metadata::MetadataClient;
-use crate::metrics::Rpc;
+use crate::grpc::service::BrokerService;
 use crate::policy::{Caller, Peer};
 use crate::proto::v1 as pb;
 use crate::quota::{Exceeded, Quota};
 use crate::request::TokenRequest;
-use crate::service::BrokerService;
 use crate::socket::BoundSocket;
+use crate::sources::metadata::MetadataClient;
+use crate::telemetry::metrics::Rpc;
 use crate::token::{Token, TokenKind};
+use crate::upstream::limits::UpstreamLimits;
 
 const ROOT: &str = "/computeMetadata/v1/";
 const ACCOUNTS: &str = "/computeMetadata/v1/instance/service-accounts/";
@@ -380,7 +380,7 @@ impl MetadataEndpoint {
 }
 
 /// 503 for a pass-through that could not be made.
-fn unavailable(path: &str, error: &crate::upstream::FetchError) -> Response<Full<Bytes>> {
+fn unavailable(path: &str, error: &crate::error::FetchError) -> Response<Full<Bytes>> {
     tracing::info!(path, %error, "metadata pass-through failed");
     text(
         StatusCode::SERVICE_UNAVAILABLE,

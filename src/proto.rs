@@ -1,5 +1,7 @@
 //! The generated gRPC contract (`proto/tokenbroker/v1/tokenbroker.proto`).
 
+pub mod codec;
+
 /// `tokenbroker.v1`: messages, the `TokenBroker` client and server.
 #[allow(missing_docs, clippy::doc_markdown)]
 pub mod v1 {

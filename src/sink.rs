@@ -17,15 +17,15 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::unistd::{Gid, Uid, User};
+use nix::unistd::Gid;
 use serde::Deserialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::TokenCache;
-use crate::config::parse_mode;
+use crate::cache::quota::Owner;
 use crate::error::BrokerError;
-use crate::key_quota::Owner;
+use crate::permissions::{parse_group, parse_mode, parse_user};
 use crate::proto::v1 as pb;
 use crate::request::TokenRequest;
 use crate::schedule::{Backoff, DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAX};
@@ -242,13 +242,13 @@ impl Sink {
         let owner = self
             .owner
             .as_deref()
-            .map(lookup_user)
+            .map(parse_user)
             .transpose()
             .map_err(|e| invalid(format!("owner: {e}")))?;
         let group = self
             .group
             .as_deref()
-            .map(|g| crate::config::parse_group(g).map(Gid::from_raw))
+            .map(|g| parse_group(g).map(Gid::from_raw))
             .transpose()
             .map_err(|e| invalid(format!("group: {e}")))?;
         let perms = FilePerms {
@@ -390,17 +390,6 @@ impl OpenSink {
                 tracing::error!(sink = %self.path().display(), %error, "sink task failed")
             }
         }
-    }
-}
-
-fn lookup_user(value: &str) -> Result<Uid, String> {
-    if let Ok(uid) = value.parse::<u32>() {
-        return Ok(Uid::from_raw(uid));
-    }
-    match User::from_name(value) {
-        Ok(Some(user)) => Ok(user.uid),
-        Ok(None) => Err(format!("no user named {value:?}")),
-        Err(error) => Err(format!("cannot look up user {value:?}: {error}")),
     }
 }
 

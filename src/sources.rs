@@ -3,22 +3,32 @@
 //! of them impersonating another account. All sit behind [`TokenSource`],
 //! so the cache, refresh, watch, policy and metrics treat them alike.
 
+pub mod adc;
+pub mod credentials;
+pub mod https;
+pub mod impersonate;
+pub mod jwt;
+pub mod keyfile;
+pub mod metadata;
+pub mod response;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-use crate::adc::{self, Environment, Found, UserSource};
-use crate::credentials::Credentials;
 use crate::error::BrokerError;
-use crate::https::{self, HttpsClient};
-use crate::impersonate::ImpersonatedSource;
-use crate::keyfile::KeyFileSource;
-use crate::metadata::MetadataClient;
+use crate::error::FetchError;
 use crate::request::TokenKey;
 use crate::token::Token;
-use crate::upstream::{FetchError, TokenSource};
+use crate::upstream::TokenSource;
+use adc::{Environment, Found, UserSource};
+use credentials::Credentials;
+use https::HttpsClient;
+use impersonate::ImpersonatedSource;
+use keyfile::KeyFileSource;
+use metadata::MetadataClient;
 
 /// What the command line says about where tokens come from.
 #[derive(Clone, Debug)]

@@ -3,6 +3,10 @@
 //! standard `OTEL_EXPORTER_OTLP_*` variables are set, to an OTLP collector
 //! together with the spans.
 
+pub mod admin;
+pub mod health;
+pub mod metrics;
+
 use std::error::Error;
 use std::io::IsTerminal;
 
@@ -18,7 +22,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::metrics::METER_NAME;
+use crate::telemetry::metrics::METER_NAME;
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]

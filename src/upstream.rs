@@ -1,15 +1,18 @@
 //! Where tokens come from: the [`TokenSource`] trait the cache fetches
-//! through, and the [`FetchError`] every source reports.
+//! through, with the wrappers every source runs under: instrumentation,
+//! the global rate and concurrency limits ([`limits`]) and retries
+//! ([`retry`]).
 
-use std::time::Duration;
+pub mod limits;
+pub mod retry;
 
 use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
-use crate::error::BrokerError;
-use crate::health::Health;
-use crate::metrics::Metrics;
+use crate::error::{BrokerError, FetchError};
 use crate::request::TokenKey;
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::Metrics;
 use crate::token::Token;
 
 /// Fetches one token for one key. The cache calls it from the key's refresh
@@ -24,69 +27,6 @@ pub trait TokenSource: Send + Sync + 'static {
     fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
         let _ = key;
         Ok(())
-    }
-}
-
-/// Why a fetch failed. Messages never contain a token or a response body.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum FetchError {
-    /// No connection could be made, or it broke before a response arrived.
-    /// The message names the service first, e.g. "the metadata server: …".
-    #[error("cannot reach {0}")]
-    Connect(String),
-    /// No complete response within the upstream timeout.
-    #[error("the token source did not answer within {}", humantime::format_duration(*.0))]
-    Timeout(Duration),
-    /// A status other than 200.
-    #[error("the token source answered HTTP {status}{}", detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default())]
-    Status {
-        /// The HTTP status code.
-        status: u16,
-        /// The server's `Retry-After`, if it sent one.
-        retry_after: Option<Duration>,
-        /// The service and its explanation, when it gave one (the OAuth and
-        /// IAM APIs do; the metadata server does not). Never a token.
-        detail: Option<String>,
-    },
-    /// A 200 whose body or headers cannot be trusted as a token, or a
-    /// request that could not be made at all (e.g. a JWT that cannot be
-    /// signed).
-    #[error("the token source sent an unusable response: {0}")]
-    Malformed(String),
-}
-
-impl FetchError {
-    /// Whether trying again may succeed: connect errors, timeouts, 408, 429
-    /// and 5xx.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Connect(_) | Self::Timeout(_) => true,
-            Self::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
-            Self::Malformed(_) => false,
-        }
-    }
-
-    /// Whether the token source could not be reached at all: no
-    /// connection, no answer in time, or a 5xx from something in between.
-    pub fn is_unreachable(&self) -> bool {
-        match self {
-            Self::Connect(_) | Self::Timeout(_) => true,
-            Self::Status { status, .. } => *status >= 500,
-            Self::Malformed(_) => false,
-        }
-    }
-
-    /// A bounded label for metrics: `http_4xx`, `http_5xx`, `rate_limited`,
-    /// `timeout`, `connect` or `malformed`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Connect(_) => "connect",
-            Self::Timeout(_) => "timeout",
-            Self::Status { status: 429, .. } => "rate_limited",
-            Self::Status { status, .. } if *status >= 500 => "http_5xx",
-            Self::Status { .. } => "http_4xx",
-            Self::Malformed(_) => "malformed",
-        }
     }
 }
 
@@ -139,41 +79,5 @@ impl<S: TokenSource> TokenSource for Instrumented<S> {
 
     fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
         self.inner.admits(key)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn status(status: u16) -> FetchError {
-        FetchError::Status {
-            status,
-            retry_after: None,
-            detail: None,
-        }
-    }
-
-    #[test]
-    fn transient_errors_are_those_worth_retrying() {
-        assert!(FetchError::Connect("refused".into()).is_transient());
-        assert!(FetchError::Timeout(Duration::from_secs(1)).is_transient());
-        for code in [408, 429, 500, 503] {
-            assert!(status(code).is_transient(), "{code}");
-        }
-        for code in [400, 403, 404] {
-            assert!(!status(code).is_transient(), "{code}");
-        }
-        assert!(!FetchError::Malformed("x".into()).is_transient());
-    }
-
-    #[test]
-    fn reasons_are_the_documented_labels() {
-        assert_eq!(status(429).reason(), "rate_limited");
-        assert_eq!(status(503).reason(), "http_5xx");
-        assert_eq!(status(404).reason(), "http_4xx");
-        assert_eq!(FetchError::Timeout(Duration::ZERO).reason(), "timeout");
-        assert_eq!(FetchError::Connect(String::new()).reason(), "connect");
-        assert_eq!(FetchError::Malformed(String::new()).reason(), "malformed");
     }
 }

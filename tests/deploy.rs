@@ -181,7 +181,7 @@ async fn the_kubernetes_manifests_are_valid_and_their_config_serves_the_probes()
                 argv.push(config.to_str().unwrap().to_string());
             }
         }
-        tokenbroker::config_file::parse(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        tokenbroker::config::file::parse(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     }
 
     // The DaemonSet's configuration, run for real (on the emulator, and a

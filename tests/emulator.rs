@@ -122,7 +122,7 @@ mod google {
     use rustls::pki_types::pem::PemObject;
     use serde_json::{Value, json};
     use tokenbroker::emulator::{Emulator, EmulatorConfig};
-    use tokenbroker::jwt;
+    use tokenbroker::sources::jwt;
 
     use super::common::{self, KEY_ACCOUNT, TEST_KEYS};
 

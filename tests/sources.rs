@@ -266,7 +266,7 @@ async fn the_health_probe_goes_to_the_key_files_token_endpoint() {
             "--credentials".into(),
             flag(&key),
         ],
-        &[("RUST_LOG", "info,tokenbroker::health=debug")],
+        &[("RUST_LOG", "info,tokenbroker::telemetry::health=debug")],
     )
     .await;
     broker.wait_for_log("probe failed").await;

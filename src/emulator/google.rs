@@ -16,7 +16,7 @@ use super::{
     Body, Shared, Target, id_token, issue_access_token, parse_query, read_json, respond, text,
     unix_now,
 };
-use crate::jwt;
+use crate::sources::jwt;
 
 /// Path of the fake OAuth token endpoint.
 pub const TOKEN_PATH: &str = "/token";

@@ -8,10 +8,11 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
+use crate::error::FetchError;
 use crate::request::TokenKey;
 use crate::schedule::Backoff;
 use crate::token::Token;
-use crate::upstream::{FetchError, TokenSource};
+use crate::upstream::TokenSource;
 
 /// Default most attempts per fetch (4).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;

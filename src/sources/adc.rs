@@ -11,14 +11,15 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
-use crate::credentials::{self, Credentials, CredentialsError, UserCredentials};
 use crate::error::BrokerError;
-use crate::https::HttpsClient;
-use crate::keyfile::form;
-use crate::metadata::parse_access_token;
+use crate::error::FetchError;
 use crate::request::{ServiceAccount, TokenKey};
+use crate::sources::credentials::{self, Credentials, CredentialsError, UserCredentials};
+use crate::sources::https::HttpsClient;
+use crate::sources::keyfile::form;
+use crate::sources::response::parse_access_token;
 use crate::token::Token;
-use crate::upstream::{FetchError, TokenSource};
+use crate::upstream::TokenSource;
 
 /// The file `gcloud auth application-default login` writes, under gcloud's
 /// configuration directory.

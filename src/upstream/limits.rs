@@ -10,10 +10,11 @@ use governor::{DefaultDirectRateLimiter, RateLimiter};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::error::BrokerError;
+use crate::error::FetchError;
 use crate::quota::{Exceeded, Quota, QuotaPermit};
 use crate::request::TokenKey;
 use crate::token::Token;
-use crate::upstream::{FetchError, TokenSource};
+use crate::upstream::TokenSource;
 
 /// Default most upstream requests per second (20), well below the metadata
 /// server's own limit of about 50 per second for uncached tokens.

@@ -14,13 +14,14 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::error::BrokerError;
-use crate::https::HttpsClient;
-use crate::keyfile::{DEFAULT_SCOPES, admit_one_account};
-use crate::metadata::{MAX_TOKEN_LIFETIME, check_printable, parse_id_token};
+use crate::error::FetchError;
 use crate::request::{AccessTokenKey, ServiceAccount, TokenKey};
 use crate::secret::Secret;
+use crate::sources::https::HttpsClient;
+use crate::sources::keyfile::{DEFAULT_SCOPES, admit_one_account};
+use crate::sources::response::{MAX_TOKEN_LIFETIME, check_printable, parse_id_token};
 use crate::token::Token;
-use crate::upstream::{FetchError, TokenSource};
+use crate::upstream::TokenSource;
 
 /// Google's IAM Credentials API, unless `--iam-endpoint` says otherwise.
 pub const DEFAULT_IAM_ENDPOINT: &str = "https://iamcredentials.googleapis.com";

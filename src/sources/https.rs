@@ -16,9 +16,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
-use crate::metadata::MAX_RESPONSE_BYTES;
+use crate::error::FetchError;
 use crate::secret::Secret;
-use crate::upstream::FetchError;
+use crate::sources::response::{MAX_RESPONSE_BYTES, error_chain, retry_after};
 
 /// Longest explanation kept from an error body, in bytes.
 const MAX_DETAIL_LEN: usize = 300;
@@ -132,7 +132,7 @@ impl HttpsClient {
                 .await
                 .map_err(|e| FetchError::Connect(format!("{service}: {}", error_chain(&e))))?;
             let status = response.status();
-            let retry_after = crate::metadata::retry_after(response.headers());
+            let retry_after = retry_after(response.headers());
             let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
@@ -244,18 +244,6 @@ fn explain(body: &[u8]) -> String {
         line.push('…');
     }
     line
-}
-
-/// An error and its causes on one line (hyper's own message is terse).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::connections::{self, Acceptor, Listener, ListenerLimits};
-use crate::health::Health;
+use crate::telemetry::health::Health;
 
 /// Serves the admin endpoints on `listener`, within `limits`, until `stop`.
 pub async fn serve(

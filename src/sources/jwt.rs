@@ -196,8 +196,8 @@ mod tests {
         use rustls::pki_types::PrivatePkcs8KeyDer;
         use rustls::pki_types::pem::PemObject;
         let pem = [
-            include_str!("../tests/fixtures/test-only-key-1.pem"),
-            include_str!("../tests/fixtures/test-only-key-2.pem"),
+            include_str!("../../tests/fixtures/test-only-key-1.pem"),
+            include_str!("../../tests/fixtures/test-only-key-2.pem"),
         ][index];
         let der = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes()).unwrap();
         ring::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der()).unwrap()

@@ -9,9 +9,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::TokenCache;
+use crate::error::FetchError;
 use crate::schedule::Backoff;
-use crate::upstream::FetchError;
 
 /// First wait between probes of an unreachable metadata server (500 ms).
 pub const PROBE_INITIAL: Duration = Duration::from_millis(500);
@@ -77,9 +76,14 @@ impl Health {
     /// Keeps the serving state current until `stop`: recomputes it after
     /// every change of contact, and while the metadata server is not known
     /// to answer, probes it with `probe` (backing off to [`PROBE_MAX`]) and
-    /// notices when the last cached token expires.
-    pub async fn monitor<F, Fut>(self, cache: TokenCache, probe: F, stop: CancellationToken)
-    where
+    /// notices, through `has_usable_token`, when the last cached token
+    /// expires.
+    pub async fn monitor<F, Fut>(
+        self,
+        has_usable_token: impl Fn() -> bool,
+        probe: F,
+        stop: CancellationToken,
+    ) where
         F: Fn() -> Fut,
         Fut: Future<Output = Result<(), FetchError>>,
     {
@@ -87,7 +91,7 @@ impl Health {
         let mut backoff = Backoff::new(PROBE_INITIAL, PROBE_MAX);
         loop {
             let current = *contact.borrow_and_update();
-            let serving = current == Contact::Reached || cache.has_usable_token();
+            let serving = current == Contact::Reached || has_usable_token();
             if self
                 .serving
                 .send_if_modified(|s| std::mem::replace(s, serving) != serving)
@@ -124,31 +128,10 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use super::*;
-    use crate::cache::CacheConfig;
-    use crate::metrics::Metrics;
-    use crate::request::TokenKey;
-    use crate::token::Token;
-    use crate::upstream::TokenSource;
-
-    struct NoTokens;
-
-    impl TokenSource for NoTokens {
-        fn fetch<'a>(
-            &'a self,
-            _key: &'a TokenKey,
-        ) -> futures_util::future::BoxFuture<'a, Result<Token, FetchError>> {
-            Box::pin(async { Err(FetchError::Connect("down".into())) })
-        }
-    }
 
     #[tokio::test(start_paused = true)]
     async fn serving_follows_reachability_and_probes_recover_it() {
         let health = Health::new();
-        let cache = TokenCache::new(
-            Arc::new(NoTokens),
-            CacheConfig::default(),
-            Metrics::disabled(),
-        );
         let up = Arc::new(AtomicBool::new(false));
         let probes = Arc::new(AtomicUsize::new(0));
         let probe = {
@@ -166,7 +149,8 @@ mod tests {
             }
         };
         let stop = CancellationToken::new();
-        tokio::spawn(health.clone().monitor(cache, probe, stop.clone()));
+        // No token is cached: serving follows reachability alone.
+        tokio::spawn(health.clone().monitor(|| false, probe, stop.clone()));
         let mut serving = health.subscribe();
 
         tokio::time::sleep(Duration::from_secs(30)).await;

@@ -13,16 +13,16 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::cache::quota::Owner;
 use crate::cache::{Served, TokenCache, TokenWatch};
 use crate::connections::idle::ConnectionInfo;
 use crate::error::BrokerError;
-use crate::key_quota::Owner;
-use crate::limits::{WatchLimits, WatchPermit};
-use crate::metrics::{Metrics, Rpc, code_name};
 use crate::policy::{Caller, Peer, PolicyStore};
 use crate::proto::v1 as pb;
 use crate::request::{Invalidation, TokenKey, TokenRequest};
+use crate::telemetry::metrics::{Metrics, Rpc, code_name};
 use crate::token::{Token, TokenKind};
+use crate::upstream::limits::{WatchLimits, WatchPermit};
 
 /// Implements `tokenbroker.v1.TokenBroker` over a [`TokenCache`].
 #[derive(Clone)]

@@ -19,18 +19,18 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::MapFrame;
 use tower::util::MapResponseLayer;
 
-use crate::authority::{self, AnyAuthority};
 use crate::cache::TokenCache;
 use crate::connections::idle::{ActivityLayer, IdleClose};
 use crate::connections::{Acceptor, Listener, ListenerLimits};
-use crate::health::Health;
-use crate::limits::WatchLimits;
-use crate::metrics::Metrics;
+use crate::grpc::authority::{self, AnyAuthority};
+use crate::grpc::service::BrokerService;
 use crate::policy::PolicyStore;
 use crate::proto::v1::FILE_DESCRIPTOR_SET;
 use crate::proto::v1::token_broker_server::TokenBrokerServer;
-use crate::service::BrokerService;
 use crate::socket::BoundSocket;
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::limits::WatchLimits;
 
 /// Default time in-flight calls get to finish after a shutdown signal (5 s).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);

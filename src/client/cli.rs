@@ -2,15 +2,17 @@
 //! shell scripts, with an exit code per kind of failure.
 
 use std::io::{self, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use clap::Args;
 use futures_util::StreamExt;
 use tonic::Code;
 
 use crate::client::{Client, ClientError};
-use crate::config::{AccessTokenArgs, ClientArgs, IdFormat, IdTokenArgs};
 use crate::proto::v1 as pb;
+use crate::socket::DEFAULT_SOCKET;
 
 /// Exit code of a command-line usage error (as clap uses).
 pub const EXIT_USAGE: u8 = 2;
@@ -161,6 +163,88 @@ fn min_valid_for(args: &ClientArgs) -> Option<prost_types::Duration> {
             nanos: 0,
         })
     })
+}
+
+/// Flags every client subcommand shares.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The broker's socket.
+    #[arg(long, env = "TOKENBROKER_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// Service account email, or "default".
+    #[arg(long, default_value = "default")]
+    pub service_account: String,
+
+    /// Only accept a token valid at least this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub min_valid_for: Option<Duration>,
+
+    /// Keep running and print every refreshed token on its own line.
+    #[arg(long)]
+    pub watch: bool,
+
+    /// Print JSON ({"token", "expire_time"}) instead of the bare token.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tokenbroker token access`.
+#[derive(Debug, Args)]
+pub struct AccessTokenArgs {
+    /// OAuth2 scopes (repeat or separate with commas); none means the
+    /// account's default scopes.
+    #[arg(long = "scope", value_delimiter = ',')]
+    pub scopes: Vec<String>,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientArgs,
+}
+
+/// `tokenbroker token id`.
+#[derive(Debug, Args)]
+pub struct IdTokenArgs {
+    /// The audience: usually the URL of the service to call.
+    #[arg(long)]
+    pub audience: String,
+
+    /// Claims in the token: `standard` (identity only) or `full` (adds the
+    /// instance and project).
+    #[arg(long, value_enum, default_value_t = IdFormat::Standard)]
+    pub format: IdFormat,
+
+    /// Same as `--format full` (the old spelling).
+    #[arg(long, hide = true)]
+    pub full: bool,
+
+    /// Include license codes (needs `--format full`).
+    #[arg(long)]
+    pub include_licenses: bool,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub client: ClientArgs,
+}
+
+/// The claims of an ID token (`--format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdFormat {
+    /// Identity claims only.
+    Standard,
+    /// Adds `google.compute_engine` instance and project claims.
+    Full,
+}
+
+impl IdTokenArgs {
+    /// The format asked for, by `--format` or the old `--full`.
+    pub fn format(&self) -> IdFormat {
+        if self.full {
+            IdFormat::Full
+        } else {
+            self.format
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@ use opentelemetry::metrics::{
 };
 use tonic::Code;
 
-use crate::cache::Outcome;
 use crate::token::TokenKind;
 
 /// The instrumentation scope of every instrument.
@@ -27,6 +26,28 @@ const FETCH_SECONDS_BUCKETS: &[f64] = &[
 const REMAINING_SECONDS_BUCKETS: &[f64] = &[
     10.0, 30.0, 60.0, 120.0, 240.0, 300.0, 600.0, 1200.0, 1800.0, 2700.0, 3600.0,
 ];
+
+/// How a request was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// From the cache, without waiting.
+    Hit,
+    /// This request caused an upstream fetch.
+    Miss,
+    /// This request waited for a fetch another request or a refresh started.
+    Coalesced,
+}
+
+impl Outcome {
+    /// A stable name for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Coalesced => "coalesced",
+        }
+    }
+}
 
 /// The RPC a request came through (the `rpc` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::https;
 use crate::secret::Secret;
+use crate::sources::https;
 
 /// Google's OAuth token endpoint, for user credentials that name none.
 pub const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
@@ -383,7 +383,7 @@ mod tests {
 
     use super::*;
 
-    const KEY: &str = include_str!("../tests/fixtures/test-only-key-1.pem");
+    const KEY: &str = include_str!("../../tests/fixtures/test-only-key-1.pem");
 
     fn key_json() -> serde_json::Value {
         serde_json::json!({

@@ -29,6 +29,16 @@ pub enum Owner {
     Broker,
 }
 
+impl Owner {
+    /// The uid, for an owner that is one.
+    pub fn uid(self) -> Option<u32> {
+        match self {
+            Self::Uid(uid) => Some(uid),
+            Self::Unidentified | Self::Broker => None,
+        }
+    }
+}
+
 impl fmt::Display for Owner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -14,13 +14,14 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::credentials::ServiceAccountKey;
 use crate::error::BrokerError;
-use crate::https::HttpsClient;
-use crate::metadata::{parse_access_token, parse_id_token};
+use crate::error::FetchError;
 use crate::request::{IdTokenFormat, ServiceAccount, TokenKey};
+use crate::sources::credentials::ServiceAccountKey;
+use crate::sources::https::HttpsClient;
+use crate::sources::response::{parse_access_token, parse_id_token};
 use crate::token::Token;
-use crate::upstream::{FetchError, TokenSource};
+use crate::upstream::TokenSource;
 
 /// The OAuth grant that exchanges a signed JWT for a token.
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -97,9 +98,12 @@ impl KeyFileSource {
             .key
             .key_pair()
             .map_err(|reason| FetchError::Malformed(format!("cannot sign: {reason}")))?;
-        let assertion =
-            crate::jwt::sign_rs256(&self.claims(key, now), &self.key.private_key_id, &signer)
-                .map_err(|e| FetchError::Malformed(e.to_string()))?;
+        let assertion = crate::sources::jwt::sign_rs256(
+            &self.claims(key, now),
+            &self.key.private_key_id,
+            &signer,
+        )
+        .map_err(|e| FetchError::Malformed(e.to_string()))?;
         let body = form(&[("grant_type", JWT_BEARER_GRANT), ("assertion", &assertion)]);
         let response = self
             .http

@@ -1,0 +1,7 @@
+//! The gRPC front door: the `tokenbroker.v1.TokenBroker` service, gRPC
+//! health and reflection, served on the broker's Unix socket to clients
+//! that may send any `:authority`.
+
+mod authority;
+pub mod server;
+pub mod service;
