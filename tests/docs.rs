@@ -1,15 +1,19 @@
 //! The documentation agrees with the code: the flag table of
 //! docs/configuration.md lists exactly the flags of `tokenbroker serve`,
-//! with clap's environment variables and defaults. The flags come from
-//! clap, so a flag added to `serve` fails this test until it is documented.
+//! with clap's environment variables and defaults, and the annotated
+//! deploy/tokenbroker.toml shows exactly the keys the config file accepts.
+//! Both sides come from clap, so a flag added to `serve` fails these tests
+//! until it is documented.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use clap::{ArgAction, CommandFactory};
 use tokenbroker::config::Cli;
+use tokenbroker::config_file::{ConfigFileError, ParseError};
 
 const CONFIGURATION: &str = "docs/configuration.md";
+const EXAMPLE: &str = "deploy/tokenbroker.toml";
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
@@ -156,6 +160,86 @@ fn the_flag_table_lists_every_serve_flag_with_its_env_and_default() {
     assert!(
         problems.is_empty(),
         "{CONFIGURATION}'s flag table disagrees with `tokenbroker serve --help`:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+/// Whether the config file loader takes `key` as a key at all (whatever the
+/// value): only an unknown key is refused before its value is looked at.
+fn loader_accepts(key: &str) -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenbroker.toml");
+    std::fs::write(&path, format!("{key} = true\n")).unwrap();
+    let args = [
+        "tokenbroker".into(),
+        "serve".into(),
+        "--config".into(),
+        path.into_os_string(),
+    ];
+    !matches!(
+        tokenbroker::config_file::parse(args),
+        Err(ParseError::ConfigFile(ConfigFileError::UnknownKey { .. }))
+    )
+}
+
+/// The top-level keys of the annotated example: set ones, and commented-out
+/// `# key = value` lines (before the first table, such as `[[sink]]`).
+fn example_keys() -> BTreeSet<String> {
+    let text = read(EXAMPLE);
+    let table: toml::Table = text
+        .parse()
+        .unwrap_or_else(|error| panic!("{EXAMPLE}: {error}"));
+    // Tables (`[[sink]]`) are not flags.
+    let is_table = |value: &toml::Value| match value {
+        toml::Value::Table(_) => true,
+        toml::Value::Array(items) => items.first().is_some_and(toml::Value::is_table),
+        _ => false,
+    };
+    let mut keys: BTreeSet<String> = table
+        .iter()
+        .filter(|(_, value)| !is_table(value))
+        .map(|(key, _)| key.clone())
+        .collect();
+    for line in text.lines().take_while(|line| !line.starts_with('[')) {
+        let Some(comment) = line.strip_prefix('#') else {
+            continue;
+        };
+        let setting = comment.strip_prefix(' ').unwrap_or(comment);
+        if !setting.starts_with(|c: char| c.is_ascii_lowercase()) {
+            continue;
+        }
+        // Prose does not parse as TOML; a commented-out setting does.
+        if let Ok(setting) = setting.parse::<toml::Table>() {
+            keys.extend(setting.keys().cloned());
+        }
+    }
+    keys
+}
+
+#[test]
+fn the_annotated_config_file_shows_every_key() {
+    let keys = example_keys();
+    let mut problems = Vec::new();
+    for (name, _) in serve_flags() {
+        let key = name.trim_start_matches("--").replace('-', "_");
+        if !keys.contains(&key) && loader_accepts(&key) {
+            problems.push(format!(
+                "`{key}` ({name}) is missing: add it, as `# {key} = ...` if setting it \
+                 would change the default behaviour, with a one-line comment"
+            ));
+        }
+    }
+    for key in &keys {
+        if !loader_accepts(key) {
+            problems.push(format!(
+                "`{key}` is not a key the config file accepts (no such `serve` flag, or one \
+                 the file cannot set)"
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{EXAMPLE} does not show exactly the config file's keys:\n  {}",
         problems.join("\n  ")
     );
 }
