@@ -262,9 +262,16 @@ async fn a_shell_script_calls_a_service_with_the_token() {
         .await
         .unwrap();
     // The README's line, with the local server for the service.
-    let script = format!(
-        "curl -sf -H \"Authorization: Bearer $(tokenbroker token id --audience {url})\" {url}"
-    );
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let script = readme
+        .lines()
+        .find(|line| line.starts_with("curl -H \"Authorization: Bearer $(tokenbroker token id"))
+        .expect("the README shows curl with `tokenbroker token id`")
+        .replacen("curl ", "curl -sf ", 1)
+        .replace("https://svc-xyz.a.run.app/", &url)
+        .replace("https://svc-xyz.a.run.app", &url);
+    assert_eq!(script.matches(url.as_str()).count(), 2, "{script}");
     let bin_dir = Path::new(BINARY).parent().unwrap();
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
     let output = Command::new("sh")

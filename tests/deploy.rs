@@ -311,20 +311,29 @@ fn the_dockerfile_builds_a_small_non_root_image_in_stages() {
     assert!(parse(image_version) >= parse(rust_version));
 }
 
-/// The first `sh` block after `heading` in the README.
-fn readme_block(heading: &str) -> String {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let section = readme.split(heading).nth(1).expect("README section");
-    let block = section.split("```sh\n").nth(1).expect("a sh block");
+/// The first `sh` block in the section `heading` (a whole line, e.g.
+/// `## Run on Kubernetes`) of the Markdown file `path`.
+fn doc_block(path: &str, heading: &str) -> String {
+    let text = std::fs::read_to_string(root().join(path)).unwrap();
+    let section = text
+        .split(&format!("\n{heading}\n"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("{path} has no section {heading:?}"));
+    let section = section.split("\n## ").next().unwrap();
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{path}, {heading:?}: no sh block"));
     block.split("```").next().unwrap().to_string()
 }
 
-/// The install and deploy commands in the README need a systemd machine or
-/// a cluster, which CI lacks: check that they name files that exist and
-/// agree with the units and manifests they install.
+/// The install and deploy commands in docs/deploy.md need a systemd
+/// machine, a Docker daemon or a cluster, which CI lacks: check that they
+/// name files that exist and agree with the units and manifests they
+/// install.
 #[test]
-fn the_readmes_install_commands_match_the_deploy_files() {
-    let install = readme_block("## Install as a systemd service");
+fn the_documented_install_commands_match_the_deploy_files() {
+    let install = doc_block("docs/deploy.md", "## Install as a systemd service");
     let service =
         std::fs::read_to_string(root().join("deploy/systemd/tokenbroker.service")).unwrap();
     let socket = std::fs::read_to_string(root().join("deploy/systemd/tokenbroker.socket")).unwrap();
@@ -360,7 +369,10 @@ fn the_readmes_install_commands_match_the_deploy_files() {
             &service,
         ),
     ] {
-        assert!(install.contains(command), "README lacks {command:?}");
+        assert!(
+            install.contains(command),
+            "docs/deploy.md lacks {command:?}"
+        );
         assert!(
             unit.lines().any(|l| l == unit_line),
             "units lack {unit_line:?}"
@@ -368,7 +380,7 @@ fn the_readmes_install_commands_match_the_deploy_files() {
     }
     assert!(install.contains("enable --now tokenbroker.socket tokenbroker.service"));
 
-    let kubernetes = readme_block("## Run on Kubernetes");
+    let kubernetes = doc_block("docs/deploy.md", "## Run on Kubernetes");
     let daemonset =
         std::fs::read_to_string(root().join("deploy/kubernetes/daemonset.yaml")).unwrap();
     for word in kubernetes.split_whitespace() {
@@ -376,7 +388,9 @@ fn the_readmes_install_commands_match_the_deploy_files() {
             assert!(root().join(word).exists(), "{word} does not exist");
         }
     }
+    assert!(kubernetes.contains("kubectl apply -f deploy/kubernetes/daemonset.yaml"));
+    let container = doc_block("docs/deploy.md", "## The container image");
     let tag = "docker build -t REGISTRY/tokenbroker:VERSION .";
-    assert!(kubernetes.contains(tag));
+    assert!(container.contains(tag));
     assert!(daemonset.contains("image: REGISTRY/tokenbroker:VERSION"));
 }

@@ -293,6 +293,17 @@ async fn errors_use_the_metadata_servers_codes() {
     }
 }
 
+/// The `curl --unix-socket` command docs/metadata-endpoint.md shows.
+fn documented_curl() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metadata-endpoint.md");
+    let page = std::fs::read_to_string(path).unwrap();
+    let block = page
+        .split("```sh\n")
+        .find(|block| block.starts_with("curl --unix-socket"))
+        .expect("docs/metadata-endpoint.md shows a `curl --unix-socket` command");
+    block.split("```").next().unwrap().replace("\\\n", " ")
+}
+
 #[tokio::test]
 async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
     let emulator = emulator(EmulatorConfig::default()).await;
@@ -338,18 +349,24 @@ async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
         1,
         "the denied token was never fetched"
     );
-    // The README's curl line, as an operator would run it.
+    // The curl line of docs/metadata-endpoint.md, as an operator would run
+    // it, with this socket and the audience the policy allows.
     tokio::task::spawn_blocking(|| common::install_test_deps(&["tools"]))
         .await
         .unwrap();
-    let curl = tokio::process::Command::new("curl")
-        .args(["-sf", "--unix-socket"])
-        .arg(&socket)
-        .args([
-            "-H",
-            "Metadata-Flavor: Google",
-            "http://metadata/computeMetadata/v1/instance/service-accounts/default/identity?audience=https://allowed.example.com",
-        ])
+    let script = documented_curl()
+        .replacen("curl ", "curl -sf ", 1)
+        .replace("/run/tokenbroker/metadata.sock", socket.to_str().unwrap())
+        .replace(
+            "https://hello-abc123-uc.a.run.app",
+            "https://allowed.example.com",
+        );
+    assert!(
+        script.contains(socket.to_str().unwrap()) && script.contains("allowed.example.com"),
+        "{script}"
+    );
+    let curl = tokio::process::Command::new("sh")
+        .args(["-c", &script])
         .output()
         .await
         .expect("curl runs");

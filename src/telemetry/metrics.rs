@@ -1,5 +1,6 @@
 //! The broker's metrics, recorded through the OpenTelemetry API. Names and
-//! labels are a contract with operators' dashboards: see the README's table.
+//! labels are a contract with operators' dashboards: see the table in
+//! docs/observability.md.
 //! Labels never hold tokens, and hold audiences only when the operator opts
 //! in (`--metrics-label-audience`).
 
