@@ -8,33 +8,39 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin;
+use crate::broker::{Broker, WatchLimits};
 use crate::cache::TokenCache;
 use crate::config::{EmulatorArgs, ServeArgs};
 use crate::connections::{self, ConnectionLimits, Listener, METRICS_MAX_CONNECTIONS};
 use crate::emulator::{Emulator, EmulatorConfig};
-use crate::grpc::server;
-use crate::grpc::server::Broker;
-use crate::grpc::service::BrokerService;
+use crate::grpc::server::{self, ServerConfig};
+use crate::hardening;
 use crate::metadata_endpoint::{self, LongPolls, MetadataAddr, MetadataEndpoint, MetadataListener};
 use crate::policy::PolicyStore;
 use crate::sink::{self, Sinks};
+use crate::socket::{self, BoundSocket, SocketError};
 use crate::sources::Upstream;
 use crate::sources::adc::Environment;
 use crate::systemd::Activation;
 use crate::telemetry::Telemetry;
-use crate::telemetry::admin;
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics::{Metrics, register_cache_gauge};
 use crate::upstream::Instrumented;
-use crate::upstream::limits::{RateLimited, UpstreamLimits, WatchLimits};
+use crate::upstream::limits::{RateLimited, UpstreamLimits};
 use crate::upstream::retry::{RetryPolicy, Retrying};
-use crate::{hardening, socket};
 
 /// What a subcommand fails with; printed by `main`.
 pub type AppResult = Result<(), Box<dyn Error + Send + Sync>>;
 
 /// `tokenbroker serve`, on the socket systemd passed (`activation`) or
 /// else on `--socket`.
+///
+/// SIGTERM or SIGINT starts the drain, the one shutdown signal every part
+/// follows: gRPC health and `/readyz` turn NOT_SERVING, the gRPC socket and
+/// the metadata endpoint accept no more connections, watch streams end, and
+/// the calls in flight get `--shutdown-grace` to finish. Then the sinks
+/// clean up and the process exits.
 pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetry) -> AppResult {
     // Installed first: a SIGTERM during start-up still means a clean exit.
     let shutdown = shutdown_signal()?;
@@ -49,39 +55,54 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     }
     let descriptors = connections::raise_descriptor_limit()?;
     let sinks = sink::check_all(args.sinks.clone())?;
-    let emulator = if args.emulator {
-        let config = EmulatorConfig {
-            access_token_lifetime: args.emulator_token_lifetime,
-            id_token_lifetime: args.emulator_token_lifetime,
-            control: args.emulator_control,
-            ..EmulatorConfig::default()
-        };
-        if !args.emulator_control {
-            tracing::info!("the emulator's control API is off (--emulator-control turns it on)");
-        }
-        Some(Emulator::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config).await?)
-    } else {
-        None
-    };
+    let emulator = start_emulator(&args).await?;
     let host = emulator
         .as_ref()
         .map_or_else(|| args.metadata_host.clone(), Emulator::host);
     let upstream = Upstream::build(&args.source_config(host), &Environment::from_process())?;
-    tracing::info!(
-        source = %upstream.describe(),
-        emulator = args.emulator,
-        "fetching tokens"
-    );
+    tracing::info!(source = %upstream.describe(), emulator = args.emulator, "fetching tokens");
 
-    // Only a metadata server is asked for what is not a token (see the
-    // metadata endpoint): with other sources the name may resolve anywhere
-    // (off Google Cloud) or describe another account (the VM's, not the key's).
-    let metadata_pass_through = match &upstream {
-        Upstream::Metadata(client) => Some(client.clone()),
-        _ => None,
-    };
     let meter = telemetry.meter();
     let metrics = Metrics::new(&meter, args.metrics_label_audience);
+    let health = Health::new();
+    let upstream_limits = UpstreamLimits::new(args.upstream_max_rps, args.upstream_max_concurrency);
+    let cache = token_cache(&args, &upstream, &upstream_limits, &metrics, &health);
+    register_cache_gauge(&meter, {
+        let cache = cache.clone();
+        move |kind| cache.len_of(kind)
+    });
+    let policy = Arc::new(PolicyStore::open(args.policy.clone())?);
+    if let Some(path) = &args.policy {
+        tracing::info!(policy = %path.display(), "access policy in force; SIGHUP re-reads it");
+    }
+    // `drain` is the shutdown signal; `stop` ends the background tasks when
+    // this function returns.
+    let drain = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let _stop_background = stop.clone().drop_guard();
+    let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
+    let broker = Broker::new(
+        cache.clone(),
+        policy.clone(),
+        metrics,
+        watch_limits,
+        drain.clone(),
+    );
+
+    tokio::spawn(reload_policy_on_sighup(policy, stop.clone()));
+    let probe = {
+        let upstream = upstream.clone();
+        move || {
+            let upstream = upstream.clone();
+            async move { upstream.probe().await }
+        }
+    };
+    tokio::spawn(
+        health
+            .clone()
+            .monitor(move || cache.has_usable_token(), probe, stop.clone()),
+    );
+
     // Upstream connections (token fetches and long-polls) come out of the
     // descriptors kept back from clients.
     let upstream_descriptors = args.upstream_max_concurrency + metadata_endpoint::MAX_LONG_POLLS;
@@ -96,39 +117,6 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         client_connections = connection_limits.budget(),
         "file descriptor limit"
     );
-    let health = Health::new();
-    // Each attempt waits for the global limits, then is recorded; retries
-    // wrap it all.
-    let attempt = Instrumented::new(upstream.clone(), metrics.clone(), health.clone());
-    let upstream_limits = UpstreamLimits::new(args.upstream_max_rps, args.upstream_max_concurrency);
-    let limited = RateLimited::new(attempt, upstream_limits.clone());
-    let retry = RetryPolicy {
-        max_attempts: args.upstream_max_attempts.max(1),
-        budget: args.upstream_retry_budget,
-    };
-    let source = Retrying::new(limited, retry);
-    let cache = TokenCache::new(Arc::new(source), args.cache_config(), metrics.clone());
-    register_cache_gauge(&meter, {
-        let cache = cache.clone();
-        move |kind| cache.len_of(kind)
-    });
-
-    let policy = Arc::new(PolicyStore::open(args.policy.clone())?);
-    if let Some(path) = &args.policy {
-        tracing::info!(policy = %path.display(), "access policy in force; SIGHUP re-reads it");
-    }
-    let stop = CancellationToken::new();
-    tokio::spawn(reload_policy_on_sighup(policy.clone(), stop.clone()));
-    let _stop_background = stop.clone().drop_guard();
-    let probe = move || {
-        let upstream = upstream.clone();
-        async move { upstream.probe().await }
-    };
-    let usable = {
-        let cache = cache.clone();
-        move || cache.has_usable_token()
-    };
-    tokio::spawn(health.clone().monitor(usable, probe, stop.clone()));
     if let Some(addr) = args.metrics_addr {
         let registry = telemetry
             .registry()
@@ -139,6 +127,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
             .map_err(|error| format!("cannot listen for metrics on {addr}: {error}"))?;
         tracing::info!(metrics_addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
         let limits = connection_limits.listener(Listener::Metrics, METRICS_MAX_CONNECTIONS, None);
+        // It answers through the drain (`/readyz` says 503), until the end.
         tokio::spawn(admin::serve(
             listener,
             limits,
@@ -148,56 +137,46 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         ));
     }
 
-    let socket = match activation {
-        Activation::Listener(listener) => {
-            let socket = socket::inherited(listener)?;
-            tracing::info!(socket = %socket.owner.path().display(), "socket activated: serving the socket systemd passed (--socket and its mode are the socket unit's)");
-            socket
-        }
-        Activation::NotForUs => {
-            tracing::warn!(
-                "LISTEN_FDS is set, but LISTEN_PID is not this process: ignored; binding --socket"
-            );
-            socket::bind(&args.socket, args.socket_mode, args.socket_group)?
-        }
-        Activation::None => socket::bind(&args.socket, args.socket_mode, args.socket_group)?,
-    };
+    let socket = bind_socket(activation, &args)?;
     if let Some(gid) = socket.owner.client_group() {
         sink::warn_if_clients_can_read(&sinks, nix::unistd::Gid::from_raw(gid));
     }
-    let sinks = Sinks::start(sinks, &cache);
-    let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
-    if let Some(addr) = &args.metadata_addr {
-        let endpoint = MetadataEndpoint {
-            service: BrokerService::new(
-                cache.clone(),
-                metrics.clone(),
-                policy.clone(),
-                watch_limits.clone(),
-                stop.clone(),
-            ),
-            pass_through: metadata_pass_through,
-            upstream_limits,
-            long_polls: LongPolls::default(),
-            timeout: args.upstream_timeout,
-        };
-        let listener = bind_metadata_endpoint(addr, &args).await?;
-        let per_uid = matches!(addr, MetadataAddr::Unix(_)).then_some(args.max_connections_per_uid);
-        let limits =
-            connection_limits.listener(Listener::Metadata, args.metadata_max_connections, per_uid);
-        tokio::spawn(metadata_endpoint::serve(
-            listener,
-            limits,
-            endpoint,
-            stop.clone(),
-        ));
-    }
-    let broker = Broker {
-        cache: cache.clone(),
-        metrics,
-        health,
-        policy,
-        watch_limits,
+    let sinks = Sinks::start(sinks, &broker);
+    let metadata_endpoint = match &args.metadata_addr {
+        Some(addr) => {
+            // Only a metadata server is asked for what is not a token: with
+            // other sources the name may resolve anywhere (off Google Cloud)
+            // or describe another account (the VM's, not the key's).
+            let pass_through = match &upstream {
+                Upstream::Metadata(client) => Some(client.clone()),
+                _ => None,
+            };
+            let endpoint = MetadataEndpoint {
+                broker: broker.clone(),
+                pass_through,
+                upstream_limits,
+                long_polls: LongPolls::default(),
+                timeout: args.upstream_timeout,
+            };
+            let listener = bind_metadata_endpoint(addr, &args).await?;
+            let per_uid =
+                matches!(addr, MetadataAddr::Unix(_)).then_some(args.max_connections_per_uid);
+            let limits = connection_limits.listener(
+                Listener::Metadata,
+                args.metadata_max_connections,
+                per_uid,
+            );
+            Some(tokio::spawn(metadata_endpoint::serve(
+                listener,
+                limits,
+                endpoint,
+                drain.clone(),
+            )))
+        }
+        None => None,
+    };
+    let config = ServerConfig {
+        health: health.clone(),
         connections: connection_limits.listener(
             Listener::Grpc,
             args.max_connections,
@@ -206,9 +185,87 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         max_concurrent_streams: args.max_concurrent_streams,
         idle_timeout: args.connection_idle_timeout,
     };
-    let served = server::serve(socket, broker, shutdown, args.shutdown_grace).await;
+    let grpc = tokio::spawn(server::serve(socket, broker, config, drain.clone()));
+
+    shutdown.await;
+    crate::systemd::notify_stopping();
+    tracing::info!("draining: no new connections, ending watch streams, finishing calls in flight");
+    health.drain();
+    drain.cancel();
+    let drained = async {
+        let served = grpc.await;
+        if let Some(endpoint) = metadata_endpoint {
+            let _ = endpoint.await;
+        }
+        served
+    };
+    let served = match tokio::time::timeout(args.shutdown_grace, drained).await {
+        Ok(Ok(served)) => served,
+        Ok(Err(error)) => Err(error.into()),
+        Err(_) => {
+            tracing::warn!(grace = ?args.shutdown_grace, "calls still in flight after the shutdown grace period; exiting anyway");
+            Ok(())
+        }
+    };
     sinks.stop(args.shutdown_grace).await;
+    tracing::info!("stopped");
     served
+}
+
+/// With `--emulator`, the metadata server emulator, in this process.
+async fn start_emulator(args: &ServeArgs) -> Result<Option<Emulator>, std::io::Error> {
+    if !args.emulator {
+        return Ok(None);
+    }
+    let config = EmulatorConfig {
+        access_token_lifetime: args.emulator_token_lifetime,
+        id_token_lifetime: args.emulator_token_lifetime,
+        control: args.emulator_control,
+        ..EmulatorConfig::default()
+    };
+    if !args.emulator_control {
+        tracing::info!("the emulator's control API is off (--emulator-control turns it on)");
+    }
+    Emulator::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config)
+        .await
+        .map(Some)
+}
+
+/// The shared cache over `upstream`: each attempt waits for the global
+/// limits and is recorded; retries wrap it all.
+fn token_cache(
+    args: &ServeArgs,
+    upstream: &Upstream,
+    limits: &UpstreamLimits,
+    metrics: &Metrics,
+    health: &Health,
+) -> TokenCache {
+    let attempt = Instrumented::new(upstream.clone(), metrics.clone(), health.clone());
+    let limited = RateLimited::new(attempt, limits.clone());
+    let retry = RetryPolicy {
+        max_attempts: args.upstream_max_attempts.max(1),
+        budget: args.upstream_retry_budget,
+    };
+    let source = Retrying::new(limited, retry);
+    TokenCache::new(Arc::new(source), args.cache_config(), metrics.clone())
+}
+
+/// The gRPC socket: the one systemd passed, or `--socket`.
+fn bind_socket(activation: Activation, args: &ServeArgs) -> Result<BoundSocket, SocketError> {
+    match activation {
+        Activation::Listener(listener) => {
+            let socket = socket::inherited(listener)?;
+            tracing::info!(socket = %socket.owner.path().display(), "socket activated: serving the socket systemd passed (--socket and its mode are the socket unit's)");
+            Ok(socket)
+        }
+        Activation::NotForUs => {
+            tracing::warn!(
+                "LISTEN_FDS is set, but LISTEN_PID is not this process: ignored; binding --socket"
+            );
+            socket::bind(&args.socket, args.socket_mode, args.socket_group)
+        }
+        Activation::None => socket::bind(&args.socket, args.socket_mode, args.socket_group),
+    }
 }
 
 /// Binds the metadata-compatible endpoint and says where it listens (and,

@@ -12,15 +12,16 @@ pub mod idle;
 
 use std::future::poll_fn;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Meter, UpDownCounter};
-use tokio::time::Instant;
+
+use crate::telemetry::RateLimitedLog;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::quota::{Exceeded, Quota, QuotaPermit};
 
@@ -41,9 +42,6 @@ pub const DESCRIPTOR_RESERVE: usize = 64;
 const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(1);
 /// Longest pause after failed accepts (1 s).
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
-/// A repeated warning (failed accepts, refused connections) is logged at
-/// most this often, with the count since the last one.
-const LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// A listener, as the `listener` label names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -263,14 +261,15 @@ impl Drop for ConnectionPermit {
 /// a connection that sends nothing is closed by then.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves one HTTP/1 connection with `service` in a task of its own, until
-/// the connection ends or `stop`; the connection's place (`permit`) is held
-/// as long.
+/// Serves one HTTP/1 connection with `service` in a task of `tasks`, until
+/// the connection ends; once `drain` is cancelled it finishes the request in
+/// flight and closes. The connection's place (`permit`) is held as long.
 pub fn spawn_http1<S, Svc>(
     stream: S,
     service: Svc,
     permit: ConnectionPermit,
-    stop: CancellationToken,
+    drain: &CancellationToken,
+    tasks: &TaskTracker,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     Svc: hyper::service::HttpService<hyper::body::Incoming> + Send + 'static,
@@ -279,42 +278,20 @@ pub fn spawn_http1<S, Svc>(
     <Svc::ResBody as http_body::Body>::Data: Send,
     <Svc::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    tokio::spawn(async move {
+    let drain = drain.clone();
+    tasks.spawn(async move {
         let _permit = permit;
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        tokio::pin!(connection);
         tokio::select! {
-            () = stop.cancelled() => {}
-            _ = connection => {}
+            _ = connection.as_mut() => return,
+            () = drain.cancelled() => connection.as_mut().graceful_shutdown(),
         }
+        let _ = connection.await;
     });
-}
-
-/// A warning logged at most once per [`LOG_EVERY`], with how many times it
-/// happened since it was last logged.
-#[derive(Default)]
-pub struct RateLimitedLog {
-    state: Mutex<Option<Instant>>,
-    since: AtomicU64,
-}
-
-impl RateLimitedLog {
-    /// Counts one occurrence, and calls `log` with the count if the last
-    /// warning is old enough.
-    pub fn warn(&self, log: impl FnOnce(u64)) {
-        let count = self.since.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut last = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if last.is_some_and(|at| now < at + LOG_EVERY) {
-            return;
-        }
-        *last = Some(now);
-        self.since.fetch_sub(count, Ordering::Relaxed);
-        drop(last);
-        log(count);
-    }
 }
 
 /// A listener whose connections can be accepted.
@@ -386,6 +363,10 @@ impl Acceptor {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
+    use tokio::time::Instant;
+
     use super::*;
     use opentelemetry::metrics::MeterProvider;
 
@@ -466,17 +447,5 @@ mod tests {
         let expected = Duration::from_millis(1023) + 4 * MAX_ACCEPT_BACKOFF;
         assert_eq!(started.elapsed(), expected);
         assert_eq!(acceptor.backoff, FIRST_ACCEPT_BACKOFF, "reset on success");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn repeated_warnings_are_logged_once_a_second_with_a_count() {
-        let log = RateLimitedLog::default();
-        let mut logged = Vec::new();
-        for _ in 0..1000 {
-            log.warn(|count| logged.push(count));
-        }
-        tokio::time::advance(LOG_EVERY).await;
-        log.warn(|count| logged.push(count));
-        assert_eq!(logged, [1, 1000]);
     }
 }

@@ -3,5 +3,6 @@
 //! that may send any `:authority`.
 
 mod authority;
+mod request;
 pub mod server;
 pub mod service;

@@ -23,7 +23,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
+pub mod broker;
 pub mod cache;
 pub mod client;
 pub mod config;

@@ -34,6 +34,23 @@ pub enum Caller {
     /// endpoint. It cannot be identified, and the operator who opened that
     /// port chose to trust every local process: the policy does not apply.
     Loopback,
+    /// The broker itself: its file sinks, which the operator configured.
+    Broker,
+}
+
+impl Caller {
+    /// The calling process, when the kernel named it.
+    pub fn peer(&self) -> Option<&Peer> {
+        match self {
+            Self::Local(peer) => peer.as_ref(),
+            Self::Loopback | Self::Broker => None,
+        }
+    }
+
+    /// The calling process's uid, when the kernel named it.
+    pub fn uid(&self) -> Option<u32> {
+        self.peer().map(|peer| peer.uid)
+    }
 }
 
 /// Why a policy file was refused.
@@ -253,7 +270,7 @@ impl PolicyStore {
     pub fn check(&self, caller: &Caller, key: &TokenKey) -> Result<(), BrokerError> {
         let peer = match caller {
             Caller::Local(peer) => peer.as_ref(),
-            Caller::Loopback => return Ok(()),
+            Caller::Loopback | Caller::Broker => return Ok(()),
         };
         let current = self
             .current

@@ -22,13 +22,13 @@ use serde::Deserialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache::TokenCache;
-use crate::cache::quota::Owner;
+use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::permissions::{parse_group, parse_mode, parse_user};
-use crate::proto::v1 as pb;
-use crate::request::TokenRequest;
+use crate::policy::Caller;
+use crate::request::{IdTokenFormat, TokenRequest};
 use crate::schedule::{Backoff, DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAX};
+use crate::telemetry::metrics::Rpc;
 use crate::token::Token;
 
 pub mod dir;
@@ -169,28 +169,26 @@ impl Sink {
             ));
         }
         let request = match (config.access_token, config.id_token) {
-            (Some(access), None) => TokenRequest::try_from(pb::GetAccessTokenRequest {
-                service_account: access.service_account,
-                scopes: access.scopes,
-                min_valid_for: None,
-            }),
+            (Some(access), None) => {
+                TokenRequest::access(access.service_account, access.scopes, Duration::ZERO)
+            }
             (None, Some(id)) => {
                 let format = match id.format.as_deref() {
-                    None | Some("standard") => pb::IdTokenFormat::Standard,
-                    Some("full") => pb::IdTokenFormat::Full,
+                    None | Some("standard") => IdTokenFormat::Standard,
+                    Some("full") => IdTokenFormat::Full,
                     Some(other) => {
                         return Err(invalid(format!(
                             "id_token.format {other:?}: use \"standard\" or \"full\""
                         )));
                     }
                 };
-                TokenRequest::try_from(pb::GetIdTokenRequest {
-                    audience: id.audience,
-                    service_account: id.service_account,
-                    format: format as i32,
-                    include_licenses: id.include_licenses,
-                    min_valid_for: None,
-                })
+                TokenRequest::id(
+                    id.audience,
+                    id.service_account,
+                    format,
+                    id.include_licenses,
+                    Duration::ZERO,
+                )
             }
             _ => {
                 return Err(invalid(
@@ -334,20 +332,26 @@ impl OpenSink {
     /// Keeps the file up to date until `stop`, then removes it unless it is
     /// to be kept. A token that cannot be had is retried with backoff (the
     /// file keeps the last token, which may expire).
-    async fn run(self: Arc<Self>, cache: TokenCache, stop: CancellationToken) {
+    async fn run(self: Arc<Self>, broker: Broker, stop: CancellationToken) {
         let mut backoff = Backoff::new(DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAX);
+        let request = &self.sink.request;
         while !stop.is_cancelled() {
+            let kind = Some(request.key.kind());
+            // The broker's own sinks: no policy, charged to nobody's quota.
+            let watch = broker.watch(Rpc::Sink, kind, Ok(request.clone()), Caller::Broker, None);
             let watched = tokio::select! {
                 () = stop.cancelled() => break,
-                // The broker's own keys are charged to nobody's quota.
-                watched = cache.watch(&self.sink.request, Owner::Broker) => watched,
+                watched = watch => watched,
             };
             match watched {
-                Ok((served, mut watch)) => {
+                Ok(mut watch) => {
                     backoff.reset();
-                    self.write_logged(served.token).await;
                     loop {
-                        match watch.next(&stop).await {
+                        let next = tokio::select! {
+                            () = stop.cancelled() => break,
+                            next = watch.next() => next,
+                        };
+                        match next {
                             Ok(token) => self.write_logged(token).await,
                             Err(BrokerError::ShuttingDown) => break,
                             Err(error) => {
@@ -401,13 +405,13 @@ pub struct Sinks {
 }
 
 impl Sinks {
-    /// Starts one task per sink.
-    pub fn start(sinks: Vec<OpenSink>, cache: &TokenCache) -> Self {
+    /// Starts one task per sink, each watching its token from `broker`.
+    pub fn start(sinks: Vec<OpenSink>, broker: &Broker) -> Self {
         let stop = CancellationToken::new();
         let mut tasks = JoinSet::new();
         for sink in sinks {
             tracing::info!(sink = %sink.path().display(), "keeping a token in a file");
-            tasks.spawn(Arc::new(sink).run(cache.clone(), stop.clone()));
+            tasks.spawn(Arc::new(sink).run(broker.clone(), stop.clone()));
         }
         Self { tasks, stop }
     }

@@ -3,12 +3,14 @@
 //! standard `OTEL_EXPORTER_OTLP_*` variables are set, to an OTLP collector
 //! together with the spans.
 
-pub mod admin;
 pub mod health;
 pub mod metrics;
 
 use std::error::Error;
 use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use clap::ValueEnum;
 use opentelemetry::metrics::{Meter, MeterProvider, NoopMeterProvider};
@@ -16,6 +18,7 @@ use opentelemetry::trace::TracerProvider;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tokio::time::Instant;
 use tracing::Level;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
@@ -196,4 +199,50 @@ fn otlp_configured(signal: &str) -> bool {
     !disabled
         && (set("OTEL_EXPORTER_OTLP_ENDPOINT")
             || set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")))
+}
+
+/// A repeated warning (failed accepts, refused connections, denials) is
+/// logged at most this often, with the count since the last one.
+pub const LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// A warning logged at most once per [`LOG_EVERY`], with how many times it
+/// happened since it was last logged.
+#[derive(Default)]
+pub struct RateLimitedLog {
+    state: Mutex<Option<Instant>>,
+    since: AtomicU64,
+}
+
+impl RateLimitedLog {
+    /// Counts one occurrence, and calls `log` with the count if the last
+    /// warning is old enough.
+    pub fn warn(&self, log: impl FnOnce(u64)) {
+        let count = self.since.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|at| now < at + LOG_EVERY) {
+            return;
+        }
+        *last = Some(now);
+        self.since.fetch_sub(count, Ordering::Relaxed);
+        drop(last);
+        log(count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_warnings_are_logged_once_a_second_with_a_count() {
+        let log = RateLimitedLog::default();
+        let mut logged = Vec::new();
+        for _ in 0..1000 {
+            log.warn(|count| logged.push(count));
+        }
+        tokio::time::advance(LOG_EVERY).await;
+        log.warn(|count| logged.push(count));
+        assert_eq!(logged, [1, 1000]);
+    }
 }

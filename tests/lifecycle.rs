@@ -243,3 +243,84 @@ async fn logs_are_json_or_text_as_asked() {
         }
     }
 }
+
+#[tokio::test]
+async fn one_drain_stops_health_readiness_and_the_metadata_endpoint_together() {
+    use common::http::{Endpoint, get};
+    use tokenbroker::emulator::{Fault, FaultRule, Target};
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let mut broker = Broker::start(
+        &emulator,
+        &[
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--metadata-addr",
+            "127.0.0.1:0",
+            "--shutdown-grace",
+            "20s",
+        ],
+    )
+    .await;
+    let (metrics, metadata) = (broker.metrics_addr().await, broker.metadata_addr().await);
+    common::wait_until_ready(metrics).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("unix://{}", broker.socket.display()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut health = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: "tokenbroker.v1.TokenBroker".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_status = async || {
+        let message = tokio::time::timeout(PATIENCE, health.message())
+            .await
+            .expect("a health update in time")
+            .unwrap()
+            .expect("the health stream stays open");
+        ServingStatus::try_from(message.status).unwrap()
+    };
+    assert_eq!(next_status().await, ServingStatus::Serving);
+
+    // A metadata request in flight when the drain starts: its token takes
+    // two seconds to come.
+    emulator.set_fault(Some(FaultRule {
+        target: Target::Identity,
+        ..FaultRule::always(Fault::Delay { millis: 2000 })
+    }));
+    let in_flight = tokio::spawn(async move {
+        get(
+            Endpoint::Tcp(metadata),
+            "/computeMetadata/v1/instance/service-accounts/default/identity?audience=https://slow.run.app",
+        )
+        .await
+    });
+    tokio::time::timeout(PATIENCE, emulator.wait_for(|s| s.identity_requests == 1))
+        .await
+        .expect("the request reaches the metadata server");
+
+    broker.signal(Signal::SIGTERM);
+    assert_eq!(next_status().await, ServingStatus::NotServing);
+    let (status, _) = common::http_get(metrics, "/readyz").await;
+    assert_eq!(status, 503, "/readyz during the drain");
+    assert!(
+        tokio::net::TcpStream::connect(metadata).await.is_err(),
+        "the metadata endpoint takes no new connection once draining"
+    );
+    let answer = in_flight.await.unwrap();
+    assert_eq!(
+        answer.status, 200,
+        "the request in flight is finished: {}",
+        answer.body
+    );
+    drop(health);
+    assert!(broker.wait().await.success());
+}

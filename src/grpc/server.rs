@@ -1,39 +1,30 @@
 //! Runs the gRPC server on the broker's socket: the token service, gRPC
-//! health and reflection. On shutdown it ends watch streams, lets in-flight
-//! calls finish within a grace period, and removes the socket.
+//! health and reflection, with the connection and HTTP/2 bounds. When the
+//! broker drains it stops accepting, lets calls in flight finish, and
+//! removes the socket.
 
-use std::future::Future;
 use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
-use tonic::transport::Server;
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
-
-use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::BodyExt;
 use http_body_util::combinators::MapFrame;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 use tower::util::MapResponseLayer;
 
-use crate::cache::TokenCache;
+use crate::broker::Broker;
 use crate::connections::idle::{ActivityLayer, IdleClose};
 use crate::connections::{Acceptor, Listener, ListenerLimits};
 use crate::grpc::authority::{self, AnyAuthority};
-use crate::grpc::service::BrokerService;
-use crate::policy::PolicyStore;
+use crate::grpc::service::TokenBrokerService;
 use crate::proto::v1::FILE_DESCRIPTOR_SET;
 use crate::proto::v1::token_broker_server::TokenBrokerServer;
 use crate::socket::BoundSocket;
 use crate::telemetry::health::Health;
-use crate::telemetry::metrics::Metrics;
-use crate::upstream::limits::WatchLimits;
-
-/// Default time in-flight calls get to finish after a shutdown signal (5 s).
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Largest request message accepted (16 KiB): the largest valid request
 /// (32 scopes of 256 bytes, a 2 KiB audience) fits well within it.
@@ -54,18 +45,10 @@ const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The parts of a broker the server exposes.
-pub struct Broker {
-    /// The shared token cache.
-    pub cache: TokenCache,
-    /// Where calls are counted.
-    pub metrics: Metrics,
+/// How the server runs, besides the broker it serves.
+pub struct ServerConfig {
     /// What `grpc.health.v1.Health` reports.
     pub health: Health,
-    /// Who may ask for which token.
-    pub policy: Arc<PolicyStore>,
-    /// Bounds on open watch streams.
-    pub watch_limits: WatchLimits,
     /// Bounds on the socket's connections.
     pub connections: ListenerLimits,
     /// Most streams open at once on one connection.
@@ -74,29 +57,25 @@ pub struct Broker {
     pub idle_timeout: Duration,
 }
 
-/// Serves the broker on `socket` until `shutdown` completes.
+/// Serves `broker` on `socket` until `drain` is cancelled, then until the
+/// calls in flight have finished.
 ///
-/// On shutdown the listener stops accepting, health turns NOT_SERVING, every
-/// watch stream ends with `UNAVAILABLE` ("broker shutting down"), unary
-/// calls in flight get `grace` to finish, and the socket file is removed.
+/// Once draining, the listener stops accepting; health already says
+/// NOT_SERVING (the [`Health`] drains with the broker) and every watch
+/// stream ends with `UNAVAILABLE` ("broker shutting down"). The socket file
+/// is removed when this returns. The caller bounds the wait for calls in
+/// flight with its shutdown grace.
 pub async fn serve(
     socket: BoundSocket,
     broker: Broker,
-    shutdown: impl Future<Output = ()> + Send,
-    grace: Duration,
+    config: ServerConfig,
+    drain: CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let BoundSocket { listener, owner } = socket;
-    let stopping = CancellationToken::new();
-    let service = BrokerService::new(
-        broker.cache,
-        broker.metrics,
-        broker.policy,
-        broker.watch_limits,
-        stopping.clone(),
-    );
-    let service = TokenBrokerServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let service = TokenBrokerServer::new(TokenBrokerService::new(broker))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    tokio::spawn(publish_health(broker.health, reporter, stopping.clone()));
+    tokio::spawn(publish_health(config.health, reporter));
     // Both reflection versions: grpcurl speaks v1, while grpc_cli, Evans
     // and Python's grpcio-reflection client speak only v1alpha.
     let reflection = || {
@@ -106,22 +85,13 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let signal = {
-        let stopping = stopping.clone();
-        async move {
-            shutdown.await;
-            crate::systemd::notify_stopping();
-            tracing::info!("shutting down: no new connections, ending watch streams");
-            stopping.cancel();
-        }
-    };
     // Every client's `:authority` is accepted (see `authority`), and the
     // limits it enforces are the ones the server advertises.
-    let connections = accept(listener, broker.connections, broker.idle_timeout);
+    let connections = accept(listener, config.connections, config.idle_timeout);
     let server = Server::builder()
         .max_frame_size(authority::MAX_FRAME_SIZE as u32)
         .http2_max_header_list_size(authority::MAX_HEADER_LIST_SIZE as u32)
-        .max_concurrent_streams(broker.max_concurrent_streams)
+        .max_concurrent_streams(config.max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -132,18 +102,11 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(connections, signal);
+        .serve_with_incoming_shutdown(connections, drain.cancelled_owned());
     tracing::info!(socket = %owner.path().display(), "tokenbroker ready");
     crate::systemd::notify_ready();
-    let result = tokio::select! {
-        result = server => result,
-        () = async { stopping.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(?grace, "calls still in flight after the shutdown grace period; exiting anyway");
-            Ok(())
-        }
-    };
+    let result = server.await;
     drop(owner);
-    tracing::info!("stopped");
     Ok(result?)
 }
 
@@ -215,21 +178,20 @@ fn rewrite_oversized_status(headers: &mut http::HeaderMap) {
 }
 
 /// Mirrors [`Health`] into gRPC health, for the whole server ("") and the
-/// token service, until shutdown turns both NOT_SERVING.
-async fn publish_health(health: Health, reporter: HealthReporter, stopping: CancellationToken) {
-    const SERVICE: &str = <TokenBrokerServer<BrokerService> as NamedService>::NAME;
+/// token service (NOT_SERVING once the broker drains).
+async fn publish_health(health: Health, reporter: HealthReporter) {
+    const SERVICE: &str = <TokenBrokerServer<TokenBrokerService> as NamedService>::NAME;
     let mut serving = health.subscribe();
     loop {
-        let status = if *serving.borrow_and_update() && !stopping.is_cancelled() {
+        let status = if *serving.borrow_and_update() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
         reporter.set_service_status("", status).await;
         reporter.set_service_status(SERVICE, status).await;
-        tokio::select! {
-            changed = serving.changed() => if changed.is_err() { return },
-            () = stopping.cancelled(), if !stopping.is_cancelled() => {}
+        if serving.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -1,9 +1,12 @@
 //! Whether the broker can hand out tokens. It is SERVING once the token
 //! source (metadata server, OAuth endpoint, IAM Credentials API) has
 //! answered, and NOT_SERVING while it cannot be reached and no cached token
-//! is usable. The state feeds gRPC health and `/readyz`.
+//! is usable, and for good once the broker drains. The state feeds gRPC
+//! health and `/readyz`.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -33,6 +36,7 @@ enum Contact {
 pub struct Health {
     contact: watch::Sender<Contact>,
     serving: watch::Sender<bool>,
+    draining: Arc<AtomicBool>,
 }
 
 impl Default for Health {
@@ -47,7 +51,26 @@ impl Health {
         Self {
             contact: watch::Sender::new(Contact::Unknown),
             serving: watch::Sender::new(false),
+            draining: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The broker is draining: NOT_SERVING from now on.
+    pub fn drain(&self) {
+        // Under the channel's lock, so a monitor's update cannot undo it.
+        self.serving.send_if_modified(|serving| {
+            self.draining.store(true, Ordering::Release);
+            std::mem::replace(serving, false)
+        });
+    }
+
+    /// Sets the serving state, unless the broker drains; says whether it
+    /// changed.
+    fn set_serving(&self, serving: bool) -> bool {
+        self.serving.send_if_modified(|current| {
+            let serving = serving && !self.draining.load(Ordering::Acquire);
+            std::mem::replace(current, serving) != serving
+        })
     }
 
     /// Notes the outcome of a request to the metadata server.
@@ -92,10 +115,7 @@ impl Health {
         loop {
             let current = *contact.borrow_and_update();
             let serving = current == Contact::Reached || has_usable_token();
-            if self
-                .serving
-                .send_if_modified(|s| std::mem::replace(s, serving) != serving)
-            {
+            if self.set_serving(serving) {
                 tracing::info!(serving, ?current, "health changed");
             }
             if current == Contact::Reached {

@@ -65,11 +65,14 @@ pub enum Rpc {
     MetadataIdentity,
     /// `InvalidateToken`.
     InvalidateToken,
+    /// A file sink's watch of its token.
+    Sink,
 }
 
 impl Rpc {
     /// The label value: the RPC's name in the proto, or for the
-    /// metadata-compatible endpoint `MetadataToken` / `MetadataIdentity`.
+    /// metadata-compatible endpoint `MetadataToken` / `MetadataIdentity`,
+    /// and `Sink` for a file sink.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::GetAccessToken => "GetAccessToken",
@@ -78,6 +81,7 @@ impl Rpc {
             Self::MetadataToken => "MetadataToken",
             Self::MetadataIdentity => "MetadataIdentity",
             Self::InvalidateToken => "InvalidateToken",
+            Self::Sink => "Sink",
         }
     }
 }

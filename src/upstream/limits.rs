@@ -6,12 +6,11 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
-use governor::{DefaultDirectRateLimiter, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::error::BrokerError;
 use crate::error::FetchError;
-use crate::quota::{Exceeded, Quota, QuotaPermit};
 use crate::request::TokenKey;
 use crate::token::Token;
 use crate::upstream::TokenSource;
@@ -44,7 +43,7 @@ impl UpstreamLimits {
         let burst = NonZeroU32::new(max_rps / 5).unwrap_or(NonZeroU32::MIN);
         Self {
             rate: Arc::new(RateLimiter::direct(
-                governor::Quota::per_second(rps).allow_burst(burst),
+                Quota::per_second(rps).allow_burst(burst),
             )),
             in_flight: Arc::new(Semaphore::new(max_concurrency.max(1))),
         }
@@ -95,57 +94,5 @@ impl<S: TokenSource> TokenSource for RateLimited<S> {
 
     fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
         self.inner.admits(key)
-    }
-}
-
-/// Counts open watch streams against a total and a per-uid bound.
-#[derive(Clone)]
-pub struct WatchLimits {
-    quota: Quota,
-}
-
-/// One open watch stream; dropping it frees its place.
-pub type WatchPermit = QuotaPermit;
-
-impl WatchLimits {
-    /// Limits of `max_total` streams, and `max_per_uid` for any one uid.
-    pub fn new(max_total: usize, max_per_uid: usize) -> Self {
-        Self {
-            quota: Quota::new(max_total, max_per_uid),
-        }
-    }
-
-    /// Takes a place for a stream of the peer `uid` (unknown: only the
-    /// total applies), or fails with `RESOURCE_EXHAUSTED`.
-    pub fn acquire(&self, uid: Option<u32>) -> Result<WatchPermit, BrokerError> {
-        self.quota.acquire(uid).map_err(|exceeded| match exceeded {
-            Exceeded::Total(limit) => BrokerError::LimitExceeded {
-                what: "too many open watch streams",
-                limit,
-            },
-            Exceeded::Owner(limit) => BrokerError::LimitExceeded {
-                what: "too many open watch streams for this uid",
-                limit,
-            },
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn watch_limits_count_per_uid_and_in_total() {
-        let limits = WatchLimits::new(3, 2);
-        let a1 = limits.acquire(Some(1)).unwrap();
-        let _a2 = limits.acquire(Some(1)).unwrap();
-        let error = limits.acquire(Some(1)).err().unwrap();
-        assert!(matches!(error, BrokerError::LimitExceeded { limit: 2, .. }));
-        let _b1 = limits.acquire(Some(2)).unwrap();
-        let error = limits.acquire(None).err().unwrap();
-        assert!(matches!(error, BrokerError::LimitExceeded { limit: 3, .. }));
-        drop(a1);
-        assert!(limits.acquire(Some(1)).is_ok());
     }
 }

@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use prometheus::{Encoder, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::connections::{self, Acceptor, Listener, ListenerLimits};
 use crate::telemetry::health::Health;
@@ -28,6 +29,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let mut acceptor = Acceptor::new(Listener::Metrics.as_str());
+    let connections = TaskTracker::new();
     loop {
         let stream = tokio::select! {
             () = stop.cancelled() => return,
@@ -40,7 +42,7 @@ pub async fn serve(
         let service = service_fn(move |request| {
             std::future::ready(Ok::<_, Infallible>(respond(&request, &registry, &health)))
         });
-        connections::spawn_http1(stream, service, permit, stop.clone());
+        connections::spawn_http1(stream, service, permit, &stop, &connections);
     }
 }
 

@@ -1,0 +1,314 @@
+//! The one path from a request to a token, shared by every front door (the
+//! gRPC service, the metadata-compatible endpoint, file sinks): the outcome
+//! of the request's validation, the access policy, the cache within the
+//! caller's deadline, and one span, the metrics and the log of each call.
+//! The front doors only translate their requests and answers.
+
+mod watch;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::cache::quota::Owner;
+use crate::cache::{Served, TokenCache};
+use crate::error::BrokerError;
+use crate::policy::{Caller, PolicyStore};
+use crate::request::{Invalidation, TokenKey, TokenRequest};
+use crate::telemetry::RateLimitedLog;
+use crate::telemetry::metrics::{Metrics, Rpc, code_name};
+use crate::token::{Token, TokenKind};
+
+pub use watch::{Watch, WatchLimits};
+
+/// Hands out tokens; cloning is cheap (one `Arc`), and every clone serves
+/// from the same cache under the same policy.
+#[derive(Clone)]
+pub struct Broker(Arc<Inner>);
+
+struct Inner {
+    cache: TokenCache,
+    policy: Arc<PolicyStore>,
+    metrics: Metrics,
+    watch_limits: WatchLimits,
+    /// Cancelled when the broker starts to drain: open watches end.
+    drain: CancellationToken,
+    /// Denials and failed requests: a peer sending thousands must not
+    /// flood the log.
+    denials: RateLimitedLog,
+    failures: RateLimitedLog,
+}
+
+impl Broker {
+    /// A broker answering from `cache` to the callers `policy` allows;
+    /// watches are bounded by `watch_limits` and end once `drain` is
+    /// cancelled.
+    pub fn new(
+        cache: TokenCache,
+        policy: Arc<PolicyStore>,
+        metrics: Metrics,
+        watch_limits: WatchLimits,
+        drain: CancellationToken,
+    ) -> Self {
+        Self(Arc::new(Inner {
+            cache,
+            policy,
+            metrics,
+            watch_limits,
+            drain,
+            denials: RateLimitedLog::default(),
+            failures: RateLimitedLog::default(),
+        }))
+    }
+
+    /// Serves one token request that came through `rpc`: takes the outcome
+    /// of its validation, applies the policy to `caller`, and answers from
+    /// the cache within `deadline`.
+    pub async fn token(
+        &self,
+        rpc: Rpc,
+        kind: TokenKind,
+        request: Result<TokenRequest, BrokerError>,
+        caller: Caller,
+        deadline: Option<Duration>,
+    ) -> Result<Arc<Token>, BrokerError> {
+        let call = async {
+            let request = self.admit(rpc, Some(kind), request, &caller)?;
+            let result = within(deadline, self.0.cache.get(&request, owner_of(&caller))).await;
+            self.report(rpc, Some(kind), audience(&request.key), result.as_ref());
+            Ok(result?.token)
+        };
+        call.instrument(rpc_span(rpc, Some(kind))).await
+    }
+
+    /// Drops the cached token a service rejected, if it is still the one
+    /// cached, so that a new one is fetched for everybody. `kind` is the
+    /// request's, when it named one. Returns whether it was dropped.
+    pub async fn invalidate(
+        &self,
+        kind: Option<TokenKind>,
+        request: Result<Invalidation, BrokerError>,
+        caller: Caller,
+    ) -> Result<bool, BrokerError> {
+        let rpc = Rpc::InvalidateToken;
+        let call = async {
+            let invalidation =
+                request.inspect_err(|error| self.report(rpc, kind, None, Err(error)))?;
+            let kind = invalidation.key.kind();
+            self.authorize(rpc, kind, &caller, &invalidation.key)
+                .inspect_err(|error| self.report(rpc, Some(kind), None, Err(error)))?;
+            let result = self
+                .0
+                .cache
+                .invalidate(&invalidation.key, &invalidation.token);
+            match &result {
+                Ok(invalidated) => {
+                    let outcome = if *invalidated { "invalidated" } else { "stale" };
+                    tracing::Span::current().record("outcome", outcome);
+                    self.0.metrics.invalidation(kind, *invalidated);
+                }
+                Err(error) => {
+                    let audience = audience(&invalidation.key);
+                    self.report(rpc, Some(kind), audience, Err(error))
+                }
+            }
+            result
+        };
+        call.instrument(rpc_span(rpc, kind)).await
+    }
+
+    /// Opens a watch of one token for `caller`: the current token, then each
+    /// refreshed one (see [`Watch`]). `kind` is the request's, when it named
+    /// one.
+    pub async fn watch(
+        &self,
+        rpc: Rpc,
+        kind: Option<TokenKind>,
+        request: Result<TokenRequest, BrokerError>,
+        caller: Caller,
+        deadline: Option<Duration>,
+    ) -> Result<Watch, BrokerError> {
+        let span = rpc_span(rpc, kind);
+        let call = async {
+            let request = self.admit(rpc, kind, request, &caller)?;
+            let kind = request.key.kind();
+            let audience = audience(&request.key);
+            let permit = self
+                .0
+                .watch_limits
+                .acquire(caller.uid())
+                .inspect_err(|error| self.report(rpc, Some(kind), audience, Err(error)))?;
+            let result = within(deadline, self.0.cache.watch(&request, owner_of(&caller))).await;
+            self.report(
+                rpc,
+                Some(kind),
+                audience,
+                result.as_ref().map(|(served, _)| served),
+            );
+            let (first, watch) = result?;
+            Ok(Watch::new(
+                self.clone(),
+                rpc,
+                kind,
+                caller,
+                first.token,
+                watch,
+                permit,
+            ))
+        };
+        let watch = call.instrument(span.clone()).await?;
+        Ok(watch.in_span(span))
+    }
+
+    /// The request, once validated and allowed; a refusal is reported.
+    /// Audiences of refused requests never become labels: a denied peer
+    /// could fill the series cap with them.
+    fn admit(
+        &self,
+        rpc: Rpc,
+        kind: Option<TokenKind>,
+        request: Result<TokenRequest, BrokerError>,
+        caller: &Caller,
+    ) -> Result<TokenRequest, BrokerError> {
+        let request = request.inspect_err(|error| self.report(rpc, kind, None, Err(error)))?;
+        let kind = request.key.kind();
+        self.authorize(rpc, kind, caller, &request.key)
+            .inspect_err(|error| self.report(rpc, Some(kind), None, Err(error)))?;
+        Ok(request)
+    }
+
+    /// Applies the access policy, logging and counting denials.
+    fn authorize(
+        &self,
+        rpc: Rpc,
+        kind: TokenKind,
+        caller: &Caller,
+        key: &TokenKey,
+    ) -> Result<(), BrokerError> {
+        self.0.policy.check(caller, key).inspect_err(|error| {
+            self.0.metrics.denied(rpc, kind);
+            let peer = caller.peer();
+            self.0.denials.warn(|denials| {
+                tracing::warn!(
+                    uid = peer.map(|p| p.uid),
+                    gid = peer.map(|p| p.gid),
+                    pid = peer.and_then(|p| p.pid),
+                    %error,
+                    denials,
+                    "request denied by policy (logged at most once a second, with the count since)"
+                )
+            });
+        })
+    }
+
+    /// Records the result of a call in the current span and in the metrics,
+    /// and logs failures. A call whose request named no token kind is only
+    /// logged.
+    fn report(
+        &self,
+        rpc: Rpc,
+        kind: Option<TokenKind>,
+        audience: Option<&str>,
+        result: Result<&Served, &BrokerError>,
+    ) {
+        let span = tracing::Span::current();
+        match (result, kind) {
+            (Ok(served), Some(kind)) => {
+                span.record("outcome", served.outcome.as_str());
+                let remaining = served.token.remaining(Instant::now());
+                self.0
+                    .metrics
+                    .served(rpc, kind, served.outcome, remaining, audience);
+            }
+            (Ok(_), None) => {}
+            (Err(error), kind) => {
+                let code = error.code();
+                span.record("outcome", "error");
+                span.record("code", code_name(code));
+                if let Some(kind) = kind {
+                    self.0.metrics.failed(rpc, kind, code, audience);
+                }
+                let (rpc, kind, code) =
+                    (rpc.as_str(), kind.map(TokenKind::as_str), code_name(code));
+                if error.is_fair_share_refusal() {
+                    tracing::debug!(rpc, token_kind = kind, code, %error, "request failed");
+                } else {
+                    self.0.failures.warn(|failures| {
+                        tracing::info!(
+                            rpc,
+                            token_kind = kind,
+                            code,
+                            %error,
+                            failures,
+                            "request failed (logged at most once a second, with the count since)"
+                        )
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Whom the keys a caller creates are charged to: its uid, the shared
+/// bucket of callers without one, or nobody (the broker's own sinks).
+fn owner_of(caller: &Caller) -> Owner {
+    match caller {
+        Caller::Local(Some(peer)) => Owner::Uid(peer.uid),
+        Caller::Local(None) | Caller::Loopback => Owner::Unidentified,
+        Caller::Broker => Owner::Broker,
+    }
+}
+
+/// The span of one call: at debug level, so that it costs nothing unless
+/// debug logs or trace export ask for it.
+fn rpc_span(rpc: Rpc, kind: Option<TokenKind>) -> tracing::Span {
+    tracing::debug_span!(
+        "rpc",
+        rpc = rpc.as_str(),
+        token_kind = kind.map(TokenKind::as_str),
+        outcome = tracing::field::Empty,
+        code = tracing::field::Empty,
+    )
+}
+
+fn audience(key: &TokenKey) -> Option<&str> {
+    match key {
+        TokenKey::Id(key) => Some(&key.audience),
+        TokenKey::Access(_) => None,
+    }
+}
+
+/// Runs `future` within the caller's deadline, answering a little before it
+/// so the caller gets the broker's explanation rather than a bare timeout.
+async fn within<T>(
+    deadline: Option<Duration>,
+    future: impl Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout(deadline - deadline / 20, future)
+            .await
+            .unwrap_or(Err(BrokerError::DeadlineExceeded(deadline))),
+        None => future.await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deadline_turns_into_a_clear_error() {
+        let slow = std::future::pending::<Result<(), BrokerError>>();
+        let error = within(Some(Duration::from_millis(20)), slow)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error,
+            BrokerError::DeadlineExceeded(Duration::from_millis(20))
+        );
+    }
+}

@@ -1,0 +1,143 @@
+//! Open watches of one token, and the bounds on how many may be open.
+//! Thousands may be open at once, so each holds as little as it can.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::Broker;
+use crate::cache::TokenWatch;
+use crate::error::BrokerError;
+use crate::policy::Caller;
+use crate::quota::{Exceeded, Quota, QuotaPermit};
+use crate::telemetry::metrics::Rpc;
+use crate::token::{Token, TokenKind};
+
+/// Counts open watches against a total and a per-uid bound.
+#[derive(Clone)]
+pub struct WatchLimits {
+    quota: Quota,
+}
+
+impl WatchLimits {
+    /// Limits of `max_total` watches, and `max_per_uid` for any one uid.
+    pub fn new(max_total: usize, max_per_uid: usize) -> Self {
+        Self {
+            quota: Quota::new(max_total, max_per_uid),
+        }
+    }
+
+    /// Takes a place for a watch of the peer `uid` (unknown: only the
+    /// total applies), or fails with `RESOURCE_EXHAUSTED`.
+    pub fn acquire(&self, uid: Option<u32>) -> Result<QuotaPermit, BrokerError> {
+        self.quota.acquire(uid).map_err(|exceeded| match exceeded {
+            Exceeded::Total(limit) => BrokerError::LimitExceeded {
+                what: "too many open watch streams",
+                limit,
+            },
+            Exceeded::Owner(limit) => BrokerError::LimitExceeded {
+                what: "too many open watch streams for this uid",
+                limit,
+            },
+        })
+    }
+}
+
+/// An open watch: the current token, then each refreshed one. Counted in
+/// the `tokenbroker_watchers` gauge and holding its place under the watch
+/// limits until dropped.
+pub struct Watch {
+    /// The token to yield first, until it is yielded.
+    first: Option<Arc<Token>>,
+    watch: TokenWatch,
+    broker: Broker,
+    rpc: Rpc,
+    kind: TokenKind,
+    /// Who watches, for the policy check of every later token.
+    caller: Caller,
+    span: tracing::Span,
+    _permit: QuotaPermit,
+}
+
+impl Watch {
+    pub(super) fn new(
+        broker: Broker,
+        rpc: Rpc,
+        kind: TokenKind,
+        caller: Caller,
+        first: Arc<Token>,
+        watch: TokenWatch,
+        permit: QuotaPermit,
+    ) -> Self {
+        broker.0.metrics.watchers(kind, 1);
+        Self {
+            first: Some(first),
+            watch,
+            broker,
+            rpc,
+            kind,
+            caller,
+            span: tracing::Span::none(),
+            _permit: permit,
+        }
+    }
+
+    /// The watch, with its later tokens waited for in `span`.
+    pub(super) fn in_span(mut self, span: tracing::Span) -> Self {
+        self.span = span;
+        self
+    }
+
+    /// The kind of token watched.
+    pub fn kind(&self) -> TokenKind {
+        self.kind
+    }
+
+    /// The current token at first, then each refreshed one. An error ends
+    /// the watch: the token expired with no replacement, the broker is
+    /// draining, or the policy (which may have been reloaded since the
+    /// watch began) no longer lets the caller have it.
+    pub async fn next(&mut self) -> Result<Arc<Token>, BrokerError> {
+        if let Some(first) = self.first.take() {
+            return Ok(first);
+        }
+        let span = self.span.clone();
+        async {
+            let token = self.watch.next(&self.broker.0.drain).await?;
+            self.broker
+                .authorize(self.rpc, self.kind, &self.caller, self.watch.key())?;
+            let remaining = token.remaining(Instant::now());
+            self.broker.0.metrics.streamed(self.kind, remaining);
+            Ok(token)
+        }
+        .instrument(span)
+        .await
+        .inspect_err(|error| tracing::info!(%error, "watch ended"))
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.broker.0.metrics.watchers(self.kind, -1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_limits_count_per_uid_and_in_total() {
+        let limits = WatchLimits::new(3, 2);
+        let a1 = limits.acquire(Some(1)).unwrap();
+        let _a2 = limits.acquire(Some(1)).unwrap();
+        let error = limits.acquire(Some(1)).err().unwrap();
+        assert!(matches!(error, BrokerError::LimitExceeded { limit: 2, .. }));
+        let _b1 = limits.acquire(Some(2)).unwrap();
+        let error = limits.acquire(None).err().unwrap();
+        assert!(matches!(error, BrokerError::LimitExceeded { limit: 3, .. }));
+        drop(a1);
+        assert!(limits.acquire(Some(1)).is_ok());
+    }
+}
