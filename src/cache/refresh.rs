@@ -1,0 +1,83 @@
+//! The refresh task of one key: fetches when asked for a newer
+//! generation, refreshes before expiry, keeps a valid token when a refresh
+//! fails, tells watchers when the token stops being usable, and retires
+//! the entry once it is idle.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::schedule::Backoff;
+
+use super::Inner;
+use super::entry::{KeyEntry, Retire};
+
+/// The life of one key: fetch when asked, refresh before expiry, retry
+/// failed refreshes while the old token lasts, and leave when idle.
+pub(super) async fn refresh_task(
+    cache: Weak<Inner>,
+    entry: Arc<KeyEntry>,
+    stop: CancellationToken,
+) {
+    let _retire = Retire {
+        cache: cache.clone(),
+        entry: entry.clone(),
+    };
+    let mut backoff = match cache.upgrade() {
+        Some(inner) => Backoff::new(inner.config.retry_initial, inner.config.retry_max),
+        None => return,
+    };
+    let mut refresh_at: Option<Instant> = None;
+    // The last moment of unusability the watchers were told of.
+    let mut told: Option<Instant> = None;
+    // Whether a fetch ever succeeded: a key that never got a token is
+    // dropped sooner, releasing its creator's quota.
+    let mut produced = false;
+    loop {
+        let generation = entry.state.borrow().generation;
+        let asked = entry.wanted.load(Ordering::Acquire) > generation;
+        if !asked {
+            let Some(inner) = cache.upgrade() else { break };
+            // A watched key is never idle; the last watcher to leave wakes
+            // this task so the idle clock starts again.
+            let idle_at = (entry.watchers.load(Ordering::Acquire) == 0)
+                .then(|| inner.idle_deadline(&entry, produced));
+            drop(inner);
+            // One timer for whichever comes first (a task per key: small
+            // futures keep the cache small). Watchers have no timer of
+            // their own: the expiry of their token is this task's to tell.
+            let expiry_at = entry.expiry_untold(told);
+            let wake_at = [refresh_at, idle_at, expiry_at].into_iter().flatten().min();
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = entry.wake.notified() => {}
+                () = sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
+            }
+            let now = Instant::now();
+            entry.tell_watchers_if_expired(&mut told, now);
+            if idle_at.is_some_and(|idle| now >= idle) {
+                match cache.upgrade() {
+                    Some(inner) if inner.evict_if_idle(&entry, produced) => break,
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            if refresh_at.is_none_or(|refresh| now < refresh) {
+                continue;
+            }
+        }
+        let Some(inner) = cache.upgrade() else { break };
+        entry.state.send_if_modified(|s| {
+            s.fetching = true;
+            false
+        });
+        let result = inner.fetch_for(&entry, &mut told).await;
+        produced |= result.is_ok();
+        if !asked {
+            inner.metrics.refreshed(entry.key.kind(), result.is_ok());
+        }
+        refresh_at = inner.record(&entry, result, &mut backoff);
+    }
+}
