@@ -285,7 +285,8 @@ async fn pass_through_requests_obey_the_upstream_rate() {
         .status
     });
     let passed = tokio::spawn(futures_util::future::join_all(requests));
-    tokio::time::timeout(PATIENCE, emulator.wait_for(|s| s.other_requests >= 100))
+    emulator
+        .wait_for(|s| s.other_requests >= 100, PATIENCE)
         .await
         .expect("100 requests pass in time");
     // A burst of a fifth of the rate, then the rate: 100 need at least

@@ -185,7 +185,8 @@ async fn invalidations_are_rate_limited_per_key() {
             .invalidated
     );
     // Three fetches before, and the other key's replacement.
-    tokio::time::timeout(PATIENCE, emulator.wait_for(|s| s.identity_requests == 4))
+    emulator
+        .wait_for(|s| s.identity_requests == 4, PATIENCE)
         .await
         .expect("the other key's token is fetched again");
 }

@@ -163,7 +163,10 @@ async fn shutdown_lets_calls_in_flight_finish_within_the_grace() {
             .get_id_token(id_request("https://slow.run.app"))
             .await
     });
-    emulator.wait_for(|s| s.identity_requests == 1).await;
+    emulator
+        .wait_for(|s| s.identity_requests == 1, PATIENCE)
+        .await
+        .expect("the call reaches the metadata server");
     broker.signal(Signal::SIGTERM);
     let answer = call.await.unwrap();
     assert!(answer.is_ok(), "the call in flight was cut: {answer:?}");
@@ -183,7 +186,10 @@ async fn shutdown_lets_calls_in_flight_finish_within_the_grace() {
             .get_id_token(id_request("https://stuck.run.app"))
             .await
     });
-    emulator.wait_for(|s| s.identity_requests == 1).await;
+    emulator
+        .wait_for(|s| s.identity_requests == 1, PATIENCE)
+        .await
+        .expect("the call reaches the metadata server");
     let signalled = Instant::now();
     broker.signal(Signal::SIGTERM);
     assert!(broker.wait().await.success());
