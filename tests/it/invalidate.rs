@@ -2,11 +2,9 @@
 //! rejected; the broker drops it only if it is still the cached one, fetches
 //! one replacement for everybody, and rate-limits invalidations per key.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::{
+use crate::common::{
     Broker, PATIENCE, Scrape, access_request, emulator, id_request, invalidate_id, scrape_until,
 };
 use tokenbroker::emulator::EmulatorConfig;

@@ -2,11 +2,9 @@
 //! clients see, that no bad token is cached, that cached tokens keep
 //! flowing (a failed refresh never replaces them), and recovery.
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::{
+use crate::common::{
     Broker, PATIENCE, Scrape, claims, emulator_with_lifetime, id_request, scrape_until,
     with_deadline,
 };

@@ -1,12 +1,10 @@
 //! End-to-end behaviour of the broker binary against the emulator: sharing,
 //! keys, refresh, watch streams, outages, bad input.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
-use common::{
+use crate::common::{
     Broker, PATIENCE, access_request, claims, emulator, emulator_with_lifetime, id_request,
     with_deadline,
 };

@@ -3,9 +3,8 @@
 //! against the emulator's fake OAuth endpoint and IAM Credentials API, which
 //! verify the RS256 signature, the claims and the bearer tokens.
 
-mod common;
-
-use common::{
+use crate::common;
+use crate::common::{
     Broker, KEY_ACCOUNT, PATIENCE, TEST_KEYS, access_request, binary_fails, claims, emulator,
     id_request, key_json, trusted_key_file, write_file,
 };
@@ -646,11 +645,11 @@ async fn tls_front(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
     let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(include_bytes!("fixtures/test-only-tls-server.pem"))
+        CertificateDer::pem_slice_iter(include_bytes!("../fixtures/test-only-tls-server.pem"))
             .collect::<Result<_, _>>()
             .unwrap();
-    let key =
-        PrivateKeyDer::from_pem_slice(include_bytes!("fixtures/test-only-tls-server.key")).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(include_bytes!("../fixtures/test-only-tls-server.key"))
+        .unwrap();
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -1,11 +1,9 @@
 //! With the standard OTEL_EXPORTER_OTLP_* variables set, the broker exports
 //! its metrics and spans to an OTLP collector (a fake one here).
 
-mod common;
-
 use std::net::{Ipv4Addr, SocketAddr};
 
-use common::{Broker, PATIENCE, id_request};
+use crate::common::{Broker, PATIENCE, id_request};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };

@@ -2,10 +2,9 @@
 //! the shared cache, the metadata server's header rules and error codes,
 //! pass-through of everything else, and the policy on a Unix socket.
 
-mod common;
-
-use common::http::{Answer, Endpoint, get, send};
-use common::{Broker, Scrape, access_request, claims, emulator, id_request};
+use crate::common;
+use crate::common::http::{Answer, Endpoint, get, send};
+use crate::common::{Broker, Scrape, access_request, claims, emulator, id_request};
 use http::{Method, StatusCode};
 use tokenbroker::emulator::{
     DEFAULT_ACCOUNT, EmulatorConfig, Fault, FaultRule, PROJECT_ID, Target, ZONE,

@@ -3,12 +3,11 @@
 //! many processes at once, in two languages, cause one upstream fetch per
 //! key.
 
-mod common;
-
 use std::path::Path;
 use std::process::Output;
 
-use common::{Broker, PATIENCE, claims, emulator};
+use crate::common;
+use crate::common::{Broker, PATIENCE, claims, emulator};
 use tokenbroker::emulator::{DEFAULT_ACCOUNT, EmulatorConfig, Fault, FaultRule, PROJECT_ID};
 use tokio::process::Command;
 

@@ -3,12 +3,11 @@
 //! and their broker configuration works, the Dockerfile builds a non-root
 //! multi-stage image.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{BINARY, Broker, http_get};
+use crate::common;
+use crate::common::{BINARY, Broker, http_get};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -2,12 +2,11 @@
 //! no write, unsafe sink directories and modes stop the broker at start,
 //! and a sink the socket's group may read is warned about.
 
-mod common;
-
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 
-use common::Broker;
+use crate::common;
+use crate::common::Broker;
 use nix::sys::signal::Signal;
 
 const NOBODY: u32 = 65534;

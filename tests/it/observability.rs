@@ -1,11 +1,9 @@
 //! What operators see: metrics that move, health that follows the metadata
 //! server, reflection, and OTLP export.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{
+use crate::common::{
     Broker, PATIENCE, Scrape, access_request, emulator, emulator_with_lifetime, http_get,
     id_request, scrape_until,
 };

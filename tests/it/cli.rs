@@ -1,12 +1,11 @@
 //! `tokenbroker token access|id` against the real broker: output, the old
 //! command names, and one exit code per kind of failure.
 
-mod common;
-
 use std::path::Path;
 use std::process::Output;
 
-use common::{BINARY, Broker, PATIENCE, emulator};
+use crate::common;
+use crate::common::{BINARY, Broker, PATIENCE, emulator};
 use tokenbroker::emulator::{EmulatorConfig, Fault, FaultRule};
 use tokio::process::Command;
 
@@ -195,7 +194,7 @@ async fn each_failure_has_its_own_exit_code() {
         .unwrap();
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(stderr(&output).contains("is `tokenbroker serve` running"));
-    // (17, PERMISSION_DENIED, is checked in tests/security.rs.)
+    // (17, PERMISSION_DENIED, is checked in security.rs.)
 }
 
 #[tokio::test]

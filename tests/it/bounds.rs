@@ -4,13 +4,12 @@
 //! second, while the broker, run with the 1024-descriptor limit systemd
 //! gives services, stays within a bounded CPU and log.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::http::{Endpoint, get};
-use common::{BINARY, Broker, PATIENCE, Scrape, id_request, scrape_until};
+use crate::common;
+use crate::common::http::{Endpoint, get};
+use crate::common::{BINARY, Broker, PATIENCE, Scrape, id_request, scrape_until};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};

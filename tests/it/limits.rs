@@ -1,11 +1,10 @@
 //! Bounds: the upstream request rate under a storm of distinct keys, the
 //! number of keys and watch streams, and the shutdown grace period.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Broker, PATIENCE, emulator, id_request, with_deadline};
+use crate::common;
+use crate::common::{Broker, PATIENCE, emulator, id_request, with_deadline};
 use nix::sys::signal::Signal;
 use tokenbroker::emulator::{EmulatorConfig, Fault, FaultRule};
 use tokenbroker::proto::v1::{WatchTokenRequest, watch_token_request};

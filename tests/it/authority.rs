@@ -3,13 +3,11 @@
 //! else h2 would refuse. A malformed HTTP/2 stream closes its own connection
 //! with a connection error and touches no other.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::authority_shim::{Authority, AuthorityShim};
+use crate::common::{Broker, PATIENCE, claims, id_request};
 use bytes::{Buf, Bytes, BytesMut};
-use common::authority_shim::{Authority, AuthorityShim};
-use common::{Broker, PATIENCE, claims, id_request};
 use prost::Message;
 use tokenbroker::proto::v1::IdToken;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,11 +1,10 @@
 //! Who may get which token, and that tokens stay secret.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::{BINARY, Broker, Scrape, access_request, binary_fails, emulator, id_request};
+use crate::common;
+use crate::common::{BINARY, Broker, Scrape, access_request, binary_fails, emulator, id_request};
 use nix::sys::signal::Signal;
 use tokenbroker::emulator::EmulatorConfig;
 use tokenbroker::proto::v1::{GetIdTokenRequest, WatchTokenRequest, token, watch_token_request};

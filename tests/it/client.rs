@@ -1,11 +1,10 @@
 //! The typed Rust client (`tokenbroker::client::Client`) against the real
 //! broker: unary calls, the `watch` stream, and its errors.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Broker, PATIENCE, emulator_with_lifetime};
+use crate::common;
+use crate::common::{Broker, PATIENCE, emulator_with_lifetime};
 use futures_util::StreamExt;
 use tokenbroker::client::{Client, ClientError};
 use tokenbroker::proto::v1::{GetAccessTokenRequest, GetIdTokenRequest};

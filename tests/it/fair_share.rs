@@ -1,12 +1,12 @@
 //! Fair shares of the cache: one uid flooding it with keys, or asking for
 //! an unreachable `min_valid_for`, takes nothing from the others.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use common::{Broker, PATIENCE, Scrape, emulator_with_lifetime, id_request, with_deadline};
+use crate::common::{
+    self, Broker, PATIENCE, Scrape, emulator_with_lifetime, id_request, with_deadline,
+};
 use tokenbroker::proto::v1::GetIdTokenRequest;
 use tonic::Code;
 
@@ -96,7 +96,8 @@ async fn a_key_flood_from_one_uid_leaves_new_keys_to_the_others() {
         .arg(format!("--regid={NOBODY}"))
         .arg("--clear-groups")
         .arg(std::env::current_exe().unwrap())
-        .args(["flood_client", "--exact", "--ignored", "--nocapture"])
+        .arg(common::test_path(module_path!(), "flood_client"))
+        .args(["--exact", "--ignored", "--nocapture"])
         .env(FLOOD_SOCKET, &broker.socket)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -1,13 +1,12 @@
 //! `serve --config FILE` with the real binary: precedence of flags,
 //! environment and file, start-up errors, and file sinks.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{BINARY, Broker, emulator_with_lifetime};
+use crate::common;
+use crate::common::{BINARY, Broker, emulator_with_lifetime};
 use nix::sys::signal::Signal;
 
 fn socket_mode(path: &Path) -> u32 {

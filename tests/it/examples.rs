@@ -2,12 +2,11 @@
 //! against the real broker on the emulator: each watches an ID token and
 //! calls a local HTTP server with it, which checks the bearer token.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Broker, PATIENCE, emulator_with_lifetime};
+use crate::common;
+use crate::common::{Broker, PATIENCE, emulator_with_lifetime};
 use tokio::process::Command;
 
 fn root() -> &'static Path {

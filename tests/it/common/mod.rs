@@ -1,8 +1,6 @@
 //! Test harness: an in-process metadata server emulator and the real
 //! `tokenbroker` binary serving on a Unix socket in a temporary directory.
 
-#![allow(dead_code)]
-
 pub mod authority_shim;
 pub mod http;
 
@@ -27,6 +25,14 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_tokenbroker");
 /// Bound on anything a test waits for, so a broken broker fails the test
 /// instead of hanging it.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The name the test harness gives the test `name` in `module` (that
+/// module's `module_path!()`), for a test that runs this binary again to
+/// run one test of it: the path without the crate's name.
+pub fn test_path(module: &str, name: &str) -> String {
+    let (_crate, path) = module.split_once("::").expect("a module of the crate");
+    format!("{path}::{name}")
+}
 
 /// Starts an emulator on a free loopback port.
 pub async fn emulator(config: EmulatorConfig) -> Emulator {
@@ -511,12 +517,12 @@ pub fn valid_for(token: &str, audience: &str) -> bool {
 /// The test-only service-account key pairs under tests/fixtures/.
 pub const TEST_KEYS: [(&str, &[u8]); 2] = [
     (
-        include_str!("../fixtures/test-only-key-1.pem"),
-        include_bytes!("../fixtures/test-only-key-1.public.der"),
+        include_str!("../../fixtures/test-only-key-1.pem"),
+        include_bytes!("../../fixtures/test-only-key-1.public.der"),
     ),
     (
-        include_str!("../fixtures/test-only-key-2.pem"),
-        include_bytes!("../fixtures/test-only-key-2.public.der"),
+        include_str!("../../fixtures/test-only-key-2.pem"),
+        include_bytes!("../../fixtures/test-only-key-2.public.der"),
     ),
 ];
 

@@ -1,7 +1,6 @@
 //! The metadata server emulator keeps the real server's rules.
 
-mod common;
-
+use crate::common;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;

@@ -4,12 +4,11 @@
 //! `:authority`), and grpc-js sending the raw path, as grpc-java and grpcurl
 //! do.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::Broker;
+use crate::common;
+use crate::common::Broker;
 
 #[tokio::test]
 async fn a_stock_python_grpcio_client_calls_every_rpc_health_and_reflection() {

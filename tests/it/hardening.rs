@@ -1,12 +1,11 @@
 //! Process hardening with the real binary: the socket's lock file, and no
 //! core dumps unless `--allow-core-dumps`.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::{BINARY, Broker};
+use crate::common;
+use crate::common::{BINARY, Broker};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 const NOBODY: u32 = 65534;

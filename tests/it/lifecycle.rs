@@ -1,12 +1,11 @@
 //! The broker process: socket handling, signals, the built-in emulator and
 //! the command-line client.
 
-mod common;
-
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
 
-use common::{Broker, PATIENCE, binary_fails, emulator, id_request};
+use crate::common;
+use crate::common::{Broker, PATIENCE, binary_fails, emulator, id_request};
 use nix::sys::signal::Signal;
 use tokenbroker::emulator::EmulatorConfig;
 use tokenbroker::proto::v1::{WatchTokenRequest, watch_token_request};
@@ -149,7 +148,7 @@ async fn the_client_command_explains_a_missing_broker() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("nothing.sock");
     let stderr = binary_fails(["token", "access", "--socket", socket.to_str().unwrap()]).await;
-    // (the exit code, 3, is checked in tests/cli.rs)
+    // (the exit code, 3, is checked in cli.rs)
     assert!(
         stderr.contains("is `tokenbroker serve` running"),
         "{stderr}"
