@@ -4,15 +4,15 @@
 
 use std::time::{Duration, SystemTime};
 
+use tokenbroker::emulator::{Fault, FaultRule, Target};
+use tokenbroker::proto::v1::GetAccessTokenRequest;
+use tokenbroker::proto::v1::watch_token_request::Request;
+use tonic::Code;
+
 use crate::common::{
-    Broker, PATIENCE, Scrape, claims, emulator_with_lifetime, id_request, scrape_until,
+    Broker, Scrape, claims, emulator_with_lifetime, id_request, next_token, scrape_until,
     with_deadline,
 };
-use tokenbroker::emulator::{Fault, FaultRule, Target};
-use tokenbroker::proto::v1::{
-    GetAccessTokenRequest, WatchTokenRequest, token, watch_token_request,
-};
-use tonic::Code;
 
 /// Tokens live 6 s (5 s usable with a 1 s skew): refreshed after 2-2.5 s.
 const LIFETIME: Duration = Duration::from_secs(6);
@@ -40,47 +40,27 @@ enum Kind {
 async fn get(broker: &Broker, kind: Kind, name: &str) -> Result<String, tonic::Status> {
     let mut client = broker.client().await;
     let deadline = Duration::from_secs(10);
-    match kind {
-        Kind::Id => client
-            .get_id_token(with_deadline(
-                id_request(&format!("https://{name}.run.app")),
-                deadline,
-            ))
+    match request(kind, name) {
+        Request::IdToken(request) => client
+            .get_id_token(with_deadline(request, deadline))
             .await
             .map(|r| r.into_inner().token),
-        Kind::Access => {
-            let request = GetAccessTokenRequest {
-                scopes: vec![format!("scope:{name}")],
-                ..Default::default()
-            };
-            client
-                .get_access_token(with_deadline(request, deadline))
-                .await
-                .map(|r| r.into_inner().token)
-        }
+        Request::AccessToken(request) => client
+            .get_access_token(with_deadline(request, deadline))
+            .await
+            .map(|r| r.into_inner().token),
     }
 }
 
-fn watch(kind: Kind, name: &str) -> WatchTokenRequest {
-    let request = match kind {
-        Kind::Id => {
-            watch_token_request::Request::IdToken(id_request(&format!("https://{name}.run.app")))
-        }
-        Kind::Access => watch_token_request::Request::AccessToken(GetAccessTokenRequest {
+/// The request for a token of `kind` for a key named `name`.
+fn request(kind: Kind, name: &str) -> Request {
+    match kind {
+        Kind::Id => id_request(&format!("https://{name}.run.app")).into(),
+        Kind::Access => GetAccessTokenRequest {
             scopes: vec![format!("scope:{name}")],
             ..Default::default()
-        }),
-    };
-    WatchTokenRequest {
-        request: Some(request),
-    }
-}
-
-fn secret_of(message: tokenbroker::proto::v1::Token) -> String {
-    match message.token {
-        Some(token::Token::IdToken(t)) => t.token,
-        Some(token::Token::AccessToken(t)) => t.token,
-        None => panic!("empty token message"),
+        }
+        .into(),
     }
 }
 
@@ -96,13 +76,12 @@ async fn survive(kind: Kind, fault: Fault, says: &str) {
 
     // A cached key, watched so that its refreshes are seen.
     let mut watch = broker
-        .client()
+        .typed_client()
         .await
-        .watch_token(watch(kind, "cached"))
+        .watch(request(kind, "cached"))
         .await
-        .unwrap()
-        .into_inner();
-    let cached = secret_of(watch.message().await.unwrap().unwrap());
+        .unwrap();
+    let cached = next_token(&mut watch).await.secret().to_string();
     emulator.set_fault(Some(FaultRule {
         fault: fault.clone(),
         target,
@@ -133,13 +112,7 @@ async fn survive(kind: Kind, fault: Fault, says: &str) {
     emulator.set_fault(None);
     let fresh = get(&broker, kind, "uncached").await.unwrap();
     check_valid(kind, &fresh, &emulator, "uncached");
-    let refreshed = secret_of(
-        tokio::time::timeout(PATIENCE, watch.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-    );
+    let refreshed = next_token(&mut watch).await.secret().to_string();
     assert_ne!(refreshed, cached);
     check_valid(kind, &refreshed, &emulator, "cached");
 }

@@ -23,7 +23,6 @@ mod lifecycle;
 mod limits;
 mod metadata_endpoint;
 mod observability;
-mod otlp;
 mod polyglot;
 mod security;
 mod sinks;

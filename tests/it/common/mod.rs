@@ -1,38 +1,68 @@
-//! Test harness: an in-process metadata server emulator and the real
-//! `tokenbroker` binary serving on a Unix socket in a temporary directory.
+//! Test harness: an in-process metadata server emulator, the real
+//! `tokenbroker` binary serving on a Unix socket in a temporary directory
+//! ([`Broker`]), and the requests, waits, processes and files the tests
+//! share.
 
 pub mod authority_shim;
+mod broker;
+pub mod h2;
 pub mod http;
 
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Output;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use futures_util::StreamExt;
+use tokenbroker::client::{ClientError, TokenStream};
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
-use tokenbroker::proto::v1::token_broker_client::TokenBrokerClient;
-use tokenbroker::proto::v1::{GetAccessTokenRequest, GetIdTokenRequest};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::watch;
-use tonic::transport::Channel;
+use tokenbroker::proto::v1::{
+    GetAccessTokenRequest, GetIdTokenRequest, InvalidateTokenRequest, WatchTokenRequest, token,
+};
+use tokio::process::Command;
+
+pub use broker::Broker;
+pub use http::{Scrape, checking_server, scrape_until, wait_for_readyz};
 
 /// The binary under test.
 pub const BINARY: &str = env!("CARGO_BIN_EXE_tokenbroker");
 /// Bound on anything a test waits for, so a broken broker fails the test
 /// instead of hanging it.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+/// The uid (and gid) that tests run hostile or unprivileged processes as.
+pub const NOBODY: u32 = 65534;
 
-/// The name the test harness gives the test `name` in `module` (that
-/// module's `module_path!()`), for a test that runs this binary again to
-/// run one test of it: the path without the crate's name.
-pub fn test_path(module: &str, name: &str) -> String {
-    let (_crate, path) = module.split_once("::").expect("a module of the crate");
-    format!("{path}::{name}")
+// === Waits ===
+
+/// Awaits `future` for at most [`PATIENCE`]; past that the test fails,
+/// naming `what` it waited for.
+pub async fn in_time<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {PATIENCE:?}"))
 }
+
+/// Polls `condition` every 20 ms until it holds, for at most [`PATIENCE`];
+/// past that the test fails with `what` and the last `describe()`.
+pub async fn poll_until(
+    what: &str,
+    mut condition: impl FnMut() -> bool,
+    describe: impl Fn() -> String,
+) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {PATIENCE:?}; {}",
+            describe()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// === The emulator ===
 
 /// Starts an emulator on a free loopback port.
 pub async fn emulator(config: EmulatorConfig) -> Emulator {
@@ -51,161 +81,7 @@ pub async fn emulator_with_lifetime(lifetime: Duration) -> Emulator {
     .await
 }
 
-/// A running `tokenbroker serve`; killed when dropped.
-pub struct Broker {
-    child: Child,
-    pub socket: PathBuf,
-    pub dir: tempfile::TempDir,
-    logs: Arc<Mutex<String>>,
-    log_lines: watch::Receiver<usize>,
-}
-
-impl Broker {
-    /// `tokenbroker serve` against `emulator`, with extra flags.
-    pub async fn start(emulator: &Emulator, extra: &[&str]) -> Broker {
-        let mut args = vec!["--metadata-host".to_string(), emulator.host()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(args, &[]).await
-    }
-
-    /// `tokenbroker serve --socket DIR/tokenbroker.sock ARGS`, waiting until
-    /// it logs that it is ready.
-    pub async fn spawn(args: Vec<String>, env: &[(&str, &str)]) -> Broker {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("tokenbroker.sock");
-        let broker = Self::spawn_at(&socket, dir, args, env);
-        broker.wait_for_log("tokenbroker ready").await;
-        broker
-    }
-
-    /// Starts the binary without waiting for readiness.
-    pub fn spawn_at(
-        socket: &Path,
-        dir: tempfile::TempDir,
-        args: Vec<String>,
-        env: &[(&str, &str)],
-    ) -> Broker {
-        let mut command = binary();
-        command
-            .arg("serve")
-            .arg("--socket")
-            .arg(socket)
-            .args(&args)
-            .envs(env.iter().copied());
-        Self::spawn_command(command, socket, dir)
-    }
-
-    /// Runs `command` (which starts `tokenbroker serve` on `socket`, maybe
-    /// through a wrapper) with the harness's environment and log capture,
-    /// without waiting for readiness.
-    pub fn spawn_command(mut command: Command, socket: &Path, dir: tempfile::TempDir) -> Broker {
-        let set =
-            |command: &Command, name: &str| command.as_std().get_envs().any(|(key, _)| key == name);
-        // Credentials discovery sees only what a test gives it: no
-        // variables, and a home without gcloud credentials.
-        scrub_env(&mut command);
-        if !set(&command, "HOME") {
-            command.env("HOME", dir.path());
-        }
-        if !set(&command, "RUST_LOG") {
-            command.env(
-                "RUST_LOG",
-                std::env::var("TEST_BROKER_LOG").unwrap_or_else(|_| "info".into()),
-            );
-        }
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().expect("tokenbroker binary starts");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let logs = Arc::new(Mutex::new(String::new()));
-        let (lines_tx, log_lines) = watch::channel(0);
-        let sink = logs.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[broker] {line}");
-                let mut logs = sink.lock().unwrap();
-                logs.push_str(&line);
-                logs.push('\n');
-                drop(logs);
-                lines_tx.send_modify(|n| *n += 1);
-            }
-        });
-        Broker {
-            child,
-            socket: socket.to_path_buf(),
-            dir,
-            logs,
-            log_lines,
-        }
-    }
-
-    /// Everything the broker logged so far.
-    pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
-    }
-
-    /// Waits until the logs contain `needle`.
-    pub async fn wait_for_log(&self, needle: &str) {
-        let mut lines = self.log_lines.clone();
-        let found =
-            tokio::time::timeout(PATIENCE, lines.wait_for(|_| self.logs().contains(needle))).await;
-        assert!(
-            matches!(found, Ok(Ok(_))),
-            "broker never logged {needle:?}; logs:\n{}",
-            self.logs()
-        );
-    }
-
-    /// Waits until at least `count` log lines contain every one of `needles`.
-    pub async fn wait_for_log_lines(&self, needles: &[&str], count: usize) {
-        let matching = |logs: &str| {
-            logs.lines()
-                .filter(|line| needles.iter().all(|needle| line.contains(needle)))
-                .count()
-        };
-        let mut lines = self.log_lines.clone();
-        let found = tokio::time::timeout(
-            PATIENCE,
-            lines.wait_for(|_| matching(&self.logs()) >= count),
-        )
-        .await;
-        assert!(
-            matches!(found, Ok(Ok(_))),
-            "broker never logged {count} lines with {needles:?}; logs:\n{}",
-            self.logs()
-        );
-    }
-
-    /// A client connected over the socket.
-    pub async fn client(&self) -> TokenBrokerClient<Channel> {
-        tokenbroker::client::connect(&self.socket)
-            .await
-            .expect("client connects")
-    }
-
-    /// The broker's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id().expect("broker is running")
-    }
-
-    /// Sends `signal` to the broker.
-    pub fn signal(&self, signal: Signal) {
-        let pid = self.child.id().expect("broker is running");
-        kill(Pid::from_raw(pid as i32), signal).expect("signal delivered");
-    }
-
-    /// Waits for the broker to exit.
-    pub async fn wait(&mut self) -> ExitStatus {
-        tokio::time::timeout(PATIENCE, self.child.wait())
-            .await
-            .expect("broker exits in time")
-            .expect("wait works")
-    }
-}
+// === Requests and tokens ===
 
 /// A `GetIdTokenRequest` for `audience` with defaults elsewhere.
 pub fn id_request(audience: &str) -> GetIdTokenRequest {
@@ -223,13 +99,24 @@ pub fn access_request(scopes: &[&str]) -> GetAccessTokenRequest {
     }
 }
 
+/// A `WatchTokenRequest` following `request` (an ID or access token).
+pub fn watch(
+    request: impl Into<tokenbroker::proto::v1::watch_token_request::Request>,
+) -> WatchTokenRequest {
+    WatchTokenRequest {
+        request: Some(request.into()),
+    }
+}
+
+/// A `WatchTokenRequest` following the ID token for `audience`.
+pub fn watch_id(audience: &str) -> WatchTokenRequest {
+    watch(id_request(audience))
+}
+
 /// An `InvalidateTokenRequest` handing back `token`, obtained as the ID
 /// token for `audience` with defaults elsewhere.
-pub fn invalidate_id(
-    audience: &str,
-    token: &str,
-) -> tokenbroker::proto::v1::InvalidateTokenRequest {
-    use tokenbroker::proto::v1::{InvalidateTokenRequest, invalidate_token_request};
+pub fn invalidate_id(audience: &str, token: &str) -> InvalidateTokenRequest {
+    use tokenbroker::proto::v1::invalidate_token_request;
     InvalidateTokenRequest {
         request: Some(invalidate_token_request::Request::IdToken(id_request(
             audience,
@@ -238,11 +125,55 @@ pub fn invalidate_id(
     }
 }
 
+/// Hands `request`'s token back over `client`: whether the broker dropped
+/// it (it was still the cached one).
+pub async fn invalidated(
+    client: &mut tokenbroker::proto::v1::token_broker_client::TokenBrokerClient<
+        tonic::transport::Channel,
+    >,
+    request: InvalidateTokenRequest,
+) -> bool {
+    client
+        .invalidate_token(request)
+        .await
+        .expect("the invalidation is accepted")
+        .into_inner()
+        .invalidated
+}
+
 /// A request carrying a gRPC deadline.
 pub fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(deadline);
     request
+}
+
+/// The next token of a typed client's watch, within [`PATIENCE`].
+pub async fn next_token(tokens: &mut TokenStream) -> token::Token {
+    match in_time("the next token of the watch", tokens.next()).await {
+        Some(Ok(token)) => token,
+        Some(Err(error)) => panic!("the watch failed: {error}"),
+        None => panic!("the watch ended"),
+    }
+}
+
+/// The status a typed client's watch ends with, within [`PATIENCE`].
+pub async fn watch_end(tokens: &mut TokenStream) -> tonic::Status {
+    match in_time("the end of the watch", tokens.next()).await {
+        Some(Err(ClientError::Status(status))) => status,
+        Some(Err(error)) => panic!("the watch failed without a status: {error}"),
+        Some(Ok(_)) => panic!("the watch sent a token instead of ending"),
+        None => panic!("the watch ended without a status"),
+    }
+}
+
+/// The next message of a raw `WatchToken` stream, within [`PATIENCE`].
+pub async fn next_message(
+    stream: &mut tonic::Streaming<tokenbroker::proto::v1::Token>,
+) -> Result<tokenbroker::proto::v1::Token, tonic::Status> {
+    in_time("the next message of the watch", stream.message())
+        .await
+        .map(|message| message.expect("the stream goes on"))
 }
 
 /// The claims of a JWT, decoded without verification.
@@ -255,153 +186,20 @@ pub fn claims(jwt: &str) -> serde_json::Value {
     serde_json::from_slice(&bytes).expect("payload is JSON")
 }
 
-impl Broker {
-    /// The address of `--metrics-addr`, read from the broker's logs.
-    pub async fn metrics_addr(&self) -> std::net::SocketAddr {
-        self.logged_addr("metrics_addr").await
-    }
-
-    /// The TCP address of `--metadata-addr`, read from the broker's logs.
-    pub async fn metadata_addr(&self) -> std::net::SocketAddr {
-        self.logged_addr("metadata_addr").await
-    }
-
-    /// The address of `serve --emulator`'s emulator, read from the logs.
-    pub async fn emulator_addr(&self) -> std::net::SocketAddr {
-        self.logged_addr("\"addr\":").await
-    }
-
-    /// The address logged in the field `field`.
-    async fn logged_addr(&self, field: &str) -> std::net::SocketAddr {
-        self.wait_for_log(field).await;
-        let logs = self.logs();
-        let start = logs.find(field).unwrap() + field.len();
-        let addr: String = logs[start..]
-            .trim_start_matches(|c: char| !c.is_ascii_digit())
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-            .collect();
-        addr.parse()
-            .unwrap_or_else(|_| panic!("no {field} address in the logs"))
-    }
-}
-
-/// Installs the pinned Python and Node packages the cross-language tests
-/// run (`tests/setup-deps.sh`, into `target/`); a no-op once installed.
-pub fn install_test_deps(which: &[&str]) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let status = std::process::Command::new(root.join("tests/setup-deps.sh"))
-        .args(which)
-        .status()
-        .expect("tests/setup-deps.sh runs");
-    assert!(status.success(), "tests/setup-deps.sh {which:?} failed");
-}
-
-/// The Python of the test virtualenv (`target/python`).
-pub fn python() -> PathBuf {
-    install_test_deps(&["python"]);
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/python/bin/python")
-}
-
-/// `NODE_PATH` for the test packages (`target/node/node_modules`).
-pub fn node_path() -> PathBuf {
-    install_test_deps(&["node"]);
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node/node_modules")
-}
-
-/// `NODE_PATH` for the Node example's packages
-/// (`target/node-example/node_modules`).
-pub fn node_example_path() -> PathBuf {
-    install_test_deps(&["node"]);
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/node-example/node_modules")
-}
-
-/// `GET http://{addr}{path}`: status and body.
-pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let answer = http::send(
-        http::Endpoint::Tcp(addr),
-        ::http::Method::GET,
-        path,
-        &[("host", "localhost")],
-    )
-    .await;
-    (answer.status.as_u16(), answer.body)
-}
-
-/// The Prometheus text of a broker's `/metrics`.
-pub struct Scrape(pub String);
-
-impl Scrape {
-    /// Scrapes `addr`.
-    pub async fn of(addr: std::net::SocketAddr) -> Scrape {
-        let (status, body) = http_get(addr, "/metrics").await;
-        assert_eq!(status, 200);
-        Scrape(body)
-    }
-
-    /// The value of the series `name` whose labels include all of
-    /// `labels`, summed over the other labels; 0 if there is none.
-    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| {
-                let (series, value) = line.rsplit_once(' ')?;
-                let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
-                (series_name == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\""))))
-                .then(|| value.parse::<f64>().ok())?
-            })
-            .sum()
-    }
-}
-
-/// Polls `/readyz` on `addr` until it answers 200 (readiness follows a
-/// background probe, which no client can await).
-pub async fn wait_until_ready(addr: std::net::SocketAddr) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while http_get(addr, "/readyz").await.0 != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Scrapes until `condition` holds (metrics of stream ends are recorded
-/// when the broker notices the client left, which no client can await).
-pub async fn scrape_until(
-    addr: std::net::SocketAddr,
-    condition: impl Fn(&Scrape) -> bool,
-) -> Scrape {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        // The listener may refuse a connection while it is at its bound.
-        let answer = http::try_send(
-            http::Endpoint::Tcp(addr),
-            ::http::Method::GET,
-            "/metrics",
-            &[("host", "localhost")],
-        )
-        .await;
-        let last = match answer {
-            Ok(answer) if answer.status == 200 => {
-                let scrape = Scrape(answer.body);
-                if condition(&scrape) {
-                    return scrape;
-                }
-                scrape.0
-            }
-            Ok(answer) => format!("status {}: {}", answer.status, answer.body),
-            Err(error) => error,
-        };
+/// Asserts that no 16-byte window of `secret` is in `logs`: any piece of a
+/// secret would be a leak, not just all of it.
+pub fn assert_no_piece_of(secret: &str, logs: &str) {
+    let bytes = secret.as_bytes();
+    for start in (0..bytes.len().saturating_sub(16)).step_by(8) {
+        let piece = std::str::from_utf8(&bytes[start..start + 16]).unwrap();
         assert!(
-            tokio::time::Instant::now() < deadline,
-            "metrics never matched:\n{last}"
+            !logs.contains(piece),
+            "a piece of a secret is in the logs: {piece}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// === Processes ===
 
 /// Prefixes of the environment variables that change what the binary does
 /// (its flags' fallbacks, OpenTelemetry, credentials discovery, the
@@ -437,6 +235,97 @@ pub fn binary() -> Command {
     command
 }
 
+/// `program` run as uid and gid `uid` with no supplementary groups (by
+/// `setpriv`, which needs root).
+pub fn as_uid(uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .arg(program);
+    command
+}
+
+/// Whether this process is root, which the parts of a test that run as
+/// another uid or give files away need; says so when it is not.
+pub fn is_root(needed_for: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        eprintln!("not root: {needed_for} is left out");
+    }
+    root
+}
+
+/// Runs `command` to its end, within [`PATIENCE`]: what it printed.
+pub async fn output(command: &mut Command) -> Output {
+    output_within(command, PATIENCE).await
+}
+
+/// Runs `command` to its end, within `limit` (for builds, which take
+/// longer than anything a test waits for): what it printed.
+pub async fn output_within(command: &mut Command, limit: Duration) -> Output {
+    let program = format!("{:?}", command.as_std().get_program());
+    tokio::time::timeout(limit, command.kill_on_drop(true).output())
+        .await
+        .unwrap_or_else(|_| panic!("{program} did not exit within {limit:?}"))
+        .unwrap_or_else(|error| panic!("{program} runs: {error}"))
+}
+
+/// Runs `command`, which must succeed, within [`PATIENCE`]: its stdout.
+pub async fn succeeds(command: &mut Command) -> String {
+    succeeds_within(command, PATIENCE).await
+}
+
+/// Runs `command`, which must succeed, within `limit`: its stdout.
+pub async fn succeeds_within(command: &mut Command, limit: Duration) -> String {
+    let output = output_within(command, limit).await;
+    assert!(
+        output.status.success(),
+        "{:?} failed ({}):\n{}",
+        command.as_std().get_program(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+/// A running process whose output a test reads line by line; killed when
+/// dropped.
+pub struct Printing {
+    pub child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Printing {
+    /// Starts `command` with its stdout piped.
+    pub fn spawn(command: &mut Command) -> Printing {
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the program starts");
+        let stdout = child.stdout.take().unwrap();
+        let lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        Printing { child, lines }
+    }
+
+    /// The next line printed, within [`PATIENCE`].
+    pub async fn next_line(&mut self) -> String {
+        in_time("the next line of output", self.lines.next_line())
+            .await
+            .expect("stdout reads")
+            .expect("another line before the end")
+    }
+
+    /// Waits for the process to exit, within [`PATIENCE`].
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        in_time("the program exiting", self.child.wait())
+            .await
+            .expect("wait works")
+    }
+}
+
 /// Runs the binary with `args`, which must fail; returns what it printed
 /// on stderr.
 pub async fn binary_fails<I, S>(args: I) -> String
@@ -444,74 +333,142 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let output = tokio::time::timeout(PATIENCE, binary().args(args).output())
-        .await
-        .expect("the binary exits in time")
-        .expect("the binary runs");
+    let output = output(binary().args(args)).await;
     assert!(!output.status.success(), "succeeded unexpectedly");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// A server at `http://{addr}/hello` that answers 200 to a bearer ID token
-/// for that URL that has not expired, and 401 to anything else; it keeps
-/// every token it accepted.
-pub async fn checking_server() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let audience = format!("http://{addr}/hello");
-    let accepted = Arc::new(Mutex::new(Vec::new()));
-    let seen = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let audience = audience.clone();
-            let seen = seen.clone();
-            let service = hyper::service::service_fn(
-                move |request: hyper::Request<hyper::body::Incoming>| {
-                    let status = match bearer(&request) {
-                        Some(token)
-                            if valid_for(&token, &audience) && request.uri().path() == "/hello" =>
-                        {
-                            seen.lock().unwrap().push(token);
-                            hyper::StatusCode::OK
-                        }
-                        _ => hyper::StatusCode::UNAUTHORIZED,
-                    };
-                    let response = hyper::Response::builder()
-                        .status(status)
-                        .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                            b"hello",
-                        )))
-                        .unwrap();
-                    async move { Ok::<_, std::convert::Infallible>(response) }
-                },
-            );
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
-        }
-    });
-    (addr, accepted)
+/// `serve --config CONFIG --socket SOCKET`, which must refuse to start:
+/// what it printed on stderr. The socket was never bound.
+pub async fn serve_fails(config: &str, socket: &Path) -> String {
+    let stderr = binary_fails([
+        "serve",
+        "--config",
+        config,
+        "--socket",
+        socket.to_str().unwrap(),
+    ])
+    .await;
+    assert!(!socket.exists(), "the broker never served");
+    stderr
 }
 
-pub fn bearer<B>(request: &hyper::Request<B>) -> Option<String> {
-    let header = request.headers().get("authorization")?.to_str().ok()?;
-    Some(header.strip_prefix("Bearer ")?.to_string())
-}
-
-pub fn valid_for(token: &str, audience: &str) -> bool {
-    if token.split('.').count() != 3 {
-        return false;
-    }
-    let claims = claims(token);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+/// The CPU time (user and system) the process `pid` used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses: utime and
+    // stime are fields 14 and 15, in clock ticks.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .unwrap()
-        .as_secs();
-    claims["aud"] == audience && claims["exp"].as_u64().is_some_and(|exp| exp > now)
+        .unwrap() as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// The name the test harness gives the test `name` in `module` (that
+/// module's `module_path!()`), for a test that runs this binary again to
+/// run one test of it: the path without the crate's name.
+pub fn test_path(module: &str, name: &str) -> String {
+    let (_crate, path) = module.split_once("::").expect("a module of the crate");
+    format!("{path}::{name}")
+}
+
+/// Installs the pinned Python and Node packages the cross-language tests
+/// run (`tests/setup-deps.sh`, into `target/`); a no-op once installed.
+pub fn install_test_deps(which: &[&str]) {
+    let status = std::process::Command::new(root().join("tests/setup-deps.sh"))
+        .args(which)
+        .status()
+        .expect("tests/setup-deps.sh runs");
+    assert!(status.success(), "tests/setup-deps.sh {which:?} failed");
+}
+
+/// [`install_test_deps`] off the async runtime's threads.
+pub async fn install_test_deps_async(which: &'static [&'static str]) {
+    tokio::task::spawn_blocking(move || install_test_deps(which))
+        .await
+        .unwrap();
+}
+
+/// The Python of the test virtualenv (`target/python`).
+pub async fn python() -> PathBuf {
+    install_test_deps_async(&["python"]).await;
+    root().join("target/python/bin/python")
+}
+
+/// `NODE_PATH` for the test packages (`target/node/node_modules`).
+pub async fn node_path() -> PathBuf {
+    install_test_deps_async(&["node"]).await;
+    root().join("target/node/node_modules")
+}
+
+/// `NODE_PATH` for the Node example's packages
+/// (`target/node-example/node_modules`).
+pub async fn node_example_path() -> PathBuf {
+    install_test_deps_async(&["node"]).await;
+    root().join("target/node-example/node_modules")
+}
+
+// === Files ===
+
+/// The repository's root.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Sets the permission bits of `path`.
+pub fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The permission bits of `path`.
+pub fn mode_of(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// The names in the directory `dir`.
+pub fn names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Writes `text` to `dir/tokenbroker.toml`; returns the path, as a flag.
+pub fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("tokenbroker.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// A config file's `[[sink]]` table writing the ID token for `audience` to
+/// `path`, with `extra` lines (`mode = "0600"`, ...).
+pub fn id_sink(path: &Path, audience: &str, extra: &[&str]) -> String {
+    let mut table =
+        format!("\n[[sink]]\npath = {path:?}\nid_token = {{ audience = \"{audience}\" }}\n");
+    for line in extra {
+        table.push_str(line);
+        table.push('\n');
+    }
+    table
+}
+
+/// Writes `text` to `dir/policy.toml`; returns the path, as a flag.
+pub fn write_policy(dir: &Path, text: &str) -> String {
+    let path = dir.join("policy.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// A policy of one rule: `uid` may have the ID tokens of `audiences` for
+/// `service_accounts`.
+pub fn policy_rule(uid: u32, service_accounts: &str, audiences: &str) -> String {
+    format!(
+        "[[allow]]\nuids = [{uid}]\nservice_accounts = [\"{service_accounts}\"]\naudiences = [\"{audiences}\"]\n"
+    )
 }
 
 /// The test-only service-account key pairs under tests/fixtures/.
@@ -546,11 +503,10 @@ pub fn key_json(emulator: &Emulator, kid: &str) -> serde_json::Value {
 
 /// Writes `json` to `dir/name` with permissions `mode`; returns the path.
 pub fn write_file(dir: &Path, name: &str, json: &serde_json::Value, mode: u32) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
     let path = dir.join(name);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, serde_json::to_string_pretty(json).unwrap()).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    chmod(&path, mode);
     path
 }
 
