@@ -14,6 +14,8 @@ use crate::common::{
     with_deadline,
 };
 
+/// How soon a call for an uncached token fails during an outage.
+const OUTAGE_REPORTED_WITHIN: Duration = Duration::from_millis(1500);
 /// Tokens live 6 s (5 s usable with a 1 s skew): refreshed after 2-2.5 s.
 const LIFETIME: Duration = Duration::from_secs(6);
 /// Under a hanging server a failed refresh takes the whole retry budget
@@ -225,12 +227,12 @@ async fn transient_failures_are_retried_within_one_call() {
 }
 
 #[tokio::test]
-async fn an_outage_is_reported_quickly_not_at_the_callers_deadline() {
+async fn an_outage_is_reported_within_about_a_second_not_at_the_callers_deadline() {
     let emulator = emulator_with_lifetime(Duration::from_secs(3600)).await;
     let broker = Broker::start(&emulator, &[]).await;
+    let mut client = broker.client().await;
     emulator.stop().await;
     let started = std::time::Instant::now();
-    let mut client = broker.client().await;
     let error = client
         .get_id_token(with_deadline(
             id_request("https://a.run.app"),
@@ -244,9 +246,11 @@ async fn an_outage_is_reported_quickly_not_at_the_callers_deadline() {
         "{}",
         error.message()
     );
-    // Four quick attempts with sub-second backoff, far from the 60 s deadline.
+    // "Within about a second" (README): four attempts, each refused at
+    // once, with at most 100 + 200 + 400 ms of backoff between them; far
+    // from the 60 s deadline. The rest of the second is for a busy machine.
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < OUTAGE_REPORTED_WITHIN,
         "{:?}",
         started.elapsed()
     );
