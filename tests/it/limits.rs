@@ -8,7 +8,8 @@ use tokenbroker::emulator::{EmulatorConfig, Fault, FaultRule};
 use tonic::Code;
 
 use crate::common::{
-    self, Broker, PATIENCE, emulator, id_request, in_time, watch_id, with_deadline,
+    self, BINARY, Broker, NOBODY, PATIENCE, Printing, as_uid, chmod, emulator, id_request, in_time,
+    output, watch_id, with_deadline,
 };
 
 /// The most arrivals within any one-second window.
@@ -95,9 +96,27 @@ async fn the_number_of_keys_is_bounded() {
     assert!(client.get_id_token(id_request("a")).await.is_ok());
 }
 
+/// `tokenbroker token id --watch` for `audience` on `broker`, as `nobody`.
+fn watch_as_nobody(broker: &Broker, audience: &str) -> tokio::process::Command {
+    let mut command = as_uid(NOBODY, BINARY);
+    command
+        .args(["token", "id", "--watch", "--audience", audience, "--socket"])
+        .arg(&broker.socket);
+    command
+}
+
 #[tokio::test]
 async fn watch_streams_are_bounded_per_uid_and_in_total() {
-    let broker = Broker::emulated(&["--max-watchers-per-uid", "2", "--max-watchers", "3"]).await;
+    let broker = Broker::emulated(&[
+        "--max-watchers-per-uid",
+        "2",
+        "--max-watchers",
+        "3",
+        "--socket-mode",
+        "0666",
+    ])
+    .await;
+    chmod(broker.dir.path(), 0o755);
     let client = broker.client().await;
     let mut open = Vec::new();
     for audience in ["a", "b"] {
@@ -119,6 +138,34 @@ async fn watch_streams_are_bounded_per_uid_and_in_total() {
     );
     // Unary calls are not affected.
     assert!(client.clone().get_id_token(id_request("c")).await.is_ok());
+
+    if common::is_root("reaching the total with another uid's streams") {
+        // Another uid has a place of its own: the third stream, which
+        // reaches the total.
+        let mut third = Printing::spawn(&mut watch_as_nobody(&broker, "d"));
+        third.next_line().await;
+        // Past the total nobody gets one, though under its own share.
+        let refused = output(&mut watch_as_nobody(&broker, "e")).await;
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(
+            refused.status.code(),
+            Some(18),
+            "RESOURCE_EXHAUSTED: {stderr}"
+        );
+        assert!(
+            stderr.contains("too many open watch streams") && !stderr.contains("for this uid"),
+            "{stderr}"
+        );
+        let error = client.clone().watch_token(watch_id("f")).await.unwrap_err();
+        assert_eq!(error.code(), Code::ResourceExhausted);
+        assert!(
+            !error.message().contains("for this uid"),
+            "{}",
+            error.message()
+        );
+        // The other uid's stream ending frees a place in the total.
+        drop(third);
+    }
 
     // A closed stream frees its place (once the broker notices).
     open.pop();
