@@ -9,6 +9,9 @@ use crate::common::{
     self, Broker, NOBODY, as_uid, chmod, id_sink, names, serve_fails, succeeds, write_config,
 };
 
+/// A group that neither this process nor `nobody` is in.
+const OTHER_GID: u32 = 12345;
+
 fn is_root() -> bool {
     common::is_root("a broker with CAP_CHOWN and another uid")
 }
@@ -160,7 +163,14 @@ async fn unsafe_sink_directories_stop_the_broker_with_a_clear_error() {
 #[tokio::test]
 async fn a_sink_the_socket_group_may_read_is_warned_about() {
     let dir = tempfile::tempdir().unwrap();
-    let gid = nix::unistd::getegid();
+    // Root gives the files a group it is not in, so that the group shows;
+    // others can only name their own.
+    let root = is_root();
+    let gid = if root {
+        OTHER_GID
+    } else {
+        nix::unistd::getegid().as_raw()
+    };
     let group = format!("group = \"{gid}\"");
     let shared = dir.path().join("shared.jwt");
     let private = dir.path().join("private.jwt");
@@ -190,4 +200,16 @@ async fn a_sink_the_socket_group_may_read_is_warned_about() {
         0o640,
         "a group's default mode"
     );
+    assert_eq!(std::fs::metadata(&private).unwrap().mode() & 0o777, 0o600);
+    if root {
+        assert_ne!(nix::unistd::getegid().as_raw(), OTHER_GID);
+        for path in [&shared, &private, &broker.socket] {
+            assert_eq!(
+                std::fs::metadata(path).unwrap().gid(),
+                OTHER_GID,
+                "{}",
+                path.display()
+            );
+        }
+    }
 }
