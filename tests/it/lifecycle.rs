@@ -157,9 +157,65 @@ async fn the_client_command_prints_and_watches_tokens() {
     assert!(emulator.token_info(&second).is_some());
 }
 
+/// Flags of `serve` whose absence is their default (a feature off, a
+/// file not read): their help says so in words, without `[default: ]`.
+const OPTIONAL_FLAGS: [&str; 8] = [
+    "--config",
+    "--socket-group",
+    "--policy",
+    "--credentials",
+    "--impersonate",
+    "--delegates",
+    "--metrics-addr",
+    "--metadata-addr",
+];
+
 #[tokio::test]
 async fn help_explains_every_flag_with_its_default() {
     let help = succeeds(binary().args(["serve", "--help"])).await;
+    // Each option's entry: its `--flag <VALUE>` line, then the indented
+    // explanation, `[env: ]` and `[default: ]` lines.
+    let mut entries: Vec<(String, Vec<&str>)> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if (2..=6).contains(&indent) && trimmed.starts_with('-') {
+            let flag = trimmed
+                .split([' ', ','])
+                .find(|word| word.starts_with("--"))
+                .expect("a long flag")
+                .to_string();
+            entries.push((flag, Vec::new()));
+        } else if let Some((_, text)) = entries.last_mut()
+            && !trimmed.is_empty()
+        {
+            text.push(trimmed);
+        }
+    }
+    assert!(entries.len() > 30, "{help}");
+    for (flag, text) in &entries {
+        if flag == "--help" || flag == "--version" {
+            continue;
+        }
+        let explanation = text.iter().find(|line| !line.starts_with('['));
+        assert!(
+            explanation.is_some_and(|line| line.len() > 20),
+            "{flag} is not explained:\n{help}"
+        );
+        assert!(
+            text.iter().any(|line| line.starts_with("[env: ")),
+            "{flag} names no environment variable"
+        );
+        let takes_value = help
+            .lines()
+            .any(|line| line.trim_start().starts_with(&format!("{flag} <")));
+        if takes_value && !OPTIONAL_FLAGS.contains(&flag.as_str()) {
+            assert!(
+                text.iter().any(|line| line.starts_with("[default: ")),
+                "{flag} shows no default"
+            );
+        }
+    }
     for flag in [
         "--socket",
         "--socket-mode",
