@@ -205,27 +205,30 @@ async fn background_refreshes_are_counted() {
 #[tokio::test]
 async fn audiences_become_labels_only_when_asked() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let mut flags = metrics_flags();
-    flags.push("--metrics-label-audience");
-    let broker = Broker::start(&emulator, &flags).await;
-    let addr = broker.metrics_addr().await;
-    broker
-        .typed_client()
-        .await
-        .id_token(id_request("https://labelled.run.app"))
-        .await
-        .unwrap();
-    let scrape = Scrape::of(addr).await;
-    assert_eq!(
-        scrape.value(
-            REQUESTS,
-            &[
-                ("audience", "https://labelled.run.app"),
-                ("outcome", "miss")
-            ]
-        ),
-        1.0
-    );
+    // The same request to a broker asked to label audiences, and to one
+    // not asked.
+    for (asked, expected) in [(true, 1.0), (false, 0.0)] {
+        let mut flags = metrics_flags();
+        if asked {
+            flags.push("--metrics-label-audience");
+        }
+        let broker = Broker::start(&emulator, &flags).await;
+        let addr = broker.metrics_addr().await;
+        broker
+            .typed_client()
+            .await
+            .id_token(id_request("https://labelled.run.app"))
+            .await
+            .unwrap();
+        let scrape = Scrape::of(addr).await;
+        let labelled = [
+            ("audience", "https://labelled.run.app"),
+            ("outcome", "miss"),
+        ];
+        assert_eq!(scrape.value(REQUESTS, &labelled), expected, "{flags:?}");
+        assert_eq!(scrape.value(REQUESTS, &[("outcome", "miss")]), 1.0);
+        assert_eq!(scrape.0.contains("labelled.run.app"), asked, "{}", scrape.0);
+    }
 }
 
 #[tokio::test]
