@@ -213,6 +213,20 @@ async fn long_polls_are_bounded_per_uid_and_in_all() {
     .await;
     assert_eq!(token.status, 200, "{}", token.body);
     stayed_calm(&broker, cpu_before, since);
+
+    // On TCP the peer's uid is unknown and only the bound in all applies:
+    // of 100 long-polls, 64 wait.
+    let tcp = limited_broker(|_| vec!["--metadata-addr".into(), "127.0.0.1:0".into()]).await;
+    let addr = tcp.metadata_addr().await;
+    let held = hold(NOBODY, &format!("tcp:{addr}"), 100, Some(poll)).await;
+    assert_eq!(held.count("held_open"), 64, "{}", held.report);
+    assert_eq!(
+        held.status("HTTP/1.1 429 Too Many Requests"),
+        100 - 64,
+        "{}",
+        held.report
+    );
+    others_still_get_tokens(&tcp).await;
 }
 
 #[tokio::test]
