@@ -1,9 +1,10 @@
 //! What operators see: metrics that move, health that follows the metadata
 //! server, reflection, and OTLP export.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokenbroker::emulator::{EmulatorConfig, Fault, FaultRule, Target};
+use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultRule, Target};
 use tokenbroker::proto::v1::GetAccessTokenRequest;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -18,16 +19,20 @@ use crate::common::{
 const REQUESTS: &str = "tokenbroker_requests_total";
 const FAILURES: &str = "tokenbroker_upstream_failures_total";
 
-fn metrics_flags() -> Vec<&'static str> {
-    vec!["--metrics-addr", "127.0.0.1:0"]
+/// `emulator`'s broker with a metrics listener and `extra` flags: the
+/// broker and the listener's address.
+async fn observed(emulator: &Emulator, extra: &[&str]) -> (Broker, SocketAddr) {
+    let flags = [&["--metrics-addr", "127.0.0.1:0"], extra].concat();
+    let broker = Broker::start(emulator, &flags).await;
+    let addr = broker.metrics_addr().await;
+    (broker, addr)
 }
 
 #[tokio::test]
 async fn hits_misses_and_coalesced_requests_are_counted() {
     let emulator = emulator(EmulatorConfig::default()).await;
     emulator.set_fault(Some(FaultRule::always(Fault::Delay { millis: 200 })));
-    let broker = Broker::start(&emulator, &metrics_flags()).await;
-    let addr = broker.metrics_addr().await;
+    let (broker, addr) = observed(&emulator, &[]).await;
     let client = broker.typed_client().await;
     let calls = (0..10).map(|_| {
         let mut client = client.clone();
@@ -89,10 +94,7 @@ async fn hits_misses_and_coalesced_requests_are_counted() {
 #[tokio::test]
 async fn upstream_failures_are_counted_by_reason() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let mut flags = metrics_flags();
-    flags.extend(["--upstream-timeout", "300ms"]);
-    let broker = Broker::start(&emulator, &flags).await;
-    let addr = broker.metrics_addr().await;
+    let (broker, addr) = observed(&emulator, &["--upstream-timeout", "300ms"]).await;
     let mut client = broker.client().await;
     let faults = [
         (
@@ -156,8 +158,7 @@ async fn upstream_failures_are_counted_by_reason() {
 #[tokio::test]
 async fn the_watchers_gauge_follows_open_streams() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let broker = Broker::start(&emulator, &metrics_flags()).await;
-    let addr = broker.metrics_addr().await;
+    let (broker, addr) = observed(&emulator, &[]).await;
     let client = broker.typed_client().await;
     let mut streams = Vec::new();
     for _ in 0..3 {
@@ -181,10 +182,7 @@ async fn the_watchers_gauge_follows_open_streams() {
 #[tokio::test]
 async fn background_refreshes_are_counted() {
     let emulator = emulator_with_lifetime(Duration::from_secs(4)).await;
-    let mut flags = metrics_flags();
-    flags.extend(["--expiry-skew", "1s"]);
-    let broker = Broker::start(&emulator, &flags).await;
-    let addr = broker.metrics_addr().await;
+    let (broker, addr) = observed(&emulator, &["--expiry-skew", "1s"]).await;
     let mut client = broker.typed_client().await;
     let mut stream = client.watch(id_request("https://a.run.app")).await.unwrap();
     next_token(&mut stream).await;
@@ -208,12 +206,12 @@ async fn audiences_become_labels_only_when_asked() {
     // The same request to a broker asked to label audiences, and to one
     // not asked.
     for (asked, expected) in [(true, 1.0), (false, 0.0)] {
-        let mut flags = metrics_flags();
-        if asked {
-            flags.push("--metrics-label-audience");
-        }
-        let broker = Broker::start(&emulator, &flags).await;
-        let addr = broker.metrics_addr().await;
+        let flags: &[&str] = if asked {
+            &["--metrics-label-audience"]
+        } else {
+            &[]
+        };
+        let (broker, addr) = observed(&emulator, flags).await;
         broker
             .typed_client()
             .await
@@ -237,10 +235,11 @@ async fn audiences_of_denied_requests_never_become_labels() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let policy = write_policy(dir.path(), &policy_rule(me, "*", "https://allowed.run.app"));
-    let mut flags = metrics_flags();
-    flags.extend(["--metrics-label-audience", "--policy", &policy]);
-    let broker = Broker::start(&emulator, &flags).await;
-    let addr = broker.metrics_addr().await;
+    let (broker, addr) = observed(
+        &emulator,
+        &["--metrics-label-audience", "--policy", &policy],
+    )
+    .await;
     let mut client = broker.client().await;
     client
         .get_id_token(id_request("https://allowed.run.app"))
@@ -284,8 +283,7 @@ async fn health_status(
 async fn health_follows_the_metadata_server() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let metadata_addr = emulator.addr();
-    let broker = Broker::start(&emulator, &metrics_flags()).await;
-    let addr = broker.metrics_addr().await;
+    let (broker, addr) = observed(&emulator, &[]).await;
     let channel =
         tonic::transport::Endpoint::from_shared(format!("unix://{}", broker.socket.display()))
             .unwrap()

@@ -31,6 +31,33 @@ async fn broker_with_key(emulator: &Emulator, extra: &[&str]) -> (Broker, tempfi
     (broker, dir)
 }
 
+/// The account of the default access token `broker` serves (minted by
+/// `emulator`).
+async fn access_token_account(broker: &Broker, emulator: &Emulator) -> String {
+    let token = broker
+        .typed_client()
+        .await
+        .access_token(access_request(&[]))
+        .await
+        .unwrap()
+        .token;
+    emulator
+        .token_info(&token)
+        .expect("a token the emulator minted")
+        .email
+}
+
+/// The status `broker` refuses the ID token for [`AUDIENCE`] with.
+async fn id_token_refused(broker: &Broker) -> tonic::Status {
+    let mut client = broker.client().await;
+    client.get_id_token(id_request(AUDIENCE)).await.unwrap_err()
+}
+
+/// Asserts how many tokens the emulator's OAuth endpoint granted.
+fn assert_oauth_requests(emulator: &Emulator, count: u64, why: &str) {
+    assert_eq!(emulator.stats().oauth_requests, count, "{why}");
+}
+
 /// Flags for a metrics listener (and `/readyz`) on a free port.
 const METRICS: [&str; 2] = ["--metrics-addr", "127.0.0.1:0"];
 
@@ -140,11 +167,7 @@ async fn a_key_file_refuses_other_accounts_and_full_format() {
         status.message().contains("ID_TOKEN_FORMAT_STANDARD"),
         "{status}"
     );
-    assert_eq!(
-        emulator.stats().oauth_requests,
-        0,
-        "refused before any fetch"
-    );
+    assert_oauth_requests(&emulator, 0, "refused before any fetch");
 }
 
 #[tokio::test]
@@ -156,12 +179,7 @@ async fn the_token_endpoint_checks_the_signature() {
     emulator.add_service_account_key("kid-1", KEY_ACCOUNT, TEST_KEYS[1].1.to_vec());
     let key = write_file(dir.path(), "key.json", &key_json(&emulator, "kid-1"), 0o600);
     let broker = Broker::start(&emulator, &["--credentials", &flag(&key)]).await;
-    let status = broker
-        .client()
-        .await
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap_err();
+    let status = id_token_refused(&broker).await;
     assert_eq!(
         status.code(),
         Code::InvalidArgument,
@@ -215,7 +233,7 @@ async fn invalidation_works_with_a_key_file() {
     assert!(invalidated(&mut client, invalidate_id(AUDIENCE, &first)).await);
     let second = tokens.id_token(id_request(AUDIENCE)).await.unwrap().token;
     assert_ne!(first, second);
-    assert_eq!(emulator.stats().oauth_requests, 2);
+    assert_oauth_requests(&emulator, 2, "the first token and its replacement");
 }
 
 #[tokio::test]
@@ -344,16 +362,7 @@ async fn discovery_prefers_the_variable_then_gclouds_file_then_the_metadata_serv
     });
     let home_flag = flag(home.path());
     let metadata = ["--metadata-host".to_string(), emulator.host()];
-    let email_of = async |broker: &Broker| {
-        let token = broker
-            .typed_client()
-            .await
-            .access_token(access_request(&[]))
-            .await
-            .unwrap()
-            .token;
-        emulator.token_info(&token).unwrap().email
-    };
+    let email_of = async |broker: &Broker| access_token_account(broker, &emulator).await;
 
     // Nothing configured: the metadata server.
     let broker = Broker::spawn(metadata.to_vec(), &[("HOME", &home_flag)]).await;
@@ -377,12 +386,7 @@ async fn discovery_prefers_the_variable_then_gclouds_file_then_the_metadata_serv
         .await;
     assert_eq!(email_of(&broker).await, "dev@example.com");
     // User credentials cannot mint ID tokens: the error says what to do.
-    let status = broker
-        .client()
-        .await
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap_err();
+    let status = id_token_refused(&broker).await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("--impersonate"), "{status}");
     assert!(
@@ -510,20 +514,9 @@ async fn impersonation_can_build_on_a_key_file() {
     .await;
     // Health probes the key's token endpoint and the IAM API.
     ready_at_no_token_cost(&broker, &emulator).await;
-    let token = broker
-        .typed_client()
-        .await
-        .access_token(access_request(&[]))
-        .await
-        .unwrap()
-        .token;
-    assert_eq!(emulator.token_info(&token).unwrap().email, TARGET);
+    assert_eq!(access_token_account(&broker, &emulator).await, TARGET);
     assert_eq!(emulator.iam_calls()[0].caller, KEY_ACCOUNT);
-    assert_eq!(
-        emulator.stats().oauth_requests,
-        1,
-        "the key's token authorised the call"
-    );
+    assert_oauth_requests(&emulator, 1, "the key's token authorised the call");
 }
 
 #[tokio::test]
@@ -536,12 +529,7 @@ async fn iam_refusals_reach_the_client_with_their_explanation() {
     )
     .await;
     // Nobody allowed the base account to impersonate the target.
-    let status = broker
-        .client()
-        .await
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap_err();
+    let status = id_token_refused(&broker).await;
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(
         status
@@ -672,14 +660,7 @@ async fn https_uses_rustls_with_the_platforms_roots() {
 
     // Trusted through SSL_CERT_FILE, as the platform's roots are found.
     let trusting = Broker::spawn(args, &[("SSL_CERT_FILE", ca)]).await;
-    let token = trusting
-        .typed_client()
-        .await
-        .access_token(access_request(&[]))
-        .await
-        .unwrap()
-        .token;
-    assert_eq!(emulator.token_info(&token).unwrap().email, TARGET);
+    assert_eq!(access_token_account(&trusting, &emulator).await, TARGET);
     assert_eq!(emulator.iam_calls().len(), 1);
 }
 
