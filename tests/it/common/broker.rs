@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -11,17 +12,31 @@ use tokenbroker::proto::v1::token_broker_client::TokenBrokerClient;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 use super::{PATIENCE, binary, in_time, scrub_env};
 
-/// A running `tokenbroker serve`; killed when dropped.
+/// How long a test's broker may live: four times [`PATIENCE`], far more
+/// than any test takes. A broker still running then is killed, so that a
+/// call to a hung broker (by the typed or the generated client) fails the
+/// test instead of hanging it.
+pub const BROKER_LIFETIME: Duration = Duration::from_secs(4 * PATIENCE.as_secs());
+
+/// A running `tokenbroker serve`; killed when dropped, or when it outlives
+/// [`BROKER_LIFETIME`].
 pub struct Broker {
     child: Child,
     pub socket: PathBuf,
     pub dir: tempfile::TempDir,
     logs: Arc<Mutex<String>>,
     log_lines: watch::Receiver<usize>,
+    watchdog: tokio::task::AbortHandle,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.watchdog.abort();
+    }
 }
 
 impl Broker {
@@ -90,6 +105,13 @@ impl Broker {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = command.spawn().expect("tokenbroker binary starts");
+        let pid = child.id().expect("the broker has a pid");
+        let watchdog = tokio::spawn(async move {
+            tokio::time::sleep(BROKER_LIFETIME).await;
+            eprintln!("the broker outlived the test's patience ({BROKER_LIFETIME:?}): killed");
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        })
+        .abort_handle();
         let stderr = child.stderr.take().expect("stderr is piped");
         let logs = Arc::new(Mutex::new(String::new()));
         let (lines_tx, log_lines) = watch::channel(0);
@@ -111,6 +133,7 @@ impl Broker {
             dir,
             logs,
             log_lines,
+            watchdog,
         }
     }
 
@@ -160,11 +183,14 @@ impl Broker {
     }
 
     /// The generated client, connected over the socket: for tests of gRPC
-    /// statuses, metadata and deadlines.
+    /// statuses, metadata and deadlines. It gives up on a call after
+    /// [`PATIENCE`] (without telling the broker, unlike a gRPC deadline).
     pub async fn client(&self) -> TokenBrokerClient<Channel> {
-        tokenbroker::client::connect(&self.socket)
-            .await
-            .expect("client connects")
+        let endpoint = Endpoint::from_shared(format!("unix://{}", self.socket.display()))
+            .expect("a socket URI")
+            .connect_timeout(PATIENCE)
+            .timeout(PATIENCE);
+        TokenBrokerClient::new(endpoint.connect().await.expect("client connects"))
     }
 
     /// The crate's typed client, connected over the socket: for tests that
@@ -188,9 +214,12 @@ impl Broker {
 
     /// Waits for the broker to exit.
     pub async fn wait(&mut self) -> ExitStatus {
-        in_time("the broker exiting", self.child.wait())
+        let status = in_time("the broker exiting", self.child.wait())
             .await
-            .expect("wait works")
+            .expect("wait works");
+        // Its pid may be reused now.
+        self.watchdog.abort();
+        status
     }
 
     /// Sends SIGTERM and waits for the broker to exit cleanly.
