@@ -21,7 +21,7 @@
 
 // Not every variant is used here.
 #[allow(dead_code)]
-#[path = "../tests/common/authority_shim.rs"]
+#[path = "../tests/it/common/authority_shim.rs"]
 mod authority_shim;
 
 use std::collections::HashMap;

@@ -298,11 +298,20 @@ impl Emulator {
         *self.shared.stats.borrow()
     }
 
-    /// Waits until the request counts satisfy `condition`.
-    pub async fn wait_for(&self, condition: impl FnMut(&Stats) -> bool) {
+    /// Waits until the request counts satisfy `condition`, for at most
+    /// `within`: `Ok` with the counts that satisfied it, or `Err` with the
+    /// counts at the deadline.
+    pub async fn wait_for(
+        &self,
+        condition: impl FnMut(&Stats) -> bool,
+        within: Duration,
+    ) -> Result<Stats, Stats> {
         let mut stats = self.shared.stats.subscribe();
-        // The sender lives as long as `self`, so this cannot fail.
-        let _ = stats.wait_for(condition).await;
+        // The sender lives as long as `self`, so `wait_for` cannot fail.
+        match tokio::time::timeout(within, stats.wait_for(condition)).await {
+            Ok(Ok(satisfied)) => Ok(*satisfied),
+            Ok(Err(_)) | Err(_) => Err(self.stats()),
+        }
     }
 
     /// When each token and identity request arrived, oldest first (at most

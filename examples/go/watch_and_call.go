@@ -8,7 +8,7 @@
 // The client code is generated from proto/ with protoc-gen-go and
 // protoc-gen-go-grpc into the package imported as "tokenbroker/v1" by
 // examples/go/build.sh, which builds it with Debian's Go toolchain and
-// packages (GOPATH mode). tests/examples.rs builds and runs it.
+// packages (GOPATH mode). tests/it/examples.rs builds and runs it.
 package main
 
 import (

@@ -8,7 +8,7 @@
 //   node examples/node/watch_and_call.js --audience https://hello-abc123-uc.a.run.app [--url URL] [--calls N]
 //
 // The socket is $TOKENBROKER_SOCKET, else /run/tokenbroker/tokenbroker.sock.
-// tests/examples.rs runs this against the broker and a local server.
+// tests/it/examples.rs runs this against the broker and a local server.
 'use strict';
 
 const path = require('node:path');

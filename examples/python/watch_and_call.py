@@ -10,7 +10,7 @@ for all its calls). The token itself is never printed.
 
 The socket is $TOKENBROKER_SOCKET, else /run/tokenbroker/tokenbroker.sock.
 Stubs are generated from proto/ at start (grpc_tools), so nothing else is
-needed. tests/examples.rs runs this against the broker and a local server.
+needed. tests/it/examples.rs runs this against the broker and a local server.
 """
 
 import argparse

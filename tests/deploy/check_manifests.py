@@ -1,4 +1,4 @@
-"""Checks the Kubernetes manifests in deploy/kubernetes (run by tests/deploy.rs).
+"""Checks the Kubernetes manifests in deploy/kubernetes (run by tests/it/deploy.rs).
 
 Parses every YAML document and checks what the API server and kubelet would
 reject, and what the team requires of every pod: names and kinds, selectors

@@ -1,6 +1,6 @@
 // A grpc-js client that sends the :authority given on the command line, as
 // grpc-java (the raw socket path) and grpcurl without -authority do. Run by
-// tests/polyglot.rs:
+// tests/it/polyglot.rs:
 //
 //   node grpc_js_authority_client.js SOCKET PROTO AUTHORITY AUDIENCE
 //

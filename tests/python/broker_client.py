@@ -1,7 +1,7 @@
 """A Python grpcio client compiled from proto/ at run time, talking to a
 running broker over its Unix socket with the channel a Python user writes
 first: no options, so gRPC C-core sends the percent-encoded socket path as
-the HTTP/2 :authority. Run by tests/polyglot.rs:
+the HTTP/2 :authority. Run by tests/it/polyglot.rs:
 
     python broker_client.py SOCKET PROTO_DIR OUT_DIR
 

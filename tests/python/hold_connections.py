@@ -1,6 +1,6 @@
 """Opens many connections to a listener and holds them, as a local process
 that tries to take the broker's file descriptors would. Run by
-tests/bounds.rs, usually as another uid:
+tests/it/bounds.rs, usually as another uid:
 
     python hold_connections.py unix:PATH|tcp:HOST:PORT COUNT [REQUEST]
 

@@ -4,20 +4,21 @@
 //! second, while the broker, run with the 1024-descriptor limit systemd
 //! gives services, stays within a bounded CPU and log.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::http::{Endpoint, get};
-use common::{BINARY, Broker, PATIENCE, Scrape, id_request, scrape_until};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-/// The uid hostile processes run as.
-const NOBODY: u32 = 65534;
+use crate::common::h2::{DATA, HEADERS, PREFACE, RST_STREAM, SETTINGS, frame, take_frames};
+use crate::common::http::{Endpoint, get};
+use crate::common::{
+    BINARY, Broker, NOBODY, PATIENCE, Scrape, as_uid, chmod, cpu_time, id_request, in_time,
+    invalidate_id, next_token, python, root, scrape_until, watch_id,
+};
+
 /// Most CPU the broker may use while it fends off a scenario: a fifth of
 /// one core. Spinning accept loops took both cores.
 const CPU_SHARE: f64 = 0.2;
@@ -44,24 +45,14 @@ async fn limited_broker(extra: impl FnOnce(&std::path::Path) -> Vec<String>) -> 
         ])
         .args(&extra);
     let broker = Broker::spawn_command(command, &socket, dir);
-    broker.wait_for_log("tokenbroker ready").await;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(broker.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    broker.wait_until_ready().await;
+    chmod(broker.dir.path(), 0o755);
     broker
 }
 
 /// CPU time the broker used so far.
 fn cpu(broker: &Broker) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", broker.pid())).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    // utime and stime, fields 14 and 15 (clock ticks of 1/100 s).
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    Duration::from_millis(ticks * 10)
+    cpu_time(broker.pid())
 }
 
 /// What tests/python/hold_connections.py saw.
@@ -83,19 +74,10 @@ impl Held {
 /// Opens `count` connections to `target` as `uid` (sending `request` on
 /// each) and holds them until the result is dropped.
 async fn hold(uid: u32, target: &str, count: usize, request: Option<&str>) -> Held {
-    let python = tokio::task::spawn_blocking(common::python).await.unwrap();
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/python/hold_connections.py"
-    );
-    let mut process = Command::new("setpriv")
-        .args([
-            format!("--reuid={uid}"),
-            format!("--regid={uid}"),
-            "--clear-groups".into(),
-        ])
-        .arg(python)
-        .args([script, target, &count.to_string()])
+    let script = root().join("tests/python/hold_connections.py");
+    let mut process = as_uid(uid, python().await)
+        .arg(script)
+        .args([target, &count.to_string()])
         .args(request)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -103,9 +85,8 @@ async fn hold(uid: u32, target: &str, count: usize, request: Option<&str>) -> He
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(process.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(PATIENCE, lines.next_line())
+    let line = in_time("the connections opened", lines.next_line())
         .await
-        .expect("the connections are opened in time")
         .unwrap()
         .expect("a report");
     Held {
@@ -117,9 +98,9 @@ async fn hold(uid: u32, target: &str, count: usize, request: Option<&str>) -> He
 /// Another process's token request succeeds within a second.
 async fn others_still_get_tokens(broker: &Broker) {
     let started = Instant::now();
-    let mut client = broker.client().await;
+    let mut client = broker.typed_client().await;
     client
-        .get_id_token(id_request("https://victim.run.app"))
+        .id_token(id_request("https://victim.run.app"))
         .await
         .expect("a token");
     assert!(
@@ -232,19 +213,24 @@ async fn long_polls_are_bounded_per_uid_and_in_all() {
     .await;
     assert_eq!(token.status, 200, "{}", token.body);
     stayed_calm(&broker, cpu_before, since);
+
+    // On TCP the peer's uid is unknown and only the bound in all applies:
+    // of 100 long-polls, 64 wait.
+    let tcp = limited_broker(|_| vec!["--metadata-addr".into(), "127.0.0.1:0".into()]).await;
+    let addr = tcp.metadata_addr().await;
+    let held = hold(NOBODY, &format!("tcp:{addr}"), 100, Some(poll)).await;
+    assert_eq!(held.count("held_open"), 64, "{}", held.report);
+    assert_eq!(
+        held.status("HTTP/1.1 429 Too Many Requests"),
+        100 - 64,
+        "{}",
+        held.report
+    );
 }
 
 #[tokio::test]
 async fn a_long_poll_is_passed_through_with_its_timeout() {
-    let broker = Broker::spawn(
-        vec![
-            "--emulator".into(),
-            "--metadata-addr".into(),
-            "127.0.0.1:0".into(),
-        ],
-        &[],
-    )
-    .await;
+    let broker = Broker::emulated(&["--metadata-addr", "127.0.0.1:0"]).await;
     let addr = broker.metadata_addr().await;
     let started = Instant::now();
     let answer = get(
@@ -263,7 +249,7 @@ async fn a_long_poll_is_passed_through_with_its_timeout() {
 #[tokio::test]
 async fn pass_through_requests_obey_the_upstream_rate() {
     const RPS: u32 = 50;
-    let emulator = common::emulator(Default::default()).await;
+    let emulator = crate::common::emulator(Default::default()).await;
     let broker = Broker::start(
         &emulator,
         &[
@@ -285,7 +271,8 @@ async fn pass_through_requests_obey_the_upstream_rate() {
         .status
     });
     let passed = tokio::spawn(futures_util::future::join_all(requests));
-    tokio::time::timeout(PATIENCE, emulator.wait_for(|s| s.other_requests >= 100))
+    emulator
+        .wait_for(|s| s.other_requests >= 100, PATIENCE)
         .await
         .expect("100 requests pass in time");
     // A burst of a fifth of the rate, then the rate: 100 need at least
@@ -320,43 +307,27 @@ fn watch_request(stream: u32) -> Vec<u8> {
         block.extend(value.bytes());
     }
     use prost::Message;
-    let message = tokenbroker::proto::v1::WatchTokenRequest {
-        request: Some(
-            tokenbroker::proto::v1::watch_token_request::Request::IdToken(id_request(
-                "https://streams.run.app",
-            )),
-        ),
-    }
-    .encode_to_vec();
+    let message = watch_id("https://streams.run.app").encode_to_vec();
     let mut body = vec![0];
     body.extend((message.len() as u32).to_be_bytes());
     body.extend(message);
     [
-        frame(0x1, 0x4, stream, &block),
-        frame(0x0, 0x1, stream, &body),
+        frame(HEADERS, 0x4, stream, &block),
+        frame(DATA, 0x1, stream, &body),
     ]
     .concat()
-}
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-    out.push(kind);
-    out.push(flags);
-    out.extend(stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
 }
 
 #[tokio::test]
 async fn streams_over_the_per_connection_limit_are_refused() {
     const REFUSED_STREAM: u32 = 7;
-    let broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
+    let broker = Broker::emulated(&[]).await;
     let stream = UnixStream::connect(&broker.socket).await.unwrap();
     let (mut reader, mut writer) = stream.into_split();
     // A client that ignores the server's SETTINGS and opens 10,000 streams.
     let writing = tokio::spawn(async move {
-        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        bytes.extend(frame(0x4, 0, 0, b""));
+        let mut bytes = PREFACE.to_vec();
+        bytes.extend(frame(SETTINGS, 0, 0, b""));
         for i in 0..10_000 {
             bytes.extend(watch_request(2 * i + 1));
         }
@@ -377,26 +348,19 @@ async fn streams_over_the_per_connection_limit_are_refused() {
             "the server closed the connection before refusing streams"
         );
         buffer.extend_from_slice(&chunk[..n]);
-        while buffer.len() >= 9 {
-            let len =
-                usize::from(buffer[0]) << 16 | usize::from(buffer[1]) << 8 | usize::from(buffer[2]);
-            if buffer.len() < 9 + len {
-                break;
+        for (kind, payload) in take_frames(&mut buffer) {
+            if kind == RST_STREAM
+                && u32::from_be_bytes(payload[..4].try_into().unwrap()) == REFUSED_STREAM
+            {
+                refused += 1;
             }
-            if buffer[3] == 0x3 {
-                let code = u32::from_be_bytes(buffer[9..13].try_into().unwrap());
-                if code == REFUSED_STREAM {
-                    refused += 1;
-                }
-            }
-            buffer.drain(..9 + len);
         }
     }
     drop(writing);
     // The broker stays healthy for everybody else.
-    let mut client = broker.client().await;
+    let mut client = broker.typed_client().await;
     client
-        .get_id_token(id_request("https://after.run.app"))
+        .id_token(id_request("https://after.run.app"))
         .await
         .unwrap();
 }
@@ -417,7 +381,7 @@ async fn the_descriptor_limit_is_raised_and_logged() {
         ])
         .arg(&socket);
     let broker = Broker::spawn_command(command, &socket, dir);
-    broker.wait_for_log("tokenbroker ready").await;
+    broker.wait_until_ready().await;
     let line = broker
         .logs()
         .lines()
@@ -444,57 +408,43 @@ async fn the_descriptor_limit_is_raised_and_logged() {
 
 #[tokio::test]
 async fn an_idle_connection_is_closed_and_a_watching_one_is_not() {
-    let broker = Broker::spawn(
-        vec![
-            "--emulator".into(),
-            "--connection-idle-timeout".into(),
-            "1s".into(),
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
-        ],
-        &[],
-    )
+    let broker = Broker::emulated(&[
+        "--connection-idle-timeout",
+        "1s",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ])
     .await;
     let metrics = broker.metrics_addr().await;
-    let mut idle = broker.client().await;
-    idle.get_id_token(id_request("https://idle.run.app"))
+    let mut idle = broker.typed_client().await;
+    idle.id_token(id_request("https://idle.run.app"))
         .await
         .unwrap();
-    let mut watching = broker.client().await;
-    let request = tokenbroker::proto::v1::WatchTokenRequest {
-        request: Some(
-            tokenbroker::proto::v1::watch_token_request::Request::IdToken(id_request(
-                "https://watched.run.app",
-            )),
-        ),
-    };
-    let mut stream = watching.watch_token(request).await.unwrap().into_inner();
-    let first = stream.message().await.unwrap().expect("the current token");
+    let mut watching = broker.typed_client().await;
+    let mut tokens = watching
+        .watch(id_request("https://watched.run.app"))
+        .await
+        .unwrap();
+    let first = next_token(&mut tokens).await;
     scrape_until(metrics, |scrape| {
         scrape.value("tokenbroker_open_connections", &[("listener", "grpc")]) == 1.0
     })
     .await;
 
     // The watching connection is alive: a replaced token still reaches it.
-    let Some(tokenbroker::proto::v1::token::Token::IdToken(token)) = first.token else {
-        panic!("an ID token");
-    };
-    let invalidate = common::invalidate_id("https://watched.run.app", &token.token);
+    let invalidate = invalidate_id("https://watched.run.app", first.secret());
     assert!(
         watching
+            .into_inner()
             .invalidate_token(invalidate)
             .await
             .unwrap()
             .into_inner()
             .invalidated
     );
-    let next = tokio::time::timeout(PATIENCE, stream.message())
-        .await
-        .expect("the new token in time")
-        .unwrap();
-    assert!(next.is_some());
+    assert_ne!(next_token(&mut tokens).await.secret(), first.secret());
     // And the idle client reconnects when it calls again.
-    idle.get_id_token(id_request("https://idle.run.app"))
+    idle.id_token(id_request("https://idle.run.app"))
         .await
         .unwrap();
 }

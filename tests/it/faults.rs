@@ -2,22 +2,26 @@
 //! clients see, that no bad token is cached, that cached tokens keep
 //! flowing (a failed refresh never replaces them), and recovery.
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::{
-    Broker, PATIENCE, Scrape, claims, emulator_with_lifetime, id_request, scrape_until,
-    with_deadline,
-};
 use tokenbroker::emulator::{Fault, FaultRule, Target};
-use tokenbroker::proto::v1::{
-    GetAccessTokenRequest, WatchTokenRequest, token, watch_token_request,
-};
+use tokenbroker::proto::v1::GetAccessTokenRequest;
+use tokenbroker::proto::v1::watch_token_request::Request;
 use tonic::Code;
 
+use crate::common::{
+    Broker, Scrape, claims, emulator_with_lifetime, id_request, next_token, scrape_until,
+    with_deadline,
+};
+
+/// How soon a call for an uncached token fails during an outage.
+const OUTAGE_REPORTED_WITHIN: Duration = Duration::from_millis(1500);
 /// Tokens live 6 s (5 s usable with a 1 s skew): refreshed after 2-2.5 s.
 const LIFETIME: Duration = Duration::from_secs(6);
+/// Under a hanging server a failed refresh takes the whole retry budget
+/// (2 s), which from a refresh after 2 s left the 6 s token (its `exp` in
+/// whole seconds) no time to be replaced: its tokens live 10 s.
+const HANG_LIFETIME: Duration = Duration::from_secs(10);
 
 fn flags() -> Vec<&'static str> {
     vec![
@@ -42,53 +46,37 @@ enum Kind {
 async fn get(broker: &Broker, kind: Kind, name: &str) -> Result<String, tonic::Status> {
     let mut client = broker.client().await;
     let deadline = Duration::from_secs(10);
-    match kind {
-        Kind::Id => client
-            .get_id_token(with_deadline(
-                id_request(&format!("https://{name}.run.app")),
-                deadline,
-            ))
+    match request(kind, name) {
+        Request::IdToken(request) => client
+            .get_id_token(with_deadline(request, deadline))
             .await
             .map(|r| r.into_inner().token),
-        Kind::Access => {
-            let request = GetAccessTokenRequest {
-                scopes: vec![format!("scope:{name}")],
-                ..Default::default()
-            };
-            client
-                .get_access_token(with_deadline(request, deadline))
-                .await
-                .map(|r| r.into_inner().token)
-        }
+        Request::AccessToken(request) => client
+            .get_access_token(with_deadline(request, deadline))
+            .await
+            .map(|r| r.into_inner().token),
     }
 }
 
-fn watch(kind: Kind, name: &str) -> WatchTokenRequest {
-    let request = match kind {
-        Kind::Id => {
-            watch_token_request::Request::IdToken(id_request(&format!("https://{name}.run.app")))
-        }
-        Kind::Access => watch_token_request::Request::AccessToken(GetAccessTokenRequest {
+/// The request for a token of `kind` for a key named `name`.
+fn request(kind: Kind, name: &str) -> Request {
+    match kind {
+        Kind::Id => id_request(&format!("https://{name}.run.app")).into(),
+        Kind::Access => GetAccessTokenRequest {
             scopes: vec![format!("scope:{name}")],
             ..Default::default()
-        }),
-    };
-    WatchTokenRequest {
-        request: Some(request),
-    }
-}
-
-fn secret_of(message: tokenbroker::proto::v1::Token) -> String {
-    match message.token {
-        Some(token::Token::IdToken(t)) => t.token,
-        Some(token::Token::AccessToken(t)) => t.token,
-        None => panic!("empty token message"),
+        }
+        .into(),
     }
 }
 
 /// The whole story for one fault.
 async fn survive(kind: Kind, fault: Fault, says: &str) {
-    let emulator = emulator_with_lifetime(LIFETIME).await;
+    let lifetime = match fault {
+        Fault::Hang => HANG_LIFETIME,
+        _ => LIFETIME,
+    };
+    let emulator = emulator_with_lifetime(lifetime).await;
     let broker = Broker::start(&emulator, &flags()).await;
     let metrics = broker.metrics_addr().await;
     let target = match kind {
@@ -98,13 +86,12 @@ async fn survive(kind: Kind, fault: Fault, says: &str) {
 
     // A cached key, watched so that its refreshes are seen.
     let mut watch = broker
-        .client()
+        .typed_client()
         .await
-        .watch_token(watch(kind, "cached"))
+        .watch(request(kind, "cached"))
         .await
-        .unwrap()
-        .into_inner();
-    let cached = secret_of(watch.message().await.unwrap().unwrap());
+        .unwrap();
+    let cached = next_token(&mut watch).await.secret().to_string();
     emulator.set_fault(Some(FaultRule {
         fault: fault.clone(),
         target,
@@ -135,13 +122,7 @@ async fn survive(kind: Kind, fault: Fault, says: &str) {
     emulator.set_fault(None);
     let fresh = get(&broker, kind, "uncached").await.unwrap();
     check_valid(kind, &fresh, &emulator, "uncached");
-    let refreshed = secret_of(
-        tokio::time::timeout(PATIENCE, watch.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-    );
+    let refreshed = next_token(&mut watch).await.secret().to_string();
     assert_ne!(refreshed, cached);
     check_valid(kind, &refreshed, &emulator, "cached");
 }
@@ -246,12 +227,12 @@ async fn transient_failures_are_retried_within_one_call() {
 }
 
 #[tokio::test]
-async fn an_outage_is_reported_quickly_not_at_the_callers_deadline() {
+async fn an_outage_is_reported_within_about_a_second_not_at_the_callers_deadline() {
     let emulator = emulator_with_lifetime(Duration::from_secs(3600)).await;
     let broker = Broker::start(&emulator, &[]).await;
+    let mut client = broker.client().await;
     emulator.stop().await;
     let started = std::time::Instant::now();
-    let mut client = broker.client().await;
     let error = client
         .get_id_token(with_deadline(
             id_request("https://a.run.app"),
@@ -265,9 +246,11 @@ async fn an_outage_is_reported_quickly_not_at_the_callers_deadline() {
         "{}",
         error.message()
     );
-    // Four quick attempts with sub-second backoff, far from the 60 s deadline.
+    // "Within about a second" (README): four attempts, each refused at
+    // once, with at most 100 + 200 + 400 ms of backoff between them; far
+    // from the 60 s deadline. The rest of the second is for a busy machine.
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < OUTAGE_REPORTED_WITHIN,
         "{:?}",
         started.elapsed()
     );

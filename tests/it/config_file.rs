@@ -1,24 +1,12 @@
 //! `serve --config FILE` with the real binary: precedence of flags,
 //! environment and file, start-up errors, and file sinks.
 
-mod common;
-
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::Duration;
 
-use common::{BINARY, Broker, emulator_with_lifetime};
-use nix::sys::signal::Signal;
-
-fn socket_mode(path: &Path) -> u32 {
-    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
-}
-
-fn write_config(dir: &Path, text: &str) -> String {
-    let path = dir.join("tokenbroker.toml");
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_string()
-}
+use crate::common::{
+    self, BINARY, Broker, NOBODY, as_uid, binary, emulator_with_lifetime, id_sink, mode_of, names,
+    output, serve_fails, write_config,
+};
 
 #[tokio::test]
 async fn flags_beat_the_environment_which_beats_the_file() {
@@ -35,11 +23,11 @@ async fn flags_beat_the_environment_which_beats_the_file() {
     // The file beats the default (0660); `--socket` on the command line
     // (given by the harness) beats the file's.
     let broker = Broker::spawn(args(&[]), &[]).await;
-    assert_eq!(socket_mode(&broker.socket), 0o600);
+    assert_eq!(mode_of(&broker.socket), 0o600);
     drop(broker);
     // The environment beats the file.
     let broker = Broker::spawn(args(&[]), &[("TOKENBROKER_SOCKET_MODE", "0640")]).await;
-    assert_eq!(socket_mode(&broker.socket), 0o640);
+    assert_eq!(mode_of(&broker.socket), 0o640);
     drop(broker);
     // The command line beats both.
     let broker = Broker::spawn(
@@ -47,11 +35,11 @@ async fn flags_beat_the_environment_which_beats_the_file() {
         &[("TOKENBROKER_SOCKET_MODE", "0640")],
     )
     .await;
-    assert_eq!(socket_mode(&broker.socket), 0o666);
+    assert_eq!(mode_of(&broker.socket), 0o666);
     // `emulator = true` from the file took effect: tokens come.
-    let mut client = broker.client().await;
+    let mut client = broker.typed_client().await;
     client
-        .get_id_token(common::id_request("https://from-file"))
+        .id_token(common::id_request("https://from-file"))
         .await
         .expect("served from the in-process emulator");
 }
@@ -61,15 +49,12 @@ async fn a_bad_config_file_stops_the_broker_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "emulator = true\nrefresh_margn = \"1m\"\n");
     let socket = dir.path().join("never.sock");
-    let run = common::binary()
-        .args(["serve", "--config", &config, "--socket"])
-        .arg(&socket)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(common::PATIENCE, run)
-        .await
-        .expect("the broker refuses to start, it does not serve")
-        .unwrap();
+    let output = output(
+        binary()
+            .args(["serve", "--config", &config, "--socket"])
+            .arg(&socket),
+    )
+    .await;
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unknown key `refresh_margn`"), "{stderr}");
@@ -79,24 +64,15 @@ async fn a_bad_config_file_stops_the_broker_with_a_clear_error() {
     let config = write_config(
         dir.path(),
         &format!(
-            "emulator = true\n[[sink]]\npath = {:?}\nid_token = {{ audience = \"https://a\" }}\n",
-            sink_dir.join("token")
+            "emulator = true\n{}",
+            id_sink(&sink_dir.join("token"), "https://a", &[])
         ),
     );
-    let socket = dir.path().join("s.sock");
-    let stderr = common::binary_fails([
-        "serve",
-        "--config",
-        &config,
-        "--socket",
-        socket.to_str().unwrap(),
-    ])
-    .await;
+    let stderr = serve_fails(&config, &dir.path().join("s.sock")).await;
     assert!(
         stderr.contains("missing-dir/token") && stderr.contains("directory must exist"),
         "{stderr}"
     );
-    assert!(!socket.exists(), "the broker never served");
 }
 
 #[tokio::test]
@@ -111,18 +87,15 @@ async fn sinks_are_rewritten_on_refresh_and_removed_or_kept_on_shutdown() {
             r#"
 metadata_host = "{host}"
 expiry_skew = "1s"
-
-[[sink]]
-path = {id_path:?}
-id_token = {{ audience = "https://sink.a.run.app" }}
-
+{id_sink}
 [[sink]]
 path = {access_path:?}
 access_token = {{ scopes = ["s:sink"] }}
 mode = "0600"
 on_shutdown = "keep"
 "#,
-            host = emulator.host()
+            host = emulator.host(),
+            id_sink = id_sink(&id_path, "https://sink.a.run.app", &[]),
         ),
     );
     let mut broker = Broker::spawn(vec!["--config".into(), config], &[]).await;
@@ -133,7 +106,7 @@ on_shutdown = "keep"
     let first = std::fs::read_to_string(&id_path).unwrap();
     assert_eq!(common::claims(&first)["aud"], "https://sink.a.run.app");
     assert_eq!(
-        socket_mode(&id_path),
+        mode_of(&id_path),
         0o600,
         "the default mode, without a group"
     );
@@ -149,15 +122,13 @@ on_shutdown = "keep"
         .await;
     let access = std::fs::read_to_string(&access_path).unwrap();
     assert_eq!(emulator.token_info(&access).unwrap().scopes, vec!["s:sink"]);
-    assert_eq!(socket_mode(&access_path), 0o600);
+    assert_eq!(mode_of(&access_path), 0o600);
 
-    broker.signal(Signal::SIGTERM);
-    assert!(broker.wait().await.success());
+    broker.stop().await;
     assert!(!id_path.exists(), "on_shutdown = remove (the default)");
     assert!(access_path.exists(), "on_shutdown = keep");
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    let leftovers: Vec<_> = names(dir.path())
+        .into_iter()
         .filter(|name| name.starts_with(".tokenbroker-sink-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
@@ -170,35 +141,28 @@ async fn a_sink_owner_the_broker_cannot_set_stops_it_with_a_clear_error() {
     let root = nix::unistd::geteuid().is_root();
     if root {
         // The broker runs as nobody below: the directory is its own.
-        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
     }
     let config = write_config(
         dir.path(),
         &format!(
-            "emulator = true\n[[sink]]\npath = {:?}\nid_token = {{ audience = \"https://a\" }}\nowner = \"0\"\n",
-            dir.path().join("token")
+            "emulator = true\n{}",
+            id_sink(&dir.path().join("token"), "https://a", &["owner = \"0\""])
         ),
     );
     let socket = dir.path().join("s.sock");
     // Giving a file to root needs root: run as nobody if we are root.
     let mut command = if root {
-        let mut command = tokio::process::Command::new("setpriv");
-        command
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(BINARY);
-        command
+        as_uid(NOBODY, BINARY)
     } else {
-        common::binary()
+        binary()
     };
-    let run = command
-        .args(["serve", "--config", &config, "--socket"])
-        .arg(&socket)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(common::PATIENCE, run)
-        .await
-        .expect("the broker refuses to start, it does not serve")
-        .unwrap();
+    let output = output(
+        command
+            .args(["serve", "--config", &config, "--socket"])
+            .arg(&socket),
+    )
+    .await;
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

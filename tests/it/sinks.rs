@@ -2,54 +2,23 @@
 //! no write, unsafe sink directories and modes stop the broker at start,
 //! and a sink the socket's group may read is warned about.
 
-mod common;
-
-use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::Path;
 
-use common::Broker;
-use nix::sys::signal::Signal;
+use crate::common::{
+    self, Broker, NOBODY, as_uid, chmod, id_sink, names, serve_fails, succeeds, write_config,
+};
 
-const NOBODY: u32 = 65534;
-
-fn write_config(dir: &Path, text: &str) -> String {
-    let path = dir.join("tokenbroker.toml");
-    std::fs::write(&path, text).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn names(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect()
-}
+/// A group that neither this process nor `nobody` is in.
+const OTHER_GID: u32 = 12345;
 
 fn is_root() -> bool {
-    let root = nix::unistd::geteuid().is_root();
-    if !root {
-        eprintln!("not root: a broker with CAP_CHOWN and another uid are needed; skipped");
-    }
-    root
+    common::is_root("a broker with CAP_CHOWN and another uid")
 }
 
 /// Runs `script` with `sh` as uid and gid `NOBODY`.
-fn as_nobody(script: &str) {
-    let output = std::process::Command::new("setpriv")
-        .arg(format!("--reuid={NOBODY}"))
-        .arg(format!("--regid={NOBODY}"))
-        .args(["--clear-groups", "sh", "-c", script])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+async fn as_nobody(script: &str) {
+    succeeds(as_uid(NOBODY, "sh").args(["-c", script])).await;
 }
 
 /// The broker runs as root and gives the sink's file to `nobody`, who owns
@@ -76,17 +45,12 @@ async fn a_swapped_sink_directory_redirects_no_write() {
     let config = write_config(
         base.path(),
         &format!(
-            r#"
-emulator = true
-emulator_token_lifetime = "4s"
-expiry_skew = "1s"
-
-[[sink]]
-path = {path:?}
-id_token = {{ audience = "https://sink.a.run.app" }}
-owner = "{NOBODY}"
-mode = "0600"
-"#
+            "emulator = true\nemulator_token_lifetime = \"4s\"\nexpiry_skew = \"1s\"\n{}",
+            id_sink(
+                &path,
+                "https://sink.a.run.app",
+                &[&format!("owner = \"{NOBODY}\""), "mode = \"0600\""]
+            )
         ),
     );
     let mut broker = Broker::spawn(vec!["--config".into(), config], &[]).await;
@@ -98,13 +62,10 @@ mode = "0600"
     let moved = home.join("moved");
     as_nobody(&format!(
         "mv {sinks:?} {moved:?} && ln -s {protected:?} {sinks:?}"
-    ));
+    ))
+    .await;
     assert!(std::fs::symlink_metadata(&sinks).unwrap().is_symlink());
-    let before = broker
-        .logs()
-        .lines()
-        .filter(|line| written.iter().all(|needle| line.contains(needle)))
-        .count();
+    let before = broker.count_log_lines(&written);
     broker.wait_for_log_lines(&written, before + 1).await;
 
     assert!(
@@ -125,8 +86,7 @@ mode = "0600"
         );
     }
 
-    broker.signal(Signal::SIGTERM);
-    assert!(broker.wait().await.success());
+    broker.stop().await;
     assert!(names(&protected).is_empty(), "{:?}", names(&protected));
     assert!(
         names(&moved).is_empty(),
@@ -136,23 +96,15 @@ mode = "0600"
 
 /// Starts `serve` with one sink at `sink_path` (plus `extra` lines in its
 /// table), which must fail; returns stderr.
-async fn refused(dir: &Path, sink_path: &Path, extra: &str) -> String {
+async fn refused(dir: &Path, sink_path: &Path, extra: &[&str]) -> String {
     let config = write_config(
         dir,
         &format!(
-            "emulator = true\n[[sink]]\npath = {sink_path:?}\nid_token = {{ audience = \"https://a\" }}\n{extra}"
+            "emulator = true\n{}",
+            id_sink(sink_path, "https://a", extra)
         ),
     );
-    let socket = dir.join("s.sock");
-    let stderr = common::binary_fails([
-        "serve",
-        "--config",
-        &config,
-        "--socket",
-        socket.to_str().unwrap(),
-    ])
-    .await;
-    assert!(!socket.exists(), "the broker never served");
+    let stderr = serve_fails(&config, &dir.join("s.sock")).await;
     assert!(!sink_path.exists());
     stderr
 }
@@ -164,7 +116,7 @@ async fn unsafe_sink_directories_stop_the_broker_with_a_clear_error() {
     std::fs::create_dir(&shared).unwrap();
     for mode in [0o770, 0o777, 0o1777] {
         chmod(&shared, mode);
-        let stderr = refused(base.path(), &shared.join("token"), "").await;
+        let stderr = refused(base.path(), &shared.join("token"), &[]).await;
         let expected = format!("directory {} has mode {mode:04o}", shared.display());
         assert!(
             stderr.contains(&expected) && stderr.contains("writable by its group or by every user"),
@@ -174,7 +126,7 @@ async fn unsafe_sink_directories_stop_the_broker_with_a_clear_error() {
 
     let private = base.path().join("private");
     std::fs::create_dir(&private).unwrap();
-    let stderr = refused(base.path(), &private.join("token"), "mode = \"0640\"\n").await;
+    let stderr = refused(base.path(), &private.join("token"), &["mode = \"0640\""]).await;
     assert!(
         stderr.contains("mode 0640 gives the file's group access, but no `group` is set")
             && stderr.contains("name the group whose members may read the token"),
@@ -185,7 +137,7 @@ async fn unsafe_sink_directories_stop_the_broker_with_a_clear_error() {
     std::fs::create_dir(&real).unwrap();
     let link = base.path().join("link");
     symlink(&real, &link).unwrap();
-    let stderr = refused(base.path(), &link.join("token"), "").await;
+    let stderr = refused(base.path(), &link.join("token"), &[]).await;
     assert!(
         stderr.contains(&format!("{} is a symbolic link", link.display())),
         "{stderr}"
@@ -198,7 +150,7 @@ async fn unsafe_sink_directories_stop_the_broker_with_a_clear_error() {
     let theirs = base.path().join("theirs");
     std::fs::create_dir(&theirs).unwrap();
     std::os::unix::fs::chown(&theirs, Some(NOBODY), None).unwrap();
-    let stderr = refused(base.path(), &theirs.join("token"), "").await;
+    let stderr = refused(base.path(), &theirs.join("token"), &[]).await;
     assert!(
         stderr.contains(&format!(
             "directory {} is owned by uid {NOBODY}; it must be owned by the broker's user (uid 0) or root",
@@ -211,27 +163,23 @@ async fn unsafe_sink_directories_stop_the_broker_with_a_clear_error() {
 #[tokio::test]
 async fn a_sink_the_socket_group_may_read_is_warned_about() {
     let dir = tempfile::tempdir().unwrap();
-    let gid = nix::unistd::getegid();
+    // Root gives the files a group it is not in, so that the group shows;
+    // others can only name their own.
+    let root = is_root();
+    let gid = if root {
+        OTHER_GID
+    } else {
+        nix::unistd::getegid().as_raw()
+    };
+    let group = format!("group = \"{gid}\"");
     let shared = dir.path().join("shared.jwt");
     let private = dir.path().join("private.jwt");
     let config = write_config(
         dir.path(),
         &format!(
-            r#"
-emulator = true
-socket_group = "{gid}"
-
-[[sink]]
-path = {shared:?}
-id_token = {{ audience = "https://a" }}
-group = "{gid}"
-
-[[sink]]
-path = {private:?}
-id_token = {{ audience = "https://a" }}
-group = "{gid}"
-mode = "0600"
-"#
+            "emulator = true\nsocket_group = \"{gid}\"\n{}{}",
+            id_sink(&shared, "https://a", &[&group]),
+            id_sink(&private, "https://a", &[&group, "mode = \"0600\""]),
         ),
     );
     let broker = Broker::spawn(vec!["--config".into(), config], &[]).await;
@@ -252,4 +200,16 @@ mode = "0600"
         0o640,
         "a group's default mode"
     );
+    assert_eq!(std::fs::metadata(&private).unwrap().mode() & 0o777, 0o600);
+    if root {
+        assert_ne!(nix::unistd::getegid().as_raw(), OTHER_GID);
+        for path in [&shared, &private, &broker.socket] {
+            assert_eq!(
+                std::fs::metadata(path).unwrap().gid(),
+                OTHER_GID,
+                "{}",
+                path.display()
+            );
+        }
+    }
 }

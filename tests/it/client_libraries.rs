@@ -3,14 +3,13 @@
 //! many processes at once, in two languages, cause one upstream fetch per
 //! key.
 
-mod common;
-
 use std::path::Path;
 use std::process::Output;
 
-use common::{Broker, PATIENCE, claims, emulator};
 use tokenbroker::emulator::{DEFAULT_ACCOUNT, EmulatorConfig, Fault, FaultRule, PROJECT_ID};
 use tokio::process::Command;
+
+use crate::common::{self, Broker, claims, emulator, in_time};
 
 const AUDIENCE: &str = "https://hello-abc123-uc.a.run.app";
 /// Processes per language.
@@ -19,12 +18,11 @@ const PROCESSES: usize = 6;
 /// A library program run as an unmodified application would be: only the
 /// environment points it at the broker, and no other credentials exist.
 fn library_program(program: &Path, script: &str, metadata: &str, home: &Path) -> Command {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut command = Command::new(program);
     // Nothing of the developer's environment (project variables, proxies,
     // credentials) may steer the libraries.
     command
-        .arg(root.join(script))
+        .arg(common::root().join(script))
         .arg(AUDIENCE)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -52,10 +50,7 @@ fn output_json(language: &str, output: &Output) -> serde_json::Value {
 
 #[tokio::test]
 async fn google_auth_libraries_in_many_processes_cause_one_fetch_per_key() {
-    let (python, node_path) =
-        tokio::task::spawn_blocking(|| (common::python(), common::node_path()))
-            .await
-            .unwrap();
+    let (python, node_path) = (common::python().await, common::node_path().await);
     let emulator = emulator(EmulatorConfig::default()).await;
     // A slow metadata server, so that many requests arrive while the first
     // fetch is under way (how many overlap depends on the processes'
@@ -84,9 +79,11 @@ async fn google_auth_libraries_in_many_processes_cause_one_fetch_per_key() {
         runs.push(("node", node.output()));
     }
     let (languages, outputs): (Vec<_>, Vec<_>) = runs.into_iter().unzip();
-    let outputs = tokio::time::timeout(PATIENCE, futures_util::future::join_all(outputs))
-        .await
-        .expect("the programs finish");
+    let outputs = in_time(
+        "the programs finishing",
+        futures_util::future::join_all(outputs),
+    )
+    .await;
 
     let mut access_tokens = Vec::new();
     let mut id_tokens = Vec::new();

@@ -1,25 +1,16 @@
 //! `tokenbroker token access|id` against the real broker: output, the old
 //! command names, and one exit code per kind of failure.
 
-mod common;
-
 use std::path::Path;
 use std::process::Output;
 
-use common::{BINARY, Broker, PATIENCE, emulator};
 use tokenbroker::emulator::{EmulatorConfig, Fault, FaultRule};
 use tokio::process::Command;
 
+use crate::common::{self, BINARY, Broker, Printing, binary, emulator, output};
+
 async fn run(broker: &Broker, args: &[&str]) -> Output {
-    let output = common::binary()
-        .args(args)
-        .arg("--socket")
-        .arg(&broker.socket)
-        .output();
-    tokio::time::timeout(PATIENCE, output)
-        .await
-        .expect("the client exits in time")
-        .expect("the client runs")
+    output(binary().args(args).arg("--socket").arg(&broker.socket)).await
 }
 
 fn stderr(output: &Output) -> String {
@@ -119,8 +110,7 @@ async fn the_old_command_names_still_work() {
     assert_eq!(claims["aud"], "https://old");
     assert!(claims["google"]["compute_engine"].is_object());
     // Hidden from the help, which shows the new names.
-    let help = common::binary().arg("--help").output().await.unwrap();
-    let help = String::from_utf8(help.stdout).unwrap();
+    let help = common::succeeds(binary().arg("--help")).await;
     assert!(
         help.contains("\n  token ") && !help.contains("print-access-token"),
         "{help}"
@@ -187,22 +177,21 @@ async fn each_failure_has_its_own_exit_code() {
 
     // 3: nothing listens on the socket.
     let dir = tempfile::tempdir().unwrap();
-    let output = common::binary()
-        .args(["token", "access", "--socket"])
-        .arg(dir.path().join("none.sock"))
-        .output()
-        .await
-        .unwrap();
+    let output = common::output(
+        binary()
+            .args(["token", "access", "--socket"])
+            .arg(dir.path().join("none.sock")),
+    )
+    .await;
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     assert!(stderr(&output).contains("is `tokenbroker serve` running"));
-    // (17, PERMISSION_DENIED, is checked in tests/security.rs.)
+    // (17, PERMISSION_DENIED, is checked in security.rs.)
 }
 
 #[tokio::test]
 async fn the_help_documents_the_exit_codes() {
     for args in [["token", "id", "--help"], ["token", "access", "--help"]] {
-        let output = common::binary().args(args).output().await.unwrap();
-        let help = String::from_utf8(output.stdout).unwrap();
+        let help = common::succeeds(binary().args(args)).await;
         for line in [
             "3   cannot connect",
             "13 INVALID_ARGUMENT",
@@ -220,35 +209,17 @@ async fn the_help_documents_the_exit_codes() {
 async fn a_watch_that_the_broker_ends_exits_with_unavailable() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let mut broker = Broker::start(&emulator, &[]).await;
-    let mut watcher = common::binary()
-        .args([
-            "token",
-            "id",
-            "--audience",
-            "https://w",
-            "--watch",
-            "--socket",
-        ])
-        .arg(&broker.socket)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = watcher.stdout.take().unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let first = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .expect("the first token");
+    let mut watcher = Printing::spawn(
+        binary()
+            .args(["token", "id", "--audience", "https://w", "--watch"])
+            .arg("--socket")
+            .arg(&broker.socket)
+            .stderr(std::process::Stdio::piped()),
+    );
+    let first = watcher.next_line().await;
     assert_eq!(common::claims(&first)["aud"], "https://w");
-    broker.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(broker.wait().await.success());
-    let status = tokio::time::timeout(PATIENCE, watcher.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    broker.stop().await;
+    let status = watcher.wait().await;
     assert_eq!(status.code(), Some(24), "the stream ended with UNAVAILABLE");
 }
 
@@ -258,9 +229,7 @@ async fn a_shell_script_calls_a_service_with_the_token() {
     let broker = Broker::start(&emulator, &[]).await;
     let (addr, accepted) = common::checking_server().await;
     let url = format!("http://{addr}/hello");
-    tokio::task::spawn_blocking(|| common::install_test_deps(&["tools"]))
-        .await
-        .unwrap();
+    common::install_test_deps_async(&["tools"]).await;
     // The README's line, with the local server for the service.
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
@@ -274,13 +243,13 @@ async fn a_shell_script_calls_a_service_with_the_token() {
     assert_eq!(script.matches(url.as_str()).count(), 2, "{script}");
     let bin_dir = Path::new(BINARY).parent().unwrap();
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
-    let output = Command::new("sh")
-        .args(["-c", &script])
-        .env("PATH", path)
-        .env("TOKENBROKER_SOCKET", &broker.socket)
-        .output()
-        .await
-        .unwrap();
+    let output = output(
+        Command::new("sh")
+            .args(["-c", &script])
+            .env("PATH", path)
+            .env("TOKENBROKER_SOCKET", &broker.socket),
+    )
+    .await;
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(String::from_utf8_lossy(&output.stdout), "hello");
     assert_eq!(accepted.lock().unwrap().len(), 1);

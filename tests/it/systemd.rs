@@ -2,12 +2,11 @@
 //! (`LISTEN_FDS`/`LISTEN_PID`, the socket on fd 3) and `sd_notify`
 //! (`READY=1` when serving, `STOPPING=1` on shutdown).
 
-mod common;
-
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use common::{BINARY, Broker, PATIENCE};
+use crate::common;
+use crate::common::{BINARY, Broker, PATIENCE};
 use nix::sys::signal::Signal;
 use tokio::net::UnixDatagram;
 use tokio::process::Command;

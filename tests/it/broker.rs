@@ -1,36 +1,21 @@
 //! End-to-end behaviour of the broker binary against the emulator: sharing,
 //! keys, refresh, watch streams, outages, bad input.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
-use common::{
-    Broker, PATIENCE, access_request, claims, emulator, emulator_with_lifetime, id_request,
-    with_deadline,
-};
 use tokenbroker::emulator::{EmulatorConfig, Fault, FaultRule, Target};
 use tokenbroker::proto::v1::{
-    GetAccessTokenRequest, GetIdTokenRequest, IdTokenFormat, WatchTokenRequest, token,
-    watch_token_request,
+    GetAccessTokenRequest, GetIdTokenRequest, IdTokenFormat, WatchTokenRequest,
 };
 use tonic::Code;
 
+use crate::common::{
+    Broker, access_request, claims, emulator, emulator_with_lifetime, id_request, next_token,
+    watch_end, with_deadline,
+};
+
 const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
-
-fn watch_id(audience: &str) -> WatchTokenRequest {
-    WatchTokenRequest {
-        request: Some(watch_token_request::Request::IdToken(id_request(audience))),
-    }
-}
-
-fn id_of(message: tokenbroker::proto::v1::Token) -> tokenbroker::proto::v1::IdToken {
-    match message.token {
-        Some(token::Token::IdToken(token)) => token,
-        other => panic!("expected an ID token, got {other:?}"),
-    }
-}
 
 fn expire_time(token: &tokenbroker::proto::v1::IdToken) -> SystemTime {
     SystemTime::try_from(token.expire_time.expect("expire_time is set")).unwrap()
@@ -44,21 +29,21 @@ async fn hundreds_of_concurrent_calls_cause_one_upstream_fetch() {
     let broker = Broker::start(&emulator, &[]).await;
     let mut clients = Vec::new();
     for _ in 0..4 {
-        clients.push(broker.client().await);
+        clients.push(broker.typed_client().await);
     }
     let calls = (0..300).map(|i| {
         let mut client = clients[i % clients.len()].clone();
         async move {
             if i % 2 == 0 {
                 client
-                    .get_id_token(id_request("https://svc.a.run.app"))
+                    .id_token(id_request("https://svc.a.run.app"))
                     .await
-                    .map(|r| r.into_inner().token)
+                    .map(|token| token.token)
             } else {
                 client
-                    .get_access_token(access_request(&[CLOUD_PLATFORM]))
+                    .access_token(access_request(&[CLOUD_PLATFORM]))
                     .await
-                    .map(|r| r.into_inner().token)
+                    .map(|token| token.token)
             }
         }
     });
@@ -85,17 +70,10 @@ async fn cache_keys_are_exact() {
     })
     .await;
     let broker = Broker::start(&emulator, &[]).await;
-    let mut client = broker.client().await;
+    let mut client = broker.typed_client().await;
     let access = |request: GetAccessTokenRequest| {
         let mut client = client.clone();
-        async move {
-            client
-                .get_access_token(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .token
-        }
+        async move { client.access_token(request).await.unwrap().token }
     };
 
     // Scopes are a set: order and duplicates do not matter.
@@ -136,12 +114,7 @@ async fn cache_keys_are_exact() {
     ];
     let mut seen = HashSet::new();
     for audience in audiences {
-        let token = client
-            .get_id_token(id_request(audience))
-            .await
-            .unwrap()
-            .into_inner()
-            .token;
+        let token = client.id_token(id_request(audience)).await.unwrap().token;
         assert_eq!(claims(&token)["aud"], audience);
         assert!(claims(&token).get("google").is_none());
         assert!(seen.insert(token));
@@ -150,36 +123,21 @@ async fn cache_keys_are_exact() {
         format: IdTokenFormat::Full as i32,
         ..id_request("https://a.run.app")
     };
-    let full_token = client
-        .get_id_token(full.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let full_token = client.id_token(full.clone()).await.unwrap().token;
     let full_claims = claims(&full_token);
     assert!(full_claims["google"]["compute_engine"]["license_id"].is_null());
     let licensed = GetIdTokenRequest {
         include_licenses: true,
         ..full
     };
-    let licensed_token = client
-        .get_id_token(licensed)
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let licensed_token = client.id_token(licensed).await.unwrap().token;
     assert!(claims(&licensed_token)["google"]["compute_engine"]["license_id"].is_array());
     assert!(seen.insert(full_token) && seen.insert(licensed_token));
     let second_account = GetIdTokenRequest {
         service_account: "second@p.iam.gserviceaccount.com".into(),
         ..id_request("https://a.run.app")
     };
-    let token = client
-        .get_id_token(second_account)
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let token = client.id_token(second_account).await.unwrap().token;
     assert_eq!(claims(&token)["email"], "second@p.iam.gserviceaccount.com");
     assert_eq!(emulator.stats().identity_requests, 6);
 }
@@ -189,41 +147,31 @@ async fn tokens_are_refreshed_before_expiry_and_streamed_to_watchers() {
     // 6 s tokens, usable for 5 s: refreshed after about 2 to 2.5 s.
     let emulator = emulator_with_lifetime(Duration::from_secs(6)).await;
     let broker = Broker::start(&emulator, &["--expiry-skew", "1s"]).await;
-    let mut client = broker.client().await;
-    let mut first_watch = client
-        .watch_token(watch_id("https://a.run.app"))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut second_watch = client
-        .watch_token(watch_id("https://a.run.app"))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut client = broker.typed_client().await;
+    let mut first_watch = client.watch(id_request("https://a.run.app")).await.unwrap();
+    let mut second_watch = client.watch(id_request("https://a.run.app")).await.unwrap();
 
-    let mut previous = id_of(first_watch.message().await.unwrap().unwrap());
+    let mut previous = next_token(&mut first_watch).await;
     assert_eq!(
-        id_of(second_watch.message().await.unwrap().unwrap()).token,
-        previous.token
+        next_token(&mut second_watch).await.secret(),
+        previous.secret()
     );
     for refresh in 1..=2 {
-        let next = id_of(first_watch.message().await.unwrap().unwrap());
+        let next = next_token(&mut first_watch).await;
         assert!(
-            SystemTime::now() < expire_time(&previous),
+            SystemTime::now() < previous.expire_time().unwrap(),
             "refresh arrived after expiry"
         );
-        assert_ne!(next.token, previous.token);
+        assert_ne!(next.secret(), previous.secret());
         assert_eq!(
-            claims(&next.token)["exp"].as_u64().unwrap(),
-            expire_time(&next)
+            claims(next.secret())["exp"].as_u64().unwrap(),
+            next.expire_time()
+                .unwrap()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap()
                 .as_secs()
         );
-        assert_eq!(
-            id_of(second_watch.message().await.unwrap().unwrap()).token,
-            next.token
-        );
+        assert_eq!(next_token(&mut second_watch).await.secret(), next.secret());
         assert_eq!(
             emulator.stats().identity_requests,
             1 + refresh,
@@ -231,11 +179,10 @@ async fn tokens_are_refreshed_before_expiry_and_streamed_to_watchers() {
         );
         // A unary call gets the refreshed token from the cache.
         let unary = client
-            .get_id_token(id_request("https://a.run.app"))
+            .id_token(id_request("https://a.run.app"))
             .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(unary.token, next.token);
+            .unwrap();
+        assert_eq!(unary.token, next.secret());
         assert_eq!(emulator.stats().identity_requests, 1 + refresh);
         previous = next;
     }
@@ -245,25 +192,18 @@ async fn tokens_are_refreshed_before_expiry_and_streamed_to_watchers() {
 async fn a_watch_ends_unavailable_when_its_token_expires_unreplaced() {
     let emulator = emulator_with_lifetime(Duration::from_secs(4)).await;
     let broker = Broker::start(&emulator, &["--expiry-skew", "1s"]).await;
-    let mut client = broker.client().await;
-    let mut watch = client
-        .watch_token(watch_id("https://a.run.app"))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = id_of(watch.message().await.unwrap().unwrap());
+    let mut client = broker.typed_client().await;
+    let mut watch = client.watch(id_request("https://a.run.app")).await.unwrap();
+    let first = next_token(&mut watch).await;
     emulator.set_fault(Some(FaultRule::always(Fault::Status {
         status: 503,
         retry_after_secs: None,
     })));
-    let status = tokio::time::timeout(PATIENCE, watch.message())
-        .await
-        .unwrap()
-        .unwrap_err();
+    let status = watch_end(&mut watch).await;
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("expired"), "{}", status.message());
     assert!(status.message().contains("503"), "{}", status.message());
-    assert!(!status.message().contains(&first.token));
+    assert!(!status.message().contains(first.secret()));
     assert!(
         emulator.stats().identity_requests >= 2,
         "refresh was retried"
@@ -274,23 +214,16 @@ async fn a_watch_ends_unavailable_when_its_token_expires_unreplaced() {
 async fn during_an_outage_cached_tokens_flow_and_uncached_fail_fast() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &[]).await;
+    let mut tokens = broker.typed_client().await;
     let mut client = broker.client().await;
-    let cached = client
-        .get_id_token(id_request("https://cached"))
-        .await
-        .unwrap()
-        .into_inner();
+    let cached = tokens.id_token(id_request("https://cached")).await.unwrap();
 
     for status in [500, 503, 429] {
         emulator.set_fault(Some(FaultRule::always(Fault::Status {
             status,
             retry_after_secs: None,
         })));
-        let again = client
-            .get_id_token(id_request("https://cached"))
-            .await
-            .unwrap()
-            .into_inner();
+        let again = tokens.id_token(id_request("https://cached")).await.unwrap();
         assert_eq!(again.token, cached.token);
         let error = client
             .get_id_token(with_deadline(
@@ -307,11 +240,10 @@ async fn during_an_outage_cached_tokens_flow_and_uncached_fail_fast() {
         );
     }
     emulator.set_fault(None);
-    let recovered = client
-        .get_id_token(id_request("https://uncached"))
+    let recovered = tokens
+        .id_token(id_request("https://uncached"))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(claims(&recovered.token)["aud"], "https://uncached");
 }
 
@@ -320,11 +252,12 @@ async fn a_hanging_metadata_server_delays_no_cached_key() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &["--upstream-timeout", "1s"]).await;
     let mut client = broker.client().await;
-    let cached = client
-        .get_access_token(access_request(&[]))
+    let cached = broker
+        .typed_client()
         .await
-        .unwrap()
-        .into_inner();
+        .access_token(access_request(&[]))
+        .await
+        .unwrap();
     emulator.set_fault(Some(FaultRule::always(Fault::Hang)));
 
     let again = client
@@ -362,6 +295,7 @@ async fn a_bad_response_is_an_error_never_a_token() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &[]).await;
     let mut client = broker.client().await;
+    let mut tokens = broker.typed_client().await;
     for fault in [
         Fault::Garbage,
         Fault::WrongAudience,
@@ -386,11 +320,7 @@ async fn a_bad_response_is_an_error_never_a_token() {
         );
         // Nothing was cached: the next call fetches again and gets a good token.
         let before = emulator.stats().identity_requests;
-        let token = client
-            .get_id_token(id_request(&audience))
-            .await
-            .unwrap()
-            .into_inner();
+        let token = tokens.id_token(id_request(&audience)).await.unwrap();
         assert_eq!(emulator.stats().identity_requests, before + 1, "{fault:?}");
         assert_eq!(claims(&token.token)["aud"], audience);
     }
@@ -529,14 +459,15 @@ async fn min_valid_for_is_honoured_or_refused() {
         })
     };
 
-    let token = client
-        .get_id_token(GetIdTokenRequest {
+    let token = broker
+        .typed_client()
+        .await
+        .id_token(GetIdTokenRequest {
             min_valid_for: min(60),
             ..id_request("aud")
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let left = expire_time(&token)
         .duration_since(SystemTime::now())
         .unwrap();

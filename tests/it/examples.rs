@@ -2,17 +2,11 @@
 //! against the real broker on the emulator: each watches an ID token and
 //! calls a local HTTP server with it, which checks the bearer token.
 
-mod common;
-
-use std::path::Path;
 use std::time::Duration;
 
-use common::{Broker, PATIENCE, emulator_with_lifetime};
 use tokio::process::Command;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::common::{self, Broker, emulator_with_lifetime, output, root};
 
 /// Runs an example until it has made `calls` calls, and checks what the
 /// server saw: that many distinct, valid tokens (the first one and then
@@ -24,12 +18,8 @@ async fn run_example(mut command: Command, calls: usize) {
     let url = format!("http://{addr}/hello");
     command
         .args(["--audience", &url, "--calls", &calls.to_string()])
-        .env("TOKENBROKER_SOCKET", &broker.socket)
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(PATIENCE, command.output())
-        .await
-        .expect("the example finishes")
-        .expect("the example runs");
+        .env("TOKENBROKER_SOCKET", &broker.socket);
+    let output = output(&mut command).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -54,7 +44,7 @@ async fn run_example(mut command: Command, calls: usize) {
 
 #[tokio::test]
 async fn the_python_example_watches_a_token_and_calls_with_it() {
-    let mut command = Command::new(common::python());
+    let mut command = Command::new(common::python().await);
     command.arg(root().join("examples/python/watch_and_call.py"));
     run_example(command, 2).await;
 }
@@ -64,7 +54,7 @@ async fn the_node_example_watches_a_token_and_calls_with_it() {
     let mut command = Command::new("node");
     command
         .arg(root().join("examples/node/watch_and_call.js"))
-        .env("NODE_PATH", common::node_example_path());
+        .env("NODE_PATH", common::node_example_path().await);
     run_example(command, 2).await;
 }
 
@@ -72,18 +62,10 @@ async fn the_node_example_watches_a_token_and_calls_with_it() {
 async fn the_go_example_watches_a_token_and_calls_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let binary = dir.path().join("watch_and_call");
-    tokio::task::spawn_blocking(|| common::install_test_deps(&["go"]))
-        .await
-        .unwrap();
-    let build = Command::new(root().join("examples/go/build.sh"))
-        .arg(&binary)
-        .output()
-        .await
-        .expect("examples/go/build.sh runs");
-    assert!(
-        build.status.success(),
-        "the Go example does not build:\n{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
+    common::install_test_deps_async(&["go"]).await;
+    // A first build compiles Debian's gRPC packages too.
+    let mut build = Command::new(root().join("examples/go/build.sh"));
+    build.arg(&binary);
+    common::succeeds_within(&mut build, Duration::from_secs(600)).await;
     run_example(Command::new(&binary), 2).await;
 }

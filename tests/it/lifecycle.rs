@@ -1,35 +1,28 @@
 //! The broker process: socket handling, signals, the built-in emulator and
 //! the command-line client.
 
-mod common;
-
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::time::Duration;
 
-use common::{Broker, PATIENCE, binary_fails, emulator, id_request};
 use nix::sys::signal::Signal;
 use tokenbroker::emulator::EmulatorConfig;
-use tokenbroker::proto::v1::{WatchTokenRequest, watch_token_request};
 use tonic::Code;
+
+use crate::common::{
+    self, Broker, Printing, binary, binary_fails, emulator, id_request, next_token, succeeds,
+    watch_end,
+};
 
 #[tokio::test]
 async fn sigterm_ends_streams_and_exits_cleanly() {
     for signal in [Signal::SIGTERM, Signal::SIGINT] {
-        let mut broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
-        let mut client = broker.client().await;
-        let request = WatchTokenRequest {
-            request: Some(watch_token_request::Request::IdToken(id_request(
-                "https://a.run.app",
-            ))),
-        };
-        let mut watch = client.watch_token(request).await.unwrap().into_inner();
-        assert!(watch.message().await.unwrap().is_some());
+        let mut broker = Broker::emulated(&[]).await;
+        let mut client = broker.typed_client().await;
+        let mut watch = client.watch(id_request("https://a.run.app")).await.unwrap();
+        next_token(&mut watch).await;
 
         broker.signal(signal);
-        let status = tokio::time::timeout(PATIENCE, watch.message())
-            .await
-            .unwrap()
-            .unwrap_err();
+        let status = watch_end(&mut watch).await;
         assert_eq!(status.code(), Code::Unavailable);
         assert!(
             status.message().contains("shutting down"),
@@ -46,38 +39,32 @@ async fn sigterm_ends_streams_and_exits_cleanly() {
 
 #[tokio::test]
 async fn socket_gets_the_requested_mode_and_group() {
-    // Root may give the socket any group; others only one of their own.
-    let gid = if nix::unistd::geteuid().is_root() {
-        12345
-    } else {
-        nix::unistd::getegid().as_raw()
-    };
-    let broker = Broker::spawn(
-        vec![
-            "--emulator".into(),
-            "--socket-mode".into(),
-            "0600".into(),
-            "--socket-group".into(),
-            gid.to_string(),
-        ],
-        &[],
-    )
-    .await;
+    // Only root may give the socket a group that is not its own; a group
+    // of its own would show nothing, so others check the mode alone.
+    let root = common::is_root("giving the socket another group");
+    let mut flags = vec!["--socket-mode", "0600"];
+    if root {
+        flags.extend(["--socket-group", "12345"]);
+    }
+    let broker = Broker::emulated(&flags).await;
     let meta = std::fs::metadata(&broker.socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), gid);
+    if root {
+        assert_ne!(nix::unistd::getegid().as_raw(), 12345);
+        assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 12345);
+    }
 }
 
 #[tokio::test]
 async fn a_second_broker_on_the_same_socket_is_refused() {
-    let first = Broker::spawn(vec!["--emulator".into()], &[]).await;
+    let first = Broker::emulated(&[]).await;
     let socket = first.socket.to_str().unwrap();
     let stderr = binary_fails(["serve", "--emulator", "--socket", socket]).await;
     assert!(stderr.contains("already serving"), "{stderr}");
     // The first broker is untouched.
-    let mut client = first.client().await;
-    assert!(client.get_id_token(id_request("aud")).await.is_ok());
+    let mut client = first.typed_client().await;
+    assert!(client.id_token(id_request("aud")).await.is_ok());
 }
 
 #[tokio::test]
@@ -87,10 +74,10 @@ async fn a_stale_socket_is_replaced_and_other_files_are_not() {
     // A socket nobody listens on, as a killed broker leaves behind.
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     let broker = Broker::spawn_at(&socket, dir, vec!["--emulator".into()], &[]);
-    broker.wait_for_log("tokenbroker ready").await;
+    broker.wait_until_ready().await;
     assert!(broker.logs().contains("replacing stale socket"));
-    let mut client = broker.client().await;
-    assert!(client.get_id_token(id_request("aud")).await.is_ok());
+    let mut client = broker.typed_client().await;
+    assert!(client.id_token(id_request("aud")).await.is_ok());
 
     let dir = tempfile::tempdir().unwrap();
     let not_a_socket = dir.path().join("tokenbroker.sock");
@@ -105,38 +92,22 @@ async fn a_stale_socket_is_replaced_and_other_files_are_not() {
 async fn socket_path_comes_from_the_environment_for_broker_and_client() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("nested/dir/env.sock");
-    let socket_str = socket.to_str().unwrap();
-    let mut command = common::binary();
+    let socket_str = socket.to_str().unwrap().to_string();
+    let mut command = binary();
     command
         .args(["serve", "--emulator"])
-        .env("TOKENBROKER_SOCKET", socket_str)
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut broker = command.spawn().unwrap();
-    let stderr = broker.stderr.take().unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
-    let ready = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("tokenbroker ready") {
-                return;
-            }
-        }
-        panic!("broker exited before it was ready");
-    });
-    ready.await.unwrap();
+        .env("TOKENBROKER_SOCKET", &socket_str);
+    let broker = Broker::spawn_command(command, &socket, dir);
+    broker.wait_until_ready().await;
+    assert!(socket.exists(), "bound where TOKENBROKER_SOCKET says");
 
-    let output = common::binary()
-        .args(["token", "id", "--audience", "https://a.run.app", "--json"])
-        .env("TOKENBROKER_SOCKET", socket_str)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let printed = succeeds(
+        binary()
+            .args(["token", "id", "--audience", "https://a.run.app", "--json"])
+            .env("TOKENBROKER_SOCKET", &socket_str),
+    )
+    .await;
+    let printed: serde_json::Value = serde_json::from_str(&printed).unwrap();
     assert_eq!(
         common::claims(printed["token"].as_str().unwrap())["aud"],
         "https://a.run.app"
@@ -149,7 +120,7 @@ async fn the_client_command_explains_a_missing_broker() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("nothing.sock");
     let stderr = binary_fails(["token", "access", "--socket", socket.to_str().unwrap()]).await;
-    // (the exit code, 3, is checked in tests/cli.rs)
+    // (the exit code, 3, is checked in cli.rs)
     assert!(
         stderr.contains("is `tokenbroker serve` running"),
         "{stderr}"
@@ -164,50 +135,87 @@ async fn the_client_command_prints_and_watches_tokens() {
     })
     .await;
     let broker = Broker::start(&emulator, &["--expiry-skew", "1s"]).await;
-    let output = common::binary()
-        .args(["token", "access", "--scope", "scope:a,scope:b", "--socket"])
-        .arg(&broker.socket)
-        .output()
-        .await
-        .unwrap();
-    assert!(output.status.success());
-    let token = String::from_utf8(output.stdout).unwrap();
+    let token = succeeds(
+        binary()
+            .args(["token", "access", "--scope", "scope:a,scope:b", "--socket"])
+            .arg(&broker.socket),
+    )
+    .await;
     assert_eq!(
         emulator.token_info(token.trim()).unwrap().scopes,
         vec!["scope:a", "scope:b"]
     );
 
-    let mut watcher = common::binary()
-        .args(["token", "access", "--watch", "--socket"])
-        .arg(&broker.socket)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let stdout = watcher.stdout.take().unwrap();
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let first = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let second = tokio::time::timeout(PATIENCE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let mut watcher = Printing::spawn(
+        binary()
+            .args(["token", "access", "--watch", "--socket"])
+            .arg(&broker.socket),
+    );
+    let first = watcher.next_line().await;
+    let second = watcher.next_line().await;
     assert_ne!(first, second);
     assert!(emulator.token_info(&second).is_some());
 }
 
+/// Flags of `serve` whose absence is their default (a feature off, a
+/// file not read): their help says so in words, without `[default: ]`.
+const OPTIONAL_FLAGS: [&str; 8] = [
+    "--config",
+    "--socket-group",
+    "--policy",
+    "--credentials",
+    "--impersonate",
+    "--delegates",
+    "--metrics-addr",
+    "--metadata-addr",
+];
+
 #[tokio::test]
 async fn help_explains_every_flag_with_its_default() {
-    let output = common::binary()
-        .args(["serve", "--help"])
-        .output()
-        .await
-        .unwrap();
-    let help = String::from_utf8(output.stdout).unwrap();
+    let help = succeeds(binary().args(["serve", "--help"])).await;
+    // Each option's entry: its `--flag <VALUE>` line, then the indented
+    // explanation, `[env: ]` and `[default: ]` lines.
+    let mut entries: Vec<(String, Vec<&str>)> = Vec::new();
+    for line in help.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if (2..=6).contains(&indent) && trimmed.starts_with('-') {
+            let flag = trimmed
+                .split([' ', ','])
+                .find(|word| word.starts_with("--"))
+                .expect("a long flag")
+                .to_string();
+            entries.push((flag, Vec::new()));
+        } else if let Some((_, text)) = entries.last_mut()
+            && !trimmed.is_empty()
+        {
+            text.push(trimmed);
+        }
+    }
+    assert!(entries.len() > 30, "{help}");
+    for (flag, text) in &entries {
+        if flag == "--help" || flag == "--version" {
+            continue;
+        }
+        let explanation = text.iter().find(|line| !line.starts_with('['));
+        assert!(
+            explanation.is_some_and(|line| line.len() > 20),
+            "{flag} is not explained:\n{help}"
+        );
+        assert!(
+            text.iter().any(|line| line.starts_with("[env: ")),
+            "{flag} names no environment variable"
+        );
+        let takes_value = help
+            .lines()
+            .any(|line| line.trim_start().starts_with(&format!("{flag} <")));
+        if takes_value && !OPTIONAL_FLAGS.contains(&flag.as_str()) {
+            assert!(
+                text.iter().any(|line| line.starts_with("[default: ")),
+                "{flag} shows no default"
+            );
+        }
+    }
     for flag in [
         "--socket",
         "--socket-mode",
@@ -229,13 +237,8 @@ async fn help_explains_every_flag_with_its_default() {
 #[tokio::test]
 async fn logs_are_json_or_text_as_asked() {
     for (format, json) in [("json", true), ("text", false)] {
-        let mut broker = Broker::spawn(
-            vec!["--emulator".into(), "--log-format".into(), format.into()],
-            &[],
-        )
-        .await;
-        broker.signal(Signal::SIGTERM);
-        assert!(broker.wait().await.success());
+        let mut broker = Broker::emulated(&["--log-format", format]).await;
+        broker.stop().await;
         broker.wait_for_log("stopped").await;
         for line in broker.logs().lines() {
             let parsed = serde_json::from_str::<serde_json::Value>(line);
@@ -266,7 +269,7 @@ async fn one_drain_stops_health_readiness_and_the_metadata_endpoint_together() {
     )
     .await;
     let (metrics, metadata) = (broker.metrics_addr().await, broker.metadata_addr().await);
-    common::wait_until_ready(metrics).await;
+    broker.wait_until_ready().await;
     let channel =
         tonic::transport::Endpoint::from_shared(format!("unix://{}", broker.socket.display()))
             .unwrap()
@@ -281,7 +284,7 @@ async fn one_drain_stops_health_readiness_and_the_metadata_endpoint_together() {
         .unwrap()
         .into_inner();
     let mut next_status = async || {
-        let message = tokio::time::timeout(PATIENCE, health.message())
+        let message = tokio::time::timeout(common::PATIENCE, health.message())
             .await
             .expect("a health update in time")
             .unwrap()
@@ -303,14 +306,15 @@ async fn one_drain_stops_health_readiness_and_the_metadata_endpoint_together() {
         )
         .await
     });
-    tokio::time::timeout(PATIENCE, emulator.wait_for(|s| s.identity_requests == 1))
+    emulator
+        .wait_for(|s| s.identity_requests == 1, common::PATIENCE)
         .await
         .expect("the request reaches the metadata server");
 
     broker.signal(Signal::SIGTERM);
     assert_eq!(next_status().await, ServingStatus::NotServing);
-    let (status, _) = common::http_get(metrics, "/readyz").await;
-    assert_eq!(status, 503, "/readyz during the drain");
+    let readyz = common::http::get_local(metrics, "/readyz").await;
+    assert_eq!(readyz.status, 503, "/readyz during the drain");
     assert!(
         tokio::net::TcpStream::connect(metadata).await.is_err(),
         "the metadata endpoint takes no new connection once draining"

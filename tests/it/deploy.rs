@@ -3,16 +3,12 @@
 //! and their broker configuration works, the Dockerfile builds a non-root
 //! multi-stage image.
 
-mod common;
-
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::{BINARY, Broker, http_get};
+use tokio::process::Command;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::common::http::get_local;
+use crate::common::{self, BINARY, Broker, output, root, succeeds};
 
 /// The units, copied with `ExecStart` pointing at the binary under test
 /// (`verify` checks that the command exists).
@@ -28,20 +24,16 @@ fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn systemd_analyze(args: &[&str], units: &[PathBuf]) -> std::process::Output {
-    common::install_test_deps(&["tools"]);
-    Command::new("systemd-analyze")
-        .args(args)
-        .args(units)
-        .output()
-        .expect("systemd-analyze runs")
+async fn systemd_analyze(args: &[&str], units: &[PathBuf]) -> std::process::Output {
+    common::install_test_deps_async(&["tools"]).await;
+    output(Command::new("systemd-analyze").args(args).args(units)).await
 }
 
-#[test]
-fn the_systemd_units_pass_systemd_analyze_verify() {
+#[tokio::test]
+async fn the_systemd_units_pass_systemd_analyze_verify() {
     let dir = tempfile::tempdir().unwrap();
     let units = units_for_verify(dir.path());
-    let output = systemd_analyze(&["verify"], &units);
+    let output = systemd_analyze(&["verify"], &units).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     // verify exits 0 on unknown keys and bad values, but reports them.
     assert!(
@@ -52,15 +44,15 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
     let mut broken = std::fs::read_to_string(&units[1]).unwrap();
     broken = broken.replace("ProtectSystem=strict", "ProtectSystem=strickt");
     std::fs::write(&units[1], broken).unwrap();
-    let output = systemd_analyze(&["verify"], &units);
+    let output = systemd_analyze(&["verify"], &units).await;
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("strickt"),
         "verify catches a bad value"
     );
 }
 
-#[test]
-fn the_service_is_hardened_and_socket_activated() {
+#[tokio::test]
+async fn the_service_is_hardened_and_socket_activated() {
     let unit = std::fs::read_to_string(root().join("deploy/systemd/tokenbroker.service")).unwrap();
     for line in [
         "Type=notify",
@@ -87,7 +79,7 @@ fn the_service_is_hardened_and_socket_activated() {
     // systemd's own rating of the sandbox: 0 (locked down) to 10 (unsafe).
     let dir = tempfile::tempdir().unwrap();
     let units = units_for_verify(dir.path());
-    let output = systemd_analyze(&["security", "--offline=yes"], &units[1..]);
+    let output = systemd_analyze(&["security", "--offline=yes"], &units[1..]).await;
     let report = String::from_utf8_lossy(&output.stdout);
     let exposure: f64 = report
         .split("Overall exposure level for tokenbroker.service: ")
@@ -99,40 +91,37 @@ fn the_service_is_hardened_and_socket_activated() {
 }
 
 /// What `tests/deploy/check_manifests.py` found in the manifests.
-fn checked_manifests() -> serde_json::Value {
-    let output = Command::new(common::python())
-        .arg(root().join("tests/deploy/check_manifests.py"))
-        .arg(root().join("deploy/kubernetes"))
-        .output()
-        .expect("python runs");
-    assert!(
-        output.status.success(),
-        "manifest check failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+async fn checked_manifests() -> serde_json::Value {
+    let checked = succeeds(
+        Command::new(common::python().await)
+            .arg(root().join("tests/deploy/check_manifests.py"))
+            .arg(root().join("deploy/kubernetes")),
+    )
+    .await;
+    serde_json::from_str(&checked).unwrap()
 }
 
 /// `kubernetes-validate --strict` (the API's JSON schemas, unknown fields
 /// refused) on `files`.
-fn schema_check(files: &[PathBuf]) -> std::process::Output {
-    let python = common::python();
-    Command::new(python.with_file_name("kubernetes-validate"))
-        .args(["--strict", "--quiet", "--kubernetes-version", "1.33"])
-        .args(files)
-        .output()
-        .expect("kubernetes-validate runs")
+async fn schema_check(files: &[PathBuf]) -> std::process::Output {
+    let python = common::python().await;
+    output(
+        Command::new(python.with_file_name("kubernetes-validate"))
+            .args(["--strict", "--quiet", "--kubernetes-version", "1.33"])
+            .args(files),
+    )
+    .await
 }
 
-#[test]
-fn the_kubernetes_manifests_match_the_api_schemas() {
+#[tokio::test]
+async fn the_kubernetes_manifests_match_the_api_schemas() {
     let files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/kubernetes"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     assert!(files.len() >= 3);
-    let output = schema_check(&files);
+    let output = schema_check(&files).await;
     assert!(
         output.status.success(),
         "{}{}",
@@ -145,7 +134,7 @@ fn the_kubernetes_manifests_match_the_api_schemas() {
     let broken = dir.path().join("daemonset.yaml");
     let text = std::fs::read_to_string(root().join("deploy/kubernetes/daemonset.yaml")).unwrap();
     std::fs::write(&broken, text.replace("readinessProbe:", "readinesProbe:")).unwrap();
-    let refused = schema_check(&[broken]);
+    let refused = schema_check(&[broken]).await;
     assert!(!refused.status.success());
     let said = format!(
         "{}{}",
@@ -160,7 +149,7 @@ fn the_kubernetes_manifests_match_the_api_schemas() {
 
 #[tokio::test]
 async fn the_kubernetes_manifests_are_valid_and_their_config_serves_the_probes() {
-    let checked = checked_manifests();
+    let checked = checked_manifests().await;
     let configs = checked["configs"].as_array().unwrap();
     assert!(
         !configs.is_empty(),
@@ -186,25 +175,21 @@ async fn the_kubernetes_manifests_are_valid_and_their_config_serves_the_probes()
 
     // The DaemonSet's configuration, run for real (on the emulator, and a
     // free port instead of 9464): the probes' paths answer.
-    let broker = Broker::spawn(
-        vec![
-            "--config".into(),
-            config.to_str().unwrap().into(),
-            "--emulator".into(),
-            "--metrics-addr".into(),
-            "127.0.0.1:0".into(),
-        ],
-        &[],
-    )
+    let broker = Broker::emulated(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ])
     .await;
     let addr = broker.metrics_addr().await;
-    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    assert_eq!(get_local(addr, "/healthz").await.status, 200);
     // /readyz turns 200 once the start-up probe of the metadata server
     // succeeded, which the broker logs.
     broker
         .wait_for_log_lines(&["health changed", "\"serving\":true"], 1)
         .await;
-    assert_eq!(http_get(addr, "/readyz").await.0, 200);
+    assert_eq!(get_local(addr, "/readyz").await.status, 200);
 }
 
 #[test]

@@ -2,15 +2,16 @@
 //! the shared cache, the metadata server's header rules and error codes,
 //! pass-through of everything else, and the policy on a Unix socket.
 
-mod common;
-
-use common::http::{Answer, Endpoint, get, send};
-use common::{Broker, Scrape, access_request, claims, emulator, id_request};
 use http::{Method, StatusCode};
 use tokenbroker::emulator::{
     DEFAULT_ACCOUNT, EmulatorConfig, Fault, FaultRule, PROJECT_ID, Target, ZONE,
 };
 use tokenbroker::proto::v1::{GetIdTokenRequest, IdTokenFormat};
+
+use crate::common::http::{Answer, Endpoint, get, send};
+use crate::common::{
+    self, Broker, Scrape, access_request, claims, emulator, id_request, policy_rule, write_policy,
+};
 
 const TOKEN: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
 const IDENTITY: &str = "/computeMetadata/v1/instance/service-accounts/default/identity";
@@ -58,12 +59,11 @@ async fn access_tokens_come_from_the_cache_the_grpc_api_shares() {
     let again = get(to, &path).await.json();
     assert_eq!(again["access_token"], token);
     let grpc = broker
-        .client()
+        .typed_client()
         .await
-        .get_access_token(access_request(&[CLOUD]))
+        .access_token(access_request(&[CLOUD]))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(grpc.token, token, "one cache for both front ends");
     assert_eq!(emulator.stats().token_requests, 1);
 
@@ -91,15 +91,14 @@ async fn identity_is_the_raw_jwt_from_the_cache() {
     assert_eq!(flavor(&answer), Some("Google"));
     assert_eq!(claims(&answer.body)["aud"], audience);
     let grpc = broker
-        .client()
+        .typed_client()
         .await
-        .get_id_token(GetIdTokenRequest {
+        .id_token(GetIdTokenRequest {
             format: IdTokenFormat::Full as i32,
             ..id_request(audience)
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(grpc.token, answer.body);
     // The standard format is another key, hence another token.
     let standard = get(to, &format!("{IDENTITY}?audience={audience}")).await;
@@ -308,21 +307,17 @@ fn documented_curl() -> String {
 async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
     let me = nix::unistd::getuid().as_raw();
-    std::fs::write(
-        &policy,
-        format!(
-            "[[allow]]\nuids = [{me}]\nservice_accounts = [\"default\"]\naudiences = [\"https://allowed.example.com\"]\n"
-        ),
-    )
-    .unwrap();
+    let policy = write_policy(
+        dir.path(),
+        &policy_rule(me, "default", "https://allowed.example.com"),
+    );
     let socket = dir.path().join("metadata.sock");
     let broker = Broker::start(
         &emulator,
         &[
             "--policy",
-            policy.to_str().unwrap(),
+            &policy,
             "--metadata-addr",
             &format!("unix:{}", socket.display()),
         ],
@@ -351,9 +346,7 @@ async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
     );
     // The curl line of docs/metadata-endpoint.md, as an operator would run
     // it, with this socket and the audience the policy allows.
-    tokio::task::spawn_blocking(|| common::install_test_deps(&["tools"]))
-        .await
-        .unwrap();
+    common::install_test_deps_async(&["tools"]).await;
     let script = documented_curl()
         .replacen("curl ", "curl -sf ", 1)
         .replace("/run/tokenbroker/metadata.sock", socket.to_str().unwrap())
@@ -365,29 +358,18 @@ async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
         script.contains(socket.to_str().unwrap()) && script.contains("allowed.example.com"),
         "{script}"
     );
-    let curl = tokio::process::Command::new("sh")
-        .args(["-c", &script])
-        .output()
-        .await
-        .expect("curl runs");
-    assert!(curl.status.success(), "{curl:?}");
-    assert_eq!(String::from_utf8(curl.stdout).unwrap(), allowed.body);
+    let curl = common::succeeds(tokio::process::Command::new("sh").args(["-c", &script])).await;
+    assert_eq!(curl, allowed.body);
 
     let mut broker = broker;
-    broker.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(broker.wait().await.success());
+    broker.stop().await;
     assert!(!socket.exists(), "the endpoint's socket is removed at exit");
 
     // The same policy on a TCP port: the peer is unknown and trusted, and
     // the broker warns about it when it starts.
     let tcp = Broker::start(
         &emulator,
-        &[
-            "--policy",
-            policy.to_str().unwrap(),
-            "--metadata-addr",
-            "127.0.0.1:0",
-        ],
+        &["--policy", &policy, "--metadata-addr", "127.0.0.1:0"],
     )
     .await;
     let to = Endpoint::Tcp(tcp.metadata_addr().await);

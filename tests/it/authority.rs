@@ -3,20 +3,19 @@
 //! else h2 would refuse. A malformed HTTP/2 stream closes its own connection
 //! with a connection error and touches no other.
 
-mod common;
-
-use std::time::Duration;
-
 use bytes::{Buf, Bytes, BytesMut};
-use common::authority_shim::{Authority, AuthorityShim};
-use common::{Broker, PATIENCE, claims, id_request};
 use prost::Message;
 use tokenbroker::proto::v1::IdToken;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
+use crate::common::authority_shim::{Authority, AuthorityShim};
+use crate::common::h2::{
+    CONTINUATION, GOAWAY, HEADERS, PREFACE, SETTINGS, frame, frames_until_closed,
+};
+use crate::common::{Broker, claims, id_request, poll_until};
+
 const AUDIENCE: &str = "https://hello-abc123-uc.a.run.app";
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// An h2 client connection to the broker whose requests carry `authority`.
 async fn h2_client(broker: &Broker, authority: Authority) -> h2::client::SendRequest<Bytes> {
@@ -69,7 +68,7 @@ async fn get_id_token(client: &h2::client::SendRequest<Bytes>, audience: &str) -
 
 #[tokio::test]
 async fn every_authority_gets_tokens_on_one_connection_and_in_parallel() {
-    let broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
+    let broker = Broker::emulated(&[]).await;
     let path = broker.socket.to_str().unwrap().to_string();
     let encoded = path.replace('/', "%2F");
     let long = format!("/{}", "long/".repeat(1000)).into_bytes()[..4096].to_vec();
@@ -114,35 +113,6 @@ async fn every_authority_gets_tokens_on_one_connection_and_in_parallel() {
     }
 }
 
-/// Frames the broker sent until it closed the connection: (type, payload).
-async fn frames_until_closed(mut stream: UnixStream) -> Vec<(u8, Vec<u8>)> {
-    let mut bytes = Vec::new();
-    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut bytes))
-        .await
-        .expect("the broker closes the connection")
-        .ok();
-    let mut frames = Vec::new();
-    let mut at = 0;
-    while at + 9 <= bytes.len() {
-        let len = usize::from(bytes[at]) << 16
-            | usize::from(bytes[at + 1]) << 8
-            | usize::from(bytes[at + 2]);
-        let end = (at + 9 + len).min(bytes.len());
-        frames.push((bytes[at + 3], bytes[at + 9..end].to_vec()));
-        at += 9 + len;
-    }
-    frames
-}
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-    out.push(kind);
-    out.push(flags);
-    out.extend(stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
 /// Number of file descriptors the broker holds.
 fn open_fds(broker: &Broker) -> usize {
     std::fs::read_dir(format!("/proc/{}/fd", broker.pid()))
@@ -152,15 +122,12 @@ fn open_fds(broker: &Broker) -> usize {
 
 /// Waits until the broker holds at most `count` descriptors.
 async fn wait_for_fds(broker: &Broker, count: usize) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while open_fds(broker) > count {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the broker still holds {} descriptors, {count} before",
-            open_fds(broker)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(
+        "the broker closing the connections' descriptors",
+        || open_fds(broker) <= count,
+        || format!("it holds {}, {count} before", open_fds(broker)),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -170,29 +137,33 @@ async fn a_malformed_stream_closes_its_connection_with_a_connection_error() {
         &[("RUST_LOG", "info,tokenbroker=debug")],
     )
     .await;
-    let mut healthy = broker.client().await;
-    healthy.get_id_token(id_request(AUDIENCE)).await.unwrap();
+    let mut healthy = broker.typed_client().await;
+    healthy.id_token(id_request(AUDIENCE)).await.unwrap();
     let fds = open_fds(&broker);
 
     const PROTOCOL_ERROR: u32 = 1;
-    let settings = frame(0x4, 0, 0, b"");
+    let settings = frame(SETTINGS, 0, 0, b"");
     // A 3,000-byte value entered in the dynamic table, then named five
     // times more by one-byte references: 18 KiB decoded from 3 KiB.
     let oversized = {
         let mut block = vec![0x83, 0x86, 0x84, 0x40, 1, b'x', 0x7f, 0xb9, 0x16];
         block.extend([b'v'; 3000]);
         block.extend([0xbe; 5]);
-        frame(0x1, 0x5, 1, &block)
+        frame(HEADERS, 0x5, 1, &block)
     };
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         (
             "bad HPACK",
-            frame(0x1, 0x5, 1, b"\xff\x7f"),
+            frame(HEADERS, 0x5, 1, b"\xff\x7f"),
             "no table entry",
         ),
         (
             "a block split wrongly",
-            [frame(0x1, 0x0, 1, b"\x82"), frame(0x9, 0x4, 3, b"\x86")].concat(),
+            [
+                frame(HEADERS, 0x0, 1, b"\x82"),
+                frame(CONTINUATION, 0x4, 3, b"\x86"),
+            ]
+            .concat(),
             "interrupted",
         ),
         (
@@ -210,14 +181,14 @@ async fn a_malformed_stream_closes_its_connection_with_a_connection_error() {
         let frames = frames_until_closed(stream).await;
         let goaway = frames
             .iter()
-            .find(|(kind, _)| *kind == 0x7)
+            .find(|(kind, _)| *kind == GOAWAY)
             .unwrap_or_else(|| panic!("{name}: no GOAWAY in {frames:?}"));
         let code = u32::from_be_bytes(goaway.1[4..8].try_into().unwrap());
         assert_eq!(code, PROTOCOL_ERROR, "{name}");
         broker
             .wait_for_log_lines(&["closing an HTTP/2 connection", logged], 1)
             .await;
-        healthy.get_id_token(id_request(AUDIENCE)).await.unwrap();
+        healthy.id_token(id_request(AUDIENCE)).await.unwrap();
     }
 
     // Garbage before the preface: h2 refuses it, the log says why.
@@ -226,16 +197,16 @@ async fn a_malformed_stream_closes_its_connection_with_a_connection_error() {
     frames_until_closed(stream).await;
     broker.wait_for_log("not an HTTP/2 client preface").await;
 
-    healthy.get_id_token(id_request(AUDIENCE)).await.unwrap();
+    healthy.id_token(id_request(AUDIENCE)).await.unwrap();
     wait_for_fds(&broker, fds).await;
     assert!(!broker.logs().contains("panic"), "{}", broker.logs());
 }
 
 #[tokio::test]
 async fn random_bytes_after_the_preface_never_disturb_a_healthy_connection() {
-    let broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
-    let mut healthy = broker.client().await;
-    healthy.get_id_token(id_request(AUDIENCE)).await.unwrap();
+    let broker = Broker::emulated(&[]).await;
+    let mut healthy = broker.typed_client().await;
+    healthy.id_token(id_request(AUDIENCE)).await.unwrap();
     let fds = open_fds(&broker);
 
     let mut rng = fastrand::Rng::with_seed(0x70b2_0e4b);
@@ -255,10 +226,9 @@ async fn random_bytes_after_the_preface_never_disturb_a_healthy_connection() {
     let calls = async {
         for _ in 0..64 {
             let token = healthy
-                .get_id_token(id_request(AUDIENCE))
+                .id_token(id_request(AUDIENCE))
                 .await
-                .expect("the healthy connection keeps working")
-                .into_inner();
+                .expect("the healthy connection keeps working");
             assert_eq!(claims(&token.token)["aud"], AUDIENCE);
         }
     };

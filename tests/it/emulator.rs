@@ -1,29 +1,18 @@
 //! The metadata server emulator keeps the real server's rules.
 
-mod common;
-
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::Method;
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
+
+use crate::common;
+use crate::common::http::send_to;
 
 const ACCOUNTS: &str = "/computeMetadata/v1/instance/service-accounts/";
 
 async fn get(emulator: &Emulator, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let mut request = http::Request::get(format!("http://{}{path}", emulator.host()));
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = client
-        .request(request.body(Empty::new()).unwrap())
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    assert_eq!(response.headers()["metadata-flavor"], "Google");
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
+    let url = format!("http://{}{path}", emulator.host());
+    let answer = send_to(Method::GET, &url, headers, "").await;
+    assert_eq!(answer.headers["metadata-flavor"], "Google");
+    (answer.status.as_u16(), answer.body)
 }
 
 const FLAVOR: (&str, &str) = ("Metadata-Flavor", "Google");
@@ -114,10 +103,7 @@ async fn identity_needs_an_audience_and_signs_its_claims() {
 mod google {
     use std::time::{SystemTime, UNIX_EPOCH};
 
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
+    use http::Method;
     use rustls::pki_types::PrivatePkcs8KeyDer;
     use rustls::pki_types::pem::PemObject;
     use serde_json::{Value, json};
@@ -125,6 +111,7 @@ mod google {
     use tokenbroker::sources::jwt;
 
     use super::common::{self, KEY_ACCOUNT, TEST_KEYS};
+    use crate::common::http::send_to;
 
     const JWT_BEARER: &str = "urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer";
     const TARGET: &str = "target@test-project.iam.gserviceaccount.com";
@@ -135,21 +122,15 @@ mod google {
         body: String,
         bearer: Option<&str>,
     ) -> (u16, Value) {
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let mut request = http::Request::post(url).header("content-type", content_type);
-        if let Some(bearer) = bearer {
-            request = request.header("authorization", format!("Bearer {bearer}"));
-        }
-        let response = client
-            .request(request.body(Full::new(Bytes::from(body))).unwrap())
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&body).expect("a JSON answer"),
-        )
+        let authorization = bearer.map(|bearer| format!("Bearer {bearer}"));
+        let mut headers = vec![("content-type", content_type)];
+        headers.extend(
+            authorization
+                .as_deref()
+                .map(|value| ("authorization", value)),
+        );
+        let answer = send_to(Method::POST, url, &headers, body).await;
+        (answer.status.as_u16(), answer.json())
     }
 
     fn now() -> u64 {
@@ -408,11 +389,8 @@ mod google {
     }
 
     async fn put(emulator: &Emulator, what: &str, body: String) -> u16 {
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let request = http::Request::put(format!("{}/emulator/v1/{what}", emulator.iam_endpoint()))
-            .body(Full::new(Bytes::from(body)))
-            .unwrap();
-        client.request(request).await.unwrap().status().as_u16()
+        let url = format!("{}/emulator/v1/{what}", emulator.iam_endpoint());
+        send_to(Method::PUT, &url, &[], body).await.status.as_u16()
     }
 
     #[tokio::test]
@@ -477,19 +455,10 @@ mod google {
 
 #[tokio::test]
 async fn serve_emulator_has_its_control_api_only_when_asked() {
-    use common::http::{Endpoint, send};
     for (flags, status) in [(vec![], 404), (vec!["--emulator-control"], 200)] {
-        let mut args = vec!["--emulator".to_string()];
-        args.extend(flags.iter().map(|f| f.to_string()));
-        let broker = common::Broker::spawn(args, &[]).await;
-        let addr = broker.emulator_addr().await;
-        let answer = send(
-            Endpoint::Tcp(addr),
-            http::Method::GET,
-            "/emulator/v1/stats",
-            &[],
-        )
-        .await;
+        let broker = common::Broker::emulated(&flags).await;
+        let url = format!("http://{}/emulator/v1/stats", broker.emulator_addr().await);
+        let answer = send_to(Method::GET, &url, &[], "").await;
         assert_eq!(answer.status, status, "{flags:?}: {}", answer.body);
     }
 }

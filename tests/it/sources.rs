@@ -3,19 +3,16 @@
 //! against the emulator's fake OAuth endpoint and IAM Credentials API, which
 //! verify the RS256 signature, the claims and the bearer tokens.
 
-mod common;
-
-use common::{
-    Broker, KEY_ACCOUNT, PATIENCE, TEST_KEYS, access_request, binary_fails, claims, emulator,
-    id_request, key_json, trusted_key_file, write_file,
-};
 use tokenbroker::emulator::google::User;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultRule, Target};
-use tokenbroker::proto::v1::{
-    GetAccessTokenRequest, GetIdTokenRequest, IdTokenFormat, WatchTokenRequest, token,
-    watch_token_request,
-};
+use tokenbroker::proto::v1::{GetAccessTokenRequest, GetIdTokenRequest, IdTokenFormat, token};
 use tonic::Code;
+
+use crate::common::{
+    self, Broker, KEY_ACCOUNT, TEST_KEYS, access_request, assert_no_piece_of, binary_fails, claims,
+    emulator, id_request, invalidate_id, invalidated, key_json, next_token, trusted_key_file,
+    write_file,
+};
 
 const AUDIENCE: &str = "https://svc-abc123-uc.a.run.app";
 const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -26,25 +23,65 @@ fn flag(path: &std::path::Path) -> String {
     path.to_str().unwrap().to_string()
 }
 
-async fn broker_with_key(emulator: &Emulator) -> (Broker, tempfile::TempDir) {
+/// The broker with a key file `emulator` trusts, and `extra` flags.
+async fn broker_with_key(emulator: &Emulator, extra: &[&str]) -> (Broker, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let key = trusted_key_file(emulator, dir.path());
-    let broker = Broker::start(emulator, &["--credentials", &flag(&key)]).await;
+    let key = flag(&trusted_key_file(emulator, dir.path()));
+    let broker = Broker::start(emulator, &[&["--credentials", &key], extra].concat()).await;
     (broker, dir)
+}
+
+/// The account of the default access token `broker` serves (minted by
+/// `emulator`).
+async fn access_token_account(broker: &Broker, emulator: &Emulator) -> String {
+    let token = broker
+        .typed_client()
+        .await
+        .access_token(access_request(&[]))
+        .await
+        .unwrap()
+        .token;
+    emulator
+        .token_info(&token)
+        .expect("a token the emulator minted")
+        .email
+}
+
+/// The status `broker` refuses the ID token for [`AUDIENCE`] with.
+async fn id_token_refused(broker: &Broker) -> tonic::Status {
+    let mut client = broker.client().await;
+    client.get_id_token(id_request(AUDIENCE)).await.unwrap_err()
+}
+
+/// Asserts how many tokens the emulator's OAuth endpoint granted.
+fn assert_oauth_requests(emulator: &Emulator, count: u64, why: &str) {
+    assert_eq!(emulator.stats().oauth_requests, count, "{why}");
+}
+
+/// Flags for a metrics listener (and `/readyz`) on a free port.
+const METRICS: [&str; 2] = ["--metrics-addr", "127.0.0.1:0"];
+
+/// Waits until `/readyz` says the broker is ready: its health probe
+/// reached every service it needs. Probing costs no token.
+async fn ready_at_no_token_cost(broker: &Broker, emulator: &Emulator) {
+    common::wait_for_readyz(broker.metrics_addr().await).await;
+    let stats = emulator.stats();
+    assert_eq!(
+        stats.oauth_requests + stats.iam_requests,
+        0,
+        "probing costs no token"
+    );
 }
 
 async fn watch_first_id_token(broker: &Broker) -> String {
     let mut stream = broker
-        .client()
+        .typed_client()
         .await
-        .watch_token(WatchTokenRequest {
-            request: Some(watch_token_request::Request::IdToken(id_request(AUDIENCE))),
-        })
+        .watch(id_request(AUDIENCE))
         .await
-        .unwrap()
-        .into_inner();
-    match stream.message().await.unwrap().unwrap().token {
-        Some(token::Token::IdToken(token)) => token.token,
+        .unwrap();
+    match next_token(&mut stream).await {
+        token::Token::IdToken(token) => token.token,
         other => panic!("expected an ID token, got {other:?}"),
     }
 }
@@ -52,15 +89,14 @@ async fn watch_first_id_token(broker: &Broker) -> String {
 #[tokio::test]
 async fn a_key_file_serves_all_three_rpcs_through_the_jwt_bearer_grant() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let (broker, _dir) = broker_with_key(&emulator).await;
+    let (broker, _dir) = broker_with_key(&emulator, &[]).await;
     broker.wait_for_log("the key file").await;
-    let mut client = broker.client().await;
+    let mut client = broker.typed_client().await;
 
     let access = client
-        .get_access_token(access_request(&["scope:b", "scope:a"]))
+        .access_token(access_request(&["scope:b", "scope:a"]))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let info = emulator
         .token_info(&access.token)
         .expect("issued by the OAuth endpoint");
@@ -72,15 +108,11 @@ async fn a_key_file_serves_all_three_rpcs_through_the_jwt_bearer_grant() {
     );
     assert_eq!(access.token_type, "Bearer");
     // No scopes asked for: cloud-platform.
-    let default = client.get_access_token(access_request(&[])).await.unwrap();
-    let info = emulator.token_info(&default.into_inner().token).unwrap();
+    let default = client.access_token(access_request(&[])).await.unwrap();
+    let info = emulator.token_info(&default.token).unwrap();
     assert_eq!(info.scopes, [CLOUD_PLATFORM]);
 
-    let id = client
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap()
-        .into_inner();
+    let id = client.id_token(id_request(AUDIENCE)).await.unwrap();
     let claims = claims(&id.token);
     assert_eq!(claims["aud"], AUDIENCE);
     assert_eq!(claims["email"], KEY_ACCOUNT);
@@ -95,7 +127,7 @@ async fn a_key_file_serves_all_three_rpcs_through_the_jwt_bearer_grant() {
         service_account: KEY_ACCOUNT.into(),
         ..id_request(AUDIENCE)
     };
-    client.get_id_token(own).await.unwrap();
+    client.id_token(own).await.unwrap();
 
     let stats = emulator.stats();
     assert_eq!(stats.oauth_requests, 4, "two access tokens, two ID tokens");
@@ -116,7 +148,7 @@ async fn a_key_file_serves_all_three_rpcs_through_the_jwt_bearer_grant() {
 #[tokio::test]
 async fn a_key_file_refuses_other_accounts_and_full_format() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let (broker, _dir) = broker_with_key(&emulator).await;
+    let (broker, _dir) = broker_with_key(&emulator, &[]).await;
     let mut client = broker.client().await;
     let other = GetAccessTokenRequest {
         service_account: "other@test-project.iam.gserviceaccount.com".into(),
@@ -135,11 +167,7 @@ async fn a_key_file_refuses_other_accounts_and_full_format() {
         status.message().contains("ID_TOKEN_FORMAT_STANDARD"),
         "{status}"
     );
-    assert_eq!(
-        emulator.stats().oauth_requests,
-        0,
-        "refused before any fetch"
-    );
+    assert_oauth_requests(&emulator, 0, "refused before any fetch");
 }
 
 #[tokio::test]
@@ -151,12 +179,7 @@ async fn the_token_endpoint_checks_the_signature() {
     emulator.add_service_account_key("kid-1", KEY_ACCOUNT, TEST_KEYS[1].1.to_vec());
     let key = write_file(dir.path(), "key.json", &key_json(&emulator, "kid-1"), 0o600);
     let broker = Broker::start(&emulator, &["--credentials", &flag(&key)]).await;
-    let status = broker
-        .client()
-        .await
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap_err();
+    let status = id_token_refused(&broker).await;
     assert_eq!(
         status.code(),
         Code::InvalidArgument,
@@ -174,7 +197,7 @@ async fn the_token_endpoint_checks_the_signature() {
 #[tokio::test]
 async fn upstream_errors_of_the_token_endpoint_map_like_the_metadata_servers() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let (broker, _dir) = broker_with_key(&emulator).await;
+    let (broker, _dir) = broker_with_key(&emulator, &[]).await;
     let mut client = broker.client().await;
     emulator.set_fault(Some(FaultRule {
         fault: Fault::Status {
@@ -203,48 +226,21 @@ async fn upstream_errors_of_the_token_endpoint_map_like_the_metadata_servers() {
 #[tokio::test]
 async fn invalidation_works_with_a_key_file() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let (broker, _dir) = broker_with_key(&emulator).await;
+    let (broker, _dir) = broker_with_key(&emulator, &[]).await;
+    let mut tokens = broker.typed_client().await;
+    let first = tokens.id_token(id_request(AUDIENCE)).await.unwrap().token;
     let mut client = broker.client().await;
-    let first = client
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let response = client
-        .invalidate_token(common::invalidate_id(AUDIENCE, &first))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(response.invalidated);
-    let second = client
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    assert!(invalidated(&mut client, invalidate_id(AUDIENCE, &first)).await);
+    let second = tokens.id_token(id_request(AUDIENCE)).await.unwrap().token;
     assert_ne!(first, second);
-    assert_eq!(emulator.stats().oauth_requests, 2);
+    assert_oauth_requests(&emulator, 2, "the first token and its replacement");
 }
 
 #[tokio::test]
-async fn health_probes_the_key_files_token_endpoint() {
+async fn a_broker_with_a_key_file_gets_ready_at_no_token_cost() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = trusted_key_file(&emulator, dir.path());
-    let broker = Broker::start(
-        &emulator,
-        &[
-            "--credentials",
-            &flag(&key),
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-    )
-    .await;
-    let addr = broker.metrics_addr().await;
-    common::wait_until_ready(addr).await;
-    assert_eq!(emulator.stats().oauth_requests, 0, "probing costs no token");
+    let (broker, _dir) = broker_with_key(&emulator, &METRICS).await;
+    ready_at_no_token_cost(&broker, &emulator).await;
 }
 
 #[tokio::test]
@@ -366,17 +362,7 @@ async fn discovery_prefers_the_variable_then_gclouds_file_then_the_metadata_serv
     });
     let home_flag = flag(home.path());
     let metadata = ["--metadata-host".to_string(), emulator.host()];
-    let email_of = async |broker: &Broker| {
-        let token = broker
-            .client()
-            .await
-            .get_access_token(access_request(&[]))
-            .await
-            .unwrap()
-            .into_inner()
-            .token;
-        emulator.token_info(&token).unwrap().email
-    };
+    let email_of = async |broker: &Broker| access_token_account(broker, &emulator).await;
 
     // Nothing configured: the metadata server.
     let broker = Broker::spawn(metadata.to_vec(), &[("HOME", &home_flag)]).await;
@@ -400,12 +386,7 @@ async fn discovery_prefers_the_variable_then_gclouds_file_then_the_metadata_serv
         .await;
     assert_eq!(email_of(&broker).await, "dev@example.com");
     // User credentials cannot mint ID tokens: the error says what to do.
-    let status = broker
-        .client()
-        .await
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap_err();
+    let status = id_token_refused(&broker).await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("--impersonate"), "{status}");
     assert!(
@@ -455,10 +436,7 @@ async fn discovery_prefers_the_variable_then_gclouds_file_then_the_metadata_serv
             "GOOGLE_APPLICATION_CREDENTIALS",
             home.path().join("gone.json"),
         );
-    let output = tokio::time::timeout(PATIENCE, missing.output())
-        .await
-        .unwrap()
-        .unwrap();
+    let output = common::output(&mut missing).await;
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("gone.json"));
 }
@@ -477,22 +455,17 @@ async fn impersonation_mints_tokens_for_the_target_with_the_base_token() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = impersonating(&emulator, &["--delegates", DELEGATE]).await;
     broker.wait_for_log("impersonation of").await;
-    let mut client = broker.client().await;
+    let mut tokens = broker.typed_client().await;
 
-    let access = client
-        .get_access_token(access_request(&["scope:x"]))
+    let access = tokens
+        .access_token(access_request(&["scope:x"]))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let info = emulator.token_info(&access.token).unwrap();
     assert_eq!(info.email, TARGET);
     assert_eq!(info.scopes, ["scope:x"]);
 
-    let id = client
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap()
-        .into_inner();
+    let id = tokens.id_token(id_request(AUDIENCE)).await.unwrap();
     let claims = claims(&id.token);
     assert_eq!(claims["aud"], AUDIENCE);
     assert_eq!(claims["email"], TARGET);
@@ -523,7 +496,7 @@ async fn impersonation_mints_tokens_for_the_target_with_the_base_token() {
         service_account: KEY_ACCOUNT.into(),
         ..id_request(AUDIENCE)
     };
-    let status = client.get_id_token(other).await.unwrap_err();
+    let status = broker.client().await.get_id_token(other).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(status.message().contains(TARGET), "{status}");
 }
@@ -533,39 +506,17 @@ async fn impersonation_can_build_on_a_key_file() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let key = trusted_key_file(&emulator, dir.path());
+    let key = flag(&key);
     let broker = impersonating(
         &emulator,
-        &[
-            "--credentials",
-            &flag(&key),
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
+        &[&["--credentials", &key], &METRICS[..]].concat(),
     )
     .await;
-    // Health probes the key's token endpoint and the IAM API, at no
-    // token's cost.
-    let addr = broker.metrics_addr().await;
-    common::wait_until_ready(addr).await;
-    assert_eq!(
-        emulator.stats().oauth_requests + emulator.stats().iam_requests,
-        0
-    );
-    let token = broker
-        .client()
-        .await
-        .get_access_token(access_request(&[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    assert_eq!(emulator.token_info(&token).unwrap().email, TARGET);
+    // Health probes the key's token endpoint and the IAM API.
+    ready_at_no_token_cost(&broker, &emulator).await;
+    assert_eq!(access_token_account(&broker, &emulator).await, TARGET);
     assert_eq!(emulator.iam_calls()[0].caller, KEY_ACCOUNT);
-    assert_eq!(
-        emulator.stats().oauth_requests,
-        1,
-        "the key's token authorised the call"
-    );
+    assert_oauth_requests(&emulator, 1, "the key's token authorised the call");
 }
 
 #[tokio::test]
@@ -578,12 +529,7 @@ async fn iam_refusals_reach_the_client_with_their_explanation() {
     )
     .await;
     // Nobody allowed the base account to impersonate the target.
-    let status = broker
-        .client()
-        .await
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap_err();
+    let status = id_token_refused(&broker).await;
     assert_eq!(status.code(), Code::PermissionDenied);
     assert!(
         status
@@ -646,11 +592,11 @@ async fn tls_front(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
     let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(include_bytes!("fixtures/test-only-tls-server.pem"))
+        CertificateDer::pem_slice_iter(include_bytes!("../fixtures/test-only-tls-server.pem"))
             .collect::<Result<_, _>>()
             .unwrap();
-    let key =
-        PrivateKeyDer::from_pem_slice(include_bytes!("fixtures/test-only-tls-server.key")).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(include_bytes!("../fixtures/test-only-tls-server.key"))
+        .unwrap();
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -714,28 +660,8 @@ async fn https_uses_rustls_with_the_platforms_roots() {
 
     // Trusted through SSL_CERT_FILE, as the platform's roots are found.
     let trusting = Broker::spawn(args, &[("SSL_CERT_FILE", ca)]).await;
-    let token = trusting
-        .client()
-        .await
-        .get_access_token(access_request(&[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    assert_eq!(emulator.token_info(&token).unwrap().email, TARGET);
+    assert_eq!(access_token_account(&trusting, &emulator).await, TARGET);
     assert_eq!(emulator.iam_calls().len(), 1);
-}
-
-/// Asserts that no 16-byte window of `secret` is in `logs`.
-fn assert_no_piece_of(secret: &str, logs: &str) {
-    let bytes = secret.as_bytes();
-    for start in (0..bytes.len().saturating_sub(16)).step_by(8) {
-        let piece = std::str::from_utf8(&bytes[start..start + 16]).unwrap();
-        assert!(
-            !logs.contains(piece),
-            "a piece of a secret is in the logs: {piece}"
-        );
-    }
 }
 
 #[tokio::test]
@@ -757,36 +683,17 @@ async fn no_key_or_token_reaches_the_logs_even_at_trace_level() {
         .map(String::from),
     );
     let mut broker = Broker::spawn(args, &[("RUST_LOG", "trace")]).await;
+    let mut tokens = broker.typed_client().await;
+    let access = tokens
+        .access_token(access_request(&[]))
+        .await
+        .unwrap()
+        .token;
+    let id = tokens.id_token(id_request(AUDIENCE)).await.unwrap().token;
     let mut client = broker.client().await;
-    let access = client
-        .get_access_token(access_request(&[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let id = client
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let handed_back = common::invalidate_id(AUDIENCE, &id);
-    assert!(
-        client
-            .invalidate_token(handed_back)
-            .await
-            .unwrap()
-            .into_inner()
-            .invalidated
-    );
-    let replacement = client
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    broker.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(broker.wait().await.success());
+    assert!(invalidated(&mut client, invalidate_id(AUDIENCE, &id)).await);
+    let replacement = tokens.id_token(id_request(AUDIENCE)).await.unwrap().token;
+    broker.stop().await;
     broker.wait_for_log("stopped").await;
     let logs = broker.logs();
     assert!(logs.lines().count() > 100, "trace logging is not on");

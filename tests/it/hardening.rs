@@ -1,15 +1,12 @@
 //! Process hardening with the real binary: the socket's lock file, and no
 //! core dumps unless `--allow-core-dumps`.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::{BINARY, Broker};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-const NOBODY: u32 = 65534;
+use crate::common::{self, BINARY, Broker, NOBODY, as_uid};
 
 /// The soft and hard core file size limits in `/proc/<pid>/limits`.
 fn core_limits(pid: u32) -> (String, String) {
@@ -35,11 +32,11 @@ async fn core_dumps_are_off_unless_allowed() {
     let inherited = core_limits(std::process::id());
     assert_ne!(inherited.0, "0");
 
-    let broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
+    let broker = Broker::emulated(&[]).await;
     assert_eq!(core_limits(broker.pid()), ("0".into(), "0".into()));
     drop(broker);
 
-    let broker = Broker::spawn(vec!["--emulator".into(), "--allow-core-dumps".into()], &[]).await;
+    let broker = Broker::emulated(&["--allow-core-dumps"]).await;
     assert_eq!(core_limits(broker.pid()), inherited);
     drop(broker);
 
@@ -52,13 +49,8 @@ async fn core_dumps_are_off_unless_allowed() {
     assert_eq!(core_limits(broker.pid()), inherited);
     drop(broker);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tokenbroker.toml");
-    std::fs::write(&config, "emulator = true\nallow_core_dumps = true\n").unwrap();
-    let broker = Broker::spawn(
-        vec!["--config".into(), config.to_str().unwrap().into()],
-        &[],
-    )
-    .await;
+    let config = common::write_config(dir.path(), "emulator = true\nallow_core_dumps = true\n");
+    let broker = Broker::spawn(vec!["--config".into(), config], &[]).await;
     assert_eq!(core_limits(broker.pid()), inherited);
 }
 
@@ -68,15 +60,13 @@ async fn environ_owner_as_nobody(extra: &[&str]) -> u32 {
     let dir = tempfile::tempdir().unwrap();
     std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
     let socket = dir.path().join("tokenbroker.sock");
-    let mut command = tokio::process::Command::new("setpriv");
+    let mut command = as_uid(NOBODY, BINARY);
     command
-        .arg(format!("--reuid={NOBODY}"))
-        .arg(format!("--regid={NOBODY}"))
-        .args(["--clear-groups", BINARY, "serve", "--emulator", "--socket"])
+        .args(["serve", "--emulator", "--socket"])
         .arg(&socket)
         .args(extra);
     let broker = Broker::spawn_command(command, &socket, dir);
-    broker.wait_for_log("tokenbroker ready").await;
+    broker.wait_until_ready().await;
     let status = std::fs::read_to_string(format!("/proc/{}/status", broker.pid())).unwrap();
     assert!(
         status
@@ -91,8 +81,7 @@ async fn environ_owner_as_nobody(extra: &[&str]) -> u32 {
 
 #[tokio::test]
 async fn the_broker_is_not_dumpable_unless_allowed() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("not root: cannot run the broker as another uid; skipped");
+    if !common::is_root("running the broker as another uid") {
         return;
     }
     assert_eq!(environ_owner_as_nobody(&[]).await, 0, "non-dumpable");
@@ -128,8 +117,7 @@ async fn an_unsafe_lock_file_stops_the_broker_with_a_clear_error() {
     );
     assert!(!target.exists(), "the link was not followed");
 
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("not root: cannot give the lock file to another uid; skipped");
+    if !common::is_root("giving the lock file to another uid") {
         return;
     }
     std::fs::remove_file(&lock).unwrap();

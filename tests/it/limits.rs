@@ -1,15 +1,16 @@
 //! Bounds: the upstream request rate under a storm of distinct keys, the
 //! number of keys and watch streams, and the shutdown grace period.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Broker, PATIENCE, emulator, id_request, with_deadline};
 use nix::sys::signal::Signal;
 use tokenbroker::emulator::{EmulatorConfig, Fault, FaultRule};
-use tokenbroker::proto::v1::{WatchTokenRequest, watch_token_request};
 use tonic::Code;
+
+use crate::common::{
+    self, BINARY, Broker, NOBODY, PATIENCE, Printing, as_uid, chmod, emulator, id_request, in_time,
+    output, watch_id, with_deadline,
+};
 
 /// The most arrivals within any one-second window.
 fn peak_per_second(arrivals: &[Instant]) -> usize {
@@ -81,11 +82,7 @@ async fn a_storm_of_distinct_keys_stays_under_the_upstream_rate_limit() {
 
 #[tokio::test]
 async fn the_number_of_keys_is_bounded() {
-    let broker = Broker::spawn(
-        vec!["--emulator".into(), "--max-keys".into(), "2".into()],
-        &[],
-    )
-    .await;
+    let broker = Broker::emulated(&["--max-keys", "2"]).await;
     let mut client = broker.client().await;
     client.get_id_token(id_request("a")).await.unwrap();
     client.get_id_token(id_request("b")).await.unwrap();
@@ -99,35 +96,40 @@ async fn the_number_of_keys_is_bounded() {
     assert!(client.get_id_token(id_request("a")).await.is_ok());
 }
 
+/// `tokenbroker token id --watch` for `audience` on `broker`, as `nobody`.
+fn watch_as_nobody(broker: &Broker, audience: &str) -> tokio::process::Command {
+    let mut command = as_uid(NOBODY, BINARY);
+    command
+        .args(["token", "id", "--watch", "--audience", audience, "--socket"])
+        .arg(&broker.socket);
+    command
+}
+
 #[tokio::test]
 async fn watch_streams_are_bounded_per_uid_and_in_total() {
-    let broker = Broker::spawn(
-        vec![
-            "--emulator".into(),
-            "--max-watchers-per-uid".into(),
-            "2".into(),
-            "--max-watchers".into(),
-            "3".into(),
-        ],
-        &[],
-    )
+    let broker = Broker::emulated(&[
+        "--max-watchers-per-uid",
+        "2",
+        "--max-watchers",
+        "3",
+        "--socket-mode",
+        "0666",
+    ])
     .await;
+    chmod(broker.dir.path(), 0o755);
     let client = broker.client().await;
-    let watch = |audience: &str| WatchTokenRequest {
-        request: Some(watch_token_request::Request::IdToken(id_request(audience))),
-    };
     let mut open = Vec::new();
     for audience in ["a", "b"] {
         let mut stream = client
             .clone()
-            .watch_token(watch(audience))
+            .watch_token(watch_id(audience))
             .await
             .unwrap()
             .into_inner();
-        stream.message().await.unwrap().unwrap();
+        common::next_message(&mut stream).await.unwrap();
         open.push(stream);
     }
-    let error = client.clone().watch_token(watch("c")).await.unwrap_err();
+    let error = client.clone().watch_token(watch_id("c")).await.unwrap_err();
     assert_eq!(error.code(), Code::ResourceExhausted);
     assert!(
         error.message().contains("for this uid"),
@@ -136,11 +138,40 @@ async fn watch_streams_are_bounded_per_uid_and_in_total() {
     );
     // Unary calls are not affected.
     assert!(client.clone().get_id_token(id_request("c")).await.is_ok());
+
+    if common::is_root("reaching the total with another uid's streams") {
+        // Another uid has a place of its own: the third stream, which
+        // reaches the total.
+        let mut third = Printing::spawn(&mut watch_as_nobody(&broker, "d"));
+        third.next_line().await;
+        // Past the total nobody gets one, though under its own share.
+        let refused = output(&mut watch_as_nobody(&broker, "e")).await;
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(
+            refused.status.code(),
+            Some(18),
+            "RESOURCE_EXHAUSTED: {stderr}"
+        );
+        assert!(
+            stderr.contains("too many open watch streams") && !stderr.contains("for this uid"),
+            "{stderr}"
+        );
+        let error = client.clone().watch_token(watch_id("f")).await.unwrap_err();
+        assert_eq!(error.code(), Code::ResourceExhausted);
+        assert!(
+            !error.message().contains("for this uid"),
+            "{}",
+            error.message()
+        );
+        // The other uid's stream ending frees a place in the total.
+        drop(third);
+    }
+
     // A closed stream frees its place (once the broker notices).
     open.pop();
     let started = Instant::now();
     loop {
-        match client.clone().watch_token(watch("c")).await {
+        match client.clone().watch_token(watch_id("c")).await {
             Ok(_) => break,
             Err(status) => assert_eq!(status.code(), Code::ResourceExhausted),
         }
@@ -163,14 +194,17 @@ async fn shutdown_lets_calls_in_flight_finish_within_the_grace() {
             .get_id_token(id_request("https://slow.run.app"))
             .await
     });
-    emulator.wait_for(|s| s.identity_requests == 1).await;
+    emulator
+        .wait_for(|s| s.identity_requests == 1, PATIENCE)
+        .await
+        .expect("the call reaches the metadata server");
     broker.signal(Signal::SIGTERM);
-    let answer = call.await.unwrap();
+    let answer = in_time("the call in flight", call).await.unwrap();
     assert!(answer.is_ok(), "the call in flight was cut: {answer:?}");
     assert!(broker.wait().await.success());
 
     // A call that cannot finish is given up after the grace period.
-    let emulator = common::emulator(EmulatorConfig::default()).await;
+    let emulator = crate::common::emulator(EmulatorConfig::default()).await;
     emulator.set_fault(Some(FaultRule::always(Fault::Hang)));
     let mut broker = Broker::start(
         &emulator,
@@ -183,7 +217,10 @@ async fn shutdown_lets_calls_in_flight_finish_within_the_grace() {
             .get_id_token(id_request("https://stuck.run.app"))
             .await
     });
-    emulator.wait_for(|s| s.identity_requests == 1).await;
+    emulator
+        .wait_for(|s| s.identity_requests == 1, PATIENCE)
+        .await
+        .expect("the call reaches the metadata server");
     let signalled = Instant::now();
     broker.signal(Signal::SIGTERM);
     assert!(broker.wait().await.success());
@@ -192,6 +229,6 @@ async fn shutdown_lets_calls_in_flight_finish_within_the_grace() {
         "{:?}",
         signalled.elapsed()
     );
-    assert!(call.await.unwrap().is_err());
+    assert!(in_time("the call given up", call).await.unwrap().is_err());
     assert!(!broker.socket.exists());
 }

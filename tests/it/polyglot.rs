@@ -4,34 +4,24 @@
 //! `:authority`), and grpc-js sending the raw path, as grpc-java and grpcurl
 //! do.
 
-mod common;
+use tokio::process::Command;
 
-use std::path::Path;
-use std::process::Command;
-
-use common::Broker;
+use crate::common::{self, Broker, output, root, succeeds};
 
 #[tokio::test]
 async fn a_stock_python_grpcio_client_calls_every_rpc_health_and_reflection() {
-    let python = tokio::task::spawn_blocking(common::python).await.unwrap();
-    let broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
+    let python = common::python().await;
+    let broker = Broker::emulated(&[]).await;
     let out_dir = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let socket = broker.socket.clone();
-    let output = tokio::task::spawn_blocking(move || {
+    let printed = succeeds(
         Command::new(python)
-            .arg(root.join("tests/python/broker_client.py"))
-            .arg(&socket)
-            .arg(root.join("proto"))
-            .arg(out_dir.path())
-            .output()
-            .expect("python runs")
-    })
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "python client failed:\n{stderr}");
-    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            .arg(root().join("tests/python/broker_client.py"))
+            .arg(&broker.socket)
+            .arg(root().join("proto"))
+            .arg(out_dir.path()),
+    )
+    .await;
+    let seen: serde_json::Value = serde_json::from_str(&printed).unwrap();
     assert_eq!(seen["id_token_aud"], "https://hello-abc123-uc.a.run.app");
     assert_eq!(seen["watch_first_matches"], true);
     assert_eq!(seen["empty_audience"], "INVALID_ARGUMENT");
@@ -55,23 +45,20 @@ async fn a_stock_python_grpcio_client_calls_every_rpc_health_and_reflection() {
 
 #[tokio::test]
 async fn grpc_js_sending_the_raw_socket_path_as_authority_gets_tokens() {
-    let node_path = tokio::task::spawn_blocking(common::node_example_path)
-        .await
-        .unwrap();
-    let broker = Broker::spawn(vec!["--emulator".into()], &[]).await;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let node_path = common::node_example_path().await;
+    let broker = Broker::emulated(&[]).await;
     let path = broker.socket.to_str().unwrap().to_string();
     for authority in [path.clone(), format!("unix:{path}"), "localhost".into()] {
-        let output = tokio::process::Command::new("node")
-            .arg(root.join("tests/node/grpc_js_authority_client.js"))
-            .arg(&broker.socket)
-            .arg(root.join("proto/tokenbroker/v1/tokenbroker.proto"))
-            .arg(&authority)
-            .arg("https://hello-abc123-uc.a.run.app")
-            .env("NODE_PATH", &node_path)
-            .output()
-            .await
-            .expect("node runs");
+        let output = output(
+            Command::new("node")
+                .arg(root().join("tests/node/grpc_js_authority_client.js"))
+                .arg(&broker.socket)
+                .arg(root().join("proto/tokenbroker/v1/tokenbroker.proto"))
+                .arg(&authority)
+                .arg("https://hello-abc123-uc.a.run.app")
+                .env("NODE_PATH", &node_path),
+        )
+        .await;
         assert!(
             output.status.success(),
             "authority {authority:?}: {}",

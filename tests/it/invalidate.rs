@@ -2,72 +2,42 @@
 //! rejected; the broker drops it only if it is still the cached one, fetches
 //! one replacement for everybody, and rate-limits invalidations per key.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::{
-    Broker, PATIENCE, Scrape, access_request, emulator, id_request, invalidate_id, scrape_until,
-};
 use tokenbroker::emulator::EmulatorConfig;
-use tokenbroker::proto::v1::{
-    InvalidateTokenRequest, WatchTokenRequest, invalidate_token_request, token, watch_token_request,
-};
+use tokenbroker::proto::v1::{InvalidateTokenRequest, invalidate_token_request};
 use tonic::Code;
 
+use crate::common::{
+    Broker, PATIENCE, Scrape, access_request, emulator, id_request, invalidate_id, invalidated,
+    next_token, policy_rule, scrape_until, write_policy,
+};
+
 const AUDIENCE: &str = "https://svc.a.run.app";
+const OTHER: &str = "https://other.a.run.app";
 
 #[tokio::test]
 async fn a_stale_token_is_dropped_and_fetched_again_once() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &["--metrics-addr", "127.0.0.1:0"]).await;
+    let mut tokens = broker.typed_client().await;
     let mut client = broker.client().await;
-    let first = client
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let first = tokens.id_token(id_request(AUDIENCE)).await.unwrap().token;
     assert_eq!(emulator.stats().identity_requests, 1);
 
-    let response = client
-        .invalidate_token(invalidate_id(AUDIENCE, &first))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(response.invalidated);
-    let second = client
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    assert!(invalidated(&mut client, invalidate_id(AUDIENCE, &first)).await);
+    let second = tokens.id_token(id_request(AUDIENCE)).await.unwrap().token;
     assert_ne!(second, first, "the rejected token is never served again");
     assert_eq!(emulator.stats().identity_requests, 2, "one refetch");
 
     // The old token once more: the cache holds another one, nothing happens.
-    let response = client
-        .invalidate_token(invalidate_id(AUDIENCE, &first))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!response.invalidated);
-    let third = client
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    assert!(!invalidated(&mut client, invalidate_id(AUDIENCE, &first)).await);
+    let third = tokens.id_token(id_request(AUDIENCE)).await.unwrap().token;
     assert_eq!(third, second);
     assert_eq!(emulator.stats().identity_requests, 2);
 
     // A key nobody asked for: no-op, and no fetch.
-    let response = client
-        .invalidate_token(invalidate_id("https://other.a.run.app", &first))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!response.invalidated);
+    assert!(!invalidated(&mut client, invalidate_id(OTHER, &first)).await);
     assert_eq!(emulator.stats().identity_requests, 2);
 
     let scrape = Scrape::of(broker.metrics_addr().await).await;
@@ -86,16 +56,17 @@ async fn concurrent_invalidations_of_one_token_cause_one_fetch() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &[]).await;
     let client = broker.client().await;
+    let tokens = broker.typed_client().await;
     let scopes = ["https://www.googleapis.com/auth/cloud-platform"];
-    let first = client
+    let first = tokens
         .clone()
-        .get_access_token(access_request(&scopes))
+        .access_token(access_request(&scopes))
         .await
         .unwrap()
-        .into_inner()
         .token;
     let calls = (0..40).map(|_| {
         let mut client = client.clone();
+        let mut tokens = tokens.clone();
         let request = InvalidateTokenRequest {
             request: Some(invalidate_token_request::Request::AccessToken(
                 access_request(&scopes),
@@ -103,17 +74,11 @@ async fn concurrent_invalidations_of_one_token_cause_one_fetch() {
             token: first.clone(),
         };
         async move {
-            let invalidated = client
-                .invalidate_token(request)
+            let invalidated = invalidated(&mut client, request).await;
+            let token = tokens
+                .access_token(access_request(&scopes))
                 .await
                 .unwrap()
-                .into_inner()
-                .invalidated;
-            let token = client
-                .get_access_token(access_request(&scopes))
-                .await
-                .unwrap()
-                .into_inner()
                 .token;
             (invalidated, token)
         }
@@ -137,30 +102,21 @@ async fn invalidations_are_rate_limited_per_key() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &["--invalidate-interval", "1h"]).await;
     let mut client = broker.client().await;
-    let getter = client.clone();
+    let tokens = broker.typed_client().await;
     let get = async |audience: &str| {
-        getter
+        tokens
             .clone()
-            .get_id_token(id_request(audience))
+            .id_token(id_request(audience))
             .await
             .unwrap()
-            .into_inner()
             .token
     };
     let first = get(AUDIENCE).await;
-    let other = get("https://other.a.run.app").await;
-    let second = {
-        let mut client = broker.client().await;
-        assert!(
-            client
-                .invalidate_token(invalidate_id(AUDIENCE, &first))
-                .await
-                .unwrap()
-                .into_inner()
-                .invalidated
-        );
-        get(AUDIENCE).await
-    };
+    let other = get(OTHER).await;
+    // On another connection.
+    let mut another = broker.client().await;
+    assert!(invalidated(&mut another, invalidate_id(AUDIENCE, &first)).await);
+    let second = get(AUDIENCE).await;
     let status = client
         .invalidate_token(invalidate_id(AUDIENCE, &second))
         .await
@@ -176,16 +132,10 @@ async fn invalidations_are_rate_limited_per_key() {
         "a throttled call drops nothing"
     );
     // Another key is not held back by the first one's invalidation.
-    assert!(
-        client
-            .invalidate_token(invalidate_id("https://other.a.run.app", &other))
-            .await
-            .unwrap()
-            .into_inner()
-            .invalidated
-    );
+    assert!(invalidated(&mut client, invalidate_id(OTHER, &other)).await);
     // Three fetches before, and the other key's replacement.
-    tokio::time::timeout(PATIENCE, emulator.wait_for(|s| s.identity_requests == 4))
+    emulator
+        .wait_for(|s| s.identity_requests == 4, PATIENCE)
         .await
         .expect("the other key's token is fetched again");
 }
@@ -194,46 +144,25 @@ async fn invalidations_are_rate_limited_per_key() {
 async fn watchers_receive_the_replacement() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &[]).await;
-    let mut client = broker.client().await;
-    let mut stream = client
-        .watch_token(WatchTokenRequest {
-            request: Some(watch_token_request::Request::IdToken(id_request(AUDIENCE))),
-        })
+    let mut watch = broker
+        .typed_client()
         .await
-        .unwrap()
-        .into_inner();
-    let id = |message: tokenbroker::proto::v1::Token| match message.token {
-        Some(token::Token::IdToken(token)) => token.token,
-        other => panic!("expected an ID token, got {other:?}"),
-    };
-    let first = id(stream.message().await.unwrap().unwrap());
-    assert!(
-        client
-            .invalidate_token(invalidate_id(AUDIENCE, &first))
-            .await
-            .unwrap()
-            .into_inner()
-            .invalidated
-    );
-    let next = tokio::time::timeout(PATIENCE, stream.message())
+        .watch(id_request(AUDIENCE))
         .await
-        .expect("the replacement is streamed")
-        .unwrap()
         .unwrap();
-    assert_ne!(id(next), first);
+    let first = next_token(&mut watch).await;
+    let mut client = broker.client().await;
+    assert!(invalidated(&mut client, invalidate_id(AUDIENCE, first.secret())).await);
+    assert_ne!(next_token(&mut watch).await.secret(), first.secret());
 }
 
 #[tokio::test]
 async fn bad_invalidations_are_refused_and_change_nothing() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &["--metrics-addr", "127.0.0.1:0"]).await;
+    let mut tokens = broker.typed_client().await;
     let mut client = broker.client().await;
-    let first = client
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let first = tokens.id_token(id_request(AUDIENCE)).await.unwrap().token;
     for (request, field) in [
         (
             InvalidateTokenRequest {
@@ -250,12 +179,7 @@ async fn bad_invalidations_are_refused_and_change_nothing() {
         assert!(status.message().contains(field), "{status}");
         assert!(!status.message().contains(&first));
     }
-    let again = client
-        .get_id_token(id_request(AUDIENCE))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let again = tokens.id_token(id_request(AUDIENCE)).await.unwrap().token;
     assert_eq!(again, first);
     assert_eq!(emulator.stats().identity_requests, 1);
     // Counted by token kind: the call that names no key has none, and is
@@ -276,28 +200,19 @@ async fn the_policy_applies_to_invalidations() {
     let me = nix::unistd::getuid().as_raw();
     let emulator = emulator(EmulatorConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        format!("[[allow]]\nuids = [{me}]\nservice_accounts = [\"default\"]\naudiences = [\"{AUDIENCE}\"]\n"),
-    )
-    .unwrap();
+    let policy = write_policy(dir.path(), &policy_rule(me, "default", AUDIENCE));
     let broker = Broker::start(
         &emulator,
-        &[
-            "--policy",
-            policy.to_str().unwrap(),
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
+        &["--policy", &policy, "--metrics-addr", "127.0.0.1:0"],
     )
     .await;
     let mut client = broker.client().await;
-    let first = client
-        .get_id_token(id_request(AUDIENCE))
+    let first = broker
+        .typed_client()
+        .await
+        .id_token(id_request(AUDIENCE))
         .await
         .unwrap()
-        .into_inner()
         .token;
     let status = client
         .invalidate_token(InvalidateTokenRequest {
@@ -319,12 +234,5 @@ async fn the_policy_applies_to_invalidations() {
         1.0
     );
     // The allowed key still works.
-    assert!(
-        client
-            .invalidate_token(invalidate_id(AUDIENCE, &first))
-            .await
-            .unwrap()
-            .into_inner()
-            .invalidated
-    );
+    assert!(invalidated(&mut client, invalidate_id(AUDIENCE, &first)).await);
 }

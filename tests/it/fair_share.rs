@@ -1,16 +1,16 @@
 //! Fair shares of the cache: one uid flooding it with keys, or asking for
 //! an unreachable `min_valid_for`, takes nothing from the others.
 
-mod common;
-
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use common::{Broker, PATIENCE, Scrape, emulator_with_lifetime, id_request, with_deadline};
 use tokenbroker::proto::v1::GetIdTokenRequest;
 use tonic::Code;
 
-const NOBODY: u32 = 65534;
+use crate::common::{
+    self, Broker, NOBODY, PATIENCE, Scrape, as_uid, chmod, cpu_time, emulator_with_lifetime,
+    id_request, with_deadline, write_policy,
+};
+
 /// Keys the flooding uid asks for.
 const FLOOD_KEYS: usize = 10_000;
 /// The per-uid quota: the default.
@@ -45,36 +45,20 @@ fn policy(me: u32) -> String {
     )
 }
 
-/// The broker's CPU time so far (utime + stime, from /proc/PID/stat).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which is in parentheses.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .unwrap()
-        .unwrap() as u64;
-    Duration::from_millis(ticks * 1000 / per_second)
-}
-
 #[tokio::test]
 async fn a_key_flood_from_one_uid_leaves_new_keys_to_the_others() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("not root: cannot run the flood as another uid; skipped");
+    if !common::is_root("the flood as another uid") {
         return;
     }
     let me = nix::unistd::geteuid().as_raw();
     let emulator = emulator_with_lifetime(Duration::from_secs(3600)).await;
     let dir = tempfile::tempdir().unwrap();
-    let policy_path = dir.path().join("policy.toml");
-    std::fs::write(&policy_path, policy(me)).unwrap();
+    let policy_path = write_policy(dir.path(), &policy(me));
     let broker = Broker::start(
         &emulator,
         &[
             "--policy",
-            policy_path.to_str().unwrap(),
+            &policy_path,
             "--socket-mode",
             "0666",
             "--upstream-max-rps",
@@ -87,16 +71,13 @@ async fn a_key_flood_from_one_uid_leaves_new_keys_to_the_others() {
     )
     .await;
     let metrics = broker.metrics_addr().await;
-    std::fs::set_permissions(broker.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    chmod(broker.dir.path(), 0o755);
     let mut root = broker.client().await;
     let cpu_before = cpu_time(broker.pid());
 
-    let mut flood = tokio::process::Command::new("setpriv")
-        .arg(format!("--reuid={NOBODY}"))
-        .arg(format!("--regid={NOBODY}"))
-        .arg("--clear-groups")
-        .arg(std::env::current_exe().unwrap())
-        .args(["flood_client", "--exact", "--ignored", "--nocapture"])
+    let mut flood = as_uid(NOBODY, std::env::current_exe().unwrap())
+        .arg(common::test_path(module_path!(), "flood_client"))
+        .args(["--exact", "--ignored", "--nocapture"])
         .env(FLOOD_SOCKET, &broker.socket)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -129,7 +110,9 @@ async fn a_key_flood_from_one_uid_leaves_new_keys_to_the_others() {
         assert!(root_keys < 10 * PATIENCE.as_secs(), "the flood never ended");
     };
     let cpu = cpu_time(broker.pid()) - cpu_before;
-    let output = reading.await.unwrap();
+    let output = common::in_time("the flood's report", reading)
+        .await
+        .unwrap();
     assert!(finished.success(), "flooding client failed:\n{output}");
     let started = Instant::now();
     root.get_id_token(with_deadline(

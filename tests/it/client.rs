@@ -1,14 +1,12 @@
 //! The typed Rust client (`tokenbroker::client::Client`) against the real
 //! broker: unary calls, the `watch` stream, and its errors.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Broker, PATIENCE, emulator_with_lifetime};
-use futures_util::StreamExt;
 use tokenbroker::client::{Client, ClientError};
 use tokenbroker::proto::v1::{GetAccessTokenRequest, GetIdTokenRequest};
+
+use crate::common::{self, Broker, emulator_with_lifetime, next_token};
 
 #[tokio::test]
 async fn the_typed_client_gets_and_watches_tokens() {
@@ -34,17 +32,9 @@ async fn the_typed_client_gets_and_watches_tokens() {
     };
     let id = client.id_token(request.clone()).await.unwrap();
     let mut tokens = client.watch(request).await.unwrap();
-    let first = tokio::time::timeout(PATIENCE, tokens.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = next_token(&mut tokens).await;
     assert_eq!(first.secret(), id.token, "the current token comes first");
-    let second = tokio::time::timeout(PATIENCE, tokens.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let second = next_token(&mut tokens).await;
     assert_ne!(second.secret(), first.secret(), "then each refreshed one");
     assert_eq!(
         common::claims(second.secret())["aud"],
