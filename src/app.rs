@@ -65,8 +65,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     let meter = telemetry.meter();
     let metrics = Metrics::new(&meter, args.metrics_label_audience);
     let health = Health::new();
-    let upstream_limits = UpstreamLimits::new(args.upstream_max_rps, args.upstream_max_concurrency);
-    let cache = token_cache(&args, &upstream, &upstream_limits, &metrics, &health);
+    let cache = token_cache(&args, &upstream, &metrics, &health);
     register_cache_gauge(&meter, {
         let cache = cache.clone();
         move |kind| cache.len_of(kind)
@@ -103,9 +102,10 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
             .monitor(move || cache.has_usable_token(), probe, stop.clone()),
     );
 
-    // Upstream connections (token fetches and long-polls) come out of the
-    // descriptors kept back from clients.
-    let upstream_descriptors = args.upstream_max_concurrency + metadata_endpoint::MAX_LONG_POLLS;
+    // Upstream connections (token fetches, the pass-through and its
+    // long-polls) come out of the descriptors kept back from clients.
+    let upstream_descriptors =
+        2 * args.upstream_max_concurrency + metadata_endpoint::MAX_LONG_POLLS;
     let connection_limits = ConnectionLimits::new(
         ConnectionLimits::budget_for(descriptors, upstream_descriptors),
         &meter,
@@ -154,7 +154,12 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
             let endpoint = MetadataEndpoint {
                 broker: broker.clone(),
                 pass_through,
-                upstream_limits,
+                // The same bounds as token fetches, counted apart: a flood of
+                // pass-through requests must never delay a token.
+                upstream_limits: UpstreamLimits::new(
+                    args.upstream_max_rps,
+                    args.upstream_max_concurrency,
+                ),
                 long_polls: LongPolls::default(),
                 timeout: args.upstream_timeout,
             };
@@ -236,12 +241,12 @@ async fn start_emulator(args: &ServeArgs) -> Result<Option<Emulator>, std::io::E
 fn token_cache(
     args: &ServeArgs,
     upstream: &Upstream,
-    limits: &UpstreamLimits,
     metrics: &Metrics,
     health: &Health,
 ) -> TokenCache {
     let attempt = Instrumented::new(upstream.clone(), metrics.clone(), health.clone());
-    let limited = RateLimited::new(attempt, limits.clone());
+    let limits = UpstreamLimits::new(args.upstream_max_rps, args.upstream_max_concurrency);
+    let limited = RateLimited::new(attempt, limits);
     let retry = RetryPolicy {
         max_attempts: args.upstream_max_attempts.max(1),
         budget: args.upstream_retry_budget,

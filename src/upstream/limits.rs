@@ -25,10 +25,11 @@ pub const DEFAULT_MAX_WATCHERS: usize = 10_000;
 /// Default most open watch streams of one peer uid (1 000).
 pub const DEFAULT_MAX_WATCHERS_PER_UID: usize = 1_000;
 
-/// The global bounds on requests to the token source and the metadata
-/// server: at most `max_rps` per second (bursts of a fifth of that) and
-/// `max_concurrency` at once. Token fetches and the metadata endpoint's
-/// pass-through share one; clones share it.
+/// Bounds on requests to the token source or the metadata server: at most
+/// `max_rps` per second (bursts of a fifth of that) and `max_concurrency` at
+/// once. Token fetches have one, the metadata endpoint's pass-through
+/// another with the same numbers, so that a flood of pass-through requests
+/// never delays a token; clones share the counts.
 #[derive(Clone)]
 pub struct UpstreamLimits {
     rate: Arc<DefaultDirectRateLimiter>,
