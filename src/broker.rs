@@ -23,7 +23,7 @@ use crate::telemetry::RateLimitedLog;
 use crate::telemetry::metrics::{Metrics, Rpc, code_name};
 use crate::token::{Token, TokenKind};
 
-pub use watch::{Watch, WatchLimits};
+pub use watch::{DEFAULT_MAX_WATCHERS, DEFAULT_MAX_WATCHERS_PER_UID, Watch, WatchLimits};
 
 /// Hands out tokens; cloning is cheap (one `Arc`), and every clone serves
 /// from the same cache under the same policy.

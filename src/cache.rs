@@ -38,7 +38,7 @@ use crate::telemetry::metrics::{Metrics, Outcome};
 use crate::token::{Token, TokenKind};
 use crate::upstream::TokenSource;
 
-use entry::{KeyEntry, same_secret, usable};
+use entry::{KeyEntry, usable};
 
 use refresh::refresh_task;
 pub use watch::TokenWatch;
@@ -230,7 +230,7 @@ impl TokenCache {
         let mut generation = 0;
         entry.state.send_if_modified(|s| {
             let current = s.token.as_ref().filter(|t| !t.remaining(now).is_zero());
-            if !current.is_some_and(|t| same_secret(t.secret(), token)) {
+            if !current.is_some_and(|t| t.secret() == token) {
                 return false;
             }
             if let Some(wait) = entry.invalidation_wait(now_ms, interval) {
@@ -259,16 +259,13 @@ impl TokenCache {
     }
 
     /// How many keys the cache holds.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.inner.live_keys.load(Ordering::Relaxed)
     }
 
-    /// Whether the cache holds no key.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// How many keys are charged to `owner`.
+    #[cfg(test)]
     pub fn held_by(&self, owner: Owner) -> usize {
         self.inner.quota.held_by(owner)
     }

@@ -6,7 +6,7 @@
 //! use tokenbroker::client::Client;
 //! use tokenbroker::proto::v1::GetIdTokenRequest;
 //!
-//! let mut broker = Client::connect(tokenbroker::socket::default_socket_path()).await?;
+//! let mut broker = Client::connect(tokenbroker::client::socket_path()).await?;
 //! let request = GetIdTokenRequest {
 //!     audience: "https://my-service-abc123-uc.a.run.app".into(),
 //!     ..Default::default()
@@ -36,6 +36,21 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::v1 as pb;
 use crate::proto::v1::token_broker_client::TokenBrokerClient;
+use crate::socket::DEFAULT_SOCKET;
+
+/// The environment variable clients (and `serve`) read the socket path from.
+pub const SOCKET_ENV: &str = "TOKENBROKER_SOCKET";
+
+/// Where clients find the broker: `$TOKENBROKER_SOCKET` if set and not
+/// empty, else `/run/tokenbroker/tokenbroker.sock`.
+pub fn socket_path() -> PathBuf {
+    socket_path_from(std::env::var_os(SOCKET_ENV))
+}
+
+fn socket_path_from(env: Option<std::ffi::OsString>) -> PathBuf {
+    env.filter(|path| !path.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from)
+}
 
 /// Connects to the broker listening on `socket`: the generated client.
 pub async fn connect(
@@ -134,5 +149,23 @@ impl Client {
     /// The generated client underneath.
     pub fn into_inner(self) -> TokenBrokerClient<Channel> {
         self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_is_the_environments_else_the_default() {
+        assert_eq!(socket_path_from(None), PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(
+            socket_path_from(Some("".into())),
+            PathBuf::from(DEFAULT_SOCKET)
+        );
+        assert_eq!(
+            socket_path_from(Some("/tmp/b.sock".into())),
+            PathBuf::from("/tmp/b.sock")
+        );
     }
 }

@@ -17,6 +17,11 @@ use crate::socket::DEFAULT_SOCKET;
 use crate::sources::SourceConfig;
 use crate::telemetry::LogFormat;
 
+/// Default time the calls in flight get to finish once the broker drains
+/// (5 s). `app` runs the drain; the default lives here because `app`
+/// depends on this module, not the other way.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Shares Google Cloud access and ID tokens between every process on a
 /// machine, over gRPC on a Unix socket.
 ///
@@ -83,7 +88,7 @@ pub struct ServeArgs {
 
     /// Permissions of the socket (octal). Connecting needs write permission,
     /// so 0660 lets the owner and the socket's group in.
-    #[arg(long, env = "TOKENBROKER_SOCKET_MODE", default_value = "0660", value_parser = crate::permissions::parse_mode)]
+    #[arg(long, env = "TOKENBROKER_SOCKET_MODE", default_value = octal(crate::socket::DEFAULT_SOCKET_MODE), value_parser = crate::permissions::parse_mode)]
     pub socket_mode: u32,
 
     /// Group of the socket, by name or number (default: the broker's own).
@@ -141,13 +146,13 @@ pub struct ServeArgs {
     pub iam_endpoint: String,
 
     /// Lifetime of the tokens the in-process emulator issues.
-    #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = "1h", value_parser = positive_at_most::<86_400>)]
+    #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = human(crate::emulator::DEFAULT_TOKEN_LIFETIME), value_parser = positive_at_most::<86_400>)]
     pub emulator_token_lifetime: Duration,
 
     /// Longest one request upstream (metadata server, OAuth, IAM) may take,
     /// connect to last byte. A request for an uncached token fails after
     /// this.
-    #[arg(long, env = "TOKENBROKER_UPSTREAM_TIMEOUT", default_value = "5s", value_parser = positive_at_most::<300>)]
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_TIMEOUT", default_value = human(crate::sources::metadata::DEFAULT_UPSTREAM_TIMEOUT), value_parser = positive_at_most::<300>)]
     pub upstream_timeout: Duration,
 
     /// Most requests per second to the metadata server, all keys together
@@ -165,27 +170,27 @@ pub struct ServeArgs {
     pub upstream_max_attempts: u32,
 
     /// Time for all attempts of one fetch, waits (and Retry-After) included.
-    #[arg(long, env = "TOKENBROKER_UPSTREAM_RETRY_BUDGET", default_value = "10s", value_parser = positive_at_most::<600>)]
+    #[arg(long, env = "TOKENBROKER_UPSTREAM_RETRY_BUDGET", default_value = human(crate::upstream::retry::DEFAULT_RETRY_BUDGET), value_parser = positive_at_most::<600>)]
     pub upstream_retry_budget: Duration,
 
     /// Refresh tokens this long before they expire (up to 20% later, for
     /// jitter). Tokens living less than twice this are refreshed at half
     /// their remaining life.
-    #[arg(long, env = "TOKENBROKER_REFRESH_MARGIN", default_value = "5m", value_parser = positive_at_most::<3600>)]
+    #[arg(long, env = "TOKENBROKER_REFRESH_MARGIN", default_value = human(crate::schedule::DEFAULT_REFRESH_MARGIN), value_parser = positive_at_most::<3600>)]
     pub refresh_margin: Duration,
 
     /// Never hand out a token closer than this to its expiry.
-    #[arg(long, env = "TOKENBROKER_EXPIRY_SKEW", default_value = "10s", value_parser = at_most::<600>)]
+    #[arg(long, env = "TOKENBROKER_EXPIRY_SKEW", default_value = human(crate::cache::DEFAULT_EXPIRY_SKEW), value_parser = at_most::<600>)]
     pub expiry_skew: Duration,
 
     /// Stop refreshing and forget a token nobody asked for or watched in this long.
-    #[arg(long, env = "TOKENBROKER_IDLE_TIMEOUT", default_value = "30m", value_parser = positive_at_most::<2_592_000>)]
+    #[arg(long, env = "TOKENBROKER_IDLE_TIMEOUT", default_value = human(crate::cache::DEFAULT_IDLE_TIMEOUT), value_parser = positive_at_most::<2_592_000>)]
     pub idle_timeout: Duration,
 
     /// Least time between two InvalidateToken calls that drop the token of
     /// one key; a sooner one gets RESOURCE_EXHAUSTED, so a misbehaving
     /// client causes at most one upstream fetch per key in this time.
-    #[arg(long, env = "TOKENBROKER_INVALIDATE_INTERVAL", default_value = "30s", value_parser = at_most::<3600>)]
+    #[arg(long, env = "TOKENBROKER_INVALIDATE_INTERVAL", default_value = human(crate::cache::DEFAULT_INVALIDATE_INTERVAL), value_parser = at_most::<3600>)]
     pub invalidate_interval: Duration,
 
     /// Most distinct tokens (keys) held at once; more gives RESOURCE_EXHAUSTED.
@@ -225,11 +230,11 @@ pub struct ServeArgs {
     pub metrics_label_audience: bool,
 
     /// Most open WatchToken streams in all.
-    #[arg(long, env = "TOKENBROKER_MAX_WATCHERS", default_value_t = crate::upstream::limits::DEFAULT_MAX_WATCHERS)]
+    #[arg(long, env = "TOKENBROKER_MAX_WATCHERS", default_value_t = crate::broker::DEFAULT_MAX_WATCHERS)]
     pub max_watchers: usize,
 
     /// Most open WatchToken streams of one peer uid.
-    #[arg(long, env = "TOKENBROKER_MAX_WATCHERS_PER_UID", default_value_t = crate::upstream::limits::DEFAULT_MAX_WATCHERS_PER_UID)]
+    #[arg(long, env = "TOKENBROKER_MAX_WATCHERS_PER_UID", default_value_t = crate::broker::DEFAULT_MAX_WATCHERS_PER_UID)]
     pub max_watchers_per_uid: usize,
 
     /// Let the broker dump core. Off by default: a core dump would hold
@@ -241,7 +246,7 @@ pub struct ServeArgs {
     pub allow_core_dumps: bool,
 
     /// Time in-flight calls get to finish after SIGTERM/SIGINT.
-    #[arg(long, env = "TOKENBROKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = at_most::<3600>)]
+    #[arg(long, env = "TOKENBROKER_SHUTDOWN_GRACE", default_value = human(DEFAULT_SHUTDOWN_GRACE), value_parser = at_most::<3600>)]
     pub shutdown_grace: Duration,
 
     /// Most connections to the gRPC socket at once. A connection over this
@@ -267,7 +272,7 @@ pub struct ServeArgs {
     /// Close a gRPC connection that has had no call in flight this long
     /// (clients reconnect when they next call). A connection that sends
     /// nothing at all is closed after 10 s.
-    #[arg(long, env = "TOKENBROKER_CONNECTION_IDLE_TIMEOUT", default_value = "5m", value_parser = positive_at_most::<86_400>)]
+    #[arg(long, env = "TOKENBROKER_CONNECTION_IDLE_TIMEOUT", default_value = human(crate::connections::idle::DEFAULT_CONNECTION_IDLE_TIMEOUT), value_parser = positive_at_most::<86_400>)]
     pub connection_idle_timeout: Duration,
 
     /// The file sinks of the config file (`[[sink]]`); empty without one.
@@ -276,6 +281,19 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// What `tokenbroker serve` runs with when given no flag, no
+    /// environment variable and no config file.
+    pub fn defaults() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let command =
+            Cli::command().mut_subcommand("serve", |serve| serve.mut_args(|arg| arg.env(None)));
+        let matches = command.get_matches_from(["tokenbroker", "serve"]);
+        let serve = matches
+            .subcommand_matches("serve")
+            .expect("`serve` was given");
+        Self::from_arg_matches(serve).expect("every default parses")
+    }
+
     /// Where tokens come from, with `metadata_host` (the emulator's, when
     /// it runs) as the metadata server.
     pub fn source_config(&self, metadata_host: String) -> SourceConfig {
@@ -364,6 +382,17 @@ fn positive_at_most<const MAX_SECS: u64>(value: &str) -> Result<Duration, String
     Ok(duration)
 }
 
+/// A default duration as `--help` shows it and the parser reads it, from
+/// the constant that defines it.
+fn human(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+/// A default permission mode as `--help` shows it, e.g. `0660`.
+fn octal(mode: u32) -> String {
+    format!("{mode:04o}")
+}
+
 /// A count of at least one.
 fn at_least_one(value: &str) -> Result<usize, String> {
     match value.parse::<usize>() {
@@ -392,6 +421,48 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Each default is written once, as a constant next to the code it
+    /// bounds; `--help` shows it and the parser reads it back unchanged.
+    #[test]
+    fn defaults_are_the_constants_they_are_written_from() {
+        let serve = ServeArgs::defaults();
+        assert_eq!(serve.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(serve.socket_mode, crate::socket::DEFAULT_SOCKET_MODE);
+        assert_eq!(
+            serve.emulator_token_lifetime,
+            crate::emulator::DEFAULT_TOKEN_LIFETIME
+        );
+        assert_eq!(
+            serve.upstream_timeout,
+            crate::sources::metadata::DEFAULT_UPSTREAM_TIMEOUT
+        );
+        assert_eq!(
+            serve.upstream_retry_budget,
+            crate::upstream::retry::DEFAULT_RETRY_BUDGET
+        );
+        assert_eq!(
+            serve.refresh_margin,
+            crate::schedule::DEFAULT_REFRESH_MARGIN
+        );
+        assert_eq!(serve.expiry_skew, crate::cache::DEFAULT_EXPIRY_SKEW);
+        assert_eq!(serve.idle_timeout, crate::cache::DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(
+            serve.invalidate_interval,
+            crate::cache::DEFAULT_INVALIDATE_INTERVAL
+        );
+        assert_eq!(
+            serve.max_keys_per_uid,
+            crate::cache::DEFAULT_MAX_KEYS_PER_UID
+        );
+        assert_eq!(serve.max_watchers, crate::broker::DEFAULT_MAX_WATCHERS);
+        assert_eq!(serve.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(
+            serve.connection_idle_timeout,
+            crate::connections::idle::DEFAULT_CONNECTION_IDLE_TIMEOUT
+        );
+        assert!(serve.sinks.is_empty());
     }
 
     #[test]

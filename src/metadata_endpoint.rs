@@ -101,7 +101,7 @@ pub enum MetadataListener {
     Unix(BoundSocket),
 }
 
-pub use pass_through::{LongPolls, MAX_LONG_POLLS, MAX_LONG_POLLS_PER_UID};
+pub use pass_through::{LongPolls, MAX_LONG_POLLS};
 
 /// What the endpoint answers from.
 #[derive(Clone)]

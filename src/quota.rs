@@ -76,15 +76,6 @@ impl Quota {
             owner,
         })
     }
-
-    /// Places taken now.
-    pub fn taken(&self) -> usize {
-        self.state
-            .taken
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .total
-    }
 }
 
 impl Drop for QuotaPermit {
@@ -114,7 +105,7 @@ mod tests {
         assert_eq!(quota.acquire(Some(1)).err(), Some(Exceeded::Owner(2)));
         let _b1 = quota.acquire(Some(2)).unwrap();
         assert_eq!(quota.acquire(None).err(), Some(Exceeded::Total(3)));
-        assert_eq!(quota.taken(), 3);
+        assert_eq!(quota.state.taken.lock().unwrap().total, 3);
         drop(a1);
         assert!(quota.acquire(Some(1)).is_ok());
     }

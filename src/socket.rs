@@ -14,19 +14,10 @@ use tokio::net::UnixListener;
 
 /// Where the broker listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/tokenbroker/tokenbroker.sock";
-/// The environment variable brokers and clients read the socket path from.
-pub const SOCKET_ENV: &str = "TOKENBROKER_SOCKET";
 /// Default socket permissions: owner and group may connect.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 /// Longest socket path Linux accepts (`sun_path` holds 108 bytes with NUL).
 pub const MAX_SOCKET_PATH: usize = 107;
-
-/// The socket path clients use: `$TOKENBROKER_SOCKET`, else [`DEFAULT_SOCKET`].
-pub fn default_socket_path() -> PathBuf {
-    std::env::var_os(SOCKET_ENV)
-        .filter(|path| !path.is_empty())
-        .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from)
-}
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]

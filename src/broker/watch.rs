@@ -14,6 +14,11 @@ use crate::quota::{Exceeded, Quota, QuotaPermit};
 use crate::telemetry::metrics::Rpc;
 use crate::token::{Token, TokenKind};
 
+/// Default most open watch streams (10 000).
+pub const DEFAULT_MAX_WATCHERS: usize = 10_000;
+/// Default most open watch streams of one peer uid (1 000).
+pub const DEFAULT_MAX_WATCHERS_PER_UID: usize = 1_000;
+
 /// Counts open watches against a total and a per-uid bound.
 #[derive(Clone)]
 pub struct WatchLimits {

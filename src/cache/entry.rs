@@ -11,7 +11,6 @@ use tokio::time::Instant;
 use crate::cache::quota::Owner;
 use crate::error::FetchError;
 use crate::request::TokenKey;
-use crate::secret::Secret;
 use crate::token::Token;
 
 use super::{Inner, kind_index};
@@ -155,11 +154,4 @@ pub(super) fn usable(snapshot: &Snapshot, now: Instant, required: Duration) -> O
         .as_ref()
         .filter(|token| token.remaining(now) > required)
         .cloned()
-}
-
-/// Whether two tokens are the same, in time that depends only on their
-/// lengths.
-pub(super) fn same_secret(a: &Secret, b: &Secret) -> bool {
-    use subtle::ConstantTimeEq;
-    bool::from(a.expose().as_bytes().ct_eq(b.expose().as_bytes()))
 }

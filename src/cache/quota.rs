@@ -128,6 +128,7 @@ impl KeyQuota {
     }
 
     /// How many keys are charged to `owner` (always 0 for the broker).
+    #[cfg(test)]
     pub fn held_by(&self, owner: Owner) -> usize {
         let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         held.get(&owner).map_or(0, |entry| entry.keys)

@@ -147,7 +147,6 @@ pub struct FilePerms {
 /// renamed and removed relative to it, never through its path again.
 #[derive(Debug)]
 pub struct SinkDir {
-    path: PathBuf,
     fd: OwnedFd,
 }
 
@@ -205,15 +204,7 @@ impl SinkDir {
                 mode,
             });
         }
-        Ok(Self {
-            path: dir.to_path_buf(),
-            fd,
-        })
-    }
-
-    /// The path the directory was opened by.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { fd })
     }
 
     /// Replaces the file `name` with `contents` atomically: a temporary

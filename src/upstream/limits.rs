@@ -1,6 +1,5 @@
-//! Bounds that keep the broker and the metadata server safe from load: a
-//! global rate and concurrency limit on upstream requests, and limits on
-//! open watch streams (in total and per peer uid).
+//! Bounds that keep the metadata server (and Google's token endpoints) safe
+//! from load: a rate and a concurrency limit on upstream requests.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -20,10 +19,6 @@ use crate::upstream::TokenSource;
 pub const DEFAULT_UPSTREAM_MAX_RPS: u32 = 20;
 /// Default most upstream requests in flight at once (8).
 pub const DEFAULT_UPSTREAM_MAX_CONCURRENCY: usize = 8;
-/// Default most open watch streams (10 000).
-pub const DEFAULT_MAX_WATCHERS: usize = 10_000;
-/// Default most open watch streams of one peer uid (1 000).
-pub const DEFAULT_MAX_WATCHERS_PER_UID: usize = 1_000;
 
 /// Bounds on requests to the token source or the metadata server: at most
 /// `max_rps` per second (bursts of a fifth of that) and `max_concurrency` at

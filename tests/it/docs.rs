@@ -3,7 +3,8 @@
 //! with clap's environment variables and defaults, and the annotated
 //! deploy/tokenbroker.toml shows exactly the keys the config file accepts.
 //! Both sides come from clap, so a flag added to `serve` fails these tests
-//! until it is documented.
+//! until it is documented. The module map of docs/architecture.md names
+//! exactly the files under src/.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -14,6 +15,7 @@ use tokenbroker::config::file::{ConfigFileError, ParseError};
 
 const CONFIGURATION: &str = "docs/configuration.md";
 const EXAMPLE: &str = "deploy/tokenbroker.toml";
+const ARCHITECTURE: &str = "docs/architecture.md";
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
@@ -241,5 +243,48 @@ fn the_annotated_config_file_shows_every_key() {
         problems.is_empty(),
         "{EXAMPLE} does not show exactly the config file's keys:\n  {}",
         problems.join("\n  ")
+    );
+}
+
+/// The `.rs` files under `dir`, as paths relative to the crate root.
+fn rust_files(dir: &Path, found: &mut BTreeSet<String>) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+        let path = dir.join(entry.unwrap().file_name());
+        if root.join(&path).is_dir() {
+            rust_files(&path, found);
+        } else if path.extension().is_some_and(|ext| ext == "rs") {
+            found.insert(path.to_string_lossy().into_owned());
+        }
+    }
+}
+
+/// The files the module map lists: the first word of each line of the
+/// code block after the `module-map` marker, under its `src/` heading.
+fn mapped_files() -> BTreeSet<String> {
+    let text = read(ARCHITECTURE);
+    let (_, map) = text
+        .split_once("<!-- module-map")
+        .unwrap_or_else(|| panic!("{ARCHITECTURE} has no module-map marker"));
+    let block = map.split("```").nth(1).expect("the map is a code block");
+    block
+        .lines()
+        .skip_while(|line| line.trim() != "src/")
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().next())
+        .map(|file| format!("src/{file}"))
+        .collect()
+}
+
+#[test]
+fn the_module_map_names_every_source_file() {
+    let mut files = BTreeSet::new();
+    rust_files(Path::new("src"), &mut files);
+    let mapped = mapped_files();
+    let unmapped: Vec<_> = files.difference(&mapped).collect();
+    let gone: Vec<_> = mapped.difference(&files).collect();
+    assert!(
+        unmapped.is_empty() && gone.is_empty(),
+        "{ARCHITECTURE}'s module map is out of date: add {unmapped:?}, remove {gone:?}"
     );
 }

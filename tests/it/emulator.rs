@@ -107,8 +107,8 @@ mod google {
     use rustls::pki_types::PrivatePkcs8KeyDer;
     use rustls::pki_types::pem::PemObject;
     use serde_json::{Value, json};
+    use tokenbroker::emulator::google::sign_assertion;
     use tokenbroker::emulator::{Emulator, EmulatorConfig};
-    use tokenbroker::sources::jwt;
 
     use super::common::{self, KEY_ACCOUNT, TEST_KEYS};
     use crate::common::http::send_to;
@@ -143,7 +143,7 @@ mod google {
     fn sign(claims: &Value, kid: &str, key: usize) -> String {
         let der = PrivatePkcs8KeyDer::from_pem_slice(TEST_KEYS[key].0.as_bytes()).unwrap();
         let pair = ring::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der()).unwrap();
-        jwt::sign_rs256(claims, kid, &pair).unwrap()
+        sign_assertion(claims, kid, &pair)
     }
 
     async fn exchange(emulator: &Emulator, assertion: &str) -> (u16, Value) {

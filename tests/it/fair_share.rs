@@ -13,8 +13,10 @@ use crate::common::{
 
 /// Keys the flooding uid asks for.
 const FLOOD_KEYS: usize = 10_000;
-/// The per-uid quota: the default.
-const QUOTA: usize = tokenbroker::cache::DEFAULT_MAX_KEYS_PER_UID;
+/// The per-uid quota: the default of `--max-keys-per-uid`.
+fn quota() -> usize {
+    tokenbroker::config::ServeArgs::defaults().max_keys_per_uid
+}
 /// Set in the flooding child: the broker's socket.
 const FLOOD_SOCKET: &str = "FAIR_SHARE_FLOOD_SOCKET";
 /// What the flooding child prints before its counts.
@@ -135,10 +137,13 @@ async fn a_key_flood_from_one_uid_leaves_new_keys_to_the_others() {
     let [served, over_quota, other] = counts[..] else {
         panic!("{report}")
     };
-    assert_eq!((served, over_quota, other), (QUOTA, FLOOD_KEYS - QUOTA, 0));
+    assert_eq!(
+        (served, over_quota, other),
+        (quota(), FLOOD_KEYS - quota(), 0)
+    );
     assert_eq!(
         emulator.stats().identity_requests as usize,
-        QUOTA + root_keys as usize,
+        quota() + root_keys as usize,
         "a refused key is never fetched"
     );
     let scrape = Scrape::of(metrics).await;
@@ -147,11 +152,11 @@ async fn a_key_flood_from_one_uid_leaves_new_keys_to_the_others() {
             "tokenbroker_cache_refusals_total",
             &[("reason", "max_keys_per_uid")]
         ),
-        (FLOOD_KEYS - QUOTA) as f64
+        (FLOOD_KEYS - quota()) as f64
     );
     assert_eq!(
         scrape.value("tokenbroker_cache_entries", &[("token_kind", "id_token")]),
-        (QUOTA + root_keys as usize) as f64
+        (quota() + root_keys as usize) as f64
     );
     let logs = broker.logs();
     assert!(logs.len() < 1_000_000, "{} bytes of log", logs.len());
