@@ -12,10 +12,9 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{
-    Body, Shared, Target, id_token, issue_access_token, parse_query, read_json, respond, text,
-    unix_now,
-};
+use super::faults::{Target, respond};
+use super::metadata_api::{id_token, issue_access_token};
+use super::{Body, Shared, parse_query, read_json, text, unix_now};
 use crate::sources::jwt;
 
 /// Path of the fake OAuth token endpoint.

@@ -174,24 +174,11 @@ pub fn admit_one_account(
 
 /// An `application/x-www-form-urlencoded` body.
 pub fn form(pairs: &[(&str, &str)]) -> Bytes {
-    use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-    const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'.')
-        .remove(b'_')
-        .remove(b'~');
-    let unreserved = UNRESERVED;
-    let encoded: Vec<String> = pairs
-        .iter()
-        .map(|(name, value)| {
-            format!(
-                "{}={}",
-                utf8_percent_encode(name, unreserved),
-                utf8_percent_encode(value, unreserved)
-            )
-        })
-        .collect();
-    Bytes::from(encoded.join("&"))
+    Bytes::from(
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish(),
+    )
 }
 
 #[cfg(test)]
@@ -203,7 +190,7 @@ mod tests {
     fn forms_are_percent_encoded() {
         assert_eq!(
             form(&[("grant_type", JWT_BEARER_GRANT), ("a", "x y&z")]),
-            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&a=x%20y%26z"
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&a=x+y%26z"
         );
     }
 
