@@ -36,3 +36,14 @@ pub fn parse_user(value: &str) -> Result<Uid, String> {
         Err(error) => Err(format!("cannot look up user {value:?}: {error}")),
     }
 }
+/// For tests of chown: a uid and gid that are not the test's own (nobody's,
+/// 65534) when the test may give files away (as root), so that a check of
+/// the owner can fail; else the test's own, the only ones it can set.
+#[cfg(test)]
+pub fn foreign_owner() -> (Uid, nix::unistd::Gid) {
+    if nix::unistd::geteuid().is_root() {
+        (Uid::from_raw(65534), nix::unistd::Gid::from_raw(65534))
+    } else {
+        (nix::unistd::geteuid(), nix::unistd::getegid())
+    }
+}

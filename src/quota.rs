@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::error::BrokerError;
+
 /// Which bound refused a place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exceeded {
@@ -12,6 +14,18 @@ pub enum Exceeded {
     Total(usize),
     /// The owner holds this many places already.
     Owner(usize),
+}
+
+impl Exceeded {
+    /// The error a caller gets (`RESOURCE_EXHAUSTED`), saying `total` or
+    /// `per_uid` by which bound refused it.
+    pub fn into_error(self, total: &'static str, per_uid: &'static str) -> BrokerError {
+        let (what, limit) = match self {
+            Self::Total(limit) => (total, limit),
+            Self::Owner(limit) => (per_uid, limit),
+        };
+        BrokerError::LimitExceeded { what, limit }
+    }
 }
 
 /// A total bound and a per-owner bound; clones share the counts.

@@ -508,8 +508,8 @@ mod tests {
     fn mode_and_owner_are_applied() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
-        let uid = nix::unistd::geteuid().as_raw();
-        let gid = nix::unistd::getegid().as_raw();
+        let (uid, gid) = crate::permissions::foreign_owner();
+        let (uid, gid) = (uid.as_raw(), gid.as_raw());
         let sink = Sink::from_config(config(&format!(
             "path = {path:?}\nmode = \"0600\"\nowner = \"{uid}\"\ngroup = \"{gid}\"\naccess_token = {{ scopes = [\"s:a\"] }}\n"
         )))
@@ -577,7 +577,7 @@ mod tests {
     fn a_group_gets_read_access_by_default_and_nobody_else_does() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
-        let gid = nix::unistd::getegid();
+        let (_, gid) = crate::permissions::foreign_owner();
         let sink = Sink::from_config(config(&format!(
             "path = {path:?}\ngroup = \"{gid}\"\nid_token = {{ audience = \"https://a\" }}\n"
         )))

@@ -281,7 +281,7 @@ mod tests {
     async fn binds_with_the_mode_and_cleans_up() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/dir/broker.sock");
-        let gid = nix::unistd::getgid().as_raw();
+        let gid = crate::permissions::foreign_owner().1.as_raw();
         let bound = bind(&path, 0o600, Some(gid)).unwrap();
         let meta = fs::metadata(&path).unwrap();
         assert!(meta.file_type().is_socket());

@@ -10,7 +10,7 @@ use super::Broker;
 use crate::cache::TokenWatch;
 use crate::error::BrokerError;
 use crate::policy::Caller;
-use crate::quota::{Exceeded, Quota, QuotaPermit};
+use crate::quota::{Quota, QuotaPermit};
 use crate::telemetry::metrics::Rpc;
 use crate::token::{Token, TokenKind};
 
@@ -36,15 +36,11 @@ impl WatchLimits {
     /// Takes a place for a watch of the peer `uid` (unknown: only the
     /// total applies), or fails with `RESOURCE_EXHAUSTED`.
     pub fn acquire(&self, uid: Option<u32>) -> Result<QuotaPermit, BrokerError> {
-        self.quota.acquire(uid).map_err(|exceeded| match exceeded {
-            Exceeded::Total(limit) => BrokerError::LimitExceeded {
-                what: "too many open watch streams",
-                limit,
-            },
-            Exceeded::Owner(limit) => BrokerError::LimitExceeded {
-                what: "too many open watch streams for this uid",
-                limit,
-            },
+        self.quota.acquire(uid).map_err(|exceeded| {
+            exceeded.into_error(
+                "too many open watch streams",
+                "too many open watch streams for this uid",
+            )
         })
     }
 }

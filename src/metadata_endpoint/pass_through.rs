@@ -91,16 +91,10 @@ fn unavailable(path: &str, error: &FetchError) -> Response<Full<Bytes>> {
 }
 
 fn long_polls_exceeded(exceeded: Exceeded) -> BrokerError {
-    match exceeded {
-        Exceeded::Total(limit) => BrokerError::LimitExceeded {
-            what: "too many long-polls (wait_for_change=true) in flight",
-            limit,
-        },
-        Exceeded::Owner(limit) => BrokerError::LimitExceeded {
-            what: "too many long-polls (wait_for_change=true) in flight for this uid",
-            limit,
-        },
-    }
+    exceeded.into_error(
+        "too many long-polls (wait_for_change=true) in flight",
+        "too many long-polls (wait_for_change=true) in flight for this uid",
+    )
 }
 
 /// How much longer than usual a long-polling pass-through may take.

@@ -411,10 +411,10 @@ mod tests {
     fn replace_sets_the_mode_and_owner_and_leaves_nothing_behind() {
         let root = tempfile::tempdir().unwrap();
         let dir = SinkDir::open(root.path(), me()).unwrap();
-        let gid = nix::unistd::getegid();
+        let (uid, gid) = crate::permissions::foreign_owner();
         let perms = FilePerms {
             mode: 0o640,
-            owner: Some(me()),
+            owner: Some(uid),
             group: Some(gid),
         };
         dir.replace(OsStr::new("token"), b"one", perms).unwrap();
@@ -422,7 +422,7 @@ mod tests {
         dir.replace(OsStr::new("token"), b"two", perms).unwrap();
         let meta = std::fs::metadata(root.path().join("token")).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o640);
-        assert_eq!((meta.uid(), meta.gid()), (me().as_raw(), gid.as_raw()));
+        assert_eq!((meta.uid(), meta.gid()), (uid.as_raw(), gid.as_raw()));
         assert_ne!(meta.ino(), inode, "replaced by rename, not rewritten");
         assert_eq!(names(root.path()), ["token"]);
         dir.probe(perms).unwrap();
