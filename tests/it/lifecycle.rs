@@ -251,9 +251,7 @@ async fn logs_are_json_or_text_as_asked() {
 async fn one_drain_stops_health_readiness_and_the_metadata_endpoint_together() {
     use common::http::{Endpoint, get};
     use tokenbroker::emulator::{Fault, FaultRule, Target};
-    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
 
     let emulator = emulator(EmulatorConfig::default()).await;
     let mut broker = Broker::start(
@@ -270,28 +268,8 @@ async fn one_drain_stops_health_readiness_and_the_metadata_endpoint_together() {
     .await;
     let (metrics, metadata) = (broker.metrics_addr().await, broker.metadata_addr().await);
     broker.wait_until_ready().await;
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("unix://{}", broker.socket.display()))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-    let mut health = HealthClient::new(channel)
-        .watch(HealthCheckRequest {
-            service: "tokenbroker.v1.TokenBroker".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut next_status = async || {
-        let message = tokio::time::timeout(common::PATIENCE, health.message())
-            .await
-            .expect("a health update in time")
-            .unwrap()
-            .expect("the health stream stays open");
-        ServingStatus::try_from(message.status).unwrap()
-    };
-    assert_eq!(next_status().await, ServingStatus::Serving);
+    let mut health = broker.health_watch().await;
+    assert_eq!(health.next().await, ServingStatus::Serving);
 
     // A metadata request in flight when the drain starts: its token takes
     // two seconds to come.
@@ -312,7 +290,7 @@ async fn one_drain_stops_health_readiness_and_the_metadata_endpoint_together() {
         .expect("the request reaches the metadata server");
 
     broker.signal(Signal::SIGTERM);
-    assert_eq!(next_status().await, ServingStatus::NotServing);
+    assert_eq!(health.next().await, ServingStatus::NotServing);
     let readyz = common::http::get_local(metrics, "/readyz").await;
     assert_eq!(readyz.status, 503, "/readyz during the drain");
     assert!(

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultRule, Target};
 use tokenbroker::proto::v1::GetAccessTokenRequest;
-use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 use crate::common::http::get_local;
 use crate::common::{
@@ -268,49 +266,18 @@ async fn audiences_of_denied_requests_never_become_labels() {
     );
 }
 
-async fn health_status(
-    client: &mut HealthClient<tonic::transport::Channel>,
-    service: &str,
-) -> ServingStatus {
-    let request = HealthCheckRequest {
-        service: service.into(),
-    };
-    let response = client.check(request).await.unwrap().into_inner();
-    ServingStatus::try_from(response.status).unwrap()
-}
-
 #[tokio::test]
 async fn health_follows_the_metadata_server() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let metadata_addr = emulator.addr();
     let (broker, addr) = observed(&emulator, &[]).await;
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("unix://{}", broker.socket.display()))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-    let mut health = HealthClient::new(channel);
-    let mut watch = health
-        .watch(HealthCheckRequest {
-            service: "tokenbroker.v1.TokenBroker".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut next_status = async || {
-        let message = in_time("the next health status", watch.message())
-            .await
-            .unwrap()
-            .unwrap();
-        ServingStatus::try_from(message.status).unwrap()
-    };
-    let mut status = next_status().await;
+    let mut health = broker.health_watch().await;
+    let mut status = health.next().await;
     if status != ServingStatus::Serving {
-        status = next_status().await;
+        status = health.next().await;
     }
     assert_eq!(status, ServingStatus::Serving);
-    assert_eq!(health_status(&mut health, "").await, ServingStatus::Serving);
+    assert_eq!(health.check("").await, ServingStatus::Serving);
     assert_eq!(get_local(addr, "/readyz").await.status, 200);
 
     // Down, and nothing cached: the next fetch fails and health turns.
@@ -322,11 +289,8 @@ async fn health_follows_the_metadata_server() {
             .await
             .is_err()
     );
-    assert_eq!(next_status().await, ServingStatus::NotServing);
-    assert_eq!(
-        health_status(&mut health, "").await,
-        ServingStatus::NotServing
-    );
+    assert_eq!(health.next().await, ServingStatus::NotServing);
+    assert_eq!(health.check("").await, ServingStatus::NotServing);
     assert_eq!(get_local(addr, "/readyz").await.status, 503);
     assert_eq!(get_local(addr, "/healthz").await.status, 200);
 
@@ -335,7 +299,7 @@ async fn health_follows_the_metadata_server() {
         tokenbroker::emulator::Emulator::start(metadata_addr, EmulatorConfig::default())
             .await
             .unwrap();
-    assert_eq!(next_status().await, ServingStatus::Serving);
+    assert_eq!(health.next().await, ServingStatus::Serving);
     assert_eq!(get_local(addr, "/readyz").await.status, 200);
 }
 

@@ -13,6 +13,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
 use super::{PATIENCE, binary, in_time, scrub_env};
 
@@ -193,6 +196,22 @@ impl Broker {
         TokenBrokerClient::new(endpoint.connect().await.expect("client connects"))
     }
 
+    /// A watch of the broker service's gRPC health over the socket.
+    pub async fn health_watch(&self) -> HealthWatch {
+        let endpoint = Endpoint::from_shared(format!("unix://{}", self.socket.display()))
+            .expect("a socket URI")
+            .connect_timeout(PATIENCE);
+        let mut client = HealthClient::new(endpoint.connect().await.expect("client connects"));
+        let request = HealthCheckRequest {
+            service: "tokenbroker.v1.TokenBroker".into(),
+        };
+        let stream = in_time("the health watch", client.watch(request))
+            .await
+            .expect("the health watch opens")
+            .into_inner();
+        HealthWatch { client, stream }
+    }
+
     /// The crate's typed client, connected over the socket: for tests that
     /// just need tokens.
     pub async fn typed_client(&self) -> tokenbroker::client::Client {
@@ -256,5 +275,36 @@ impl Broker {
             .collect();
         addr.parse()
             .unwrap_or_else(|_| panic!("no {field} address in the logs"))
+    }
+}
+
+/// The broker service's gRPC health, as a stream of status changes, with
+/// the client for one-off checks of other services on the same connection.
+pub struct HealthWatch {
+    /// The health client, for `Check` calls.
+    pub client: HealthClient<Channel>,
+    stream: tonic::Streaming<HealthCheckResponse>,
+}
+
+impl HealthWatch {
+    /// The next status the watch reports, within [`PATIENCE`].
+    pub async fn next(&mut self) -> ServingStatus {
+        let message = in_time("the next health status", self.stream.message())
+            .await
+            .expect("the health stream is healthy")
+            .expect("the health stream stays open");
+        ServingStatus::try_from(message.status).expect("a known status")
+    }
+
+    /// The status `Check` reports for `service` now.
+    pub async fn check(&mut self, service: &str) -> ServingStatus {
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        let response = in_time("a health check", self.client.check(request))
+            .await
+            .expect("health check answers")
+            .into_inner();
+        ServingStatus::try_from(response.status).expect("a known status")
     }
 }

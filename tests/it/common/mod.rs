@@ -376,21 +376,21 @@ pub fn test_path(module: &str, name: &str) -> String {
     format!("{path}::{name}")
 }
 
+/// Bound on installing the test dependencies: a first install downloads
+/// packages (pip, npm, apt), a later one is a no-op; a stalled mirror
+/// fails the test instead of hanging CI.
+const INSTALL_PATIENCE: Duration = Duration::from_secs(15 * 60);
+
 /// Installs the pinned Python and Node packages the cross-language tests
 /// run (`tests/setup-deps.sh`, into `target/`); a no-op once installed.
-pub fn install_test_deps(which: &[&str]) {
-    let status = std::process::Command::new(root().join("tests/setup-deps.sh"))
-        .args(which)
-        .status()
+pub async fn install_test_deps_async(which: &'static [&'static str]) {
+    let mut install = Command::new(root().join("tests/setup-deps.sh"));
+    install.args(which).kill_on_drop(true);
+    let status = tokio::time::timeout(INSTALL_PATIENCE, install.status())
+        .await
+        .unwrap_or_else(|_| panic!("tests/setup-deps.sh {which:?} took over {INSTALL_PATIENCE:?}"))
         .expect("tests/setup-deps.sh runs");
     assert!(status.success(), "tests/setup-deps.sh {which:?} failed");
-}
-
-/// [`install_test_deps`] off the async runtime's threads.
-pub async fn install_test_deps_async(which: &'static [&'static str]) {
-    tokio::task::spawn_blocking(move || install_test_deps(which))
-        .await
-        .unwrap();
 }
 
 /// The Python of the test virtualenv (`target/python`).
