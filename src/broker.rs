@@ -35,8 +35,6 @@ struct Inner {
     policy: Arc<PolicyStore>,
     metrics: Metrics,
     watch_limits: WatchLimits,
-    /// Cancelled when the broker starts to drain: open watches end.
-    drain: CancellationToken,
     /// Denials and failed requests: a peer sending thousands must not
     /// flood the log.
     denials: RateLimitedLog,
@@ -46,7 +44,7 @@ struct Inner {
 impl Broker {
     /// A broker answering from `cache` to the callers `policy` allows;
     /// watches are bounded by `watch_limits` and end once `drain` is
-    /// cancelled.
+    /// cancelled (one task waits for it, not each watch).
     pub fn new(
         cache: TokenCache,
         policy: Arc<PolicyStore>,
@@ -54,12 +52,16 @@ impl Broker {
         watch_limits: WatchLimits,
         drain: CancellationToken,
     ) -> Self {
+        let watched = cache.clone();
+        tokio::spawn(async move {
+            drain.cancelled().await;
+            watched.end_watches();
+        });
         Self(Arc::new(Inner {
             cache,
             policy,
             metrics,
             watch_limits,
-            drain,
             denials: RateLimitedLog::default(),
             failures: RateLimitedLog::default(),
         }))

@@ -22,7 +22,7 @@ mod serve;
 mod watch;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use moka::ops::compute::Op;
@@ -143,6 +143,8 @@ struct Inner {
     epoch: Instant,
     /// Stops every refresh task when the last handle to the cache is gone.
     stop: CancellationToken,
+    /// Set by [`TokenCache::end_watches`]: every watch ends.
+    watches_ended: AtomicBool,
 }
 
 impl TokenCache {
@@ -161,6 +163,7 @@ impl TokenCache {
                 quota,
                 epoch: Instant::now(),
                 stop: CancellationToken::new(),
+                watches_ended: AtomicBool::new(false),
             }),
         }
     }
@@ -273,6 +276,17 @@ impl TokenCache {
     /// How many keys of one kind the cache holds.
     pub fn len_of(&self, kind: TokenKind) -> usize {
         self.inner.live_by_kind[kind_index(kind)].load(Ordering::Relaxed)
+    }
+
+    /// Ends every watch, open or opened later, with
+    /// [`BrokerError::ShuttingDown`] (the broker drains). Watchers are woken
+    /// through their key's channel, so an open watch holds no waiter of its
+    /// own for this.
+    pub fn end_watches(&self) {
+        self.inner.watches_ended.store(true, Ordering::Release);
+        for (_, entry) in &self.inner.entries {
+            entry.state.send_modify(|_| {});
+        }
     }
 
     /// Whether any key holds a token that could be handed out now.

@@ -57,7 +57,9 @@ pub struct Watch {
     kind: TokenKind,
     /// Who watches, for the policy check of every later token.
     caller: Caller,
-    span: tracing::Span,
+    /// The call's span, when it is enabled (boxed: most watches have none,
+    /// and each holds only a pointer's worth for it).
+    span: Option<Box<tracing::Span>>,
     _permit: QuotaPermit,
 }
 
@@ -79,14 +81,14 @@ impl Watch {
             rpc,
             kind,
             caller,
-            span: tracing::Span::none(),
+            span: None,
             _permit: permit,
         }
     }
 
     /// The watch, with its later tokens waited for in `span`.
     pub(super) fn in_span(mut self, span: tracing::Span) -> Self {
-        self.span = span;
+        self.span = (!span.is_disabled()).then(|| Box::new(span));
         self
     }
 
@@ -103,18 +105,21 @@ impl Watch {
         if let Some(first) = self.first.take() {
             return Ok(first);
         }
-        let span = self.span.clone();
-        async {
-            let token = self.watch.next(&self.broker.0.drain).await?;
+        let next = async {
+            let token = self.watch.next().await?;
             self.broker
                 .authorize(self.rpc, self.kind, &self.caller, self.watch.key())?;
             let remaining = token.remaining(Instant::now());
             self.broker.0.metrics.streamed(self.kind, remaining);
             Ok(token)
-        }
-        .instrument(span)
-        .await
-        .inspect_err(|error| tracing::info!(%error, "watch ended"))
+        };
+        // An instrumented future holds its own span; boxed, it costs the
+        // waiting future nothing when the span is off.
+        let result = match self.span.as_deref() {
+            Some(span) => Box::pin(next.instrument(span.clone())).await,
+            None => next.await,
+        };
+        result.inspect_err(|error| tracing::info!(%error, "watch ended"))
     }
 }
 

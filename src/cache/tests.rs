@@ -460,20 +460,13 @@ async fn watched_keys_stay_and_stream_every_refresh() {
     let (_, mut second_watch) = cache.watch(&request("aud"), ME).await.unwrap();
     let mut previous = first.token;
     for round in 2..=4 {
-        let next = watch.next(&CancellationToken::new()).await.unwrap();
+        let next = watch.next().await.unwrap();
         assert!(next.expires_at() > previous.expires_at());
         assert!(
             Instant::now() < previous.expires_at(),
             "refresh came after expiry"
         );
-        assert_eq!(
-            second_watch
-                .next(&CancellationToken::new())
-                .await
-                .unwrap()
-                .secret(),
-            next.secret()
-        );
+        assert_eq!(second_watch.next().await.unwrap().secret(), next.secret());
         assert_eq!(source.fetches(), round, "watchers do not share refreshes");
         previous = next;
     }
@@ -485,12 +478,37 @@ async fn watched_keys_stay_and_stream_every_refresh() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn ending_watches_wakes_open_ones_and_ends_later_ones() {
+    let source = FakeSource::new(HOUR);
+    let cache = cache(source.clone());
+    let (_, mut waiting) = cache.watch(&request("a"), ME).await.unwrap();
+    let (_, mut later) = cache.watch(&request("b"), ME).await.unwrap();
+    let waiter = tokio::spawn(async move { waiting.next().await });
+    settle().await;
+    assert!(!waiter.is_finished(), "no new token yet");
+    cache.end_watches();
+    // Woken through its key's channel, long before the token's refresh.
+    let ended = tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .expect("the waiting watch ends at once")
+        .unwrap();
+    assert!(matches!(ended, Err(BrokerError::ShuttingDown)));
+    assert!(matches!(later.next().await, Err(BrokerError::ShuttingDown)));
+    let (_, mut opened_after) = cache.watch(&request("c"), ME).await.unwrap();
+    assert!(matches!(
+        opened_after.next().await,
+        Err(BrokerError::ShuttingDown)
+    ));
+    assert_eq!(source.fetches(), 3, "ending watches fetches nothing");
+}
+
+#[tokio::test(start_paused = true)]
 async fn watch_ends_when_the_token_expires_without_replacement() {
     let source = FakeSource::new(HOUR);
     let cache = cache(source.clone());
     let (first, mut watch) = cache.watch(&request("aud"), ME).await.unwrap();
     source.fail_with(Some(unavailable()));
-    let error = watch.next(&CancellationToken::new()).await.unwrap_err();
+    let error = watch.next().await.unwrap_err();
     assert!(
         matches!(
             error,
@@ -515,7 +533,7 @@ async fn watchers_learn_of_expiry_while_a_refresh_hangs() {
     let cache = cache(source.clone());
     let (first, mut watch) = cache.watch(&request("aud"), ME).await.unwrap();
     // The refresh starts before expiry and never completes.
-    let next = tokio::time::timeout(2 * HOUR, watch.next(&CancellationToken::new())).await;
+    let next = tokio::time::timeout(2 * HOUR, watch.next()).await;
     let error = next.expect("the watcher is told at expiry").unwrap_err();
     assert!(matches!(error, BrokerError::Expired { .. }), "{error:?}");
     assert_eq!(source.fetches(), 2, "the refresh was under way");
@@ -706,7 +724,7 @@ async fn watchers_receive_the_token_fetched_after_an_invalidation() {
             .invalidate(&request("aud").key, &handed_back(&first))
             .unwrap()
     );
-    let next = watch.next(&CancellationToken::new()).await.unwrap();
+    let next = watch.next().await.unwrap();
     assert_eq!(next.secret().expose(), "token-2");
     assert_eq!(source.fetches(), 2);
 }
@@ -722,7 +740,7 @@ async fn watchers_of_an_invalidated_token_end_at_its_expiry_if_no_new_one_comes(
             .invalidate(&request("aud").key, &handed_back(&first))
             .unwrap()
     );
-    let next = tokio::time::timeout(2 * HOUR, watch.next(&CancellationToken::new())).await;
+    let next = tokio::time::timeout(2 * HOUR, watch.next()).await;
     let error = next.expect("the watcher is told").unwrap_err();
     assert!(matches!(error, BrokerError::Expired { .. }), "{error:?}");
     let usable_until = first.token.expires_at() - CacheConfig::default().expiry_skew;

@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::cache::quota::Owner;
 use crate::error::BrokerError;
@@ -55,10 +54,16 @@ impl TokenWatch {
     /// Waits for the next token of the key. Fails with
     /// [`BrokerError::Expired`] when the current token expires before a
     /// replacement arrives, and with [`BrokerError::ShuttingDown`] once
-    /// `stop` is cancelled.
-    pub async fn next(&mut self, stop: &CancellationToken) -> Result<Arc<Token>, BrokerError> {
+    /// the cache ends its watches ([`TokenCache::end_watches`]).
+    ///
+    /// Thousands of these wait at once, so the future is kept small: it
+    /// waits on the key's channel alone.
+    pub async fn next(&mut self) -> Result<Arc<Token>, BrokerError> {
         let mut lookups = 0;
         loop {
+            if self.watcher.cache.watches_ended.load(Ordering::Acquire) {
+                return Err(BrokerError::ShuttingDown);
+            }
             if self.states.borrow().closed {
                 lookups += 1;
                 if lookups > MAX_LOOKUPS {
@@ -75,13 +80,8 @@ impl TokenWatch {
                 let last_error = self.states.borrow().error.clone();
                 return Err(BrokerError::Expired { last_error });
             }
-            tokio::select! {
-                () = stop.cancelled() => return Err(BrokerError::ShuttingDown),
-                changed = self.states.changed() => {
-                    if changed.is_err() {
-                        return Err(BrokerError::ShuttingDown);
-                    }
-                }
+            if self.states.changed().await.is_err() {
+                return Err(BrokerError::ShuttingDown);
             }
         }
     }

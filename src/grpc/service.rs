@@ -100,15 +100,15 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
 
 /// The watch's tokens as messages, ending with the error that ended it.
 fn token_stream(watch: Watch) -> impl Stream<Item = Result<pb::Token, Status>> + Send {
-    // The step future captures the state and works on it in place: an
-    // `async fn` taking it by value would hold it twice, and every open
-    // stream holds this state.
-    stream::unfold(Some(watch), |state| async move {
-        let mut watch = state?;
+    // Every open stream holds this state, so the step future works on it
+    // in place, through a reference: moving the watch out of `state` into
+    // a local would store it twice in the future.
+    stream::unfold(Some(watch), |mut state| async move {
+        let watch = state.as_mut()?;
         match watch.next().await {
             Ok(token) => {
                 let message = token_message(watch.kind(), &token);
-                Some((Ok(message), Some(watch)))
+                Some((Ok(message), state))
             }
             Err(error) => Some((Err(error.into()), None)),
         }
