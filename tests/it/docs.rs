@@ -288,3 +288,33 @@ fn the_module_map_names_every_source_file() {
         "{ARCHITECTURE}'s module map is out of date: add {unmapped:?}, remove {gone:?}"
     );
 }
+
+/// The source and test files the README and docs/ name, as `src/...rs` or
+/// `tests/...rs`, exist: files move, and prose is not compiled.
+#[test]
+fn every_file_the_docs_name_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut pages = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        pages.push(entry.unwrap().path());
+    }
+    let mut missing = Vec::new();
+    for page in pages {
+        let text = std::fs::read_to_string(&page).unwrap();
+        let names = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || "_/.-".contains(c)))
+            .filter(|word| word.starts_with("src/") || word.starts_with("tests/"))
+            .map(|word| word.trim_end_matches('.'))
+            .filter(|word| word.ends_with(".rs"));
+        for name in names {
+            if !root.join(name).exists() {
+                missing.push(format!("{}: {name}", page.display()));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "named but missing:\n  {}",
+        missing.join("\n  ")
+    );
+}
