@@ -287,7 +287,9 @@ impl ServeArgs {
         use clap::{CommandFactory, FromArgMatches};
         let command =
             Cli::command().mut_subcommand("serve", |serve| serve.mut_args(|arg| arg.env(None)));
-        let matches = command.get_matches_from(["tokenbroker", "serve"]);
+        let matches = command
+            .try_get_matches_from(["tokenbroker", "serve"])
+            .expect("`serve` with no flags parses");
         let serve = matches
             .subcommand_matches("serve")
             .expect("`serve` was given");
