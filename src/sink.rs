@@ -467,6 +467,11 @@ mod tests {
         toml::from_str(toml).unwrap()
     }
 
+    /// The sink a TOML table configures, opened.
+    fn opened(toml: &str) -> OpenSink {
+        Sink::from_config(config(toml)).unwrap().open().unwrap()
+    }
+
     fn token(secret: &str) -> Token {
         Token::expiring_at(
             Secret::new(secret.into()),
@@ -479,12 +484,9 @@ mod tests {
     fn writes_atomically_with_the_mode_and_no_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
-        let sink = Sink::from_config(config(&format!(
+        let sink = opened(&format!(
             "path = {path:?}\nid_token = {{ audience = \"https://a.run.app\" }}\n"
-        )))
-        .unwrap()
-        .open()
-        .unwrap();
+        ));
         assert!(!path.exists(), "opening writes nothing at the path");
         sink.write(&token("first")).unwrap();
         let inode = std::fs::metadata(&path).unwrap().ino();
@@ -510,12 +512,9 @@ mod tests {
         let path = dir.path().join("token");
         let (uid, gid) = crate::permissions::foreign_owner();
         let (uid, gid) = (uid.as_raw(), gid.as_raw());
-        let sink = Sink::from_config(config(&format!(
+        let sink = opened(&format!(
             "path = {path:?}\nmode = \"0600\"\nowner = \"{uid}\"\ngroup = \"{gid}\"\naccess_token = {{ scopes = [\"s:a\"] }}\n"
-        )))
-        .unwrap()
-        .open()
-        .unwrap();
+        ));
         sink.write(&token("t")).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
@@ -578,12 +577,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         let (_, gid) = crate::permissions::foreign_owner();
-        let sink = Sink::from_config(config(&format!(
+        let sink = opened(&format!(
             "path = {path:?}\ngroup = \"{gid}\"\nid_token = {{ audience = \"https://a\" }}\n"
-        )))
-        .unwrap()
-        .open()
-        .unwrap();
+        ));
         sink.write(&token("t")).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.mode() & 0o777, DEFAULT_SINK_GROUP_MODE);
@@ -592,12 +588,9 @@ mod tests {
         assert!(!sink.readable_by_group(Gid::from_raw(gid.as_raw() + 1)));
 
         // Without a group: owner only, and no group can read it.
-        let sink = Sink::from_config(config(&format!(
+        let sink = opened(&format!(
             "path = {path:?}\nid_token = {{ audience = \"https://a\" }}\n"
-        )))
-        .unwrap()
-        .open()
-        .unwrap();
+        ));
         sink.write(&token("t")).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
