@@ -79,7 +79,7 @@ impl Broker {
         deadline: Option<Duration>,
     ) -> Result<Arc<Token>, BrokerError> {
         let call = async {
-            let request = self.admit(rpc, Some(kind), request, &caller)?;
+            let request = self.admit(rpc, Some(kind), request, |r| &r.key, &caller)?;
             let result = within(deadline, self.0.cache.get(&request, owner_of(&caller))).await;
             self.report(rpc, Some(kind), audience(&request.key), result.as_ref());
             Ok(result?.token)
@@ -98,11 +98,8 @@ impl Broker {
     ) -> Result<bool, BrokerError> {
         let rpc = Rpc::InvalidateToken;
         let call = async {
-            let invalidation =
-                request.inspect_err(|error| self.report(rpc, kind, None, Err(error)))?;
+            let invalidation = self.admit(rpc, kind, request, |i| &i.key, &caller)?;
             let kind = invalidation.key.kind();
-            self.authorize(rpc, kind, &caller, &invalidation.key)
-                .inspect_err(|error| self.report(rpc, Some(kind), None, Err(error)))?;
             let result = self
                 .0
                 .cache
@@ -136,7 +133,7 @@ impl Broker {
     ) -> Result<Watch, BrokerError> {
         let span = rpc_span(rpc, kind);
         let call = async {
-            let request = self.admit(rpc, kind, request, &caller)?;
+            let request = self.admit(rpc, kind, request, |r| &r.key, &caller)?;
             let kind = request.key.kind();
             let audience = audience(&request.key);
             let permit = self
@@ -155,7 +152,6 @@ impl Broker {
             Ok(Watch::new(
                 self.clone(),
                 rpc,
-                kind,
                 caller,
                 first.token,
                 watch,
@@ -166,19 +162,22 @@ impl Broker {
         Ok(watch.in_span(span))
     }
 
-    /// The request, once validated and allowed; a refusal is reported.
+    /// The request (a token request or an invalidation, whose key `key`
+    /// reads), once validated and allowed; a refusal is reported.
     /// Audiences of refused requests never become labels: a denied peer
     /// could fill the series cap with them.
-    fn admit(
+    fn admit<R>(
         &self,
         rpc: Rpc,
         kind: Option<TokenKind>,
-        request: Result<TokenRequest, BrokerError>,
+        request: Result<R, BrokerError>,
+        key: impl Fn(&R) -> &TokenKey,
         caller: &Caller,
-    ) -> Result<TokenRequest, BrokerError> {
+    ) -> Result<R, BrokerError> {
         let request = request.inspect_err(|error| self.report(rpc, kind, None, Err(error)))?;
-        let kind = request.key.kind();
-        self.authorize(rpc, kind, caller, &request.key)
+        let key = key(&request);
+        let kind = key.kind();
+        self.authorize(rpc, kind, caller, key)
             .inspect_err(|error| self.report(rpc, Some(kind), None, Err(error)))?;
         Ok(request)
     }

@@ -83,7 +83,7 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
 
     /// Unix socket to listen on; parent directories are created.
-    #[arg(long, env = "TOKENBROKER_SOCKET", default_value = DEFAULT_SOCKET)]
+    #[arg(long, env = crate::client::SOCKET_ENV, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
 
     /// Permissions of the socket (octal). Connecting needs write permission,

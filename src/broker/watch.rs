@@ -54,7 +54,6 @@ pub struct Watch {
     watch: TokenWatch,
     broker: Broker,
     rpc: Rpc,
-    kind: TokenKind,
     /// Who watches, for the policy check of every later token.
     caller: Caller,
     /// The call's span, when it is enabled (boxed: most watches have none,
@@ -67,19 +66,17 @@ impl Watch {
     pub(super) fn new(
         broker: Broker,
         rpc: Rpc,
-        kind: TokenKind,
         caller: Caller,
         first: Arc<Token>,
         watch: TokenWatch,
         permit: QuotaPermit,
     ) -> Self {
-        broker.0.metrics.watchers(kind, 1);
+        broker.0.metrics.watchers(watch.key().kind(), 1);
         Self {
             first: Some(first),
             watch,
             broker,
             rpc,
-            kind,
             caller,
             span: None,
             _permit: permit,
@@ -94,7 +91,7 @@ impl Watch {
 
     /// The kind of token watched.
     pub fn kind(&self) -> TokenKind {
-        self.kind
+        self.watch.key().kind()
     }
 
     /// The current token at first, then each refreshed one. An error ends
@@ -105,12 +102,13 @@ impl Watch {
         if let Some(first) = self.first.take() {
             return Ok(first);
         }
+        let kind = self.kind();
         let next = async {
             let token = self.watch.next().await?;
             self.broker
-                .authorize(self.rpc, self.kind, &self.caller, self.watch.key())?;
+                .authorize(self.rpc, kind, &self.caller, self.watch.key())?;
             let remaining = token.remaining(Instant::now());
-            self.broker.0.metrics.streamed(self.kind, remaining);
+            self.broker.0.metrics.streamed(kind, remaining);
             Ok(token)
         };
         // An instrumented future holds its own span; boxed, it costs the
@@ -125,7 +123,7 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        self.broker.0.metrics.watchers(self.kind, -1);
+        self.broker.0.metrics.watchers(self.kind(), -1);
     }
 }
 

@@ -169,7 +169,7 @@ fn min_valid_for(args: &ClientArgs) -> Option<prost_types::Duration> {
 #[derive(Debug, Args)]
 pub struct ClientArgs {
     /// The broker's socket.
-    #[arg(long, env = "TOKENBROKER_SOCKET", default_value = DEFAULT_SOCKET)]
+    #[arg(long, env = crate::client::SOCKET_ENV, default_value = DEFAULT_SOCKET)]
     pub socket: PathBuf,
 
     /// Service account email, or "default".

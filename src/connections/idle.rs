@@ -94,10 +94,14 @@ pub struct IdleClose<IO> {
 }
 
 impl IdleClose<tokio::net::UnixStream> {
-    /// Wraps a connection admitted with `permit`; it may stay idle for
-    /// `timeout`.
-    pub fn new(io: tokio::net::UnixStream, permit: ConnectionPermit, timeout: Duration) -> Self {
-        let uds = io.connect_info();
+    /// Wraps a connection from `uds` (its peer, read once at accept)
+    /// admitted with `permit`; it may stay idle for `timeout`.
+    pub fn new(
+        io: tokio::net::UnixStream,
+        uds: UdsConnectInfo,
+        permit: ConnectionPermit,
+        timeout: Duration,
+    ) -> Self {
         Self {
             io,
             uds,

@@ -4,6 +4,7 @@
 //! removes the socket.
 
 use std::time::Duration;
+use tonic::transport::server::Connected;
 
 use bytes::Bytes;
 use http_body::Frame;
@@ -120,19 +121,18 @@ fn accept(
 ) -> impl tokio_stream::Stream<Item = std::io::Result<AnyAuthority<IdleClose<tokio::net::UnixStream>>>>
 {
     let acceptor = Acceptor::new(Listener::Grpc.as_str());
-    futures_util::stream::unfold((listener, acceptor), move |(listener, mut acceptor)| {
-        let limits = limits.clone();
-        async move {
-            loop {
-                let stream = acceptor.accept(&listener).await;
-                let peer = stream.peer_cred().ok();
-                let Some(permit) = limits.admit(peer.map(|p| p.uid())) else {
-                    continue;
-                };
-                let connection =
-                    AnyAuthority::new(IdleClose::new(stream, permit, idle_timeout), peer);
-                return Some((Ok(connection), (listener, acceptor)));
-            }
+    let state = (listener, acceptor, limits);
+    futures_util::stream::unfold(state, move |(listener, mut acceptor, limits)| async move {
+        loop {
+            let stream = acceptor.accept(&listener).await;
+            let uds = stream.connect_info();
+            let peer = uds.peer_cred;
+            let Some(permit) = limits.admit(peer.map(|p| p.uid())) else {
+                continue;
+            };
+            let connection =
+                AnyAuthority::new(IdleClose::new(stream, uds, permit, idle_timeout), peer);
+            return Some((Ok(connection), (listener, acceptor, limits)));
         }
     })
 }

@@ -3,6 +3,7 @@
 //! the [`Broker`], and the answer turned back into messages.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, stream};
@@ -10,8 +11,10 @@ use tonic::{Request, Response, Status};
 
 use crate::broker::{Broker, Watch};
 use crate::connections::idle::ConnectionInfo;
+use crate::error::BrokerError;
 use crate::policy::{Caller, Peer};
 use crate::proto::v1 as pb;
+use crate::request::TokenRequest;
 use crate::telemetry::metrics::Rpc;
 use crate::token::{Token, TokenKind};
 
@@ -26,6 +29,24 @@ impl TokenBrokerService {
     pub fn new(broker: Broker) -> Self {
         Self { broker }
     }
+
+    /// Validates and serves one unary token call.
+    async fn unary<M>(
+        &self,
+        rpc: Rpc,
+        kind: TokenKind,
+        request: Request<M>,
+    ) -> Result<Arc<Token>, Status>
+    where
+        M: TryInto<TokenRequest, Error = BrokerError>,
+    {
+        let (caller, deadline) = (caller_of(&request), deadline_of(&request));
+        let request = request.into_inner().try_into();
+        Ok(self
+            .broker
+            .token(rpc, kind, request, caller, deadline)
+            .await?)
+    }
 }
 
 #[tonic::async_trait]
@@ -34,17 +55,8 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::GetAccessTokenRequest>,
     ) -> Result<Response<pb::AccessToken>, Status> {
-        let (caller, deadline) = (caller_of(&request), deadline_of(&request));
-        let request = request.into_inner().try_into();
         let token = self
-            .broker
-            .token(
-                Rpc::GetAccessToken,
-                TokenKind::Access,
-                request,
-                caller,
-                deadline,
-            )
+            .unary(Rpc::GetAccessToken, TokenKind::Access, request)
             .await?;
         Ok(Response::new(access_token(&token)))
     }
@@ -53,12 +65,7 @@ impl pb::token_broker_server::TokenBroker for TokenBrokerService {
         &self,
         request: Request<pb::GetIdTokenRequest>,
     ) -> Result<Response<pb::IdToken>, Status> {
-        let (caller, deadline) = (caller_of(&request), deadline_of(&request));
-        let request = request.into_inner().try_into();
-        let token = self
-            .broker
-            .token(Rpc::GetIdToken, TokenKind::Id, request, caller, deadline)
-            .await?;
+        let token = self.unary(Rpc::GetIdToken, TokenKind::Id, request).await?;
         Ok(Response::new(id_token(&token)))
     }
 
