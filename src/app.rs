@@ -111,7 +111,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         &meter,
     );
     tracing::info!(
-        soft = descriptors.soft,
+        soft = descriptors.hard,
         hard = descriptors.hard,
         started_with = descriptors.initial_soft,
         client_connections = connection_limits.budget(),

@@ -108,14 +108,17 @@ impl Listener {
             Self::Metrics => "metrics",
         }
     }
+
+    /// The `listener` label of its metrics.
+    fn label(self) -> [KeyValue; 1] {
+        [KeyValue::new("listener", self.as_str())]
+    }
 }
 
 /// The descriptor limit, after [`raise_descriptor_limit`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DescriptorLimit {
-    /// The soft limit the broker runs with.
-    pub soft: u64,
-    /// The hard limit.
+    /// The hard limit, which the soft limit the broker runs with now equals.
     pub hard: u64,
     /// The soft limit the broker was started with.
     pub initial_soft: u64,
@@ -130,7 +133,6 @@ pub fn raise_descriptor_limit() -> io::Result<DescriptorLimit> {
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
     }
     Ok(DescriptorLimit {
-        soft: hard,
         hard,
         initial_soft: soft,
     })
@@ -156,9 +158,7 @@ struct Instruments {
 pub struct ListenerLimits {
     listener: Listener,
     budget: Quota,
-    budget_size: usize,
     own: Quota,
-    knows_uids: bool,
     instruments: Arc<Instruments>,
     refusals: Arc<RateLimitedLog>,
 }
@@ -211,7 +211,7 @@ impl ConnectionLimits {
     /// The budget for client connections given the descriptor limit and the
     /// descriptors the broker's own upstream connections may take.
     pub fn budget_for(limit: DescriptorLimit, upstream: usize) -> usize {
-        (limit.soft as usize)
+        (limit.hard as usize)
             .saturating_sub(DESCRIPTOR_RESERVE + upstream)
             .max(1)
     }
@@ -232,9 +232,7 @@ impl ConnectionLimits {
         ListenerLimits {
             listener,
             budget: self.budget.clone(),
-            budget_size: self.budget_size,
             own: Quota::new(max, max_per_uid.unwrap_or(usize::MAX)),
-            knows_uids: max_per_uid.is_some(),
             instruments: self.instruments.clone(),
             refusals: Arc::new(RateLimitedLog::default()),
         }
@@ -246,12 +244,9 @@ impl ListenerLimits {
     /// logs its refusal. The permit frees the place when dropped.
     pub fn admit(&self, uid: Option<u32>) -> Option<ConnectionPermit> {
         match self.try_admit(uid) {
-            Ok(permit) => {
-                self.instruments.open.add(1, &self.label());
-                Some(permit)
-            }
+            Ok(permit) => Some(permit),
             Err(refused) => {
-                self.instruments.refused.add(1, &self.label());
+                self.instruments.refused.add(1, &self.listener.label());
                 self.refusals.warn(|count| {
                     tracing::warn!(
                         listener = self.listener.as_str(),
@@ -265,8 +260,8 @@ impl ListenerLimits {
         }
     }
 
+    /// A permit, counted in the open-connections gauge until dropped.
     fn try_admit(&self, uid: Option<u32>) -> Result<ConnectionPermit, Refused> {
-        let uid = uid.filter(|_| self.knows_uids);
         let own = self.own.acquire(uid).map_err(|exceeded| match exceeded {
             Exceeded::Total(max) => Refused::Listener(max),
             Exceeded::Owner(max) => Refused::Uid(uid.unwrap_or_default(), max),
@@ -274,16 +269,13 @@ impl ListenerLimits {
         let budget = self
             .budget
             .acquire(None)
-            .map_err(|_| Refused::Budget(self.budget_size))?;
+            .map_err(|(Exceeded::Total(size) | Exceeded::Owner(size))| Refused::Budget(size))?;
+        self.instruments.open.add(1, &self.listener.label());
         Ok(ConnectionPermit {
             _places: (own, budget),
             open: self.instruments.clone(),
             listener: self.listener,
         })
-    }
-
-    fn label(&self) -> [KeyValue; 1] {
-        [KeyValue::new("listener", self.listener.as_str())]
     }
 }
 
@@ -296,8 +288,7 @@ pub struct ConnectionPermit {
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        let label = [KeyValue::new("listener", self.listener.as_str())];
-        self.open.open.add(-1, &label);
+        self.open.open.add(-1, &self.listener.label());
     }
 }
 
@@ -451,7 +442,6 @@ mod tests {
     #[test]
     fn the_budget_keeps_the_reserve() {
         let limit = DescriptorLimit {
-            soft: 1024,
             hard: 1024,
             initial_soft: 1024,
         };
@@ -459,7 +449,7 @@ mod tests {
             ConnectionLimits::budget_for(limit, 40),
             1024 - DESCRIPTOR_RESERVE - 40
         );
-        let tiny = DescriptorLimit { soft: 10, ..limit };
+        let tiny = DescriptorLimit { hard: 10, ..limit };
         assert_eq!(ConnectionLimits::budget_for(tiny, 40), 1);
     }
 

@@ -32,6 +32,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -137,15 +138,15 @@ pub async fn serve(
             () = drain.cancelled() => break,
             accepted = accept(&listener, &mut acceptor) => accepted,
         };
-        let (stream, caller): (Box<dyn Stream>, Caller) = match accepted {
-            Connection::Tcp(stream) => (Box::new(stream), Caller::Loopback),
+        let (stream, caller) = match accepted {
+            Connection::Tcp(stream) => (Either::Left(stream), Caller::Loopback),
             Connection::Unix(stream) => {
                 let peer = stream.peer_cred().ok().map(|credentials| Peer {
                     uid: credentials.uid(),
                     gid: credentials.gid(),
                     pid: credentials.pid(),
                 });
-                (Box::new(stream), Caller::Local(peer))
+                (Either::Right(stream), Caller::Local(peer))
             }
         };
         let Some(permit) = limits.admit(caller.uid()) else {
@@ -162,10 +163,6 @@ pub async fn serve(
     connections.close();
     connections.wait().await;
 }
-
-/// A connection of either kind.
-trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for S {}
 
 enum Connection {
     Tcp(tokio::net::TcpStream),

@@ -124,10 +124,11 @@ pub struct WriteError {
 }
 
 impl WriteError {
-    fn at(step: Step) -> impl FnOnce(Errno) -> WriteError {
-        move |errno| WriteError {
+    /// The error of `step`, from the OS error it failed with.
+    fn at<E: Into<io::Error>>(step: Step) -> impl FnOnce(E) -> WriteError {
+        move |error| WriteError {
             step,
-            source: errno.into(),
+            source: error.into(),
         }
     }
 }
@@ -219,10 +220,7 @@ impl SinkDir {
         let (temp, mut file) = self.temp_file(perms)?;
         file.write_all(contents)
             .and_then(|()| file.sync_all())
-            .map_err(|source| WriteError {
-                step: Step::Write,
-                source,
-            })?;
+            .map_err(WriteError::at(Step::Write))?;
         renameat(&self.fd, temp.name(), &self.fd, name).map_err(WriteError::at(Step::Rename))?;
         temp.renamed();
         Ok(())
@@ -253,16 +251,10 @@ impl SinkDir {
                 perms.owner.map(Uid::as_raw),
                 perms.group.map(Gid::as_raw),
             )
-            .map_err(|source| WriteError {
-                step: Step::Chown,
-                source,
-            })?;
+            .map_err(WriteError::at(Step::Chown))?;
         }
         file.set_permissions(std::fs::Permissions::from_mode(perms.mode))
-            .map_err(|source| WriteError {
-                step: Step::Chmod,
-                source,
-            })?;
+            .map_err(WriteError::at(Step::Chmod))?;
         Ok((temp, file))
     }
 
