@@ -137,12 +137,6 @@ pub struct Rewriter {
     blocks: HeaderBlocks,
 }
 
-impl Default for Rewriter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Rewriter {
     /// A new connection, before its preface.
     pub fn new() -> Self {
@@ -405,15 +399,6 @@ impl Rewriter {
 /// Splits a HEADERS frame's payload into its opening (head and priority
 /// fields) and its HPACK fragment, without the padding.
 fn opening(head: Head, payload: &[u8]) -> Result<(Opening, &[u8]), Refusal> {
-    let (priority, fragment) = headers_payload(head, payload)?;
-    Ok((Opening { head, priority }, fragment))
-}
-
-/// The priority fields and the HPACK fragment of a HEADERS frame's payload.
-fn headers_payload(
-    head: Head,
-    payload: &[u8],
-) -> Result<(Option<[u8; PRIORITY_LEN]>, &[u8]), Refusal> {
     let mut rest = payload;
     let mut pad = 0;
     if head.flags & PADDED != 0 {
@@ -430,7 +415,7 @@ fn headers_payload(
         rest = after;
     }
     let fragment_len = rest.len().checked_sub(pad).ok_or(Refusal::BadPadding)?;
-    Ok((priority, &rest[..fragment_len]))
+    Ok((Opening { head, priority }, &rest[..fragment_len]))
 }
 
 /// The frames of a re-encoded block: one HEADERS frame (keeping the
@@ -438,40 +423,103 @@ fn headers_payload(
 /// and as many CONTINUATION frames as the frame size limit needs.
 fn frames(opening: Opening, encoded: &[u8]) -> BytesMut {
     let mut out = BytesMut::with_capacity(encoded.len() + 2 * HEAD_LEN + PRIORITY_LEN);
-    let priority_len = opening.priority.map_or(0, |_| PRIORITY_LEN);
-    let mut rest = encoded;
-    let mut kind = HEADERS;
-    loop {
-        let room = if kind == HEADERS {
-            MAX_FRAME_SIZE - priority_len
-        } else {
-            MAX_FRAME_SIZE
-        };
-        let (chunk, after) = rest.split_at(rest.len().min(room));
-        let mut flags = if after.is_empty() { END_HEADERS } else { 0 };
-        let mut len = chunk.len();
-        if kind == HEADERS {
-            flags |= opening.head.flags & END_STREAM;
-            if opening.priority.is_some() {
-                flags |= PRIORITY;
-                len += PRIORITY_LEN;
-            }
-        }
+    let stream = opening.head.stream;
+    let priority: &[u8] = opening.priority.as_ref().map_or(&[], |fields| fields);
+    let (first, mut rest) = encoded.split_at(encoded.len().min(MAX_FRAME_SIZE - priority.len()));
+    let mut flags = opening.head.flags & END_STREAM;
+    if !priority.is_empty() {
+        flags |= PRIORITY;
+    }
+    if rest.is_empty() {
+        flags |= END_HEADERS;
+    }
+    let len = priority.len() + first.len();
+    Head {
+        len,
+        kind: HEADERS,
+        flags,
+        stream,
+    }
+    .write(&mut out);
+    out.extend_from_slice(priority);
+    out.extend_from_slice(first);
+    while !rest.is_empty() {
+        let (chunk, after) = rest.split_at(rest.len().min(MAX_FRAME_SIZE));
+        let flags = if after.is_empty() { END_HEADERS } else { 0 };
+        let len = chunk.len();
         Head {
             len,
-            kind,
+            kind: CONTINUATION,
             flags,
-            stream: opening.head.stream,
+            stream,
         }
         .write(&mut out);
-        if let (HEADERS, Some(fields)) = (kind, opening.priority) {
-            out.extend_from_slice(&fields);
-        }
         out.extend_from_slice(chunk);
-        if after.is_empty() {
-            return out;
-        }
         rest = after;
-        kind = CONTINUATION;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A re-encoded block too long for one frame: HEADERS keeps the
+    /// stream, END_STREAM and priority fields, CONTINUATION frames carry
+    /// the rest, and only the last ends the headers.
+    #[test]
+    fn a_long_block_is_split_at_the_frame_size() {
+        let head = Head {
+            len: 0,
+            kind: HEADERS,
+            flags: END_STREAM | PRIORITY | PADDED,
+            stream: 7,
+        };
+        let fields = [1, 2, 3, 4, 5];
+        let encoded: Vec<u8> = (0..2 * MAX_FRAME_SIZE + 10).map(|i| i as u8).collect();
+        let out = frames(
+            Opening {
+                head,
+                priority: Some(fields),
+            },
+            &encoded,
+        );
+
+        let mut rest = &out[..];
+        let mut heads = Vec::new();
+        let mut payload = Vec::new();
+        while let Some(head) = Head::parse(rest) {
+            let body = &rest[HEAD_LEN..HEAD_LEN + head.len];
+            assert!(head.len <= MAX_FRAME_SIZE);
+            assert_eq!(head.stream, 7);
+            payload.extend_from_slice(body);
+            heads.push((head.kind, head.flags));
+            rest = &rest[HEAD_LEN + head.len..];
+        }
+        assert!(rest.is_empty());
+        assert_eq!(
+            heads,
+            [
+                (HEADERS, END_STREAM | PRIORITY),
+                (CONTINUATION, 0),
+                (CONTINUATION, END_HEADERS)
+            ]
+        );
+        assert_eq!(payload[..PRIORITY_LEN], fields);
+        assert_eq!(payload[PRIORITY_LEN..], encoded);
+
+        let short = frames(
+            Opening {
+                head,
+                priority: None,
+            },
+            b"abc",
+        );
+        let short_head = Head::parse(&short).unwrap();
+        assert_eq!(
+            (short_head.kind, short_head.flags, short_head.len),
+            (HEADERS, END_STREAM | END_HEADERS, 3)
+        );
+        assert_eq!(&short[HEAD_LEN..], b"abc");
     }
 }

@@ -104,10 +104,9 @@ impl HeaderList {
     pub fn decode_pending(&mut self, block: &[u8]) -> Result<(), DecodeError> {
         for (_, value) in &mut self.fields {
             if let Value::Huffman(coded) = value {
-                let start = self.bytes.len();
-                huffman(&block[coded.clone()], &mut self.bytes)?;
-                self.size += self.bytes.len() - start;
-                *value = Value::Decoded(start..self.bytes.len());
+                let decoded = huffman(&block[coded.clone()], &mut self.bytes)?;
+                self.size += decoded.len();
+                *value = Value::Decoded(decoded);
             }
         }
         self.pending = 0;
@@ -134,13 +133,10 @@ impl HeaderList {
 
     /// Decodes a string literal (§5.2) from `src` into the buffer.
     fn push_string(&mut self, src: &mut &[u8]) -> Result<Range<usize>, DecodeError> {
-        let (huffman_coded, string) = string(src)?;
-        if !huffman_coded {
-            return Ok(self.push_bytes(string));
+        match string(src)? {
+            (true, coded) => huffman(coded, &mut self.bytes),
+            (false, raw) => Ok(self.push_bytes(raw)),
         }
-        let start = self.bytes.len();
-        huffman(string, &mut self.bytes)?;
-        Ok(start..self.bytes.len())
     }
 
     fn push(
@@ -233,11 +229,7 @@ impl Decoder {
                             let end = block.len() - src.len();
                             Value::Huffman(end - coded.len()..end)
                         }
-                        (true, coded) => {
-                            let start = list.bytes.len();
-                            huffman(coded, &mut list.bytes)?;
-                            Value::Decoded(start..list.bytes.len())
-                        }
+                        (true, coded) => Value::Decoded(huffman(coded, &mut list.bytes)?),
                         (false, raw) => Value::Decoded(list.push_bytes(raw)),
                     };
                     (name, value)
@@ -276,9 +268,12 @@ fn string<'a>(src: &mut &'a [u8]) -> Result<(bool, &'a [u8]), DecodeError> {
     Ok((huffman_coded, string))
 }
 
-/// Appends the Huffman decoding (Appendix B) of `coded` to `out`.
-fn huffman(coded: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
-    httlib_huffman::decode(coded, out, DecoderSpeed::FiveBits).map_err(|_| DecodeError::Huffman)
+/// Appends the Huffman decoding (Appendix B) of `coded` to `out`, and
+/// returns where it stands there.
+fn huffman(coded: &[u8], out: &mut Vec<u8>) -> Result<Range<usize>, DecodeError> {
+    let start = out.len();
+    httlib_huffman::decode(coded, out, DecoderSpeed::FiveBits).map_err(|_| DecodeError::Huffman)?;
+    Ok(start..out.len())
 }
 
 /// Decodes an integer with an `n`-bit prefix (§5.1).
@@ -307,18 +302,18 @@ fn integer(src: &mut &[u8], n: u8) -> Result<usize, DecodeError> {
 
 /// Appends `bytes` as a string literal without Huffman coding (§5.2).
 pub fn encode_string(bytes: &[u8], out: &mut Vec<u8>) {
-    encode_integer(bytes.len(), 7, 0, out);
+    encode_integer(bytes.len(), 7, out);
     out.extend_from_slice(bytes);
 }
 
-/// Appends an integer with an `n`-bit prefix after the bits `flags` (§5.1).
-pub fn encode_integer(value: usize, n: u8, flags: u8, out: &mut Vec<u8>) {
+/// Appends an integer with an `n`-bit prefix, the bits above it zero (§5.1).
+fn encode_integer(value: usize, n: u8, out: &mut Vec<u8>) {
     let mask = (1usize << n) - 1;
     if value < mask {
-        out.push(flags | value as u8);
+        out.push(value as u8);
         return;
     }
-    out.push(flags | mask as u8);
+    out.push(mask as u8);
     let mut rest = value - mask;
     while rest >= 0x80 {
         out.push(0x80 | (rest & 0x7f) as u8);
@@ -535,7 +530,7 @@ mod tests {
             (268_435_582, 7),
         ] {
             let mut out = Vec::new();
-            encode_integer(value, n, 0, &mut out);
+            encode_integer(value, n, &mut out);
             let mut src = &out[..];
             assert_eq!(integer(&mut src, n), Ok(value));
             assert!(src.is_empty());
