@@ -332,16 +332,18 @@ async fn channels_with(
     for _ in 0..count {
         let endpoint =
             Endpoint::from_shared(format!("unix://{}", socket.display())).expect("endpoint");
-        let channel = match authority {
-            ClientAuthority::Localhost => endpoint.connect().await,
-            ClientAuthority::RewrittenLocalhost | ClientAuthority::SocketPath => {
+        // What the shim puts in each header block, if anything.
+        let sent = match authority {
+            ClientAuthority::Localhost => None,
+            ClientAuthority::RewrittenLocalhost => Some("localhost".to_string()),
+            ClientAuthority::SocketPath => {
+                Some(socket.to_str().expect("a UTF-8 path").replace('/', "%2F"))
+            }
+        };
+        let channel = match sent {
+            None => endpoint.connect().await,
+            Some(sent) => {
                 let socket = socket.to_path_buf();
-                let sent = match authority {
-                    ClientAuthority::SocketPath => {
-                        socket.to_str().expect("a UTF-8 path").replace('/', "%2F")
-                    }
-                    _ => "localhost".to_string(),
-                };
                 let connector = tower::service_fn(move |_| {
                     let (socket, sent) = (socket.clone(), sent.clone());
                     async move {

@@ -7,16 +7,16 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::time::Instant;
 
 use crate::common::h2::{DATA, HEADERS, PREFACE, RST_STREAM, SETTINGS, frame, take_frames};
 use crate::common::http::{Endpoint, get};
 use crate::common::{
-    BINARY, Broker, NOBODY, PATIENCE, Scrape, as_uid, chmod, cpu_time, id_request, in_time,
-    invalidate_id, next_token, python, root, scrape_until, watch_id,
+    BINARY, Broker, NOBODY, PATIENCE, Printing, Scrape, as_uid, chmod, cpu_time, id_request,
+    invalidate_id, invalidated, next_token, python, root, scrape_until, watch_id,
 };
 
 /// Most CPU the broker may use while it fends off a scenario: a fifth of
@@ -25,27 +25,34 @@ const CPU_SHARE: f64 = 0.2;
 /// The most a scenario may make the broker log.
 const MAX_LOG_BYTES: usize = 1 << 20;
 
-/// `tokenbroker serve --emulator` with a 1024-descriptor limit (soft and
-/// hard), its sockets (in its directory, given to `extra`) reachable by
-/// other uids.
-async fn limited_broker(extra: impl FnOnce(&std::path::Path) -> Vec<String>) -> Broker {
+/// `tokenbroker serve --emulator` under `prlimit --nofile=NOFILE`, with
+/// the flags `extra` gives for its directory; ready.
+async fn prlimited(nofile: &str, extra: impl FnOnce(&std::path::Path) -> Vec<String>) -> Broker {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("tokenbroker.sock");
     let extra = extra(dir.path());
     let mut command = Command::new("prlimit");
     command
-        .args(["--nofile=1024:1024", "--", BINARY, "serve", "--socket"])
+        .arg(format!("--nofile={nofile}"))
+        .args(["--", BINARY, "serve", "--emulator", "--socket"])
         .arg(&socket)
-        .args([
-            "--emulator",
-            "--socket-mode",
-            "0666",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
         .args(&extra);
     let broker = Broker::spawn_command(command, &socket, dir);
     broker.wait_until_ready().await;
+    broker
+}
+
+/// `tokenbroker serve --emulator` with a 1024-descriptor limit (soft and
+/// hard), its sockets (in its directory, given to `extra`) reachable by
+/// other uids.
+async fn limited_broker(extra: impl FnOnce(&std::path::Path) -> Vec<String>) -> Broker {
+    let broker = prlimited("1024:1024", |dir| {
+        let reachable = ["--socket-mode", "0666", "--metrics-addr", "127.0.0.1:0"];
+        let mut flags: Vec<String> = reachable.map(String::from).to_vec();
+        flags.extend(extra(dir));
+        flags
+    })
+    .await;
     chmod(broker.dir.path(), 0o755);
     broker
 }
@@ -58,7 +65,7 @@ fn cpu(broker: &Broker) -> Duration {
 /// What tests/python/hold_connections.py saw.
 struct Held {
     report: serde_json::Value,
-    _process: Child,
+    _process: Printing,
 }
 
 impl Held {
@@ -75,20 +82,14 @@ impl Held {
 /// each) and holds them until the result is dropped.
 async fn hold(uid: u32, target: &str, count: usize, request: Option<&str>) -> Held {
     let script = root().join("tests/python/hold_connections.py");
-    let mut process = as_uid(uid, python().await)
-        .arg(script)
-        .args([target, &count.to_string()])
-        .args(request)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(process.stdout.take().unwrap()).lines();
-    let line = in_time("the connections opened", lines.next_line())
-        .await
-        .unwrap()
-        .expect("a report");
+    let mut process = Printing::spawn(
+        as_uid(uid, python().await)
+            .arg(script)
+            .args([target, &count.to_string()])
+            .args(request)
+            .stdin(Stdio::piped()),
+    );
+    let line = process.next_line().await;
     Held {
         report: serde_json::from_str(&line).unwrap(),
         _process: process,
@@ -370,21 +371,7 @@ async fn streams_over_the_per_connection_limit_are_refused() {
 
 #[tokio::test]
 async fn the_descriptor_limit_is_raised_and_logged() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("tokenbroker.sock");
-    let mut command = Command::new("prlimit");
-    command
-        .args([
-            "--nofile=512:2048",
-            "--",
-            BINARY,
-            "serve",
-            "--emulator",
-            "--socket",
-        ])
-        .arg(&socket);
-    let broker = Broker::spawn_command(command, &socket, dir);
-    broker.wait_until_ready().await;
+    let broker = prlimited("512:2048", |_| Vec::new()).await;
     let line = broker
         .logs()
         .lines()
@@ -436,15 +423,7 @@ async fn an_idle_connection_is_closed_and_a_watching_one_is_not() {
 
     // The watching connection is alive: a replaced token still reaches it.
     let invalidate = invalidate_id("https://watched.run.app", first.secret());
-    assert!(
-        watching
-            .into_inner()
-            .invalidate_token(invalidate)
-            .await
-            .unwrap()
-            .into_inner()
-            .invalidated
-    );
+    assert!(invalidated(&mut watching.into_inner(), invalidate).await);
     assert_ne!(next_token(&mut tokens).await.secret(), first.secret());
     // And the idle client reconnects when it calls again.
     idle.id_token(id_request("https://idle.run.app"))

@@ -13,6 +13,11 @@ async fn run(broker: &Broker, args: &[&str]) -> Output {
     output(binary().args(args).arg("--socket").arg(&broker.socket)).await
 }
 
+/// Runs `tokenbroker ARGS --socket ...`, which must succeed: what it printed.
+async fn run_ok(broker: &Broker, args: &[&str]) -> String {
+    common::succeeds(binary().args(args).arg("--socket").arg(&broker.socket)).await
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -21,34 +26,33 @@ fn stderr(output: &Output) -> String {
 async fn token_id_prints_a_bearer_token_for_the_audience() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &[]).await;
-    let output = run(
+    let printed = run_ok(
         &broker,
         &["token", "id", "--audience", "https://svc-xyz.a.run.app"],
     )
     .await;
-    assert!(output.status.success(), "{}", stderr(&output));
-    let printed = String::from_utf8(output.stdout).unwrap();
     assert!(printed.ends_with('\n') && printed.lines().count() == 1);
     let claims = common::claims(printed.trim_end());
     assert_eq!(claims["aud"], "https://svc-xyz.a.run.app");
     assert!(claims.get("google").is_none());
 
-    let output = run(
-        &broker,
-        &[
-            "token",
-            "id",
-            "--audience",
-            "https://svc-xyz.a.run.app",
-            "--format",
-            "full",
-            "--include-licenses",
-            "--json",
-        ],
+    let printed: serde_json::Value = serde_json::from_str(
+        &run_ok(
+            &broker,
+            &[
+                "token",
+                "id",
+                "--audience",
+                "https://svc-xyz.a.run.app",
+                "--format",
+                "full",
+                "--include-licenses",
+                "--json",
+            ],
+        )
+        .await,
     )
-    .await;
-    assert!(output.status.success(), "{}", stderr(&output));
-    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    .unwrap();
     let claims = common::claims(printed["token"].as_str().unwrap());
     assert!(claims["google"]["compute_engine"].is_object(), "{claims}");
     assert!(
@@ -71,13 +75,11 @@ async fn token_id_prints_a_bearer_token_for_the_audience() {
 async fn token_access_prints_a_token_with_the_scopes() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &[]).await;
-    let output = run(
+    let token = run_ok(
         &broker,
         &["token", "access", "--scope", "s:one", "--scope", "s:two"],
     )
     .await;
-    assert!(output.status.success(), "{}", stderr(&output));
-    let token = String::from_utf8(output.stdout).unwrap();
     let info = emulator
         .token_info(token.trim())
         .expect("an emulator token");
@@ -88,14 +90,12 @@ async fn token_access_prints_a_token_with_the_scopes() {
 async fn the_old_command_names_still_work() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let broker = Broker::start(&emulator, &[]).await;
-    let output = run(&broker, &["print-access-token", "--scope", "s:old"]).await;
-    assert!(output.status.success(), "{}", stderr(&output));
-    let token = String::from_utf8(output.stdout).unwrap();
+    let token = run_ok(&broker, &["print-access-token", "--scope", "s:old"]).await;
     assert_eq!(
         emulator.token_info(token.trim()).unwrap().scopes,
         vec!["s:old"]
     );
-    let output = run(
+    let printed_token = run_ok(
         &broker,
         &[
             "print-identity-token",
@@ -105,8 +105,7 @@ async fn the_old_command_names_still_work() {
         ],
     )
     .await;
-    assert!(output.status.success(), "{}", stderr(&output));
-    let claims = common::claims(String::from_utf8(output.stdout).unwrap().trim());
+    let claims = common::claims(printed_token.trim());
     assert_eq!(claims["aud"], "https://old");
     assert!(claims["google"]["compute_engine"].is_object());
     // Hidden from the help, which shows the new names.
@@ -229,10 +228,9 @@ async fn a_shell_script_calls_a_service_with_the_token() {
     let broker = Broker::start(&emulator, &[]).await;
     let (addr, accepted) = common::checking_server().await;
     let url = format!("http://{addr}/hello");
-    common::install_test_deps_async(&["tools"]).await;
+    common::install_test_deps(&["tools"]).await;
     // The README's line, with the local server for the service.
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(common::root().join("README.md")).unwrap();
     let script = readme
         .lines()
         .find(|line| line.starts_with("curl -H \"Authorization: Bearer $(tokenbroker token id"))

@@ -68,7 +68,7 @@ async fn a_bad_config_file_stops_the_broker_with_a_clear_error() {
             id_sink(&sink_dir.join("token"), "https://a", &[])
         ),
     );
-    let stderr = serve_fails(&config, &dir.path().join("s.sock")).await;
+    let stderr = serve_fails(&dir.path().join("s.sock"), &["--config", &config]).await;
     assert!(
         stderr.contains("missing-dir/token") && stderr.contains("directory must exist"),
         "{stderr}"

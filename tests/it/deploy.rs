@@ -25,7 +25,7 @@ fn units_for_verify(dir: &Path) -> Vec<PathBuf> {
 }
 
 async fn systemd_analyze(args: &[&str], units: &[PathBuf]) -> std::process::Output {
-    common::install_test_deps_async(&["tools"]).await;
+    common::install_test_deps(&["tools"]).await;
     output(Command::new("systemd-analyze").args(args).args(units)).await
 }
 
@@ -186,9 +186,7 @@ async fn the_kubernetes_manifests_are_valid_and_their_config_serves_the_probes()
     assert_eq!(get_local(addr, "/healthz").await.status, 200);
     // /readyz turns 200 once the start-up probe of the metadata server
     // succeeded, which the broker logs.
-    broker
-        .wait_for_log_lines(&["health changed", "\"serving\":true"], 1)
-        .await;
+    broker.wait_until_serving().await;
     assert_eq!(get_local(addr, "/readyz").await.status, 200);
 }
 

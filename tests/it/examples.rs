@@ -62,7 +62,7 @@ async fn the_node_example_watches_a_token_and_calls_with_it() {
 async fn the_go_example_watches_a_token_and_calls_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let binary = dir.path().join("watch_and_call");
-    common::install_test_deps_async(&["go"]).await;
+    common::install_test_deps(&["go"]).await;
     // A first build compiles Debian's gRPC packages too.
     let mut build = Command::new(root().join("examples/go/build.sh"));
     build.arg(&binary);

@@ -96,6 +96,7 @@ async fn a_key_flood_from_one_uid_leaves_new_keys_to_the_others() {
 
     // Throughout the flood, and after it, root gets new keys within 1 s.
     let mut root_keys = 0;
+    let flood_deadline = Instant::now() + PATIENCE;
     let finished = loop {
         let audience = format!("https://root-{root_keys}.example.com");
         let started = Instant::now();
@@ -109,7 +110,10 @@ async fn a_key_flood_from_one_uid_leaves_new_keys_to_the_others() {
         if let Ok(status) = done {
             break status.unwrap();
         }
-        assert!(root_keys < 10 * PATIENCE.as_secs(), "the flood never ended");
+        assert!(
+            Instant::now() < flood_deadline,
+            "the flood did not end within {PATIENCE:?}"
+        );
     };
     let cpu = cpu_time(broker.pid()) - cpu_before;
     let output = common::in_time("the flood's report", reading)

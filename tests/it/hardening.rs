@@ -2,11 +2,10 @@
 //! core dumps unless `--allow-core-dumps`.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-use crate::common::{self, BINARY, Broker, NOBODY, as_uid};
+use crate::common::{self, BINARY, Broker, NOBODY, as_uid, serve_fails};
 
 /// The soft and hard core file size limits in `/proc/<pid>/limits`.
 fn core_limits(pid: u32) -> (String, String) {
@@ -92,14 +91,6 @@ async fn the_broker_is_not_dumpable_unless_allowed() {
     );
 }
 
-/// Starts `serve` on `socket`, which must fail; returns stderr.
-async fn refused(socket: &Path) -> String {
-    let stderr =
-        common::binary_fails(["serve", "--emulator", "--socket", socket.to_str().unwrap()]).await;
-    assert!(!socket.exists(), "the broker never served");
-    stderr
-}
-
 #[tokio::test]
 async fn an_unsafe_lock_file_stops_the_broker_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -107,7 +98,7 @@ async fn an_unsafe_lock_file_stops_the_broker_with_a_clear_error() {
     let lock = dir.path().join("tokenbroker.sock.lock");
     let target = dir.path().join("elsewhere");
     std::os::unix::fs::symlink(&target, &lock).unwrap();
-    let stderr = refused(&socket).await;
+    let stderr = serve_fails(&socket, &["--emulator"]).await;
     assert!(
         stderr.contains(&format!(
             "refusing lock file {}: it is a symbolic link",
@@ -123,7 +114,7 @@ async fn an_unsafe_lock_file_stops_the_broker_with_a_clear_error() {
     std::fs::remove_file(&lock).unwrap();
     std::fs::write(&lock, "").unwrap();
     std::os::unix::fs::chown(&lock, Some(NOBODY), None).unwrap();
-    let stderr = refused(&socket).await;
+    let stderr = serve_fails(&socket, &["--emulator"]).await;
     assert!(
         stderr.contains(&format!(
             "refusing lock file {}: it is owned by uid {NOBODY}, not by the broker's user (uid 0)",

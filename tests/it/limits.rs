@@ -222,8 +222,7 @@ async fn shutdown_lets_calls_in_flight_finish_within_the_grace() {
         .await
         .expect("the call reaches the metadata server");
     let signalled = Instant::now();
-    broker.signal(Signal::SIGTERM);
-    assert!(broker.wait().await.success());
+    broker.stop().await;
     assert!(
         signalled.elapsed() < Duration::from_secs(5),
         "{:?}",

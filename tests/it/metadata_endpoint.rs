@@ -24,20 +24,23 @@ fn flavor(answer: &Answer) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// A broker with `extra` flags and the endpoint on a free loopback port,
+/// and that endpoint.
+async fn on_tcp(
+    emulator: &tokenbroker::emulator::Emulator,
+    extra: &[&str],
+) -> (Broker, Endpoint<'static>) {
+    let mut flags = vec!["--metadata-addr", "127.0.0.1:0"];
+    flags.extend(extra);
+    let broker = Broker::start(emulator, &flags).await;
+    let to = Endpoint::Tcp(broker.metadata_addr().await);
+    (broker, to)
+}
+
 #[tokio::test]
 async fn access_tokens_come_from_the_cache_the_grpc_api_shares() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let broker = Broker::start(
-        &emulator,
-        &[
-            "--metadata-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ],
-    )
-    .await;
-    let to = Endpoint::Tcp(broker.metadata_addr().await);
+    let (broker, to) = on_tcp(&emulator, &["--metrics-addr", "127.0.0.1:0"]).await;
     let path = format!(
         "{TOKEN}?scopes={}",
         CLOUD.replace(':', "%3A").replace('/', "%2F")
@@ -78,8 +81,7 @@ async fn access_tokens_come_from_the_cache_the_grpc_api_shares() {
 #[tokio::test]
 async fn identity_is_the_raw_jwt_from_the_cache() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
-    let to = Endpoint::Tcp(broker.metadata_addr().await);
+    let (broker, to) = on_tcp(&emulator, &[]).await;
     let audience = "https://hello-abc123-uc.a.run.app";
 
     let answer = get(
@@ -109,8 +111,7 @@ async fn identity_is_the_raw_jwt_from_the_cache() {
 #[tokio::test]
 async fn the_metadata_servers_header_rules_apply_before_anything_else() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
-    let to = Endpoint::Tcp(broker.metadata_addr().await);
+    let (_broker, to) = on_tcp(&emulator, &[]).await;
     let path = format!("{IDENTITY}?audience=https://a.example.com");
 
     let missing = send(to, Method::GET, &path, &[]).await;
@@ -152,8 +153,7 @@ async fn the_metadata_servers_header_rules_apply_before_anything_else() {
 #[tokio::test]
 async fn everything_but_tokens_is_passed_through() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
-    let to = Endpoint::Tcp(broker.metadata_addr().await);
+    let (_broker, to) = on_tcp(&emulator, &[]).await;
 
     let root = get(to, "/").await;
     assert_eq!(root.status, StatusCode::OK);
@@ -212,17 +212,7 @@ async fn everything_but_tokens_is_passed_through() {
 #[tokio::test]
 async fn errors_use_the_metadata_servers_codes() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let broker = Broker::start(
-        &emulator,
-        &[
-            "--metadata-addr",
-            "127.0.0.1:0",
-            "--upstream-max-attempts",
-            "1",
-        ],
-    )
-    .await;
-    let to = Endpoint::Tcp(broker.metadata_addr().await);
+    let (_broker, to) = on_tcp(&emulator, &["--upstream-max-attempts", "1"]).await;
     let accounts = "/computeMetadata/v1/instance/service-accounts";
 
     for (path, status) in [
@@ -294,7 +284,7 @@ async fn errors_use_the_metadata_servers_codes() {
 
 /// The `curl --unix-socket` command docs/metadata-endpoint.md shows.
 fn documented_curl() -> String {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/metadata-endpoint.md");
+    let path = common::root().join("docs/metadata-endpoint.md");
     let page = std::fs::read_to_string(path).unwrap();
     let block = page
         .split("```sh\n")
@@ -346,7 +336,7 @@ async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
     );
     // The curl line of docs/metadata-endpoint.md, as an operator would run
     // it, with this socket and the audience the policy allows.
-    common::install_test_deps_async(&["tools"]).await;
+    common::install_test_deps(&["tools"]).await;
     let script = documented_curl()
         .replacen("curl ", "curl -sf ", 1)
         .replace("/run/tokenbroker/metadata.sock", socket.to_str().unwrap())
@@ -367,12 +357,7 @@ async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
 
     // The same policy on a TCP port: the peer is unknown and trusted, and
     // the broker warns about it when it starts.
-    let tcp = Broker::start(
-        &emulator,
-        &["--policy", &policy, "--metadata-addr", "127.0.0.1:0"],
-    )
-    .await;
-    let to = Endpoint::Tcp(tcp.metadata_addr().await);
+    let (tcp, to) = on_tcp(&emulator, &["--policy", &policy]).await;
     let trusted = get(
         to,
         &format!("{IDENTITY}?audience=https://other.example.com"),
@@ -388,14 +373,11 @@ async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
 
 #[tokio::test]
 async fn non_loopback_addresses_are_refused_at_start() {
-    let stderr = common::binary_fails([
-        "serve",
-        "--emulator",
-        "--socket",
-        "/tmp/never-bound.sock",
-        "--metadata-addr",
-        "0.0.0.0:8181",
-    ])
+    let dir = tempfile::tempdir().unwrap();
+    let stderr = common::serve_fails(
+        &dir.path().join("s.sock"),
+        &["--emulator", "--metadata-addr", "0.0.0.0:8181"],
+    )
     .await;
     assert!(stderr.contains("not a loopback address"), "{stderr}");
 }
@@ -403,8 +385,7 @@ async fn non_loopback_addresses_are_refused_at_start() {
 #[tokio::test]
 async fn on_tcp_only_requests_naming_this_machine_are_served() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let broker = Broker::start(&emulator, &["--metadata-addr", "127.0.0.1:0"]).await;
-    let to = Endpoint::Tcp(broker.metadata_addr().await);
+    let (_broker, to) = on_tcp(&emulator, &[]).await;
     // A web page whose DNS name was rebound to 127.0.0.1 sends its own name.
     let rebound = send(
         to,
@@ -434,17 +415,7 @@ async fn with_another_token_source_only_tokens_are_served() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let key = common::trusted_key_file(&emulator, dir.path());
-    let broker = Broker::start(
-        &emulator,
-        &[
-            "--credentials",
-            key.to_str().unwrap(),
-            "--metadata-addr",
-            "127.0.0.1:0",
-        ],
-    )
-    .await;
-    let to = Endpoint::Tcp(broker.metadata_addr().await);
+    let (_broker, to) = on_tcp(&emulator, &["--credentials", key.to_str().unwrap()]).await;
     let token = get(to, TOKEN).await;
     assert_eq!(token.status, StatusCode::OK, "{}", token.body);
     let minted = token.json()["access_token"].as_str().unwrap().to_string();

@@ -311,13 +311,7 @@ async fn reflection_describes_the_services() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
     let broker = Broker::emulated(&[]).await;
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("unix://{}", broker.socket.display()))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-    let mut reflection = ServerReflectionClient::new(channel);
+    let mut reflection = ServerReflectionClient::new(broker.channel().await);
     let ask = |message| ServerReflectionRequest {
         host: String::new(),
         message_request: Some(message),
@@ -328,11 +322,13 @@ async fn reflection_describes_the_services() {
             "tokenbroker.v1.TokenBroker".into(),
         )),
     ]);
-    let mut responses = reflection
-        .server_reflection_info(requests)
-        .await
-        .unwrap()
-        .into_inner();
+    let mut responses = in_time(
+        "the reflection stream",
+        reflection.server_reflection_info(requests),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     let Some(MessageResponse::ListServicesResponse(list)) =
         in_time("the reflection answer", responses.message())
             .await

@@ -9,8 +9,8 @@ use tokenbroker::proto::v1::{GetIdTokenRequest, token};
 use tonic::Code;
 
 use crate::common::{
-    self, BINARY, Broker, NOBODY, Scrape, access_request, as_uid, assert_no_piece_of, binary_fails,
-    chmod, emulator, id_request, next_token, watch_end, watch_id, write_policy,
+    self, BINARY, Broker, NOBODY, Scrape, access_request, as_uid, assert_no_piece_of, chmod,
+    emulator, id_request, next_token, serve_fails, watch_end, watch_id, write_policy,
 };
 
 fn policy(me: u32, nobody_may_get_id_tokens: bool) -> String {
@@ -181,20 +181,11 @@ async fn a_bad_policy_file_stops_the_broker_from_starting() {
         "[[allow]]\nservice_accounts = [\"*\"]\naudience = [\"typo\"]\n",
     );
     let socket = dir.path().join("s.sock");
-    let args = [
-        "serve",
-        "--emulator",
-        "--socket",
-        socket.to_str().unwrap(),
-        "--policy",
-        &path,
-    ];
-    let stderr = binary_fails(args).await;
+    let stderr = serve_fails(&socket, &["--emulator", "--policy", &path]).await;
     assert!(
         stderr.contains("audience") && stderr.contains("policy.toml"),
         "{stderr}"
     );
-    assert!(!dir.path().join("s.sock").exists());
 }
 
 #[tokio::test]

@@ -9,8 +9,8 @@ use tokenbroker::proto::v1::{GetAccessTokenRequest, GetIdTokenRequest, IdTokenFo
 use tonic::Code;
 
 use crate::common::{
-    self, Broker, KEY_ACCOUNT, TEST_KEYS, access_request, assert_no_piece_of, binary_fails, claims,
-    emulator, id_request, invalidate_id, invalidated, key_json, next_token, trusted_key_file,
+    self, Broker, KEY_ACCOUNT, TEST_KEYS, access_request, assert_no_piece_of, claims, emulator,
+    id_request, invalidate_id, invalidated, key_json, next_token, serve_fails, trusted_key_file,
     write_file,
 };
 
@@ -64,7 +64,9 @@ const METRICS: [&str; 2] = ["--metrics-addr", "127.0.0.1:0"];
 /// Waits until `/readyz` says the broker is ready: its health probe
 /// reached every service it needs. Probing costs no token.
 async fn ready_at_no_token_cost(broker: &Broker, emulator: &Emulator) {
-    common::wait_for_readyz(broker.metrics_addr().await).await;
+    broker.wait_until_serving().await;
+    let readyz = common::http::get_local(broker.metrics_addr().await, "/readyz").await;
+    assert_eq!(readyz.status, 200, "/readyz follows health");
     let stats = emulator.stats();
     assert_eq!(
         stats.oauth_requests + stats.iam_requests,
@@ -286,14 +288,7 @@ async fn bad_key_files_stop_the_broker_with_a_clear_message() {
     let socket = dir.path().join("s.sock");
     let start = async |json: serde_json::Value, mode: u32| {
         let key = write_file(dir.path(), "key.json", &json, mode);
-        binary_fails([
-            "serve",
-            "--socket",
-            socket.to_str().unwrap(),
-            "--credentials",
-            key.to_str().unwrap(),
-        ])
-        .await
+        serve_fails(&socket, &["--credentials", key.to_str().unwrap()]).await
     };
     let good = key_json(&emulator, "kid-1");
     let stderr = start(good.clone(), 0o644).await;
@@ -327,14 +322,7 @@ async fn bad_key_files_stop_the_broker_with_a_clear_message() {
 
     let key = dir.path().join("key.json");
     std::fs::write(&key, "this is not JSON").unwrap();
-    let stderr = binary_fails([
-        "serve",
-        "--socket",
-        socket.to_str().unwrap(),
-        "--credentials",
-        key.to_str().unwrap(),
-    ])
-    .await;
+    let stderr = serve_fails(&socket, &["--credentials", key.to_str().unwrap()]).await;
     assert!(stderr.contains("not a JSON object"), "{stderr}");
     assert!(
         !stderr.contains("PRIVATE KEY") && !stderr.contains("MII"),
@@ -542,16 +530,16 @@ async fn iam_refusals_reach_the_client_with_their_explanation() {
 #[tokio::test]
 async fn plain_http_endpoints_must_be_loopback() {
     let dir = tempfile::tempdir().unwrap();
-    let stderr = binary_fails([
-        "serve",
-        "--socket",
-        dir.path().join("s.sock").to_str().unwrap(),
-        "--emulator",
-        "--impersonate",
-        TARGET,
-        "--iam-endpoint",
-        "http://iamcredentials.googleapis.com",
-    ])
+    let stderr = serve_fails(
+        &dir.path().join("s.sock"),
+        &[
+            "--emulator",
+            "--impersonate",
+            TARGET,
+            "--iam-endpoint",
+            "http://iamcredentials.googleapis.com",
+        ],
+    )
     .await;
     assert!(
         stderr.contains("--iam-endpoint") && stderr.contains("loopback"),

@@ -54,7 +54,7 @@ async fn serves_on_the_socket_systemd_passes_and_leaves_it_in_place() {
     let listener = std::os::unix::net::UnixListener::bind(&passed).unwrap();
     let mut broker = activated(&listener, None, &unused, dir, &["--emulator"]);
     drop(listener);
-    broker.wait_for_log("tokenbroker ready").await;
+    broker.wait_until_ready().await;
     assert!(
         broker.logs().contains("socket activated"),
         "{}",
@@ -72,8 +72,7 @@ async fn serves_on_the_socket_systemd_passes_and_leaves_it_in_place() {
         .expect("served on the passed socket");
     assert_eq!(common::claims(&token.token)["aud"], "https://activated");
 
-    broker.signal(Signal::SIGTERM);
-    assert!(broker.wait().await.success());
+    broker.stop().await;
     assert!(passed.exists(), "the socket belongs to systemd and stays");
 }
 
@@ -85,7 +84,7 @@ async fn a_socket_meant_for_another_process_is_ignored() {
     let listener = std::os::unix::net::UnixListener::bind(&passed).unwrap();
     let broker = activated(&listener, Some("1"), &own, dir, &["--emulator"]);
     drop(listener);
-    broker.wait_for_log("tokenbroker ready").await;
+    broker.wait_until_ready().await;
     assert!(broker.logs().contains("LISTEN_PID is not this process"));
     let mut client = broker.client().await;
     client

@@ -145,6 +145,13 @@ impl Broker {
         self.wait_for_log("tokenbroker ready").await;
     }
 
+    /// Waits until the broker logs that its health turned SERVING: its
+    /// probe reached every service it needs, and `/readyz` says 200.
+    pub async fn wait_until_serving(&self) {
+        self.wait_for_log_lines(&["health changed", "\"serving\":true"], 1)
+            .await;
+    }
+
     /// Everything the broker logged so far.
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
@@ -189,19 +196,26 @@ impl Broker {
     /// statuses, metadata and deadlines. It gives up on a call after
     /// [`PATIENCE`] (without telling the broker, unlike a gRPC deadline).
     pub async fn client(&self) -> TokenBrokerClient<Channel> {
-        let endpoint = Endpoint::from_shared(format!("unix://{}", self.socket.display()))
+        let endpoint = self.endpoint().timeout(PATIENCE);
+        TokenBrokerClient::new(endpoint.connect().await.expect("client connects"))
+    }
+
+    /// A channel over the socket, for the other services it serves
+    /// (health, reflection); calls on it need their own deadlines.
+    pub async fn channel(&self) -> Channel {
+        self.endpoint().connect().await.expect("client connects")
+    }
+
+    /// The socket as a tonic endpoint, connecting within [`PATIENCE`].
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::from_shared(format!("unix://{}", self.socket.display()))
             .expect("a socket URI")
             .connect_timeout(PATIENCE)
-            .timeout(PATIENCE);
-        TokenBrokerClient::new(endpoint.connect().await.expect("client connects"))
     }
 
     /// A watch of the broker service's gRPC health over the socket.
     pub async fn health_watch(&self) -> HealthWatch {
-        let endpoint = Endpoint::from_shared(format!("unix://{}", self.socket.display()))
-            .expect("a socket URI")
-            .connect_timeout(PATIENCE);
-        let mut client = HealthClient::new(endpoint.connect().await.expect("client connects"));
+        let mut client = HealthClient::new(self.channel().await);
         let request = HealthCheckRequest {
             service: "tokenbroker.v1.TokenBroker".into(),
         };

@@ -212,16 +212,6 @@ impl Scrape {
     }
 }
 
-/// Polls `/readyz` on `addr` until it answers 200 (readiness follows a
-/// background probe, which no client can await).
-pub async fn wait_for_readyz(addr: SocketAddr) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while get_local(addr, "/readyz").await.status != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Scrapes until `condition` holds (metrics of stream ends are recorded
 /// when the broker notices the client left, which no client can await).
 pub async fn scrape_until(addr: SocketAddr, condition: impl Fn(&Scrape) -> bool) -> Scrape {

@@ -24,7 +24,7 @@ use tokenbroker::proto::v1::{
 use tokio::process::Command;
 
 pub use broker::Broker;
-pub use http::{Scrape, checking_server, scrape_until, wait_for_readyz};
+pub use http::{Scrape, checking_server, scrape_until};
 
 /// The binary under test.
 pub const BINARY: &str = env!("CARGO_BIN_EXE_tokenbroker");
@@ -236,7 +236,8 @@ pub fn binary() -> Command {
 }
 
 /// `program` run as uid and gid `uid` with no supplementary groups (by
-/// `setpriv`, which needs root).
+/// `setpriv`, which needs root), its environment scrubbed as
+/// [`binary`]'s is.
 pub fn as_uid(uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut command = Command::new("setpriv");
     command
@@ -244,6 +245,7 @@ pub fn as_uid(uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
         .arg(format!("--regid={uid}"))
         .arg("--clear-groups")
         .arg(program);
+    scrub_env(&mut command);
     command
 }
 
@@ -338,17 +340,11 @@ where
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// `serve --config CONFIG --socket SOCKET`, which must refuse to start:
-/// what it printed on stderr. The socket was never bound.
-pub async fn serve_fails(config: &str, socket: &Path) -> String {
-    let stderr = binary_fails([
-        "serve",
-        "--config",
-        config,
-        "--socket",
-        socket.to_str().unwrap(),
-    ])
-    .await;
+/// `serve --socket SOCKET ARGS...`, which must refuse to start: what it
+/// printed on stderr. The socket was never bound.
+pub async fn serve_fails(socket: &Path, args: &[&str]) -> String {
+    let socket_arg = ["serve", "--socket", socket.to_str().unwrap()];
+    let stderr = binary_fails(socket_arg.iter().chain(args)).await;
     assert!(!socket.exists(), "the broker never served");
     stderr
 }
@@ -382,8 +378,13 @@ pub fn test_path(module: &str, name: &str) -> String {
 const INSTALL_PATIENCE: Duration = Duration::from_secs(15 * 60);
 
 /// Installs the pinned Python and Node packages the cross-language tests
-/// run (`tests/setup-deps.sh`, into `target/`); a no-op once installed.
-pub async fn install_test_deps_async(which: &'static [&'static str]) {
+/// run (`tests/setup-deps.sh`, into `target/`), once per test run.
+pub async fn install_test_deps(which: &'static [&'static str]) {
+    static INSTALLED: std::sync::Mutex<Vec<&'static [&'static str]>> =
+        std::sync::Mutex::new(Vec::new());
+    if INSTALLED.lock().unwrap().contains(&which) {
+        return;
+    }
     let mut install = Command::new(root().join("tests/setup-deps.sh"));
     install.args(which).kill_on_drop(true);
     let status = tokio::time::timeout(INSTALL_PATIENCE, install.status())
@@ -391,24 +392,25 @@ pub async fn install_test_deps_async(which: &'static [&'static str]) {
         .unwrap_or_else(|_| panic!("tests/setup-deps.sh {which:?} took over {INSTALL_PATIENCE:?}"))
         .expect("tests/setup-deps.sh runs");
     assert!(status.success(), "tests/setup-deps.sh {which:?} failed");
+    INSTALLED.lock().unwrap().push(which);
 }
 
 /// The Python of the test virtualenv (`target/python`).
 pub async fn python() -> PathBuf {
-    install_test_deps_async(&["python"]).await;
+    install_test_deps(&["python"]).await;
     root().join("target/python/bin/python")
 }
 
 /// `NODE_PATH` for the test packages (`target/node/node_modules`).
 pub async fn node_path() -> PathBuf {
-    install_test_deps_async(&["node"]).await;
+    install_test_deps(&["node"]).await;
     root().join("target/node/node_modules")
 }
 
 /// `NODE_PATH` for the Node example's packages
 /// (`target/node-example/node_modules`).
 pub async fn node_example_path() -> PathBuf {
-    install_test_deps_async(&["node"]).await;
+    install_test_deps(&["node"]).await;
     root().join("target/node-example/node_modules")
 }
 
