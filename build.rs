@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
-        // Small per-call buffers: see `src/codec.rs`.
+        // Small per-call buffers: see `src/proto/codec.rs`.
         .codec_path("crate::proto::codec::CompactCodec")
         // These carry credentials: `src/proto.rs` gives them a redacting `Debug`.
         .skip_debug([
