@@ -14,8 +14,9 @@
 //! let token = broker.id_token(request.clone()).await?;
 //! // Send `Authorization: Bearer {token.token}` to the service.
 //!
-//! // Or follow the token: the current one at once, then every refresh.
-//! let mut tokens = broker.watch(request).await?;
+//! // Or follow the token: the current one at once, then every refresh,
+//! // subscribing again by itself if the broker restarts.
+//! let mut tokens = broker.watch_resilient(request);
 //! while let Some(token) = tokens.next().await {
 //!     let token = token?;
 //!     // use token.secret()
@@ -27,6 +28,9 @@
 //! [`connect`] returns the bare generated client, for every RPC as is.
 
 pub mod cli;
+mod resilient;
+
+pub use resilient::{Backoff, is_transient};
 
 use std::path::{Path, PathBuf};
 
@@ -144,6 +148,32 @@ impl Client {
         Ok(stream
             .map(|message| message?.token.ok_or(ClientError::EmptyMessage))
             .boxed())
+    }
+
+    /// Follows a token like [`Client::watch`], but rides through broker
+    /// restarts: when the stream ends or the connection drops it subscribes
+    /// again after a jittered [`Backoff`] (50 ms doubling to 5 s), for as
+    /// long as it takes. It never yields an expired token. It yields an
+    /// error, and ends, only when the broker refuses the request itself
+    /// (see [`is_transient`]), e.g. `INVALID_ARGUMENT` or
+    /// `PERMISSION_DENIED`.
+    pub fn watch_resilient(
+        &self,
+        request: impl Into<pb::watch_token_request::Request>,
+    ) -> TokenStream {
+        self.watch_resilient_with(request, Backoff::default())
+    }
+
+    /// [`Client::watch_resilient`] with its own backoff.
+    pub fn watch_resilient_with(
+        &self,
+        request: impl Into<pb::watch_token_request::Request>,
+        backoff: Backoff,
+    ) -> TokenStream {
+        let request = pb::WatchTokenRequest {
+            request: Some(request.into()),
+        };
+        resilient::watch(self.inner.clone(), request, backoff)
     }
 
     /// The generated client underneath.

@@ -2,7 +2,8 @@
 
 The current token arrives at once and every refreshed one after it; each is
 used for one call (a real program would keep the latest token and use it
-for all its calls). The token itself is never printed.
+for all its calls). If the broker restarts, the watch subscribes again
+after a jittered backoff and goes on. The token itself is never printed.
 
     python -m venv venv && venv/bin/pip install grpcio==1.85.1 grpcio-tools==1.85.1
     venv/bin/python examples/python/watch_and_call.py \\
@@ -16,14 +17,19 @@ needed. tests/it/examples.rs runs this against the broker and a local server.
 import argparse
 import os
 import pathlib
+import random
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 
 import grpc
 
 DEFAULT_SOCKET = "/run/tokenbroker/tokenbroker.sock"
+# The broker was away or stopping, or the connection broke: subscribe again.
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL}
 PROTO_DIR = pathlib.Path(__file__).resolve().parents[2] / "proto"
 
 
@@ -43,6 +49,28 @@ def load_stubs(out_dir):
     sys.path.insert(0, out_dir)
     from tokenbroker.v1 import tokenbroker_pb2, tokenbroker_pb2_grpc
     return tokenbroker_pb2, tokenbroker_pb2_grpc
+
+
+def watch(broker, request):
+    """Yields each token of the watch, across broker restarts; never an expired one.
+
+    A stream that ends or breaks is opened again after a random wait of up
+    to 50 ms, doubling to 5 s while the broker stays away. A refusal of the
+    request itself (INVALID_ARGUMENT, PERMISSION_DENIED, ...) is raised.
+    """
+    failures = 0
+    while True:
+        try:
+            for update in broker.WatchToken(request, wait_for_ready=True):
+                token = getattr(update, update.WhichOneof("token"))
+                if token.expire_time.seconds > time.time():
+                    failures = 0
+                    yield token
+        except grpc.RpcError as error:
+            if error.code() not in TRANSIENT:
+                raise
+        failures += 1
+        time.sleep(random.uniform(0, min(5.0, 0.05 * 2 ** (failures - 1))))
 
 
 def call(url, token):
@@ -70,9 +98,9 @@ def main():
         request = pb.WatchTokenRequest(id_token=pb.GetIdTokenRequest(audience=args.audience))
         calls = 0
         try:
-            for update in broker.WatchToken(request):
-                status = call(args.url or args.audience, update.id_token.token)
-                expires = update.id_token.expire_time.ToJsonString()
+            for token in watch(broker, request):
+                status = call(args.url or args.audience, token.token)
+                expires = token.expire_time.ToJsonString()
                 print(f"called {args.url or args.audience}: HTTP {status} (token expires {expires})", flush=True)
                 if status >= 400:
                     return 1

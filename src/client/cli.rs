@@ -24,7 +24,7 @@ pub const EXIT_STATUS_BASE: u8 = 10;
 /// The exit codes, as `--help` shows them.
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
-  0   the token was printed (with --watch: the broker ended the stream cleanly)
+  0   the token was printed (with --watch-once: the broker ended the stream cleanly)
   1   anything else (e.g. the output could not be written)
   2   usage error (bad flags)
   3   cannot connect to the broker's socket (not running, wrong --socket, no permission)
@@ -86,8 +86,8 @@ pub async fn access_token(args: AccessTokenArgs) -> Result<(), CliError> {
         min_valid_for: min_valid_for(&args.client),
     };
     let mut broker = Client::connect(&args.client.socket).await?;
-    if args.client.watch {
-        return print_watched(&mut broker, request, args.client.json).await;
+    if let Some(mode) = args.client.watch_mode() {
+        return print_watched(&mut broker, request, mode, args.client.json).await;
     }
     let token = broker.access_token(request).await?;
     print_token(&pb::token::Token::AccessToken(token), args.client.json)
@@ -113,20 +113,33 @@ pub async fn id_token(args: IdTokenArgs) -> Result<(), CliError> {
         min_valid_for: min_valid_for(&args.client),
     };
     let mut broker = Client::connect(&args.client.socket).await?;
-    if args.client.watch {
-        return print_watched(&mut broker, request, args.client.json).await;
+    if let Some(mode) = args.client.watch_mode() {
+        return print_watched(&mut broker, request, mode, args.client.json).await;
     }
     let token = broker.id_token(request).await?;
     print_token(&pb::token::Token::IdToken(token), args.client.json)
 }
 
-/// Prints every token of a watch until the stream ends.
+/// How long `--watch` / `--watch-once` follow a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchMode {
+    /// Across broker restarts, until a permanent error (`--watch`).
+    Resilient,
+    /// Until the stream ends, as one `WatchToken` call (`--watch-once`).
+    Once,
+}
+
+/// Prints every token of a watch until it ends.
 async fn print_watched(
     broker: &mut Client,
     request: impl Into<pb::watch_token_request::Request>,
+    mode: WatchMode,
     json: bool,
 ) -> Result<(), CliError> {
-    let mut tokens = broker.watch(request).await?;
+    let mut tokens = match mode {
+        WatchMode::Resilient => broker.watch_resilient(request),
+        WatchMode::Once => broker.watch(request).await?,
+    };
     while let Some(token) = tokens.next().await {
         match print_token(&token?, json) {
             // The reader went away (`| head -1`): nothing left to do.
@@ -180,13 +193,30 @@ pub struct ClientArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub min_valid_for: Option<Duration>,
 
-    /// Keep running and print every refreshed token on its own line.
-    #[arg(long)]
+    /// Keep running and print every refreshed token on its own line; if
+    /// the broker restarts, subscribe again (jittered backoff) and go on.
+    /// Ends only on a refusal such as INVALID_ARGUMENT, or when killed.
+    #[arg(long, conflicts_with = "watch_once")]
     pub watch: bool,
+
+    /// Like --watch, but end when the stream ends (e.g. the broker stops).
+    #[arg(long)]
+    pub watch_once: bool,
 
     /// Print JSON ({"token", "expire_time"}) instead of the bare token.
     #[arg(long)]
     pub json: bool,
+}
+
+impl ClientArgs {
+    /// Whether, and how, to follow the token.
+    pub fn watch_mode(&self) -> Option<WatchMode> {
+        match (self.watch, self.watch_once) {
+            (true, _) => Some(WatchMode::Resilient),
+            (false, true) => Some(WatchMode::Once),
+            (false, false) => None,
+        }
+    }
 }
 
 /// `tokenbroker token access`.

@@ -198,19 +198,25 @@ async fn the_help_documents_the_exit_codes() {
         ] {
             assert!(help.contains(line), "{args:?}: {line:?} missing:\n{help}");
         }
-        for flag in ["--socket", "--json", "--watch", "--service-account"] {
+        for flag in [
+            "--socket",
+            "--json",
+            "--watch",
+            "--watch-once",
+            "--service-account",
+        ] {
             assert!(help.contains(flag), "{args:?}: {flag} missing");
         }
     }
 }
 
 #[tokio::test]
-async fn a_watch_that_the_broker_ends_exits_with_unavailable() {
+async fn a_single_watch_that_the_broker_ends_exits_with_unavailable() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let mut broker = Broker::start(&emulator, &[]).await;
     let mut watcher = Printing::spawn(
         binary()
-            .args(["token", "id", "--audience", "https://w", "--watch"])
+            .args(["token", "id", "--audience", "https://w", "--watch-once"])
             .arg("--socket")
             .arg(&broker.socket)
             .stderr(std::process::Stdio::piped()),

@@ -25,6 +25,7 @@ mod limits;
 mod metadata_endpoint;
 mod observability;
 mod polyglot;
+mod restart;
 mod security;
 mod sinks;
 mod sources;

@@ -14,7 +14,7 @@ use tokio::process::Command;
 /// `tokenbroker serve ARGS` with `listener` as fd 3 and `LISTEN_FDS=1`;
 /// `LISTEN_PID` is the broker's own pid (a shell exports `$$` and execs the
 /// broker, keeping the pid) unless `listen_pid` says otherwise.
-fn activated(
+pub fn activated(
     listener: &impl AsRawFd,
     listen_pid: Option<&str>,
     socket: &Path,
