@@ -155,8 +155,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENBROKER_UPSTREAM_TIMEOUT", default_value = human(crate::sources::metadata::DEFAULT_UPSTREAM_TIMEOUT), value_parser = positive_at_most::<300>)]
     pub upstream_timeout: Duration,
 
-    /// Most requests per second to the metadata server, all keys together
-    /// (the metadata server itself allows about 50).
+    /// Most requests to the metadata server in any one second, all keys
+    /// together (the metadata server itself allows about 50).
     #[arg(long, env = "TOKENBROKER_UPSTREAM_MAX_RPS", default_value_t = crate::upstream::limits::DEFAULT_UPSTREAM_MAX_RPS)]
     pub upstream_max_rps: u32,
 

@@ -1,12 +1,15 @@
 //! Bounds that keep the metadata server (and Google's token endpoints) safe
 //! from load: a rate and a concurrency limit on upstream requests.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
 
 use crate::error::BrokerError;
 use crate::error::FetchError;
@@ -21,13 +24,14 @@ pub const DEFAULT_UPSTREAM_MAX_RPS: u32 = 20;
 pub const DEFAULT_UPSTREAM_MAX_CONCURRENCY: usize = 8;
 
 /// Bounds on requests to the token source or the metadata server: at most
-/// `max_rps` per second (bursts of a fifth of that) and `max_concurrency` at
-/// once. Token fetches have one, the metadata endpoint's pass-through
+/// `max_rps` in any one second (spaced out, in bursts of at most a fifth of
+/// that) and `max_concurrency` at once. Token fetches have one, the metadata endpoint's pass-through
 /// another with the same numbers, so that a flood of pass-through requests
 /// never delays a token; clones share the counts.
 #[derive(Clone)]
 pub struct UpstreamLimits {
     rate: Arc<DefaultDirectRateLimiter>,
+    per_second: Arc<PerSecond>,
     in_flight: Arc<Semaphore>,
 }
 
@@ -41,6 +45,7 @@ impl UpstreamLimits {
             rate: Arc::new(RateLimiter::direct(
                 Quota::per_second(rps).allow_burst(burst),
             )),
+            per_second: Arc::new(PerSecond::new(rps.get())),
             in_flight: Arc::new(Semaphore::new(max_concurrency.max(1))),
         }
     }
@@ -53,7 +58,7 @@ impl UpstreamLimits {
             .acquire()
             .await
             .map_err(|_| FetchError::Connect("upstream limiter closed".into()))?;
-        self.rate.until_ready().await;
+        self.turn().await;
         Ok(permit)
     }
 
@@ -62,6 +67,48 @@ impl UpstreamLimits {
     /// (long-polls have bounds of their own).
     pub async fn turn(&self) {
         self.rate.until_ready().await;
+        tokio::time::sleep_until(self.per_second.reserve(Instant::now())).await;
+    }
+}
+
+/// The hard bound under the spacing: at most `max` starts in any one
+/// second. The rate limiter alone lets `max` plus a burst through in a
+/// second that starts with a burst; this delays whatever would exceed
+/// `max`.
+struct PerSecond {
+    max: usize,
+    /// The start times reserved within the last second (or later), in order.
+    starts: Mutex<VecDeque<Instant>>,
+}
+
+impl PerSecond {
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    fn new(max: u32) -> Self {
+        Self {
+            max: max.max(1) as usize,
+            starts: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Reserves the earliest start at or after `now` that keeps every
+    /// one-second window within `max`; the caller starts then. A caller
+    /// that gives up meanwhile still counts, which only errs on the safe
+    /// side.
+    fn reserve(&self, now: Instant) -> Instant {
+        let mut starts = self.starts.lock().unwrap_or_else(PoisonError::into_inner);
+        while starts
+            .front()
+            .is_some_and(|start| *start + Self::WINDOW <= now)
+        {
+            starts.pop_front();
+        }
+        let mut at = now.max(starts.back().copied().unwrap_or(now));
+        if starts.len() >= self.max {
+            at = at.max(starts[starts.len() - self.max] + Self::WINDOW);
+        }
+        starts.push_back(at);
+        at
     }
 }
 
@@ -90,5 +137,47 @@ impl<S: TokenSource> TokenSource for RateLimited<S> {
 
     fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
         self.inner.admits(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_second_holds_more_than_the_maximum() {
+        let window = PerSecond::new(5);
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Thirteen at once, then more while the first ones are queued.
+        let mut starts: Vec<Instant> = (0..13).map(|_| window.reserve(t0)).collect();
+        starts.extend((0..7).map(|n| window.reserve(t0 + ms(300 * n))));
+        for (n, start) in starts.iter().enumerate() {
+            let within = starts
+                .iter()
+                .filter(|other| **other >= *start && **other < *start + PerSecond::WINDOW)
+                .count();
+            assert!(within <= 5, "{within} starts in the second from start {n}");
+        }
+        // The first five go at once; none is held longer than it must be.
+        assert!(starts[..5].iter().all(|start| *start == t0));
+        assert_eq!(starts[5], t0 + PerSecond::WINDOW);
+        assert_eq!(starts[12], t0 + 2 * PerSecond::WINDOW);
+    }
+
+    #[test]
+    fn an_idle_second_frees_every_place() {
+        let window = PerSecond::new(2);
+        let t0 = Instant::now();
+        window.reserve(t0);
+        window.reserve(t0);
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(window.reserve(later), later);
+        assert_eq!(window.reserve(later), later);
+        assert_eq!(
+            window.starts.lock().unwrap().len(),
+            2,
+            "old starts are dropped"
+        );
     }
 }
