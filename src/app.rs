@@ -25,7 +25,7 @@ use crate::sources::adc::Environment;
 use crate::systemd::Activation;
 use crate::telemetry::Telemetry;
 use crate::telemetry::health::Health;
-use crate::telemetry::metrics::{Metrics, register_cache_gauge};
+use crate::telemetry::metrics::{Metrics, register_cache_gauge, register_runtime_gauge};
 use crate::upstream::Instrumented;
 use crate::upstream::limits::{RateLimited, UpstreamLimits};
 use crate::upstream::retry::{RetryPolicy, Retrying};
@@ -70,6 +70,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         let cache = cache.clone();
         move |kind| cache.len_of(kind)
     });
+    register_runtime_gauge(&meter, tokio::runtime::Handle::current());
     let policy = Arc::new(PolicyStore::open(args.policy.clone())?);
     if let Some(path) = &args.policy {
         tracing::info!(policy = %path.display(), "access policy in force; SIGHUP re-reads it");

@@ -333,6 +333,19 @@ pub fn register_cache_gauge(
         .build();
 }
 
+/// Registers the `tokenbroker.runtime_tasks` gauge: the tasks alive on
+/// `runtime` at each collection (one per connection, watch, refresh, ...;
+/// a leak shows as growth that does not come back when the load goes).
+pub fn register_runtime_gauge(meter: &Meter, runtime: tokio::runtime::Handle) {
+    meter
+        .u64_observable_gauge("tokenbroker.runtime_tasks")
+        .with_description("Tasks alive on the broker's async runtime.")
+        .with_callback(move |observer| {
+            observer.observe(runtime.metrics().num_alive_tasks() as u64, &[]);
+        })
+        .build();
+}
+
 fn rpc_label(rpc: Rpc) -> KeyValue {
     KeyValue::new("rpc", rpc.as_str())
 }

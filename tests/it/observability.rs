@@ -499,3 +499,23 @@ mod otlp {
         );
     }
 }
+
+#[tokio::test]
+async fn the_task_gauge_grows_with_connections_and_comes_back() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let (broker, addr) = observed(&emulator, &[]).await;
+    let tasks = |scrape: &Scrape| scrape.value("tokenbroker_runtime_tasks", &[]);
+    // The key's refresh task lives as long as the key: start with it.
+    let mut first = broker.client().await;
+    first.get_id_token(id_request("https://t")).await.unwrap();
+    let baseline = tasks(&scrape_until(addr, |scrape| tasks(scrape) > 0.0).await);
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let mut client = broker.client().await;
+        client.get_id_token(id_request("https://t")).await.unwrap();
+        clients.push(client);
+    }
+    scrape_until(addr, |scrape| tasks(scrape) >= baseline + 10.0).await;
+    drop(clients);
+    scrape_until(addr, |scrape| tasks(scrape) <= baseline).await;
+}
