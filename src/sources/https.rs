@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Deserialize;
 
 use crate::error::FetchError;
@@ -92,6 +92,9 @@ impl HttpsClient {
             .wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
+            // Without a timer the idle timeout never fires, and idle
+            // connections stay open for good.
+            .pool_timer(TokioTimer::new())
             .build(https);
         Ok(Self { http, timeout })
     }
