@@ -74,7 +74,9 @@ impl UpstreamLimits {
 /// The hard bound under the spacing: at most `max` starts in any one
 /// second. The rate limiter alone lets `max` plus a burst through in a
 /// second that starts with a burst; this delays whatever would exceed
-/// `max`.
+/// `max`. Its window is a second and [`PerSecond::GUARD`], so that requests
+/// whose trip to the server varies by up to that much still arrive at most
+/// `max` in any second there.
 struct PerSecond {
     max: usize,
     /// The start times reserved within the last second (or later), in order.
@@ -82,7 +84,9 @@ struct PerSecond {
 }
 
 impl PerSecond {
-    const WINDOW: Duration = Duration::from_secs(1);
+    /// Allowance for the spread of trip times to the server (50 ms).
+    const GUARD: Duration = Duration::from_millis(50);
+    const WINDOW: Duration = Duration::from_secs(1).saturating_add(Self::GUARD);
 
     fn new(max: u32) -> Self {
         Self {
