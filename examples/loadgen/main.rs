@@ -1,8 +1,11 @@
 //! Load generator: what the broker costs over a bare gRPC call on the same
-//! socket, and how small it stays.
+//! socket, and how small it stays; how it holds up over time (`soak`); and
+//! what clients see when it is killed and started again (`restart`).
 //!
 //! ```sh
 //! cargo run --release --example loadgen -- [--keys 100] [--clients 64] [--connections 8] [--duration 4s] [--rounds 3] [--json]
+//! cargo run --release --example loadgen -- soak [--minutes 10] [--plot soak.svg] [--json]
+//! cargo run --release --example loadgen -- restart [--watchers 1000] [--rounds 5] [--json]
 //! ```
 //!
 //! In one run it starts the broker (this binary re-executed as the broker,
@@ -21,18 +24,22 @@
 
 // Not every variant is used here.
 #[allow(dead_code)]
-#[path = "../tests/it/common/authority_shim.rs"]
+#[path = "../../tests/it/common/authority_shim.rs"]
 mod authority_shim;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+mod plot;
+mod restart;
+mod soak;
+
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use authority_shim::{Authority, AuthorityShim};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use futures_util::Stream;
 use hyper_util::rt::TokioIo;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultRule};
@@ -48,8 +55,64 @@ use tonic::{Request, Response, Status};
 /// Set in a child process to make it a broker or the baseline server.
 const ROLE: &str = "LOADGEN_ROLE";
 
-#[derive(Clone, Debug, Parser)]
-#[command(about = "Measures the broker against a bare gRPC server on the same socket")]
+#[derive(Debug, Parser)]
+#[command(
+    about = "Measures the broker: against a bare gRPC server on the same socket (no subcommand), over time (soak), across restarts (restart)",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    #[command(flatten)]
+    bench: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Runs the broker for minutes under steady load, key churn, watch
+    /// streams, invalidations and an upstream fault every minute; checks
+    /// every token, and that memory, descriptors and tasks stay flat.
+    Soak(SoakArgs),
+    /// Kills the broker with SIGKILL under load and starts it again, plainly
+    /// and socket-activated; times the first token and every watcher's.
+    Restart(RestartArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SoakArgs {
+    /// How long the load runs.
+    #[arg(long, default_value_t = 10)]
+    minutes: u64,
+    /// The reduced scale CI runs (a minute, 200 watchers), ignoring --minutes.
+    #[arg(long)]
+    reduced: bool,
+    /// Where to write the plot of RSS, p99 and upstream rate (SVG).
+    #[arg(long, default_value = "target/soak.svg")]
+    plot: PathBuf,
+    /// Print the report as one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct RestartArgs {
+    /// Resilient watch streams riding through each restart.
+    #[arg(long, default_value_t = 1000)]
+    watchers: usize,
+    /// Distinct tokens they watch. The new broker starts with an empty
+    /// cache and fetches each within --upstream-max-rps (20 a second), so
+    /// re-serving every watcher takes about keys / 20 seconds.
+    #[arg(long, default_value_t = 20)]
+    keys: usize,
+    /// Restarts per way.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Print one JSON object instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Debug, clap::Args)]
 struct Args {
     /// Distinct ID-token keys warmed and then requested round-robin.
     #[arg(long, default_value_t = 100)]
@@ -95,10 +158,166 @@ fn main() {
         Ok("broker") => run_broker(),
         Ok("baseline") => run_baseline(),
         _ => {
-            let args = Args::parse();
+            let cli = Cli::parse();
             let runtime = tokio::runtime::Runtime::new().expect("runtime");
-            runtime.block_on(benchmark(args));
+            match cli.mode {
+                None => runtime.block_on(benchmark(cli.bench)),
+                Some(Mode::Soak(args)) => runtime.block_on(run_soak(args)),
+                Some(Mode::Restart(args)) => runtime.block_on(run_restarts(args)),
+            }
         }
+    }
+}
+
+/// This program, re-executed as the broker (`tokenbroker ARGS`).
+fn broker_command() -> Command {
+    let mut command = Command::new(std::env::current_exe().expect("own path"));
+    command.env(ROLE, "broker");
+    command
+}
+
+async fn run_soak(args: SoakArgs) {
+    let config = if args.reduced {
+        soak::SoakConfig::reduced()
+    } else {
+        soak::SoakConfig::full(Duration::from_secs(args.minutes * 60))
+    };
+    eprintln!(
+        "soak: {:?} of load, {} callers, {} watchers, {:?} tokens, a fault every {:?}",
+        config.duration, config.callers, config.watchers, config.token_lifetime, config.interval
+    );
+    eprintln!(
+        "{:>6} {:>8} {:>5} {:>7} {:>6} {:>6} {:>8} {:>8} {:>9} {:>9} {:>9}  {:<18} errors",
+        "min",
+        "RSS MiB",
+        "fds",
+        "threads",
+        "tasks",
+        "keys",
+        "watchers",
+        "hits",
+        "p50 us",
+        "p99 us",
+        "up/s max",
+        "fault"
+    );
+    let report = soak::run(config, broker_command(), |s| {
+        eprintln!(
+            "{:>6.1} {:>8.1} {:>5} {:>7} {:>6} {:>6} {:>8} {:>8} {:>9} {:>9} {:>4.1} {:>4}  {:<18} {:?}",
+            s.t_secs / 60.0,
+            s.rss_bytes as f64 / 1048576.0,
+            s.fds,
+            s.threads,
+            s.tasks,
+            s.keys,
+            s.watchers,
+            s.hits,
+            s.hit_p50_us,
+            s.hit_p99_us,
+            s.upstream_rps_mean,
+            s.upstream_rps_max,
+            s.fault.unwrap_or("-"),
+            s.errors
+        );
+    })
+    .await;
+    if let Err(error) = plot::draw(&report, &args.plot) {
+        eprintln!("soak: cannot draw {}: {error}", args.plot.display());
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report).expect("a report"));
+    } else {
+        println!(
+            "{} tokens checked, {} bad; settled in {:.0} s; plot in {}",
+            report.tokens_checked,
+            report.bad_tokens,
+            report.settle_secs,
+            args.plot.display()
+        );
+        for check in &report.checks {
+            let verdict = match (check.ok, check.judged) {
+                (true, _) => "ok",
+                (false, true) => "FAILED",
+                (false, false) => "(short)",
+            };
+            println!("  {:<34} {:<7} {}", check.name, verdict, check.measured);
+        }
+        for example in &report.bad_examples {
+            println!("  bad token: {example}");
+        }
+        println!("{}", if report.pass { "PASS" } else { "FAIL" });
+    }
+    if !report.pass {
+        std::process::exit(1);
+    }
+}
+
+async fn run_restarts(args: RestartArgs) {
+    let emulator = Emulator::start(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        EmulatorConfig::default(),
+    )
+    .await
+    .expect("emulator");
+    let mut report = serde_json::Map::new();
+    for way in [restart::Way::Plain, restart::Way::SocketActivated] {
+        let restarts = restart::measure(
+            &broker_command,
+            &emulator,
+            way,
+            args.watchers,
+            args.keys,
+            args.rounds,
+        )
+        .await;
+        let sorted = |value: fn(&restart::Restart) -> f64| {
+            let mut values: Vec<f64> = restarts.iter().map(value).collect();
+            values.sort_by(f64::total_cmp);
+            values
+        };
+        let first = sorted(|r| r.first_token_ms);
+        let waiting = sorted(|r| r.waiting_client_ms);
+        let every = sorted(|r| r.every_watcher_ms);
+        let (target_first, target_every) = match way {
+            restart::Way::Plain => (100.0, 2000.0),
+            restart::Way::SocketActivated => (50.0, 2000.0),
+        };
+        let name = serde_json::to_value(way).expect("a name");
+        let name = name.as_str().expect("a string").to_string();
+        if !args.json {
+            let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
+            let (first_max, every_max) = (first[first.len() - 1], every[every.len() - 1]);
+            println!(
+                "{name}: {} restarts, {} watchers of {} tokens",
+                restarts.len(),
+                args.watchers,
+                args.keys
+            );
+            println!(
+                "  first token served   median {:>7.1} ms, max {:>7.1} ms after the new process started (target <= {target_first}: {})",
+                first[first.len() / 2],
+                first_max,
+                verdict(first_max <= target_first)
+            );
+            println!(
+                "  waiting client served median {:>7.1} ms, max {:>7.1} ms",
+                waiting[waiting.len() / 2],
+                waiting[waiting.len() - 1]
+            );
+            println!(
+                "  every watcher served median {:>7.1} ms, max {:>7.1} ms (target <= {target_every}: {})",
+                every[every.len() / 2],
+                every_max,
+                verdict(every_max <= target_every)
+            );
+        }
+        report.insert(
+            name,
+            serde_json::json!({"restarts": restarts, "watchers": args.watchers, "keys": args.keys}),
+        );
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Object(report));
     }
 }
 
@@ -110,18 +329,20 @@ fn run_broker() {
     let cli = tokenbroker::config::Cli::parse_from(
         std::iter::once("tokenbroker".to_string()).chain(std::env::args().skip(1)),
     );
+    // Before the runtime's threads exist, as the binary does.
+    let activation = tokenbroker::systemd::take_activated_listener().expect("activation");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async move {
         let tokenbroker::config::Command::Serve(args) = cli.command else {
             panic!("the broker role runs `serve`");
         };
         let exports = tokenbroker::telemetry::Exports {
-            prometheus: false,
+            prometheus: args.metrics_addr.is_some(),
             otlp: false,
         };
         let telemetry =
             tokenbroker::telemetry::init(cli.log_format, "info", exports).expect("telemetry");
-        tokenbroker::app::serve(args, tokenbroker::systemd::Activation::None, &telemetry)
+        tokenbroker::app::serve(args, activation, &telemetry)
             .await
             .expect("broker runs");
     });

@@ -28,5 +28,6 @@ mod polyglot;
 mod restart;
 mod security;
 mod sinks;
+mod soak;
 mod sources;
 mod systemd;

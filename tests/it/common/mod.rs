@@ -210,8 +210,12 @@ const BROKER_ENV_PREFIXES: [&str; 5] = ["TOKENBROKER_", "OTEL_", "GOOGLE_", "CLO
 /// would change what the binary does, unless the test set them on
 /// `command` itself: tests see only what they give.
 pub fn scrub_env(command: &mut Command) {
+    scrub_std_env(command.as_std_mut());
+}
+
+/// [`scrub_env`] for a `std` command.
+pub fn scrub_std_env(command: &mut std::process::Command) {
     let set: Vec<std::ffi::OsString> = command
-        .as_std()
         .get_envs()
         .map(|(key, _)| key.to_os_string())
         .collect();
