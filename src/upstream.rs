@@ -21,6 +21,13 @@ pub trait TokenSource: Send + Sync + 'static {
     /// Fetches a fresh token for `key`.
     fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>>;
 
+    /// Fetches the first token of a key that has never had one. Sources
+    /// that wait for the upstream limits give these a share of them only
+    /// (see [`limits::UpstreamLimits`]); the default is [`TokenSource::fetch`].
+    fn fetch_first<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
+        self.fetch(key)
+    }
+
     /// Refuses, before anything is cached or fetched, a key this source
     /// can never serve (another account than a key file's own, a format
     /// only the metadata server knows). The default admits every key.

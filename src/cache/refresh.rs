@@ -73,7 +73,8 @@ pub(super) async fn refresh_task(
             s.fetching = true;
             false
         });
-        let result = inner.fetch_for(&entry, &mut told).await;
+        // A key that once had a token goes before new ones upstream.
+        let result = inner.fetch_for(&entry, &mut told, produced).await;
         produced |= result.is_ok();
         if !asked {
             inner.metrics.refreshed(entry.key.kind(), result.is_ok());

@@ -173,14 +173,20 @@ impl Inner {
         }
     }
 
-    /// Fetches a token for `entry`; if its published token stops being
-    /// usable meanwhile, tells the watchers at that moment.
+    /// Fetches a token for `entry` (as a first fetch unless the key is
+    /// `established`, i.e. once had a token); if its published token stops
+    /// being usable meanwhile, tells the watchers at that moment.
     pub(super) async fn fetch_for(
         &self,
         entry: &KeyEntry,
         told: &mut Option<Instant>,
+        established: bool,
     ) -> Result<Token, FetchError> {
-        let mut fetch = self.source.fetch(&entry.key);
+        let mut fetch = if established {
+            self.source.fetch(&entry.key)
+        } else {
+            self.source.fetch_first(&entry.key)
+        };
         loop {
             let expiry_at = entry.expiry_untold(*told);
             tokio::select! {

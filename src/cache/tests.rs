@@ -15,6 +15,8 @@ use crate::request::{IdTokenFormat, IdTokenKey, ServiceAccount};
 /// held at a gate, and counting its fetches.
 struct FakeSource {
     fetches: AtomicUsize,
+    /// Of those, the first fetches of keys that never had a token.
+    first_fetches: AtomicUsize,
     lifetime: Mutex<Duration>,
     failure: Mutex<Option<FetchError>>,
     gate: Option<Semaphore>,
@@ -25,6 +27,7 @@ impl FakeSource {
     fn new(lifetime: Duration) -> Arc<Self> {
         Arc::new(Self {
             fetches: AtomicUsize::new(0),
+            first_fetches: AtomicUsize::new(0),
             lifetime: Mutex::new(lifetime),
             failure: Mutex::new(None),
             gate: None,
@@ -49,6 +52,11 @@ impl FakeSource {
 }
 
 impl TokenSource for FakeSource {
+    fn fetch_first<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
+        self.first_fetches.fetch_add(1, Ordering::SeqCst);
+        self.fetch(key)
+    }
+
     fn fetch<'a>(&'a self, _key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
         async move {
             let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
@@ -180,6 +188,30 @@ async fn refreshes_before_expiry_without_being_asked() {
     let second = cache.get(&request("aud"), ME).await.unwrap();
     assert_eq!(second.outcome, Outcome::Hit);
     assert_ne!(secret(&second), secret(&first));
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_keys_that_never_had_a_token_fetch_as_new_ones() {
+    let source = FakeSource::new(HOUR);
+    let cache = cache(source.clone());
+    source.fail_with(Some(unavailable()));
+    cache.get(&request("aud"), ME).await.unwrap_err();
+    source.fail_with(None);
+    cache.get(&request("aud"), ME).await.unwrap();
+    let first_fetches = source.first_fetches.load(Ordering::SeqCst);
+    assert_eq!(
+        first_fetches,
+        source.fetches(),
+        "each until the first token"
+    );
+    tokio::time::advance(HOUR).await;
+    settle().await;
+    assert!(source.fetches() > first_fetches, "refreshed");
+    assert_eq!(
+        source.first_fetches.load(Ordering::SeqCst),
+        first_fetches,
+        "a refresh of a key in use goes before new keys"
+    );
 }
 
 #[tokio::test(start_paused = true)]

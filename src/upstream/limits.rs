@@ -28,11 +28,20 @@ pub const DEFAULT_UPSTREAM_MAX_CONCURRENCY: usize = 8;
 /// that) and `max_concurrency` at once. Token fetches have one, the metadata endpoint's pass-through
 /// another with the same numbers, so that a flood of pass-through requests
 /// never delays a token; clones share the counts.
+///
+/// First fetches of new keys ([`UpstreamLimits::acquire_first`]) get three
+/// quarters of each bound at most: anyone can ask for new keys, and a
+/// flood of them (or a backlog of them behind a hung upstream) must not
+/// hold every place while the tokens other clients use run out. Refreshes
+/// of keys that have a token always find the last quarter.
 #[derive(Clone)]
 pub struct UpstreamLimits {
     rate: Arc<DefaultDirectRateLimiter>,
     per_second: Arc<PerSecond>,
     in_flight: Arc<Semaphore>,
+    /// The share of first fetches, taken on top of the shared bounds.
+    first_per_second: Arc<PerSecond>,
+    first_in_flight: Arc<Semaphore>,
 }
 
 impl UpstreamLimits {
@@ -47,7 +56,24 @@ impl UpstreamLimits {
             )),
             per_second: Arc::new(PerSecond::new(rps.get())),
             in_flight: Arc::new(Semaphore::new(max_concurrency.max(1))),
+            first_per_second: Arc::new(PerSecond::new(first_share(rps.get() as usize) as u32)),
+            first_in_flight: Arc::new(Semaphore::new(first_share(max_concurrency))),
         }
+    }
+
+    /// [`UpstreamLimits::acquire`] for the first fetch of a new key: first
+    /// a place within the first fetches' share, then one within the whole.
+    pub async fn acquire_first(&self) -> Result<FirstPermit<'_>, FetchError> {
+        let closed = |_| FetchError::Connect("upstream limiter closed".into());
+        let first = self.first_in_flight.acquire().await.map_err(closed)?;
+        let shared = self.in_flight.acquire().await.map_err(closed)?;
+        self.rate.until_ready().await;
+        tokio::time::sleep_until(self.first_per_second.reserve(Instant::now())).await;
+        tokio::time::sleep_until(self.per_second.reserve(Instant::now())).await;
+        Ok(FirstPermit {
+            _first: first,
+            _shared: shared,
+        })
     }
 
     /// Waits for a place among the requests in flight, then for a turn
@@ -69,6 +95,18 @@ impl UpstreamLimits {
         self.rate.until_ready().await;
         tokio::time::sleep_until(self.per_second.reserve(Instant::now())).await;
     }
+}
+
+/// The places a first fetch holds until it is dropped.
+pub struct FirstPermit<'a> {
+    _first: SemaphorePermit<'a>,
+    _shared: SemaphorePermit<'a>,
+}
+
+/// Three quarters of `total` (at least 1): what first fetches may take.
+fn first_share(total: usize) -> usize {
+    let reserved = (total / 4).max(1);
+    total.saturating_sub(reserved).max(1)
 }
 
 /// The hard bound under the spacing: at most `max` starts in any one
@@ -139,6 +177,13 @@ impl<S: TokenSource> TokenSource for RateLimited<S> {
         })
     }
 
+    fn fetch_first<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
+        Box::pin(async move {
+            let _permit = self.limits.acquire_first().await?;
+            self.inner.fetch_first(key).await
+        })
+    }
+
     fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
         self.inner.admits(key)
     }
@@ -167,6 +212,31 @@ mod tests {
         assert!(starts[..5].iter().all(|start| *start == t0));
         assert_eq!(starts[5], t0 + PerSecond::WINDOW);
         assert_eq!(starts[12], t0 + 2 * PerSecond::WINDOW);
+    }
+
+    #[test]
+    fn first_fetches_get_three_quarters_and_leave_at_least_one() {
+        assert_eq!(first_share(8), 6);
+        assert_eq!(first_share(20), 15);
+        assert_eq!(first_share(2), 1);
+        assert_eq!(first_share(1), 1);
+    }
+
+    #[tokio::test]
+    async fn first_fetches_never_take_the_last_places() {
+        let limits = UpstreamLimits::new(1_000, 4);
+        let mut first = Vec::new();
+        for _ in 0..3 {
+            first.push(limits.acquire_first().await.unwrap());
+        }
+        let fourth = tokio::time::timeout(Duration::from_millis(50), limits.acquire_first()).await;
+        assert!(fourth.is_err(), "a fourth first fetch waits");
+        let refresh = tokio::time::timeout(Duration::from_secs(5), limits.acquire()).await;
+        assert!(refresh.is_ok(), "a refresh still finds a place");
+        drop(refresh);
+        first.pop();
+        let again = tokio::time::timeout(Duration::from_secs(5), limits.acquire_first()).await;
+        assert!(again.is_ok(), "a place given back is taken again");
     }
 
     #[test]

@@ -53,13 +53,18 @@ impl<S: TokenSource> Retrying<S> {
         Self { inner, policy }
     }
 
-    async fn fetch_with_retries(&self, key: &TokenKey) -> Result<Token, FetchError> {
+    async fn fetch_with_retries(&self, key: &TokenKey, first: bool) -> Result<Token, FetchError> {
         let deadline = Instant::now() + self.policy.budget;
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let mut attempt = 1;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let error = match tokio::time::timeout(left, self.inner.fetch(key)).await {
+            let attempt_fetch = if first {
+                self.inner.fetch_first(key)
+            } else {
+                self.inner.fetch(key)
+            };
+            let error = match tokio::time::timeout(left, attempt_fetch).await {
                 Ok(Ok(token)) => return Ok(token),
                 Ok(Err(error)) => error,
                 Err(_) => return Err(FetchError::Timeout(self.policy.budget)),
@@ -86,7 +91,11 @@ impl<S: TokenSource> Retrying<S> {
 
 impl<S: TokenSource> TokenSource for Retrying<S> {
     fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
-        Box::pin(self.fetch_with_retries(key))
+        Box::pin(self.fetch_with_retries(key, false))
+    }
+
+    fn fetch_first<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
+        Box::pin(self.fetch_with_retries(key, true))
     }
 
     fn admits(&self, key: &TokenKey) -> Result<(), crate::error::BrokerError> {
