@@ -29,6 +29,8 @@ mod authority_shim;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
+#[path = "../../tests/it/common/activation.rs"]
+mod activation;
 mod plot;
 mod restart;
 mod soak;
@@ -253,12 +255,7 @@ async fn run_soak(args: SoakArgs) {
 }
 
 async fn run_restarts(args: RestartArgs) {
-    let emulator = Emulator::start(
-        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        EmulatorConfig::default(),
-    )
-    .await
-    .expect("emulator");
+    let emulator = emulator().await;
     let mut report = serde_json::Map::new();
     for way in [restart::Way::Plain, restart::Way::SocketActivated] {
         let restarts = restart::measure(
@@ -697,13 +694,18 @@ async fn warm(socket: &Path, keys: impl Iterator<Item = usize>, parallel: usize)
 
 // === the run ===
 
-async fn benchmark(args: Args) {
-    let emulator = Emulator::start(
+/// The metadata server emulator, on this process's runtime.
+async fn emulator() -> Emulator {
+    Emulator::start(
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         EmulatorConfig::default(),
     )
     .await
-    .expect("emulator");
+    .expect("emulator")
+}
+
+async fn benchmark(args: Args) {
+    let emulator = emulator().await;
     let metadata = emulator.addr();
     let mut report: HashMap<&str, serde_json::Value> = HashMap::new();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

@@ -5,8 +5,6 @@
 //! the new process is spawned, when the first token is served and when
 //! every watcher (the Rust client's resilient watch) has a token again.
 
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -169,31 +167,15 @@ fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 10_000.0).round() / 10.0
 }
 
-/// `command` socket-activated: `listener` as fd 3, `LISTEN_FDS=1`, and
-/// `LISTEN_PID` the broker's own pid (a shell exports `$$` and execs it).
+/// `command` socket-activated with `listener`, as systemd starts it.
 fn activated(command: Command, listener: &std::os::unix::net::UnixListener) -> Child {
-    let mut shell = Command::new("sh");
+    let mut shell =
+        crate::activation::activated(command.get_program(), command.get_args(), listener, None);
     shell
-        .arg("-c")
-        .arg("export LISTEN_PID=$$; exec \"$0\" \"$@\"")
-        .arg(command.get_program())
-        .args(command.get_args())
         .envs(command.get_envs().filter_map(|(k, v)| Some((k, v?))))
-        .env("LISTEN_FDS", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let fd = listener.as_raw_fd();
-    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork
-    // and exec, and the new fd 3 does not have FD_CLOEXEC.
-    unsafe {
-        shell.pre_exec(move || {
-            if libc::dup2(fd, 3) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     shell.spawn().expect("the broker starts")
 }
 

@@ -737,6 +737,18 @@ impl Asked {
         }
     }
 
+    /// The request that hands `token` back.
+    fn invalidate(&self, token: &str) -> InvalidateTokenRequest {
+        let request = match self.clone() {
+            Self::Id(request) => invalidate_token_request::Request::IdToken(request),
+            Self::Access(request) => invalidate_token_request::Request::AccessToken(request),
+        };
+        InvalidateTokenRequest {
+            request: Some(request),
+            token: token.to_string(),
+        }
+    }
+
     /// Calls the broker for the token; checks it.
     async fn call(
         &self,
@@ -840,6 +852,14 @@ struct Load {
     reopen: Arc<Vec<Notify>>,
 }
 
+/// The keys of the load, by use.
+struct Keys {
+    /// Called by the callers and watched, all through the run.
+    cached: Arc<Vec<Asked>>,
+    /// Watched and handed back in turn.
+    invalidated: Arc<Vec<Asked>>,
+}
+
 impl Load {
     async fn start(
         config: &SoakConfig,
@@ -853,55 +873,73 @@ impl Load {
             emulator: emulator.clone(),
             skew: config.expiry_skew,
         };
-        let cached: Vec<Asked> = (0..config.cached_keys)
-            .map(|i| Asked::id(audience(i)))
-            .collect();
-        let invalidated: Vec<Asked> = (config.cached_keys
-            ..config.cached_keys + config.invalidated_keys)
-            .map(|i| Asked::id(audience(i)))
-            .collect();
-        let watched: Vec<Asked> = cached.iter().chain(&invalidated).cloned().collect();
-        let mut tasks = tokio::task::JoinSet::new();
-
-        // Warm the cached keys, so that the callers measure hits.
+        let ids = |range: std::ops::Range<usize>| {
+            Arc::new(range.map(|i| Asked::id(audience(i))).collect::<Vec<_>>())
+        };
+        let (cached_end, invalidated_end) = (
+            config.cached_keys,
+            config.cached_keys + config.invalidated_keys,
+        );
+        let keys = Keys {
+            cached: ids(0..cached_end),
+            invalidated: ids(cached_end..invalidated_end),
+        };
+        // Warm every key, so that the callers measure hits.
         let mut warm = connect(socket).await;
-        for asked in &watched {
+        for asked in keys.cached.iter().chain(keys.invalidated.iter()) {
             asked.call(&mut warm, &check).await.expect("warm-up call");
         }
+        let mut load = Self {
+            tasks: tokio::task::JoinSet::new(),
+            reopen: Arc::new((0..config.watchers).map(|_| Notify::new()).collect()),
+        };
+        load.callers(config, socket, &keys, &check, stop).await;
+        load.churn(config, socket, &check, stop).await;
+        load.invalidator(config, socket, &keys, &check, stop).await;
+        load.watchers(config, socket, &keys, &check, stop).await;
+        load
+    }
 
-        let callers = connections(socket, config.caller_connections).await;
+    /// Callers, each calling cached keys at its rate.
+    async fn callers(
+        &mut self,
+        config: &SoakConfig,
+        socket: &Path,
+        keys: &Keys,
+        check: &Checker,
+        stop: &CancellationToken,
+    ) {
+        let clients = connections(socket, config.caller_connections).await;
         let period = Duration::from_secs(1) / config.caller_rps.max(1);
         for n in 0..config.callers {
-            let mut client = callers[n % callers.len()].clone();
-            let (cached, check, stop) = (cached.clone(), check.clone(), stop.clone());
-            tasks.spawn(async move {
-                let mut ticks = ticker(period);
-                for i in (n..).step_by(7) {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        _ = ticks.tick() => {}
-                    }
+            let client = clients[n % clients.len()].clone();
+            let (cached, check) = (keys.cached.clone(), check.clone());
+            self.tasks.spawn(every(period, stop.clone(), move |i| {
+                let (mut client, check) = (client.clone(), check.clone());
+                let asked = cached[(n + 7 * i) % cached.len()].clone();
+                async move {
                     let sent = Instant::now();
-                    match cached[i % cached.len()].call(&mut client, &check).await {
+                    match asked.call(&mut client, &check).await {
                         Ok(_) => check.shared.hit(sent.elapsed()),
                         Err(status) => check.shared.error(&status),
                     }
                 }
-            });
+            }));
         }
+    }
 
-        // Churn: a new key (ID or access token) now and then, asked for
-        // twice and then left to idle out.
-        let churn = connect(socket).await;
-        let every = config.churn_every;
-        let (churn_check, churn_stop) = (check.clone(), stop.clone());
-        tasks.spawn(async move {
-            let mut ticks = ticker(every);
-            for n in 0.. {
-                tokio::select! {
-                    () = churn_stop.cancelled() => return,
-                    _ = ticks.tick() => {}
-                }
+    /// A new key (ID or access token) now and then, asked for twice and
+    /// then left to idle out.
+    async fn churn(
+        &mut self,
+        config: &SoakConfig,
+        socket: &Path,
+        check: &Checker,
+        stop: &CancellationToken,
+    ) {
+        let (client, check, stop_asking) = (connect(socket).await, check.clone(), stop.clone());
+        self.tasks
+            .spawn(every(config.churn_every, stop.clone(), move |n| {
                 let asked = if n % 2 == 0 {
                     Asked::id(format!("https://churn-{n}.example"))
                 } else {
@@ -910,8 +948,9 @@ impl Load {
                         ..Default::default()
                     })
                 };
-                let (mut client, check) = (churn.clone(), churn_check.clone());
-                let stop = churn_stop.clone();
+                let (mut client, check, stop) =
+                    (client.clone(), check.clone(), stop_asking.clone());
+                // Not awaited: the next key comes on time.
                 tokio::spawn(async move {
                     for _ in 0..2 {
                         if let Err(status) = asked.call(&mut client, &check).await {
@@ -923,59 +962,65 @@ impl Load {
                         }
                     }
                 });
-            }
-        });
+                std::future::ready(())
+            }));
+    }
 
-        // Invalidation: hand a key's token back, round-robin.
-        let mut invalidator = connect(socket).await;
-        let (every, keys) = (config.invalidate_every, invalidated);
-        let (inv_check, inv_stop) = (check.clone(), stop.clone());
-        tasks.spawn(async move {
-            let mut ticks = ticker(every);
-            for i in 0.. {
-                tokio::select! {
-                    () = inv_stop.cancelled() => return,
-                    _ = ticks.tick() => {}
-                }
-                let Some(asked) = keys.get(i % keys.len().max(1)) else {
-                    return;
-                };
-                let Asked::Id(request) = asked else { continue };
-                let result = match asked.call(&mut invalidator, &inv_check).await {
-                    Ok(token) => invalidator
-                        .invalidate_token(InvalidateTokenRequest {
-                            request: Some(invalidate_token_request::Request::IdToken(
-                                request.clone(),
-                            )),
-                            token: token.secret().to_string(),
-                        })
-                        .await
-                        .map(drop),
-                    Err(status) => Err(status),
-                };
-                if let Err(status) = result {
-                    inv_check.shared.error(&status);
-                }
-            }
-        });
-
-        // Watchers, on the cached and the invalidated keys.
-        let reopen: Arc<Vec<Notify>> =
-            Arc::new((0..config.watchers).map(|_| Notify::new()).collect());
-        let watch_connections = connections(
-            socket,
-            config
-                .watchers
-                .div_ceil(config.watchers_per_connection.max(1)),
-        )
-        .await;
-        for n in 0..config.watchers {
-            let client = watch_connections[n / config.watchers_per_connection.max(1)].clone();
-            let asked = watched[n % watched.len()].clone();
-            let (check, stop, reopen) = (check.clone(), stop.clone(), reopen.clone());
-            tasks.spawn(watcher(n, client, asked, check, stop, reopen));
+    /// Hands a key's token back with `InvalidateToken`, round-robin.
+    async fn invalidator(
+        &mut self,
+        config: &SoakConfig,
+        socket: &Path,
+        keys: &Keys,
+        check: &Checker,
+        stop: &CancellationToken,
+    ) {
+        let (client, check, keys) = (
+            connect(socket).await,
+            check.clone(),
+            keys.invalidated.clone(),
+        );
+        if keys.is_empty() {
+            return;
         }
-        Self { tasks, reopen }
+        self.tasks
+            .spawn(every(config.invalidate_every, stop.clone(), move |i| {
+                let (mut client, check) = (client.clone(), check.clone());
+                let asked = keys[i % keys.len()].clone();
+                async move {
+                    let result = match asked.call(&mut client, &check).await {
+                        Ok(token) => client
+                            .invalidate_token(asked.invalidate(token.secret()))
+                            .await
+                            .map(drop),
+                        Err(status) => Err(status),
+                    };
+                    if let Err(status) = result {
+                        check.shared.error(&status);
+                    }
+                }
+            }));
+    }
+
+    /// Watch streams, on the cached and the invalidated keys.
+    async fn watchers(
+        &mut self,
+        config: &SoakConfig,
+        socket: &Path,
+        keys: &Keys,
+        check: &Checker,
+        stop: &CancellationToken,
+    ) {
+        let per_connection = config.watchers_per_connection.max(1);
+        let clients = connections(socket, config.watchers.div_ceil(per_connection)).await;
+        let watched: Vec<&Asked> = keys.cached.iter().chain(keys.invalidated.iter()).collect();
+        for n in 0..config.watchers {
+            let client = clients[n / per_connection].clone();
+            let asked = watched[n % watched.len()].clone();
+            let (check, stop, reopen) = (check.clone(), stop.clone(), self.reopen.clone());
+            self.tasks
+                .spawn(watcher(n, client, asked, check, stop, reopen));
+        }
     }
 
     /// Closes and reopens `percent` % of the watch streams, picked at random.
@@ -988,6 +1033,24 @@ impl Load {
 
     async fn stop(mut self) {
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Runs `step(0)`, `step(1)`, ... one per `period` (a step that runs
+/// late delays the next, with no burst to catch up), until `stop`.
+async fn every<F: Future<Output = ()>>(
+    period: Duration,
+    stop: CancellationToken,
+    mut step: impl FnMut(usize) -> F,
+) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0.. {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        step(n).await;
     }
 }
 
@@ -1029,14 +1092,6 @@ async fn watcher(
             }
         }
     }
-}
-
-/// Ticks every `period`; a tick missed while the task waited on a slow
-/// call is not made up for in a burst.
-fn ticker(period: Duration) -> tokio::time::Interval {
-    let mut ticks = tokio::time::interval(period);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks
 }
 
 async fn connect(socket: &Path) -> TokenBrokerClient<Channel> {

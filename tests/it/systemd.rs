@@ -2,6 +2,7 @@
 //! (`LISTEN_FDS`/`LISTEN_PID`, the socket on fd 3) and `sd_notify`
 //! (`READY=1` when serving, `STOPPING=1` on shutdown).
 
+use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -11,9 +12,8 @@ use nix::sys::signal::Signal;
 use tokio::net::UnixDatagram;
 use tokio::process::Command;
 
-/// `tokenbroker serve ARGS` with `listener` as fd 3 and `LISTEN_FDS=1`;
-/// `LISTEN_PID` is the broker's own pid (a shell exports `$$` and execs the
-/// broker, keeping the pid) unless `listen_pid` says otherwise.
+/// `tokenbroker serve --socket SOCKET ARGS` socket-activated with
+/// `listener` (see [`common::activation::activated`]).
 pub fn activated(
     listener: &impl AsRawFd,
     listen_pid: Option<&str>,
@@ -21,29 +21,14 @@ pub fn activated(
     dir: tempfile::TempDir,
     args: &[&str],
 ) -> Broker {
-    let pid = listen_pid.unwrap_or("$$");
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg(format!("export LISTEN_PID={pid}; exec \"$0\" \"$@\""))
-        .arg(BINARY)
-        .arg("serve")
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env("LISTEN_FDS", "1");
-    let fd = listener.as_raw_fd();
-    // SAFETY: dup2 is async-signal-safe; it runs in the child between fork
-    // and exec, and the new fd 3 does not have FD_CLOEXEC.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::dup2(fd, 3) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Broker::spawn_command(command, socket, dir)
+    let serve = [
+        OsStr::new("serve"),
+        OsStr::new("--socket"),
+        socket.as_os_str(),
+    ];
+    let args = serve.into_iter().chain(args.iter().map(OsStr::new));
+    let command = common::activation::activated(OsStr::new(BINARY), args, listener, listen_pid);
+    Broker::spawn_command(Command::from(command), socket, dir)
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 //! tonic clients cannot, since `http::Uri` refuses such authorities. It sits
 //! under the client and rewrites each outgoing header block with
 //! httlib-hpack, an HPACK implementation independent of the broker's. Used
-//! by the tests and by `examples/loadgen.rs`.
+//! by the tests and by `examples/loadgen/main.rs`.
 
 use std::io;
 use std::pin::Pin;

@@ -3,6 +3,7 @@
 //! ([`Broker`]), and the requests, waits, processes and files the tests
 //! share.
 
+pub mod activation;
 pub mod authority_shim;
 mod broker;
 pub mod h2;
