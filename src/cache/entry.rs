@@ -121,7 +121,9 @@ impl KeyEntry {
 }
 
 /// Retires a key when its refresh task ends, however it ends (a panic
-/// included): out of the index, waiters told to look again, counts down.
+/// included): out of the index, its token dropped (zeroed) at once rather
+/// than when the last reference to the entry goes, waiters told to look
+/// again, counts down.
 pub(super) struct Retire {
     pub(super) cache: Weak<Inner>,
     pub(super) entry: Arc<KeyEntry>,
@@ -139,6 +141,8 @@ impl Drop for Retire {
         self.entry.state.send_modify(|s| {
             s.closed = true;
             s.fetching = false;
+            s.token = None;
+            s.error = None;
         });
         if let Some(inner) = inner {
             inner.quota.release(self.entry.owner);

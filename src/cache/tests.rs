@@ -485,6 +485,20 @@ async fn idle_keys_are_dropped_and_stop_refreshing() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retired_key_lets_go_of_its_token_at_once() {
+    let source = FakeSource::new(HOUR);
+    let cache = TokenCache::new(source.clone(), CacheConfig::default(), Metrics::disabled());
+    let served = cache.get(&request("aud"), ME).await.unwrap();
+    assert!(Arc::strong_count(&served.token) > 1, "the cache holds it");
+    tokio::time::advance(DEFAULT_IDLE_TIMEOUT + Duration::from_secs(1)).await;
+    settle().await;
+    assert_eq!(cache.len(), 0);
+    // The thread's memory of recent entries still holds the entry; the
+    // token (a secret) must not wait for that to go.
+    assert_eq!(Arc::strong_count(&served.token), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn watched_keys_stay_and_stream_every_refresh() {
     let source = FakeSource::new(HOUR);
     let cache = TokenCache::new(source.clone(), CacheConfig::default(), Metrics::disabled());
