@@ -852,6 +852,15 @@ struct Load {
     reopen: Arc<Vec<Notify>>,
 }
 
+/// What every kind of client of the load is started with.
+struct Plan<'a> {
+    config: &'a SoakConfig,
+    socket: &'a Path,
+    keys: &'a Keys,
+    check: &'a Checker,
+    stop: &'a CancellationToken,
+}
+
 /// The keys of the load, by use.
 struct Keys {
     /// Called by the callers and watched, all through the run.
@@ -893,28 +902,29 @@ impl Load {
             tasks: tokio::task::JoinSet::new(),
             reopen: Arc::new((0..config.watchers).map(|_| Notify::new()).collect()),
         };
-        load.callers(config, socket, &keys, &check, stop).await;
-        load.churn(config, socket, &check, stop).await;
-        load.invalidator(config, socket, &keys, &check, stop).await;
-        load.watchers(config, socket, &keys, &check, stop).await;
+        let plan = Plan {
+            config,
+            socket,
+            keys: &keys,
+            check: &check,
+            stop,
+        };
+        load.callers(&plan).await;
+        load.churn(&plan).await;
+        load.invalidator(&plan).await;
+        load.watchers(&plan).await;
         load
     }
 
     /// Callers, each calling cached keys at its rate.
-    async fn callers(
-        &mut self,
-        config: &SoakConfig,
-        socket: &Path,
-        keys: &Keys,
-        check: &Checker,
-        stop: &CancellationToken,
-    ) {
-        let clients = connections(socket, config.caller_connections).await;
+    async fn callers(&mut self, plan: &Plan<'_>) {
+        let config = plan.config;
+        let clients = connections(plan.socket, config.caller_connections).await;
         let period = Duration::from_secs(1) / config.caller_rps.max(1);
         for n in 0..config.callers {
             let client = clients[n % clients.len()].clone();
-            let (cached, check) = (keys.cached.clone(), check.clone());
-            self.tasks.spawn(every(period, stop.clone(), move |i| {
+            let (cached, check) = (plan.keys.cached.clone(), plan.check.clone());
+            self.tasks.spawn(every(period, plan.stop.clone(), move |i| {
                 let (mut client, check) = (client.clone(), check.clone());
                 let asked = cached[(n + 7 * i) % cached.len()].clone();
                 async move {
@@ -930,16 +940,13 @@ impl Load {
 
     /// A new key (ID or access token) now and then, asked for twice and
     /// then left to idle out.
-    async fn churn(
-        &mut self,
-        config: &SoakConfig,
-        socket: &Path,
-        check: &Checker,
-        stop: &CancellationToken,
-    ) {
-        let (client, check, stop_asking) = (connect(socket).await, check.clone(), stop.clone());
-        self.tasks
-            .spawn(every(config.churn_every, stop.clone(), move |n| {
+    async fn churn(&mut self, plan: &Plan<'_>) {
+        let client = connect(plan.socket).await;
+        let (check, stop_asking) = (plan.check.clone(), plan.stop.clone());
+        self.tasks.spawn(every(
+            plan.config.churn_every,
+            plan.stop.clone(),
+            move |n| {
                 let asked = if n % 2 == 0 {
                     Asked::id(format!("https://churn-{n}.example"))
                 } else {
@@ -963,28 +970,21 @@ impl Load {
                     }
                 });
                 std::future::ready(())
-            }));
+            },
+        ));
     }
 
     /// Hands a key's token back with `InvalidateToken`, round-robin.
-    async fn invalidator(
-        &mut self,
-        config: &SoakConfig,
-        socket: &Path,
-        keys: &Keys,
-        check: &Checker,
-        stop: &CancellationToken,
-    ) {
-        let (client, check, keys) = (
-            connect(socket).await,
-            check.clone(),
-            keys.invalidated.clone(),
-        );
+    async fn invalidator(&mut self, plan: &Plan<'_>) {
+        let keys = plan.keys.invalidated.clone();
         if keys.is_empty() {
             return;
         }
-        self.tasks
-            .spawn(every(config.invalidate_every, stop.clone(), move |i| {
+        let (client, check) = (connect(plan.socket).await, plan.check.clone());
+        self.tasks.spawn(every(
+            plan.config.invalidate_every,
+            plan.stop.clone(),
+            move |i| {
                 let (mut client, check) = (client.clone(), check.clone());
                 let asked = keys[i % keys.len()].clone();
                 async move {
@@ -999,25 +999,21 @@ impl Load {
                         check.shared.error(&status);
                     }
                 }
-            }));
+            },
+        ));
     }
 
     /// Watch streams, on the cached and the invalidated keys.
-    async fn watchers(
-        &mut self,
-        config: &SoakConfig,
-        socket: &Path,
-        keys: &Keys,
-        check: &Checker,
-        stop: &CancellationToken,
-    ) {
+    async fn watchers(&mut self, plan: &Plan<'_>) {
+        let (config, keys) = (plan.config, plan.keys);
         let per_connection = config.watchers_per_connection.max(1);
-        let clients = connections(socket, config.watchers.div_ceil(per_connection)).await;
+        let clients = connections(plan.socket, config.watchers.div_ceil(per_connection)).await;
         let watched: Vec<&Asked> = keys.cached.iter().chain(keys.invalidated.iter()).collect();
         for n in 0..config.watchers {
             let client = clients[n / per_connection].clone();
             let asked = watched[n % watched.len()].clone();
-            let (check, stop, reopen) = (check.clone(), stop.clone(), self.reopen.clone());
+            let (check, stop, reopen) =
+                (plan.check.clone(), plan.stop.clone(), self.reopen.clone());
             self.tasks
                 .spawn(watcher(n, client, asked, check, stop, reopen));
         }

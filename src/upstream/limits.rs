@@ -24,10 +24,11 @@ pub const DEFAULT_UPSTREAM_MAX_RPS: u32 = 20;
 pub const DEFAULT_UPSTREAM_MAX_CONCURRENCY: usize = 8;
 
 /// Bounds on requests to the token source or the metadata server: at most
-/// `max_rps` in any one second (spaced out, in bursts of at most a fifth of
-/// that) and `max_concurrency` at once. Token fetches have one, the metadata endpoint's pass-through
-/// another with the same numbers, so that a flood of pass-through requests
-/// never delays a token; clones share the counts.
+/// `max_rps` in any one second (spaced out, in bursts of at most a fifth
+/// of that) and `max_concurrency` at once. Token fetches have one, the
+/// metadata endpoint's pass-through another with the same numbers, so that
+/// a flood of pass-through requests never delays a token; clones share the
+/// counts.
 ///
 /// First fetches of new keys ([`UpstreamLimits::acquire_first`]) get three
 /// quarters of each bound at most: anyone can ask for new keys, and a
