@@ -85,12 +85,7 @@ pub async fn access_token(args: AccessTokenArgs) -> Result<(), CliError> {
         scopes: args.scopes,
         min_valid_for: min_valid_for(&args.client),
     };
-    let mut broker = Client::connect(&args.client.socket).await?;
-    if let Some(mode) = args.client.watch_mode() {
-        return print_watched(&mut broker, request, mode, args.client.json).await;
-    }
-    let token = broker.access_token(request).await?;
-    print_token(&pb::token::Token::AccessToken(token), args.client.json)
+    print_requested(&args.client, request.into()).await
 }
 
 /// `tokenbroker token id`.
@@ -112,12 +107,28 @@ pub async fn id_token(args: IdTokenArgs) -> Result<(), CliError> {
         include_licenses: args.include_licenses,
         min_valid_for: min_valid_for(&args.client),
     };
-    let mut broker = Client::connect(&args.client.socket).await?;
-    if let Some(mode) = args.client.watch_mode() {
-        return print_watched(&mut broker, request, mode, args.client.json).await;
+    print_requested(&args.client, request.into()).await
+}
+
+/// Prints the token `request` asks for, or every token of it with
+/// `--watch` / `--watch-once`.
+async fn print_requested(
+    args: &ClientArgs,
+    request: pb::watch_token_request::Request,
+) -> Result<(), CliError> {
+    use pb::watch_token_request::Request;
+
+    let mut broker = Client::connect(&args.socket).await?;
+    if let Some(mode) = args.watch_mode() {
+        return print_watched(&mut broker, request, mode, args.json).await;
     }
-    let token = broker.id_token(request).await?;
-    print_token(&pb::token::Token::IdToken(token), args.client.json)
+    let token = match request {
+        Request::AccessToken(request) => {
+            pb::token::Token::AccessToken(broker.access_token(request).await?)
+        }
+        Request::IdToken(request) => pb::token::Token::IdToken(broker.id_token(request).await?),
+    };
+    print_token(&token, args.json)
 }
 
 /// How long `--watch` / `--watch-once` follow a token.
@@ -132,7 +143,7 @@ pub enum WatchMode {
 /// Prints every token of a watch until it ends.
 async fn print_watched(
     broker: &mut Client,
-    request: impl Into<pb::watch_token_request::Request>,
+    request: pb::watch_token_request::Request,
     mode: WatchMode,
     json: bool,
 ) -> Result<(), CliError> {
