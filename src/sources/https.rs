@@ -22,6 +22,20 @@ use crate::sources::response::{MAX_RESPONSE_BYTES, error_chain, retry_after};
 
 /// Longest explanation kept from an error body, in bytes.
 const MAX_DETAIL_LEN: usize = 300;
+/// How long an upstream connection may sit idle in the pool (30 s).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The builder of every upstream HTTP client (this one, the metadata
+/// server's): idle pooled connections close after [`POOL_IDLE_TIMEOUT`].
+pub fn pooled_client() -> hyper_util::client::legacy::Builder {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        // Without a timer the idle timeout never fires, and idle
+        // connections stay open for good.
+        .pool_timer(TokioTimer::new());
+    builder
+}
 
 /// Checks an endpoint URL from a key file or the command line: `https://`
 /// anywhere, `http://` only to a loopback address. `what` names it in the
@@ -90,12 +104,7 @@ impl HttpsClient {
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            // Without a timer the idle timeout never fires, and idle
-            // connections stay open for good.
-            .pool_timer(TokioTimer::new())
-            .build(https);
+        let http = pooled_client().build(https);
         Ok(Self { http, timeout })
     }
 

@@ -11,7 +11,6 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::time::Instant;
 
@@ -59,12 +58,7 @@ impl MetadataClient {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            // Without a timer the idle timeout never fires, and idle
-            // connections stay open for good.
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let http = crate::sources::https::pooled_client().build(connector);
         Ok(Self {
             host: authority.to_string(),
             http,
