@@ -267,6 +267,8 @@ async fn one_drain_stops_health_readiness_and_the_metadata_endpoint_together() {
     )
     .await;
     let (metrics, metadata) = (broker.metrics_addr().await, broker.metadata_addr().await);
+    // Ready (listening) comes before the first health probe has answered.
+    broker.wait_until_serving().await;
     let mut health = broker.health_watch().await;
     assert_eq!(health.next().await, ServingStatus::Serving);
 
