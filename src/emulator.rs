@@ -10,6 +10,7 @@ mod control;
 mod faults;
 pub mod google;
 mod metadata_api;
+pub mod sts;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -91,6 +92,10 @@ pub struct Stats {
     /// Requests to the fake IAM Credentials API.
     #[serde(default)]
     pub iam_requests: u64,
+    /// Requests to the fake Google STS (`POST /v1/token`, `POST
+    /// /v1/oauthtoken`).
+    #[serde(default)]
+    pub sts_requests: u64,
     /// OAuth and IAM requests refused (bad signature, claims, bearer token,
     /// grant, account).
     #[serde(default)]
@@ -261,6 +266,27 @@ impl Emulator {
                 public_key_der,
             },
         );
+    }
+
+    /// The URL of the fake Google STS (an `external_account` file's
+    /// `token_url`).
+    pub fn sts_token_url(&self) -> String {
+        format!("http://{}{}", self.addr, sts::TOKEN_PATH)
+    }
+
+    /// The URL of the fake workforce token endpoint (an
+    /// `external_account_authorized_user` file's `token_url`).
+    pub fn workforce_token_url(&self) -> String {
+        format!("http://{}{}", self.addr, sts::WORKFORCE_TOKEN_PATH)
+    }
+
+    /// Makes the fake STS exchange subject tokens for `pool`.
+    pub fn add_federation_pool(&self, pool: sts::Pool) {
+        self.shared
+            .lock()
+            .google
+            .pools
+            .insert(pool.audience.clone(), pool);
     }
 
     /// Makes the fake OAuth endpoint accept a user's refresh token.

@@ -1,10 +1,12 @@
 //! The token source `serve` fetches from, chosen once at start-up: the
-//! metadata server, a service-account key, gcloud's user credentials, or any
-//! of them impersonating another account. All sit behind [`TokenSource`],
-//! so the cache, refresh, watch, policy and metrics treat them alike.
+//! metadata server, a service-account key, user credentials (gcloud's or a
+//! workforce pool's), Workload Identity Federation, or any of them
+//! impersonating another account. All sit behind [`TokenSource`], so the
+//! cache, refresh, watch, policy and metrics treat them alike.
 
 pub mod adc;
 pub mod credentials;
+pub mod external;
 pub mod https;
 pub mod impersonate;
 pub mod jwt;
@@ -24,7 +26,8 @@ use crate::request::TokenKey;
 use crate::token::Token;
 use crate::upstream::TokenSource;
 use adc::{Environment, Found, UserSource};
-use credentials::Credentials;
+use credentials::{Credentials, DEFAULT_IMPERSONATED_LIFETIME};
+use external::ExternalSource;
 use https::HttpsClient;
 use impersonate::ImpersonatedSource;
 use keyfile::KeyFileSource;
@@ -57,8 +60,10 @@ pub enum Upstream {
     Metadata(MetadataClient),
     /// A service-account key.
     KeyFile(KeyFileSource),
-    /// gcloud's user credentials.
+    /// User credentials (gcloud's or a workforce pool's).
     User(UserSource),
+    /// Workload Identity Federation (Google STS).
+    External(ExternalSource),
     /// Another account, impersonated with the base source's token.
     Impersonated {
         /// Calls the IAM Credentials API.
@@ -90,31 +95,74 @@ impl Upstream {
                 credentials,
                 origin,
             } => {
-                let http = http.clone().ok_or("no HTTPS client")?;
-                let source = match *credentials {
-                    Credentials::ServiceAccount(key) => {
-                        Self::KeyFile(KeyFileSource::new(key, http))
-                    }
-                    Credentials::AuthorizedUser(user) => Self::User(UserSource::new(user, http)),
-                };
+                let http = http.as_ref().ok_or("no HTTPS client")?;
                 tracing::info!(found_by = origin, "credentials file read");
-                source
+                Self::from_credentials(*credentials, http)
             }
         };
         let Some(target) = &config.impersonate else {
             return Ok(base);
         };
         let endpoint = https::endpoint("--iam-endpoint", &config.iam_endpoint)?;
-        let base = Arc::new(base);
-        let source = ImpersonatedSource::new(
-            base.clone(),
-            target.clone(),
-            config.delegates.clone(),
-            endpoint,
-            http.ok_or("no HTTPS client")?,
-        );
+        let http = http.ok_or("no HTTPS client")?;
+        let delegates = config.delegates.clone();
+        base.impersonated(|base| ImpersonatedSource::new(base, target, delegates, &endpoint, http))
+    }
+
+    /// The source a credentials file describes.
+    fn from_credentials(credentials: Credentials, http: &HttpsClient) -> Self {
+        match credentials {
+            Credentials::ServiceAccount(key) => {
+                Self::KeyFile(KeyFileSource::new(key, http.clone()))
+            }
+            Credentials::AuthorizedUser(user) => Self::User(UserSource::new(user, http.clone())),
+            Credentials::ExternalAccount(account) => {
+                let impersonation = account.impersonation.clone();
+                let federated = Self::External(ExternalSource::new(*account, http.clone()));
+                let Some(impersonation) = impersonation else {
+                    return federated;
+                };
+                federated.impersonating(|base| {
+                    ImpersonatedSource::at(
+                        base,
+                        impersonation.url,
+                        Vec::new(),
+                        impersonation.lifetime,
+                        http.clone(),
+                    )
+                })
+            }
+            Credentials::ImpersonatedServiceAccount(account) => {
+                Self::from_credentials(*account.source, http).impersonating(|base| {
+                    ImpersonatedSource::at(
+                        base,
+                        account.url,
+                        account.delegates,
+                        DEFAULT_IMPERSONATED_LIFETIME,
+                        http.clone(),
+                    )
+                })
+            }
+        }
+    }
+
+    /// This source as the base of an impersonation `make` builds.
+    fn impersonating(self, make: impl FnOnce(Arc<dyn TokenSource>) -> ImpersonatedSource) -> Self {
+        let base = Arc::new(self);
+        Self::Impersonated {
+            source: Arc::new(make(base.clone())),
+            base,
+        }
+    }
+
+    /// [`Upstream::impersonating`] with a `make` that may fail.
+    fn impersonated(
+        self,
+        make: impl FnOnce(Arc<dyn TokenSource>) -> Result<ImpersonatedSource, String>,
+    ) -> Result<Self, String> {
+        let base = Arc::new(self);
         Ok(Self::Impersonated {
-            source: Arc::new(source),
+            source: Arc::new(make(base.clone())?),
             base,
         })
     }
@@ -127,6 +175,7 @@ impl Upstream {
                 format!("{} (service account {})", source.describe(), source.email())
             }
             Self::User(source) => source.describe(),
+            Self::External(source) => source.describe(),
             Self::Impersonated { source, base } => {
                 format!("{}, authorised by {}", source.describe(), base.describe())
             }
@@ -143,6 +192,7 @@ impl Upstream {
                 Self::Metadata(client) => client.probe().await,
                 Self::KeyFile(source) => source.probe().await,
                 Self::User(source) => source.probe().await,
+                Self::External(source) => source.probe().await,
                 Self::Impersonated { source, base } => {
                     base.probe().await?;
                     source.probe().await
@@ -158,6 +208,7 @@ impl TokenSource for Upstream {
             Self::Metadata(client) => client.fetch(key),
             Self::KeyFile(source) => source.fetch(key),
             Self::User(source) => source.fetch(key),
+            Self::External(source) => source.fetch(key),
             Self::Impersonated { source, .. } => source.fetch(key),
         }
     }
@@ -167,6 +218,7 @@ impl TokenSource for Upstream {
             Self::Metadata(client) => client.admits(key),
             Self::KeyFile(source) => source.admits(key),
             Self::User(source) => source.admits(key),
+            Self::External(source) => source.admits(key),
             Self::Impersonated { source, .. } => source.admits(key),
         }
     }

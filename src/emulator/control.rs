@@ -6,7 +6,7 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::faults::FaultRule;
-use super::{Body, Lifetimes, Shared, google, json_response, parse_query, read_json, text};
+use super::{Body, Lifetimes, Shared, google, json_response, parse_query, read_json, sts, text};
 
 /// Answers `method` on the control path `path` (after `/emulator/v1/`).
 pub(super) async fn serve(
@@ -47,6 +47,20 @@ pub(super) async fn serve(
             }
         }
         (Method::PUT, "keys") => google::trust_key(shared, request).await,
+        (Method::PUT, "pools") => match read_json::<sts::PoolRequest>(request)
+            .await
+            .and_then(sts::PoolRequest::pool)
+        {
+            Ok(pool) => {
+                shared
+                    .lock()
+                    .google
+                    .pools
+                    .insert(pool.audience.clone(), pool);
+                text(StatusCode::OK, "ok\n")
+            }
+            Err(message) => text(StatusCode::BAD_REQUEST, &message),
+        },
         (Method::PUT, "users") => match read_json::<google::User>(request).await {
             Ok(user) => {
                 shared.lock().google.users.push(user);
@@ -63,7 +77,7 @@ pub(super) async fn serve(
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=, PUT keys, PUT users, PUT impersonable\n",
+            "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=, PUT keys, PUT users, PUT impersonable, PUT pools\n",
         ),
     }
 }

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::faults::{Target, respond};
 use super::metadata_api::{id_token, issue_access_token};
+use super::sts;
 use super::{Body, Shared, parse_query, read_json, text, unix_now};
 use crate::sources::jwt;
 
@@ -87,12 +88,15 @@ pub(super) struct Accounts {
     pub(super) keys: HashMap<String, RegisteredKey>,
     pub(super) users: Vec<User>,
     pub(super) impersonable: HashSet<String>,
+    pub(super) pools: HashMap<String, sts::Pool>,
     pub(super) calls: Vec<IamCall>,
 }
 
 /// Which fake API a request is for.
 pub(super) enum Api {
     Token,
+    Sts,
+    WorkforceToken,
     GenerateAccessToken(String),
     GenerateIdToken(String),
 }
@@ -103,8 +107,11 @@ impl Api {
         if method != Method::POST {
             return None;
         }
-        if path == TOKEN_PATH {
-            return Some(Self::Token);
+        match path {
+            TOKEN_PATH => return Some(Self::Token),
+            sts::TOKEN_PATH => return Some(Self::Sts),
+            sts::WORKFORCE_TOKEN_PATH => return Some(Self::WorkforceToken),
+            _ => {}
         }
         let (account, verb) = path.strip_prefix(IAM_PREFIX)?.rsplit_once(':')?;
         match verb {
@@ -124,7 +131,22 @@ pub(super) async fn serve(
     match api {
         Api::Token => {
             shared.count(|s| s.oauth_requests += 1);
-            token_endpoint(shared, request).await
+            form_endpoint(shared, request, |shared, form, _| {
+                match form.get("grant_type").map(String::as_str).unwrap_or("") {
+                    JWT_BEARER => jwt_bearer(shared, form),
+                    "refresh_token" => refresh(shared, form),
+                    other => Err(unsupported_grant(other)),
+                }
+            })
+            .await
+        }
+        Api::Sts => {
+            shared.count(|s| s.sts_requests += 1);
+            form_endpoint(shared, request, sts::exchange).await
+        }
+        Api::WorkforceToken => {
+            shared.count(|s| s.sts_requests += 1);
+            form_endpoint(shared, request, sts::workforce_refresh).await
         }
         Api::GenerateAccessToken(target) | Api::GenerateIdToken(target) if target.is_empty() => {
             shared.count(|s| s.iam_requests += 1);
@@ -165,16 +187,7 @@ pub(super) async fn trust_key(shared: &Shared, request: Request<Incoming>) -> Re
             "a service-account key file: client_email, private_key_id and private_key required\n",
         );
     };
-    use rustls::pki_types::PrivatePkcs8KeyDer;
-    use rustls::pki_types::pem::PemObject;
-    let public_key = PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
-        .ok()
-        .and_then(|der| ring::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der()).ok())
-        .map(|pair| {
-            ring::signature::KeyPair::public_key(&pair)
-                .as_ref()
-                .to_vec()
-        });
+    let public_key = public_key_of(pem);
     let Some(public_key_der) = public_key else {
         return text(
             StatusCode::BAD_REQUEST,
@@ -191,14 +204,44 @@ pub(super) async fn trust_key(shared: &Shared, request: Request<Incoming>) -> Re
     text(StatusCode::OK, "ok\n")
 }
 
+/// The RSA public key (PKCS#1 DER) of a PKCS#8 PEM private key.
+pub(super) fn public_key_of(pem: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+    use rustls::pki_types::pem::PemObject;
+    PrivatePkcs8KeyDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .and_then(|der| ring::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der()).ok())
+        .map(|pair| {
+            ring::signature::KeyPair::public_key(&pair)
+                .as_ref()
+                .to_vec()
+        })
+}
+
 // === OAuth token endpoint ===
 
-async fn token_endpoint(
+/// An OAuth error: status, `error`, `error_description`.
+pub(super) type OAuthError = (u16, &'static str, String);
+/// What a grant answers: the JSON and the fault target it counts as.
+pub(super) type OAuthResult = Result<(Value, Target), OAuthError>;
+
+pub(super) fn unsupported_grant(grant: &str) -> OAuthError {
+    (
+        400,
+        "unsupported_grant_type",
+        format!("Invalid grant_type: {grant}"),
+    )
+}
+
+/// Answers a form-encoded token request with `grant`'s answer (through
+/// the faults), or an OAuth error.
+async fn form_endpoint(
     shared: &Shared,
     request: Request<Incoming>,
+    grant: impl FnOnce(&Shared, &HashMap<String, String>, &http::HeaderMap) -> OAuthResult,
 ) -> Result<Response<Body>, std::io::Error> {
-    let form_ok = request
-        .headers()
+    let headers = request.headers().clone();
+    let form_ok = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
@@ -212,17 +255,7 @@ async fn token_endpoint(
         ));
     };
     let form = parse_query(&body);
-    let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
-    let answer = match grant {
-        JWT_BEARER => jwt_bearer(shared, &form),
-        "refresh_token" => refresh(shared, &form),
-        other => Err((
-            400,
-            "unsupported_grant_type",
-            format!("Invalid grant_type: {other}"),
-        )),
-    };
-    match answer {
+    match grant(shared, &form, &headers) {
         Ok((body, target)) => {
             let fault = shared.lock().take_fault(target);
             let mut response = respond(shared, fault, |_| body.to_string()).await?;
@@ -235,8 +268,6 @@ async fn token_endpoint(
         Err((status, error, description)) => Ok(oauth_error(shared, status, error, &description)),
     }
 }
-
-type OAuthResult = Result<(Value, Target), (u16, &'static str, String)>;
 
 /// The `jwt-bearer` grant: verify the assertion, then issue what its
 /// claims ask for.
@@ -309,7 +340,7 @@ fn jwt_bearer(shared: &Shared, form: &HashMap<String, String>) -> OAuthResult {
 }
 
 /// The `refresh_token` grant of user credentials.
-fn refresh(shared: &Shared, form: &HashMap<String, String>) -> OAuthResult {
+pub(super) fn refresh(shared: &Shared, form: &HashMap<String, String>) -> OAuthResult {
     let field = |name: &str| form.get(name).map(String::as_str).unwrap_or("");
     let user = {
         let state = shared.lock();

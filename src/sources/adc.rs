@@ -14,8 +14,11 @@ use tokio::time::Instant;
 use crate::error::BrokerError;
 use crate::error::FetchError;
 use crate::request::{ServiceAccount, TokenKey};
-use crate::sources::credentials::{self, Credentials, CredentialsError, UserCredentials};
-use crate::sources::https::HttpsClient;
+use crate::sources::credentials::external::ALLOW_EXECUTABLES_ENV;
+use crate::sources::credentials::{
+    self, ClientAuth, Credentials, CredentialsError, UserCredentials,
+};
+use crate::sources::https::{Auth, HttpsClient};
 use crate::sources::keyfile::form;
 use crate::sources::response::parse_access_token;
 use crate::token::Token;
@@ -35,6 +38,9 @@ pub struct Environment {
     pub cloudsdk_config: Option<PathBuf>,
     /// `HOME`.
     pub home: Option<PathBuf>,
+    /// `GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1`: an `external_account`
+    /// file may name a program to run.
+    pub allow_executables: bool,
 }
 
 impl Environment {
@@ -49,6 +55,8 @@ impl Environment {
             google_application_credentials: path("GOOGLE_APPLICATION_CREDENTIALS"),
             cloudsdk_config: path("CLOUDSDK_CONFIG"),
             home: path("HOME"),
+            allow_executables: std::env::var_os(ALLOW_EXECUTABLES_ENV)
+                .is_some_and(|value| value == "1"),
         }
     }
 
@@ -85,7 +93,7 @@ pub enum Found {
 /// is found but unusable is an error, never skipped.
 pub fn discover(explicit: Option<&Path>, env: &Environment) -> Result<Found, CredentialsError> {
     let file = |path: &Path, origin| {
-        credentials::read(path).map(|credentials| Found::File {
+        credentials::read(path, env.allow_executables).map(|credentials| Found::File {
             credentials: Box::new(credentials),
             origin,
         })
@@ -124,7 +132,11 @@ impl UserSource {
 
     /// The source in words (never a secret).
     pub fn describe(&self) -> String {
-        format!("the user credentials {}", self.user.path.display())
+        let kind = match self.user.client_auth {
+            ClientAuth::Form => "user credentials",
+            ClientAuth::Basic => "workforce user credentials",
+        };
+        format!("the {kind} {}", self.user.path.display())
     }
 
     /// Checks that the token endpoint answers (a GET; any status but a 5xx
@@ -143,23 +155,35 @@ impl UserSource {
                 ));
             }
         };
+        let user = &self.user;
         let mut pairs = vec![
             ("grant_type", "refresh_token"),
-            ("client_id", self.user.client_id.as_str()),
-            ("client_secret", self.user.client_secret.expose()),
-            ("refresh_token", self.user.refresh_token.expose()),
+            ("refresh_token", user.refresh_token.expose()),
         ];
-        if !scopes.is_empty() {
+        let auth = match user.client_auth {
+            ClientAuth::Form => {
+                pairs.push(("client_id", user.client_id.as_str()));
+                pairs.push(("client_secret", user.client_secret.expose()));
+                Auth::None
+            }
+            ClientAuth::Basic => Auth::Basic {
+                user: &user.client_id,
+                password: &user.client_secret,
+            },
+        };
+        // A workforce user's refresh grant takes no scope: its tokens carry
+        // what the user's login granted, as in Google's libraries.
+        if !scopes.is_empty() && user.client_auth == ClientAuth::Form {
             pairs.push(("scope", &scopes));
         }
         let body = self
             .http
             .post(
                 SERVICE,
-                &self.user.token_uri,
+                &user.token_uri,
                 "application/x-www-form-urlencoded",
                 form(&pairs),
-                None,
+                auth,
             )
             .await?;
         parse_access_token(&body, fetched_at)

@@ -1,24 +1,32 @@
 //! Credential files, as Google's tools write them: a service-account key
-//! (`"type": "service_account"`) or gcloud's user credentials
-//! (`"type": "authorized_user"`). Read once at start-up, checked strictly,
-//! secrets held only in memory that is zeroed on drop, never printed. (One
-//! copy is outside the broker's reach: serde_json unescapes a string with
-//! `\n` escapes, as a PEM key has, in a scratch buffer it frees unzeroed.)
+//! (`"type": "service_account"`), gcloud's user credentials
+//! (`"authorized_user"`), workforce federation's user credentials
+//! (`"external_account_authorized_user"`), Workload Identity Federation
+//! (`"external_account"`, see [`external`]) and an impersonated account
+//! (`"impersonated_service_account"`). Read once at start-up, checked
+//! strictly, secrets held only in memory that is zeroed on drop, never
+//! printed. (One copy is outside the broker's reach: serde_json unescapes a
+//! string with `\n` escapes, as a PEM key has, in a scratch buffer it frees
+//! unzeroed.)
+
+pub mod document;
+pub mod external;
 
 use std::fmt;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use http::Uri;
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use rustls::pki_types::pem::PemObject;
-use serde::Deserialize;
-use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::secret::Secret;
 use crate::sources::https;
+use document::{Document, Object};
+use external::ExternalAccount;
 
 /// Google's OAuth token endpoint, for user credentials that name none.
 pub const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
@@ -63,19 +71,19 @@ pub enum CredentialsError {
         /// Where parsing failed (never the content).
         reason: String,
     },
-    /// A required field is absent or not a string.
+    /// A field is absent, of the wrong type or not acceptable.
     #[error("credentials file {path}: field \"{field}\" is {problem}")]
     Field {
         /// The file.
         path: PathBuf,
-        /// The field.
-        field: &'static str,
-        /// "missing", "not a string" or "empty".
-        problem: &'static str,
+        /// The field, as a dotted path (`credential_source.file`).
+        field: String,
+        /// What is wrong: "missing", "not a string", "empty", ...
+        problem: String,
     },
     /// A `type` this broker does not use.
     #[error(
-        "credentials file {path} has type {found:?}; tokenbroker uses \"service_account\" keys and gcloud's \"authorized_user\" credentials (for another account, add --impersonate)"
+        "credentials file {path} has type {found:?}; tokenbroker reads \"service_account\", \"authorized_user\", \"external_account\", \"external_account_authorized_user\" and \"impersonated_service_account\""
     )]
     UnsupportedType {
         /// The file.
@@ -93,7 +101,7 @@ pub enum CredentialsError {
         /// What is wrong (never the key).
         reason: &'static str,
     },
-    /// `token_uri` is not an acceptable endpoint.
+    /// An endpoint URL (`token_uri`, `token_url`, ...) is not acceptable.
     #[error("credentials file {path}: {reason}")]
     BadTokenUri {
         /// The file.
@@ -108,8 +116,14 @@ pub enum CredentialsError {
 pub enum Credentials {
     /// A service-account key.
     ServiceAccount(ServiceAccountKey),
-    /// gcloud's user credentials (`gcloud auth application-default login`).
+    /// User credentials: gcloud's (`gcloud auth application-default
+    /// login`) or workforce federation's.
     AuthorizedUser(UserCredentials),
+    /// Workload Identity Federation: an external subject token exchanged
+    /// at Google STS.
+    ExternalAccount(Box<ExternalAccount>),
+    /// Another account, impersonated with the source credentials' token.
+    ImpersonatedServiceAccount(ImpersonatedAccount),
 }
 
 /// A service-account key: its account, key id, token endpoint and private
@@ -152,7 +166,17 @@ impl fmt::Debug for ServiceAccountKey {
     }
 }
 
-/// gcloud's user credentials: an OAuth client and a refresh token.
+/// How an OAuth client proves itself to the token endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the form (gcloud's
+    /// `authorized_user`).
+    Form,
+    /// HTTP basic auth (`external_account_authorized_user`).
+    Basic,
+}
+
+/// User credentials: an OAuth client and a refresh token.
 #[derive(Debug)]
 pub struct UserCredentials {
     /// The OAuth client (`client_id`).
@@ -161,31 +185,101 @@ pub struct UserCredentials {
     pub client_secret: Secret,
     /// The refresh token.
     pub refresh_token: Secret,
-    /// Where the refresh token is exchanged (`token_uri`, or Google's).
+    /// Where the refresh token is exchanged (`token_uri`, or Google's;
+    /// `token_url` for workforce users).
     pub token_uri: Uri,
+    /// How the client authenticates.
+    pub client_auth: ClientAuth,
     /// The file it came from.
     pub path: PathBuf,
 }
 
-/// Reads and checks a credentials file. Refuses a file every user may read.
-pub fn read(path: &Path) -> Result<Credentials, CredentialsError> {
+/// `"type": "impersonated_service_account"`.
+#[derive(Debug)]
+pub struct ImpersonatedAccount {
+    /// The account and the IAM Credentials URLs.
+    pub url: ImpersonationUrl,
+    /// The delegation chain, emails.
+    pub delegates: Vec<String>,
+    /// Whose token authorises the impersonation.
+    pub source: Box<Credentials>,
+}
+
+/// A `service_account_impersonation_url`
+/// (`https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/EMAIL:generateAccessToken`)
+/// and the `generateIdToken` URL beside it, as Google's libraries derive it.
+#[derive(Clone, Debug)]
+pub struct ImpersonationUrl {
+    /// The impersonated account.
+    pub target: String,
+    /// `...:generateAccessToken`.
+    pub access: Uri,
+    /// `...:generateIdToken`.
+    pub id: Uri,
+}
+
+/// The method suffix an impersonation URL ends with.
+const GENERATE_ACCESS_TOKEN: &str = ":generateAccessToken";
+
+impl ImpersonationUrl {
+    /// Reads and checks the URL in `field` of `fields`.
+    pub fn parse(fields: &Object<'_>, field: &str) -> Result<Self, CredentialsError> {
+        let text = fields.text(field)?;
+        let access = endpoint_field(fields, field, text)?;
+        let target = access
+            .path()
+            .strip_suffix(GENERATE_ACCESS_TOKEN)
+            .and_then(|path| path.rsplit_once("/serviceAccounts/"))
+            .map(|(_, email)| email)
+            .filter(|email| email.contains('@') && !email.contains('/'))
+            .ok_or_else(|| {
+                fields.error(
+                    field,
+                    "not an IAM Credentials URL (.../serviceAccounts/EMAIL:generateAccessToken)",
+                )
+            })?;
+        let id = text
+            .replacen(GENERATE_ACCESS_TOKEN, ":generateIdToken", 1)
+            .parse()
+            .map_err(|_| fields.error(field, "not a URL"))?;
+        Ok(Self {
+            target: target.to_string(),
+            access,
+            id,
+        })
+    }
+}
+
+/// Lifetime of impersonated access tokens when the file names none (1 hour).
+pub const DEFAULT_IMPERSONATED_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Reads and checks a credentials file. Refuses a file every user may read,
+/// and an `executable` subject-token source unless `allow_executables`
+/// (`GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1`).
+pub fn read(path: &Path, allow_executables: bool) -> Result<Credentials, CredentialsError> {
     let bytes = read_private(path)?;
-    let fields: Fields =
-        serde_json::from_slice(&bytes).map_err(|error| CredentialsError::NotJson {
-            path: path.to_path_buf(),
-            reason: format!(
-                "{:?} error at line {} column {}",
-                error.classify(),
-                error.line(),
-                error.column()
-            ),
-        })?;
-    let kind = fields.text(path, "type", &fields.kind)?;
-    match kind.as_str() {
-        "service_account" => service_account(path, &fields).map(Credentials::ServiceAccount),
-        "authorized_user" => authorized_user(path, &fields).map(Credentials::AuthorizedUser),
+    let document = Document::parse(path, &bytes)?;
+    parse(&document.root(path), allow_executables)
+}
+
+/// The credentials `fields` describe (a whole file, or an impersonated
+/// account's `source_credentials`).
+fn parse(fields: &Object<'_>, allow_executables: bool) -> Result<Credentials, CredentialsError> {
+    match fields.text("type")? {
+        "service_account" => service_account(fields).map(Credentials::ServiceAccount),
+        "authorized_user" => {
+            authorized_user(fields, ClientAuth::Form).map(Credentials::AuthorizedUser)
+        }
+        "external_account_authorized_user" => {
+            authorized_user(fields, ClientAuth::Basic).map(Credentials::AuthorizedUser)
+        }
+        "external_account" => external::parse(fields, allow_executables)
+            .map(|account| Credentials::ExternalAccount(Box::new(account))),
+        "impersonated_service_account" => {
+            impersonated(fields, allow_executables).map(Credentials::ImpersonatedServiceAccount)
+        }
         other => Err(CredentialsError::UnsupportedType {
-            path: path.to_path_buf(),
+            path: fields.path().to_path_buf(),
             found: other.chars().take(64).collect(),
         }),
     }
@@ -227,12 +321,12 @@ fn read_private(path: &Path) -> Result<Zeroizing<Vec<u8>>, CredentialsError> {
     Ok(bytes)
 }
 
-fn service_account(path: &Path, fields: &Fields) -> Result<ServiceAccountKey, CredentialsError> {
-    let client_email = fields.text(path, "client_email", &fields.client_email)?;
-    let private_key_id = fields.text(path, "private_key_id", &fields.private_key_id)?;
-    let pem = fields.text(path, "private_key", &fields.private_key)?;
-    let token_uri = fields.text(path, "token_uri", &fields.token_uri)?;
-    let token_uri = token_uri_of(path, token_uri)?;
+fn service_account(fields: &Object<'_>) -> Result<ServiceAccountKey, CredentialsError> {
+    let path = fields.path();
+    let client_email = fields.text("client_email")?;
+    let private_key_id = fields.text("private_key_id")?;
+    let pem = fields.text("private_key")?;
+    let token_uri = endpoint_field(fields, "token_uri", fields.text("token_uri")?)?;
     let bad_key = |reason| CredentialsError::BadKey {
         path: path.to_path_buf(),
         reason,
@@ -252,129 +346,80 @@ fn service_account(path: &Path, fields: &Fields) -> Result<ServiceAccountKey, Cr
     Ok(key)
 }
 
-fn authorized_user(path: &Path, fields: &Fields) -> Result<UserCredentials, CredentialsError> {
-    let client_id = fields.text(path, "client_id", &fields.client_id)?;
-    let client_secret = fields.text(path, "client_secret", &fields.client_secret)?;
-    let refresh_token = fields.text(path, "refresh_token", &fields.refresh_token)?;
-    let token_uri = match &fields.token_uri {
-        None => DEFAULT_TOKEN_URI.to_string(),
-        Some(_) => fields
-            .text(path, "token_uri", &fields.token_uri)?
-            .to_string(),
+/// gcloud's `authorized_user` (client in the form, Google's token endpoint
+/// by default) or workforce federation's `external_account_authorized_user`
+/// (client by HTTP basic auth, `token_url` required).
+fn authorized_user(
+    fields: &Object<'_>,
+    client_auth: ClientAuth,
+) -> Result<UserCredentials, CredentialsError> {
+    let client_id = fields.text("client_id")?;
+    let client_secret = fields.text("client_secret")?;
+    let refresh_token = fields.text("refresh_token")?;
+    let (field, token_uri) = match client_auth {
+        ClientAuth::Form => (
+            "token_uri",
+            fields
+                .optional_text("token_uri")?
+                .unwrap_or(DEFAULT_TOKEN_URI),
+        ),
+        ClientAuth::Basic => ("token_url", fields.text("token_url")?),
     };
     Ok(UserCredentials {
         client_id: client_id.to_string(),
         client_secret: Secret::new(client_secret.to_string()),
         refresh_token: Secret::new(refresh_token.to_string()),
-        token_uri: token_uri_of(path, &token_uri)?,
-        path: path.to_path_buf(),
+        token_uri: endpoint_field(fields, field, token_uri)?,
+        client_auth,
+        path: fields.path().to_path_buf(),
     })
 }
 
-fn token_uri_of(path: &Path, token_uri: &str) -> Result<Uri, CredentialsError> {
-    https::endpoint("token_uri", token_uri).map_err(|reason| CredentialsError::BadTokenUri {
-        path: path.to_path_buf(),
+/// `impersonated_service_account`: `service_account_impersonation_url`,
+/// `delegates` and `source_credentials`, any other supported type.
+fn impersonated(
+    fields: &Object<'_>,
+    allow_executables: bool,
+) -> Result<ImpersonatedAccount, CredentialsError> {
+    let url = ImpersonationUrl::parse(fields, "service_account_impersonation_url")?;
+    let delegates = fields
+        .texts("delegates")?
+        .into_iter()
+        .map(|delegate| {
+            // gcloud writes full resource names; the broker's --delegates
+            // takes emails.
+            delegate
+                .rsplit('/')
+                .next()
+                .filter(|email| email.contains('@'))
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    fields.error(
+                        "delegates",
+                        "not a list of service accounts (emails or projects/-/serviceAccounts/EMAIL)",
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let source = parse(&fields.object("source_credentials")?, allow_executables)?;
+    Ok(ImpersonatedAccount {
+        url,
+        delegates,
+        source: Box::new(source),
+    })
+}
+
+/// The endpoint URL `value` of `field`: `https://`, or `http://` to
+/// loopback.
+pub(crate) fn endpoint_field(
+    fields: &Object<'_>,
+    field: &str,
+    value: &str,
+) -> Result<Uri, CredentialsError> {
+    https::endpoint(field, value).map_err(|reason| CredentialsError::BadTokenUri {
+        path: fields.path().to_path_buf(),
         reason,
     })
-}
-
-/// The fields the broker reads; each may be absent, a string, or something
-/// else. Others are ignored.
-#[derive(Deserialize)]
-struct Fields {
-    #[serde(rename = "type")]
-    kind: Option<Field>,
-    client_email: Option<Field>,
-    private_key_id: Option<Field>,
-    private_key: Option<Field>,
-    token_uri: Option<Field>,
-    client_id: Option<Field>,
-    client_secret: Option<Field>,
-    refresh_token: Option<Field>,
-}
-
-impl Fields {
-    /// The non-empty string value of `field`, or an error naming it.
-    fn text<'a>(
-        &self,
-        path: &Path,
-        name: &'static str,
-        field: &'a Option<Field>,
-    ) -> Result<&'a Zeroizing<String>, CredentialsError> {
-        let problem = match field {
-            None => "missing",
-            Some(Field::Other) => "not a string",
-            Some(Field::Text(text)) if text.trim().is_empty() => "empty",
-            Some(Field::Text(text)) => return Ok(text),
-        };
-        Err(CredentialsError::Field {
-            path: path.to_path_buf(),
-            field: name,
-            problem,
-        })
-    }
-}
-
-/// One field's value: a string (zeroed on drop) or anything else. Reading
-/// it never fails, so that serde's messages (which may quote values) are
-/// never shown; the broker names the field instead.
-enum Field {
-    Text(Zeroizing<String>),
-    Other,
-}
-
-impl<'de> Deserialize<'de> for Field {
-    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(FieldVisitor)
-    }
-}
-
-struct FieldVisitor;
-
-impl<'de> Visitor<'de> for FieldVisitor {
-    type Value = Field;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_str<E: de::Error>(self, value: &str) -> Result<Field, E> {
-        Ok(Field::Text(Zeroizing::new(value.to_string())))
-    }
-
-    fn visit_string<E: de::Error>(self, value: String) -> Result<Field, E> {
-        Ok(Field::Text(Zeroizing::new(value)))
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Field, E> {
-        Ok(Field::Other)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Field, E> {
-        Ok(Field::Other)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Field, E> {
-        Ok(Field::Other)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Field, E> {
-        Ok(Field::Other)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Field, E> {
-        Ok(Field::Other)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Field::Other)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Field::Other)
-    }
 }
 
 #[cfg(test)]
@@ -407,7 +452,7 @@ mod tests {
     fn a_service_account_key_is_read_and_never_printed() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(&dir, &key_json().to_string(), 0o600);
-        let Credentials::ServiceAccount(key) = read(&path).unwrap() else {
+        let Credentials::ServiceAccount(key) = read(&path, false).unwrap() else {
             panic!("not a service account key");
         };
         assert_eq!(key.client_email, "sa@p.iam.gserviceaccount.com");
@@ -417,7 +462,7 @@ mod tests {
         assert!(!printed.contains("PRIVATE KEY") && printed.contains("[redacted]"));
         // Group-readable is allowed.
         let path = write(&dir, &key_json().to_string(), 0o640);
-        assert!(read(&path).is_ok());
+        assert!(read(&path, false).is_ok());
     }
 
     #[test]
@@ -425,7 +470,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let expect = |content: String, mode: u32, needle: &str| {
             let path = write(&dir, &content, mode);
-            let message = read(&path).unwrap_err().to_string();
+            let message = read(&path, false).unwrap_err().to_string();
             assert!(message.contains(needle), "{message:?} lacks {needle:?}");
             assert!(message.contains("key.json"), "{message}");
             assert!(!message.contains("MII"), "the key leaked: {message}");
@@ -452,8 +497,8 @@ mod tests {
             );
         }
         let mut json = key_json();
-        json["type"] = "external_account".into();
-        expect(json.to_string(), 0o600, "\"external_account\"");
+        json["type"] = "gdch_service_account".into();
+        expect(json.to_string(), 0o600, "\"gdch_service_account\"");
         let mut json = key_json();
         json["private_key"] =
             "-----BEGIN PRIVATE KEY-----\nMIIgarbage\n-----END PRIVATE KEY-----\n".into();
@@ -466,7 +511,10 @@ mod tests {
         json["token_uri"] = "http://oauth2.googleapis.com/token".into();
         expect(json.to_string(), 0o600, "loopback");
         let missing = dir.path().join("nope.json");
-        assert!(matches!(read(&missing), Err(CredentialsError::Read { .. })));
+        assert!(matches!(
+            read(&missing, false),
+            Err(CredentialsError::Read { .. })
+        ));
     }
 
     #[test]
@@ -479,7 +527,7 @@ mod tests {
             "refresh_token": "1//refresh-secret",
         });
         let path = write(&dir, &json.to_string(), 0o600);
-        let Credentials::AuthorizedUser(user) = read(&path).unwrap() else {
+        let Credentials::AuthorizedUser(user) = read(&path, false).unwrap() else {
             panic!("not user credentials");
         };
         assert_eq!(user.token_uri, DEFAULT_TOKEN_URI);

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Deserialize;
+use zeroize::Zeroizing;
 
 use crate::error::FetchError;
 use crate::secret::Secret;
@@ -37,27 +38,26 @@ pub fn pooled_client() -> hyper_util::client::legacy::Builder {
     builder
 }
 
-/// Checks an endpoint URL from a key file or the command line: `https://`
-/// anywhere, `http://` only to a loopback address. `what` names it in the
-/// error, e.g. "token_uri".
+/// Checks an endpoint URL from a credentials file or the command line:
+/// `https://` anywhere, `http://` only to a loopback address. `what` names
+/// it in the error, e.g. "token_uri"; the error never repeats the URL,
+/// which may carry a secret in its query.
 pub fn endpoint(what: &str, url: &str) -> Result<Uri, String> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|_| format!("{what} {url:?} is not a URL"))?;
+    let uri: Uri = url.parse().map_err(|_| format!("{what} is not a URL"))?;
     let host = uri
         .host()
         .filter(|h| !h.is_empty())
-        .ok_or_else(|| format!("{what} {url:?} has no host"))?;
+        .ok_or_else(|| format!("{what} is not a URL with a host"))?;
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(format!("{what} {url:?} must not hold user info"));
+        return Err(format!("{what} must not hold user info"));
     }
     match uri.scheme_str() {
         Some("https") => Ok(uri),
         Some("http") if is_loopback(host) => Ok(uri),
         Some("http") => Err(format!(
-            "{what} {url:?} is plain http to a host that is not loopback; use https:// (http:// is accepted only for 127.0.0.0/8, ::1 and localhost, for tests and emulators)"
+            "{what} is plain http to {host}, which is not loopback; use https:// (http:// is accepted only for 127.0.0.0/8, ::1 and localhost, for tests and emulators)"
         )),
-        _ => Err(format!("{what} {url:?} must start with https://")),
+        _ => Err(format!("{what} must start with https://")),
     }
 }
 
@@ -65,6 +65,50 @@ fn is_loopback(host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     host.eq_ignore_ascii_case("localhost")
         || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// How a request authenticates.
+#[derive(Clone, Copy)]
+pub enum Auth<'a> {
+    /// Not at all.
+    None,
+    /// `Authorization: Bearer <token>`.
+    Bearer(&'a Secret),
+    /// HTTP basic auth, as an OAuth client (RFC 6749 section 2.3.1).
+    Basic {
+        /// The client id.
+        user: &'a str,
+        /// The client secret.
+        password: &'a Secret,
+    },
+}
+
+impl Auth<'_> {
+    /// The `Authorization` value, marked sensitive (kept out of HTTP/2
+    /// header compression tables and `Debug` output); `Err` if the
+    /// credential cannot be a header value.
+    fn header_value(&self) -> Result<Option<HeaderValue>, ()> {
+        use base64::Engine;
+        let text = match self {
+            Self::None => return Ok(None),
+            Self::Bearer(token) => Zeroizing::new(format!("Bearer {}", token.expose())),
+            Self::Basic { user, password } => {
+                // RFC 6749 form-encodes both parts before joining them.
+                let password = Zeroizing::new(url_encode(password.expose()));
+                let pair = Zeroizing::new(format!("{}:{}", url_encode(user), password.as_str()));
+                let mut text = Zeroizing::new(String::from("Basic "));
+                base64::engine::general_purpose::STANDARD.encode_string(pair.as_bytes(), &mut text);
+                text
+            }
+        };
+        let mut value = HeaderValue::try_from(text.as_str()).map_err(|_| ())?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+}
+
+fn url_encode(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
 /// An HTTP/1.1 client speaking TLS (rustls, platform roots) to `https://`
@@ -117,26 +161,45 @@ impl HttpsClient {
         uri: &Uri,
         content_type: &'static str,
         body: Bytes,
-        bearer: Option<&Secret>,
+        auth: Auth<'_>,
     ) -> Result<Bytes, FetchError> {
+        let cannot_build = || FetchError::Malformed(format!("cannot build a request to {service}"));
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(uri.clone())
-            .header(header::CONTENT_TYPE, content_type)
-            .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, user_agent());
-        if let Some(bearer) = bearer {
-            let mut value = http::HeaderValue::try_from(format!("Bearer {}", bearer.expose()))
-                .map_err(|_| {
-                    FetchError::Malformed(format!("cannot build a request to {service}"))
-                })?;
-            // Kept out of HTTP/2 header compression tables and Debug output.
-            value.set_sensitive(true);
+            .header(header::CONTENT_TYPE, content_type);
+        if let Some(value) = auth.header_value().map_err(|()| cannot_build())? {
             request = request.header(header::AUTHORIZATION, value);
         }
-        let request = request
-            .body(Full::new(body))
+        let request = request.body(Full::new(body)).map_err(|_| cannot_build())?;
+        self.exchange(service, request).await
+    }
+
+    /// GETs `uri` with `headers` and returns the body of a 200, as
+    /// [`HttpsClient::post`] does.
+    pub async fn get(
+        &self,
+        service: &'static str,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<Bytes, FetchError> {
+        let mut request = Request::get(uri.clone())
+            .body(Full::new(Bytes::new()))
             .map_err(|_| FetchError::Malformed(format!("cannot build a request to {service}")))?;
+        request.headers_mut().extend(headers.clone());
+        self.exchange(service, request).await
+    }
+
+    /// Sends `request` (with the common `Accept` and `User-Agent`) and
+    /// reads a bounded answer, all within the timeout.
+    async fn exchange(
+        &self,
+        service: &'static str,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Bytes, FetchError> {
+        let headers = request.headers_mut();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        headers.insert(header::USER_AGENT, HeaderValue::from_static(user_agent()));
         let exchange = async {
             let response = self
                 .http

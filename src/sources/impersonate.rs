@@ -17,7 +17,8 @@ use crate::error::BrokerError;
 use crate::error::FetchError;
 use crate::request::{AccessTokenKey, ServiceAccount, TokenKey};
 use crate::secret::Secret;
-use crate::sources::https::HttpsClient;
+use crate::sources::credentials::{DEFAULT_IMPERSONATED_LIFETIME, ImpersonationUrl};
+use crate::sources::https::{Auth, HttpsClient};
 use crate::sources::keyfile::{DEFAULT_SCOPES, admit_one_account};
 use crate::sources::response::{MAX_TOKEN_LIFETIME, check_printable, parse_id_token};
 use crate::token::Token;
@@ -25,20 +26,18 @@ use crate::upstream::TokenSource;
 
 /// Google's IAM Credentials API, unless `--iam-endpoint` says otherwise.
 pub const DEFAULT_IAM_ENDPOINT: &str = "https://iamcredentials.googleapis.com";
-/// Lifetime asked for impersonated access tokens (1 hour, the default
-/// maximum).
-pub const ACCESS_TOKEN_LIFETIME: &str = "3600s";
 /// The base token is fetched again when it has less than this left (5 min).
 pub const BASE_TOKEN_MARGIN: Duration = Duration::from_secs(300);
 
 const SERVICE: &str = "the IAM Credentials API";
 
-/// Mints tokens for `target` through the IAM Credentials API.
+/// Mints tokens for one account through the IAM Credentials API.
 pub struct ImpersonatedSource {
     base: Arc<dyn TokenSource>,
-    target: String,
+    url: ImpersonationUrl,
     delegates: Vec<String>,
-    endpoint: Uri,
+    /// Lifetime asked for access tokens.
+    lifetime: Duration,
     http: HttpsClient,
     /// The base source's latest access token, reused while it lasts. An
     /// async lock, held across the base fetch, so that concurrent fetches
@@ -48,20 +47,52 @@ pub struct ImpersonatedSource {
 
 impl ImpersonatedSource {
     /// Impersonates `target` (through the chain `delegates`, emails) at the
-    /// IAM Credentials API under `endpoint`, authorised by `base`'s access
-    /// tokens.
+    /// IAM Credentials API under `endpoint` (`--impersonate`), authorised
+    /// by `base`'s access tokens, which live an hour.
     pub fn new(
         base: Arc<dyn TokenSource>,
-        target: String,
+        target: &str,
         delegates: Vec<String>,
-        endpoint: Uri,
+        endpoint: &Uri,
+        http: HttpsClient,
+    ) -> Result<Self, String> {
+        let url = |method: &str| {
+            let base = endpoint.to_string();
+            format!(
+                "{}/v1/projects/-/serviceAccounts/{target}:{method}",
+                base.trim_end_matches('/'),
+            )
+            .parse()
+            .map_err(|_| format!("--impersonate {target:?} is not a service account email"))
+        };
+        let url = ImpersonationUrl {
+            target: target.to_string(),
+            access: url("generateAccessToken")?,
+            id: url("generateIdToken")?,
+        };
+        Ok(Self::at(
+            base,
+            url,
+            delegates,
+            DEFAULT_IMPERSONATED_LIFETIME,
+            http,
+        ))
+    }
+
+    /// Impersonates at the URLs a credentials file names, asking for access
+    /// tokens that live `lifetime`.
+    pub fn at(
+        base: Arc<dyn TokenSource>,
+        url: ImpersonationUrl,
+        delegates: Vec<String>,
+        lifetime: Duration,
         http: HttpsClient,
     ) -> Self {
         Self {
             base,
-            target,
+            url,
             delegates,
-            endpoint,
+            lifetime,
             http,
             base_token: tokio::sync::Mutex::new(None),
         }
@@ -69,13 +100,26 @@ impl ImpersonatedSource {
 
     /// The source in words.
     pub fn describe(&self) -> String {
-        format!("impersonation of {}", self.target)
+        format!("impersonation of {}", self.url.target)
     }
 
     /// Checks that the IAM Credentials API answers (a GET of its root; any
     /// status but a 5xx counts).
     pub async fn probe(&self) -> Result<(), FetchError> {
-        self.http.probe(SERVICE, &self.endpoint).await
+        let root = self
+            .url
+            .access
+            .authority()
+            .map_or_else(String::new, |authority| {
+                format!(
+                    "{}://{authority}/",
+                    self.url.access.scheme_str().unwrap_or("https")
+                )
+            });
+        let root = root
+            .parse()
+            .map_err(|_| FetchError::Malformed("cannot build the IAM Credentials URL".into()))?;
+        self.http.probe(SERVICE, &root).await
     }
 
     /// The base source's access token, fetched again when close to expiry.
@@ -96,17 +140,6 @@ impl ImpersonatedSource {
         Ok(token)
     }
 
-    fn url(&self, method: &str) -> Result<Uri, FetchError> {
-        let base = self.endpoint.to_string();
-        format!(
-            "{}/v1/projects/-/serviceAccounts/{}:{method}",
-            base.trim_end_matches('/'),
-            self.target
-        )
-        .parse()
-        .map_err(|_| FetchError::Malformed("cannot build the IAM Credentials URL".into()))
-    }
-
     fn delegate_names(&self) -> Vec<String> {
         self.delegates
             .iter()
@@ -116,25 +149,26 @@ impl ImpersonatedSource {
 
     async fn fetch_token(&self, key: &TokenKey) -> Result<Token, FetchError> {
         let bearer = self.base_token().await?;
-        let (method, body) = match key {
+        let (url, body) = match key {
             TokenKey::Access(access) => {
                 let scopes: Vec<&str> = if access.scopes.is_empty() {
                     DEFAULT_SCOPES.to_vec()
                 } else {
                     access.scopes.iter().map(String::as_str).collect()
                 };
-                let mut body = json!({"scope": scopes, "lifetime": ACCESS_TOKEN_LIFETIME});
+                let lifetime = format!("{}s", self.lifetime.as_secs());
+                let mut body = json!({"scope": scopes, "lifetime": lifetime});
                 if !self.delegates.is_empty() {
                     body["delegates"] = json!(self.delegate_names());
                 }
-                ("generateAccessToken", body)
+                (&self.url.access, body)
             }
             TokenKey::Id(id) => {
                 let mut body = json!({"audience": id.audience, "includeEmail": true});
                 if !self.delegates.is_empty() {
                     body["delegates"] = json!(self.delegate_names());
                 }
-                ("generateIdToken", body)
+                (&self.url.id, body)
             }
         };
         let fetched_at = SystemTime::now();
@@ -142,10 +176,10 @@ impl ImpersonatedSource {
             .http
             .post(
                 SERVICE,
-                &self.url(method)?,
+                url,
                 "application/json",
                 Bytes::from(body.to_string()),
-                Some(bearer.secret()),
+                Auth::Bearer(bearer.secret()),
             )
             .await;
         if let Err(FetchError::Status { status: 401, .. }) = &response {
@@ -206,7 +240,7 @@ impl TokenSource for ImpersonatedSource {
     }
 
     fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
-        admit_one_account(key, &self.target, || self.describe())
+        admit_one_account(key, &self.url.target, || self.describe())
     }
 }
 
@@ -256,13 +290,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn concurrent_fetches_share_one_base_token() {
         let base = Arc::new(CountingBase(Default::default()));
-        let source = Arc::new(ImpersonatedSource::new(
-            base.clone(),
-            "t@p.iam.gserviceaccount.com".into(),
-            vec![],
-            "http://127.0.0.1:1".parse().unwrap(),
-            HttpsClient::new(Duration::from_secs(1)).unwrap(),
-        ));
+        let source = Arc::new(
+            ImpersonatedSource::new(
+                base.clone(),
+                "t@p.iam.gserviceaccount.com",
+                vec![],
+                &"http://127.0.0.1:1".parse().unwrap(),
+                HttpsClient::new(Duration::from_secs(1)).unwrap(),
+            )
+            .unwrap(),
+        );
         let tasks: Vec<_> = (0..20)
             .map(|_| {
                 let source = source.clone();

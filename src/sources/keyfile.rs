@@ -18,7 +18,7 @@ use crate::error::BrokerError;
 use crate::error::FetchError;
 use crate::request::{IdTokenFormat, ServiceAccount, TokenKey};
 use crate::sources::credentials::ServiceAccountKey;
-use crate::sources::https::HttpsClient;
+use crate::sources::https::{Auth, HttpsClient};
 use crate::sources::response::{parse_access_token, parse_id_token};
 use crate::token::Token;
 use crate::upstream::TokenSource;
@@ -112,7 +112,7 @@ impl KeyFileSource {
                 &self.key.token_uri,
                 "application/x-www-form-urlencoded",
                 body,
-                None,
+                Auth::None,
             )
             .await?;
         match key {

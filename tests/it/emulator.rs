@@ -101,13 +101,8 @@ async fn identity_needs_an_audience_and_signs_its_claims() {
 // === The fake OAuth token endpoint and IAM Credentials API ===
 
 mod google {
-    use std::time::{SystemTime, UNIX_EPOCH};
-
     use http::Method;
-    use rustls::pki_types::PrivatePkcs8KeyDer;
-    use rustls::pki_types::pem::PemObject;
     use serde_json::{Value, json};
-    use tokenbroker::emulator::google::sign_assertion;
     use tokenbroker::emulator::{Emulator, EmulatorConfig};
 
     use super::common::{self, KEY_ACCOUNT, TEST_KEYS};
@@ -134,16 +129,11 @@ mod google {
     }
 
     fn now() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
+        common::unix_now()
     }
 
     fn sign(claims: &Value, kid: &str, key: usize) -> String {
-        let der = PrivatePkcs8KeyDer::from_pem_slice(TEST_KEYS[key].0.as_bytes()).unwrap();
-        let pair = ring::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der()).unwrap();
-        sign_assertion(claims, kid, &pair)
+        common::sign_with_test_key(claims, kid, key)
     }
 
     async fn exchange(emulator: &Emulator, assertion: &str) -> (u16, Value) {

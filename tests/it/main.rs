@@ -18,6 +18,7 @@ mod emulator;
 mod examples;
 mod fair_share;
 mod faults;
+mod federation;
 mod hardening;
 mod invalidate;
 mod lifecycle;

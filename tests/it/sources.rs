@@ -311,9 +311,9 @@ async fn bad_key_files_stop_the_broker_with_a_clear_message() {
     );
 
     let mut other_type = good.clone();
-    other_type["type"] = "external_account".into();
+    other_type["type"] = "gdch_service_account".into();
     let stderr = start(other_type, 0o600).await;
-    assert!(stderr.contains("\"external_account\""), "{stderr}");
+    assert!(stderr.contains("\"gdch_service_account\""), "{stderr}");
 
     let mut remote_http = good.clone();
     remote_http["token_uri"] = "http://oauth2.googleapis.com/token".into();

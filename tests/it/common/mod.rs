@@ -517,6 +517,24 @@ pub fn write_file(dir: &Path, name: &str, json: &serde_json::Value, mode: u32) -
     path
 }
 
+/// `claims` as an RS256 JWT signed with test key `key` (0 or 1), key id
+/// `kid`.
+pub fn sign_with_test_key(claims: &serde_json::Value, kid: &str, key: usize) -> String {
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let der = PrivatePkcs8KeyDer::from_pem_slice(TEST_KEYS[key].0.as_bytes()).unwrap();
+    let pair = ring::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der()).unwrap();
+    tokenbroker::emulator::google::sign_assertion(claims, kid, &pair)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 /// A key file for test key 1 that `emulator` trusts (registered as `kid-1`).
 pub fn trusted_key_file(emulator: &Emulator, dir: &Path) -> PathBuf {
     emulator.add_service_account_key("kid-1", KEY_ACCOUNT, TEST_KEYS[0].1.to_vec());

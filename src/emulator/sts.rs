@@ -1,0 +1,196 @@
+//! A fake of Google STS: the RFC 8693 token-exchange grant at `POST
+//! /v1/token`, exchanging a subject token of a registered workload identity
+//! pool (an RS256 JWT signed by the pool's key, of the pool's
+//! `subject_token_type`) for a federated access token; and the workforce
+//! refresh-token grant at `POST /v1/oauthtoken`, with the client in HTTP
+//! basic auth. Errors in OAuth's shape.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use http::{HeaderMap, header};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::Shared;
+use super::faults::Target;
+use super::google::{self, OAuthResult, unsupported_grant};
+use super::metadata_api::issue_access_token;
+use super::unix_now;
+use crate::sources::jwt;
+
+/// Path of the fake STS token exchange.
+pub const TOKEN_PATH: &str = "/v1/token";
+/// Path of the fake workforce refresh-token endpoint.
+pub const WORKFORCE_TOKEN_PATH: &str = "/v1/oauthtoken";
+
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+/// A workload identity pool provider the fake STS trusts.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    /// The provider's name, as files give it in `audience`
+    /// (`//iam.googleapis.com/projects/N/locations/global/workloadIdentityPools/P/providers/R`).
+    pub audience: String,
+    /// The subject token type it accepts (`urn:ietf:params:oauth:token-type:jwt`).
+    pub subject_token_type: String,
+    /// The RSA public key (PKCS#1 DER) subject tokens must be signed with.
+    pub public_key_der: Vec<u8>,
+}
+
+/// `PUT /emulator/v1/pools`: a pool, with the identity provider's signing
+/// key as a PKCS#8 PEM private key (the emulator derives the public key).
+#[derive(Deserialize)]
+pub(super) struct PoolRequest {
+    audience: String,
+    subject_token_type: String,
+    signing_key: String,
+}
+
+impl PoolRequest {
+    /// The pool, or why the request is unusable.
+    pub(super) fn pool(self) -> Result<Pool, String> {
+        let public_key_der = google::public_key_of(&self.signing_key)
+            .ok_or("signing_key is not a PKCS#8 PEM RSA private key")?;
+        Ok(Pool {
+            audience: self.audience,
+            subject_token_type: self.subject_token_type,
+            public_key_der,
+        })
+    }
+}
+
+/// The principal a federated token stands for, as Google names it.
+pub fn principal(audience: &str, subject: &str) -> String {
+    let pool = audience
+        .trim_start_matches("//iam.googleapis.com/")
+        .split("/providers/")
+        .next()
+        .unwrap_or_default();
+    format!("principal://iam.googleapis.com/{pool}/subject/{subject}")
+}
+
+/// The token-exchange grant.
+pub(super) fn exchange(
+    shared: &Shared,
+    form: &HashMap<String, String>,
+    _headers: &HeaderMap,
+) -> OAuthResult {
+    let field = |name: &str| form.get(name).map(String::as_str).unwrap_or("");
+    if field("grant_type") != TOKEN_EXCHANGE {
+        return Err(unsupported_grant(field("grant_type")));
+    }
+    if field("requested_token_type") != ACCESS_TOKEN_TYPE {
+        return Err((
+            400,
+            "invalid_request",
+            "Invalid value for \"requested_token_type\".".into(),
+        ));
+    }
+    let pool = shared.lock().google.pools.get(field("audience")).cloned();
+    let Some(pool) = pool else {
+        return Err((
+            400,
+            "invalid_target",
+            "The target service indicated by the \"audience\" parameters is invalid. This might either be because the pool or provider is disabled or deleted or because it doesn't exist.".into(),
+        ));
+    };
+    if field("subject_token_type") != pool.subject_token_type {
+        return Err((
+            400,
+            "invalid_request",
+            format!(
+                "Invalid value for \"subject_token_type\": the provider accepts {}.",
+                pool.subject_token_type
+            ),
+        ));
+    }
+    let invalid = || {
+        (
+            400,
+            "invalid_grant",
+            "The subject token is invalid: its signature does not verify, or it has expired, or it names no subject.".to_string(),
+        )
+    };
+    let claims =
+        jwt::verify_rs256(field("subject_token"), &pool.public_key_der).map_err(|_| invalid())?;
+    let subject = claims["sub"].as_str().filter(|s| !s.is_empty());
+    let (Some(subject), Some(exp)) = (subject, claims["exp"].as_u64()) else {
+        return Err(invalid());
+    };
+    if exp <= unix_now() {
+        return Err(invalid());
+    }
+    let scopes = match field("scope") {
+        "" => vec![CLOUD_PLATFORM.to_string()],
+        scope => scope.split_whitespace().map(str::to_string).collect(),
+    };
+    let (token, lifetime) = issue_access_token(shared, &principal(&pool.audience, subject), scopes);
+    Ok((
+        json!({
+            "access_token": token,
+            "issued_token_type": ACCESS_TOKEN_TYPE,
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+        }),
+        Target::Token,
+    ))
+}
+
+/// The workforce refresh-token grant: the client in basic auth, then the
+/// same checks as the OAuth endpoint's refresh grant.
+pub(super) fn workforce_refresh(
+    shared: &Shared,
+    form: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> OAuthResult {
+    if form.get("grant_type").map(String::as_str) != Some("refresh_token") {
+        return Err(unsupported_grant(
+            form.get("grant_type").map_or("", String::as_str),
+        ));
+    }
+    let client = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+        .and_then(|v| String::from_utf8(v).ok())
+        .and_then(|pair| {
+            let (id, secret) = pair.split_once(':')?;
+            let decode = |s: &str| {
+                form_urlencoded::parse(format!("x={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+            };
+            Some((decode(id)?, decode(secret)?))
+        });
+    let Some((client_id, client_secret)) = client else {
+        return Err((
+            401,
+            "invalid_client",
+            "The client must authenticate with HTTP basic auth.".into(),
+        ));
+    };
+    let mut form = form.clone();
+    form.insert("client_id".into(), client_id);
+    form.insert("client_secret".into(), client_secret);
+    google::refresh(shared, &form)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principals_are_named_as_google_names_them() {
+        assert_eq!(
+            principal(
+                "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/gh",
+                "repo:o/r"
+            ),
+            "principal://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/subject/repo:o/r"
+        );
+    }
+}

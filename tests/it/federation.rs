@@ -1,0 +1,665 @@
+//! Workload Identity Federation and the other ADC file types, end to end:
+//! the broker binary with an `external_account` file (subject token from a
+//! file, a URL or a program, with and without impersonation), an
+//! `impersonated_service_account` file and an
+//! `external_account_authorized_user` file, against the emulator's fake
+//! STS, which verifies each subject token's signature.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokenbroker::emulator::google::User;
+use tokenbroker::emulator::sts::{Pool, principal};
+use tokenbroker::emulator::{Emulator, EmulatorConfig};
+use tokenbroker::proto::v1::token;
+use tonic::Code;
+
+use crate::common::{
+    Broker, TEST_KEYS, access_request, assert_no_piece_of, chmod, claims, emulator, id_request,
+    in_time, invalidated, next_token, poll_until, serve_fails, sign_with_test_key, unix_now,
+    write_file,
+};
+
+/// The workload identity pool provider the tests federate through.
+const POOL: &str =
+    "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/ci/providers/github";
+const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+const TARGET: &str = "deployer@test-project.iam.gserviceaccount.com";
+const AUDIENCE: &str = "https://svc-abc123-uc.a.run.app";
+
+/// The emulator, trusting subject tokens of [`POOL`] signed with test key 1.
+async fn federating(config: EmulatorConfig) -> Emulator {
+    let emulator = emulator(config).await;
+    emulator.add_federation_pool(Pool {
+        audience: POOL.into(),
+        subject_token_type: JWT_TYPE.into(),
+        public_key_der: TEST_KEYS[0].1.to_vec(),
+    });
+    emulator.allow_impersonation(TARGET);
+    emulator
+}
+
+/// A subject token for `subject`, as an identity provider (GitHub,
+/// Kubernetes) signs it; `key` 1 is a key the pool does not trust.
+fn subject_token(subject: &str, key: usize) -> String {
+    let now = unix_now();
+    sign_with_test_key(
+        &json!({"iss": "https://token.actions.githubusercontent.com", "sub": subject, "aud": POOL, "iat": now, "exp": now + 3600}),
+        "idp-1",
+        key,
+    )
+}
+
+/// An `external_account` file whose subject comes from `source`, at the
+/// emulator's STS, impersonating [`TARGET`] if `impersonate`.
+fn federation_file(emulator: &Emulator, dir: &Path, source: Value, impersonate: bool) -> PathBuf {
+    let mut json = json!({
+        "universe_domain": "googleapis.com",
+        "type": "external_account",
+        "audience": POOL,
+        "subject_token_type": JWT_TYPE,
+        "token_url": emulator.sts_token_url(),
+        "credential_source": source,
+    });
+    if impersonate {
+        json["service_account_impersonation_url"] = format!(
+            "{}/v1/projects/-/serviceAccounts/{TARGET}:generateAccessToken",
+            emulator.iam_endpoint()
+        )
+        .into();
+        json["service_account_impersonation"] = json!({"token_lifetime_seconds": 600});
+    }
+    write_file(dir, "wif.json", &json, 0o600)
+}
+
+/// Writes `token` to `path` as a rotation does: a new file renamed over
+/// the old one.
+fn rotate(path: &Path, token: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, token).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+async fn broker_with(emulator: &Emulator, credentials: &Path) -> Broker {
+    Broker::start(emulator, &["--credentials", credentials.to_str().unwrap()]).await
+}
+
+/// Who the emulator issued `token` to.
+fn holder(emulator: &Emulator, token: &str) -> String {
+    emulator
+        .token_info(token)
+        .expect("a token the emulator issued")
+        .email
+}
+
+#[tokio::test]
+async fn a_subject_token_file_is_exchanged_once_for_many_cold_callers_and_reread_after_rotation() {
+    let emulator = federating(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let subject = dir.path().join("token");
+    std::fs::write(&subject, subject_token("repo:acme/app:ref:main", 0)).unwrap();
+    let file = federation_file(&emulator, dir.path(), json!({"file": subject}), false);
+    let broker = broker_with(&emulator, &file).await;
+    broker.wait_for_log("Workload Identity Federation").await;
+
+    let calls = (0..100).map(|_| {
+        let broker = &broker;
+        async move {
+            let mut client = broker.typed_client().await;
+            client
+                .access_token(access_request(&["scope:a"]))
+                .await
+                .unwrap()
+                .token
+        }
+    });
+    let tokens = in_time("100 cold calls", futures_util::future::join_all(calls)).await;
+    assert!(tokens.iter().all(|t| *t == tokens[0]), "one shared token");
+    assert_eq!(
+        emulator.stats().sts_requests,
+        1,
+        "one exchange for 100 callers"
+    );
+    let info = emulator.token_info(&tokens[0]).unwrap();
+    assert_eq!(info.email, principal(POOL, "repo:acme/app:ref:main"));
+    assert_eq!(info.scopes, ["scope:a"]);
+
+    // The file is read again at the next exchange.
+    rotate(&subject, &subject_token("repo:acme/app:ref:release", 0));
+    let mut client = broker.client().await;
+    let request = tokenbroker::proto::v1::InvalidateTokenRequest {
+        token: tokens[0].clone(),
+        request: Some(
+            tokenbroker::proto::v1::invalidate_token_request::Request::AccessToken(access_request(
+                &["scope:a"],
+            )),
+        ),
+    };
+    assert!(invalidated(&mut client, request).await);
+    let rotated = broker
+        .typed_client()
+        .await
+        .access_token(access_request(&["scope:a"]))
+        .await
+        .unwrap()
+        .token;
+    assert_eq!(
+        holder(&emulator, &rotated),
+        principal(POOL, "repo:acme/app:ref:release")
+    );
+
+    // A federated token mints no ID tokens, and the refusal says what to add.
+    let status = broker
+        .client()
+        .await
+        .get_id_token(id_request(AUDIENCE))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status
+            .message()
+            .contains("service_account_impersonation_url"),
+        "{status}"
+    );
+    assert_eq!(emulator.stats().sts_requests, 2);
+    assert_eq!(emulator.stats().token_requests, 0, "no metadata server");
+}
+
+#[tokio::test]
+async fn a_json_subject_file_with_impersonation_serves_id_and_access_tokens() {
+    let emulator = federating(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let subject = dir.path().join("token.json");
+    let token = subject_token("system:serviceaccount:ns:app", 0);
+    std::fs::write(&subject, json!({"id_token": token}).to_string()).unwrap();
+    let source = json!({"file": subject, "format": {"type": "json", "subject_token_field_name": "id_token"}});
+    let broker = broker_with(
+        &emulator,
+        &federation_file(&emulator, dir.path(), source, true),
+    )
+    .await;
+    broker.wait_for_log("impersonation of").await;
+    let mut client = broker.typed_client().await;
+
+    let access = client
+        .access_token(access_request(&["scope:x"]))
+        .await
+        .unwrap();
+    assert_eq!(holder(&emulator, &access.token), TARGET);
+    let id = client.id_token(id_request(AUDIENCE)).await.unwrap();
+    assert_eq!(claims(&id.token)["aud"], AUDIENCE);
+    assert_eq!(claims(&id.token)["email"], TARGET);
+
+    let calls = emulator.iam_calls();
+    assert_eq!(calls.len(), 2);
+    for call in &calls {
+        assert_eq!(call.caller, principal(POOL, "system:serviceaccount:ns:app"));
+    }
+    assert_eq!(calls[0].method, "generateAccessToken");
+    assert_eq!(calls[0].body["lifetime"], "600s", "token_lifetime_seconds");
+    assert_eq!(calls[1].method, "generateIdToken");
+    assert_eq!(
+        emulator.stats().sts_requests,
+        1,
+        "one federated token authorised both"
+    );
+}
+
+/// A server answering `GET /token` with `{"value": token}` to requests
+/// carrying `Metadata: True`, and 403 to others; it counts requests.
+async fn subject_token_server(token: String) -> (std::net::SocketAddr, Arc<Mutex<u32>>) {
+    use http_body_util::Full;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(Mutex::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let token = token.clone();
+            let counted = counted.clone();
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    *counted.lock().unwrap() += 1;
+                    let allowed = request
+                        .headers()
+                        .get("metadata")
+                        .is_some_and(|v| v == "True")
+                        && request.uri().path() == "/token";
+                    let (status, body) = if allowed {
+                        (200, json!({"value": token}).to_string())
+                    } else {
+                        (403, "forbidden".to_string())
+                    };
+                    let response = hyper::Response::builder()
+                        .status(status)
+                        .body(Full::new(bytes::Bytes::from(body)))
+                        .unwrap();
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn a_url_source_sends_its_headers_and_its_refusal_reaches_the_caller() {
+    let emulator = federating(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, requests) = subject_token_server(subject_token("azure-vm", 0)).await;
+    let source = |headers: Value| {
+        json!({
+            "url": format!("http://{addr}/token"),
+            "headers": headers,
+            "format": {"type": "json", "subject_token_field_name": "value"},
+        })
+    };
+    let file = federation_file(
+        &emulator,
+        dir.path(),
+        source(json!({"Metadata": "True"})),
+        true,
+    );
+    let broker = broker_with(&emulator, &file).await;
+    let id = broker
+        .typed_client()
+        .await
+        .id_token(id_request(AUDIENCE))
+        .await
+        .unwrap();
+    assert_eq!(claims(&id.token)["email"], TARGET);
+    assert_eq!(emulator.iam_calls()[0].caller, principal(POOL, "azure-vm"));
+    assert_eq!(*requests.lock().unwrap(), 1);
+
+    // Without the header the URL answers 403: the call fails, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let file = federation_file(&emulator, dir.path(), source(json!({})), false);
+    let broker = broker_with(&emulator, &file).await;
+    let status = broker
+        .client()
+        .await
+        .get_access_token(access_request(&[]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
+    assert!(status.message().contains("subject-token URL"), "{status}");
+}
+
+/// A program printing Google's executable response for `token`, and
+/// writing it to its output file; each run appends the audience it was
+/// given to `runs`. With `hang`, it first starts a child that never ends.
+fn subject_program(dir: &Path, token: &str, seconds_valid: u64, hang: bool) -> PathBuf {
+    let answer = json!({
+        "version": 1,
+        "success": true,
+        "token_type": JWT_TYPE,
+        "id_token": token,
+        "expiration_time": unix_now() + seconds_valid,
+    });
+    std::fs::write(dir.join("answer.json"), answer.to_string()).unwrap();
+    let script = dir.join("fetch-token");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n{hang}echo \"$GOOGLE_EXTERNAL_ACCOUNT_AUDIENCE $GOOGLE_EXTERNAL_ACCOUNT_INTERACTIVE\" >> {dir}/runs\ncat {dir}/answer.json > \"$GOOGLE_EXTERNAL_ACCOUNT_OUTPUT_FILE\"\ncat {dir}/answer.json\n",
+            dir = dir.display(),
+            hang = if hang {
+                format!("tail -f {}/answer.json\n", dir.display())
+            } else {
+                String::new()
+            },
+        ),
+    )
+    .unwrap();
+    chmod(&script, 0o755);
+    script
+}
+
+fn executable_file(emulator: &Emulator, dir: &Path, script: &Path, timeout_millis: u64) -> PathBuf {
+    let source = json!({"executable": {
+        "command": format!("{} --flag", script.display()),
+        "timeout_millis": timeout_millis,
+        "output_file": dir.join("cache.json"),
+    }});
+    federation_file(emulator, dir, source, false)
+}
+
+const ALLOW: (&str, &str) = ("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES", "1");
+
+#[tokio::test]
+async fn an_executable_source_runs_only_when_allowed_and_reuses_its_output_file() {
+    let emulator = federating(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = subject_program(dir.path(), &subject_token("onprem", 0), 3600, false);
+    let file = executable_file(&emulator, dir.path(), &script, 5000);
+
+    let stderr = serve_fails(
+        &dir.path().join("s.sock"),
+        &["--credentials", file.to_str().unwrap()],
+    )
+    .await;
+    assert!(
+        stderr.contains("GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1")
+            && stderr.contains("credential_source.executable"),
+        "{stderr}"
+    );
+
+    let args = [
+        "--metadata-host",
+        &emulator.host(),
+        "--credentials",
+        file.to_str().unwrap(),
+    ];
+    let broker = Broker::spawn(args.map(String::from).to_vec(), &[ALLOW]).await;
+    let mut client = broker.typed_client().await;
+    let first = client
+        .access_token(access_request(&["scope:a"]))
+        .await
+        .unwrap()
+        .token;
+    assert_eq!(holder(&emulator, &first), principal(POOL, "onprem"));
+    // Another key, another exchange: the output file answers, the program
+    // does not run again.
+    let second = client
+        .access_token(access_request(&["scope:b"]))
+        .await
+        .unwrap()
+        .token;
+    assert_eq!(holder(&emulator, &second), principal(POOL, "onprem"));
+    assert_eq!(emulator.stats().sts_requests, 2);
+    let runs = std::fs::read_to_string(dir.path().join("runs")).unwrap();
+    assert_eq!(
+        runs,
+        format!("{POOL} 0\n"),
+        "one run, with Google's variables"
+    );
+}
+
+#[tokio::test]
+async fn a_program_that_hangs_or_fails_fails_the_call_and_leaves_nothing_running() {
+    let emulator = federating(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let script = subject_program(dir.path(), &subject_token("slow", 0), 3600, true);
+    let file = executable_file(&emulator, dir.path(), &script, 5000);
+    let args = [
+        "--metadata-host",
+        &emulator.host(),
+        "--credentials",
+        file.to_str().unwrap(),
+    ];
+    let broker = Broker::spawn(args.map(String::from).to_vec(), &[ALLOW]).await;
+    let status = broker
+        .client()
+        .await
+        .get_access_token(access_request(&[]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status}");
+    assert!(
+        status.message().contains("did not answer within"),
+        "{status}"
+    );
+    // The program and the child it started are killed.
+    let running = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|entry| {
+                std::fs::read_to_string(entry.path().join("cmdline")).is_ok_and(|cmdline| {
+                    cmdline.contains(script.to_str().unwrap()) || cmdline.contains("answer.json")
+                })
+            })
+            .count()
+    };
+    poll_until(
+        "the program is gone",
+        || running() == 0,
+        || format!("{} left", running()),
+    )
+    .await;
+
+    // A program that answers success: false.
+    std::fs::write(
+        dir.path().join("fetch-token"),
+        "#!/bin/sh\necho '{\"version\": 1, \"success\": false, \"code\": \"401\", \"message\": \"not logged in\"}'\n",
+    )
+    .unwrap();
+    let status = broker
+        .client()
+        .await
+        .get_access_token(access_request(&["scope:c"]))
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().contains("it failed: 401: not logged in"),
+        "{status}"
+    );
+    assert_eq!(emulator.stats().sts_requests, 0);
+}
+
+#[tokio::test]
+async fn federated_tokens_are_refreshed_before_expiry_from_the_rotated_subject() {
+    let emulator = federating(EmulatorConfig {
+        access_token_lifetime: Duration::from_secs(4),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let subject = dir.path().join("token");
+    std::fs::write(&subject, subject_token("gen-1", 0)).unwrap();
+    let file = federation_file(&emulator, dir.path(), json!({"file": subject}), false);
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--credentials",
+            file.to_str().unwrap(),
+            "--expiry-skew",
+            "1s",
+        ],
+    )
+    .await;
+    let mut stream = broker
+        .typed_client()
+        .await
+        .watch(access_request(&[]))
+        .await
+        .unwrap();
+    let token::Token::AccessToken(first) = next_token(&mut stream).await else {
+        panic!("an access token");
+    };
+    assert_eq!(holder(&emulator, &first.token), principal(POOL, "gen-1"));
+    rotate(&subject, &subject_token("gen-2", 0));
+    let token::Token::AccessToken(second) = next_token(&mut stream).await else {
+        panic!("an access token");
+    };
+    assert_eq!(holder(&emulator, &second.token), principal(POOL, "gen-2"));
+    assert_eq!(emulator.stats().sts_requests, 2);
+}
+
+#[tokio::test]
+async fn subject_faults_fail_the_call_with_the_usual_codes_and_a_cached_token_survives() {
+    let emulator = federating(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let subject = dir.path().join("token");
+    let file = federation_file(&emulator, dir.path(), json!({"file": subject}), false);
+    let broker = broker_with(&emulator, &file).await;
+    let mut client = broker.client().await;
+
+    // No file yet (a rotation in progress): transient.
+    let status = client
+        .get_access_token(access_request(&[]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains(subject.to_str().unwrap()),
+        "{status}"
+    );
+
+    // A subject the pool does not trust: STS's refusal, explained.
+    let untrusted = subject_token("intruder", 1);
+    std::fs::write(&subject, &untrusted).unwrap();
+    let status = client
+        .get_access_token(access_request(&["scope:1"]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("invalid_grant"), "{status}");
+
+    // A good token is cached; breaking the file does not take it away.
+    let trusted = subject_token("ok", 0);
+    std::fs::write(&subject, &trusted).unwrap();
+    let good = client
+        .get_access_token(access_request(&["scope:2"]))
+        .await
+        .unwrap();
+    std::fs::write(&subject, "").unwrap();
+    let again = client
+        .get_access_token(access_request(&["scope:2"]))
+        .await
+        .unwrap();
+    assert_eq!(good.into_inner().token, again.into_inner().token);
+    let logs = broker.logs();
+    for secret in [&untrusted, &trusted] {
+        assert_no_piece_of(secret, &logs);
+    }
+}
+
+#[tokio::test]
+async fn impersonated_service_account_files_build_on_user_credentials() {
+    let emulator = federating(EmulatorConfig::default()).await;
+    let middle = "middle@test-project.iam.gserviceaccount.com";
+    emulator.allow_impersonation(middle);
+    emulator.add_user(User {
+        client_id: "client-1.apps.googleusercontent.com".into(),
+        client_secret: "client-secret".into(),
+        refresh_token: "1//user-refresh".into(),
+        email: "dev@example.com".into(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(
+        dir.path(),
+        "adc.json",
+        &json!({
+            "type": "impersonated_service_account",
+            "service_account_impersonation_url": format!("{}/v1/projects/-/serviceAccounts/{TARGET}:generateAccessToken", emulator.iam_endpoint()),
+            "delegates": [format!("projects/-/serviceAccounts/{middle}")],
+            "source_credentials": {
+                "type": "authorized_user",
+                "client_id": "client-1.apps.googleusercontent.com",
+                "client_secret": "client-secret",
+                "refresh_token": "1//user-refresh",
+                "token_uri": emulator.token_uri(),
+            },
+        }),
+        0o600,
+    );
+    let broker = broker_with(&emulator, &file).await;
+    let mut client = broker.typed_client().await;
+    let access = client.access_token(access_request(&[])).await.unwrap();
+    assert_eq!(holder(&emulator, &access.token), TARGET);
+    let id = client.id_token(id_request(AUDIENCE)).await.unwrap();
+    assert_eq!(claims(&id.token)["email"], TARGET);
+    for call in emulator.iam_calls() {
+        assert_eq!(call.caller, "dev@example.com");
+        assert_eq!(
+            call.delegates,
+            [format!("projects/-/serviceAccounts/{middle}")]
+        );
+    }
+}
+
+#[tokio::test]
+async fn workforce_user_credentials_refresh_with_basic_auth_and_refuse_id_tokens() {
+    let emulator = federating(EmulatorConfig::default()).await;
+    emulator.add_user(User {
+        client_id: "workforce-client".into(),
+        client_secret: "workforce-secret/+=".into(),
+        refresh_token: "wf-refresh-token-0123456789".into(),
+        email: "principal://iam.googleapis.com/locations/global/workforcePools/staff/subject/ana"
+            .into(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(
+        dir.path(),
+        "adc.json",
+        &json!({
+            "type": "external_account_authorized_user",
+            "audience": "//iam.googleapis.com/locations/global/workforcePools/staff/providers/okta",
+            "client_id": "workforce-client",
+            "client_secret": "workforce-secret/+=",
+            "refresh_token": "wf-refresh-token-0123456789",
+            "token_url": emulator.workforce_token_url(),
+            "token_info_url": "https://sts.googleapis.com/v1/introspect",
+        }),
+        0o600,
+    );
+    let args = [
+        "--metadata-host",
+        &emulator.host(),
+        "--credentials",
+        file.to_str().unwrap(),
+    ];
+    let mut broker = Broker::spawn(args.map(String::from).to_vec(), &[("RUST_LOG", "trace")]).await;
+    broker.wait_for_log("workforce user credentials").await;
+    let access = broker
+        .typed_client()
+        .await
+        .access_token(access_request(&[]))
+        .await
+        .unwrap();
+    assert!(holder(&emulator, &access.token).ends_with("/subject/ana"));
+    let status = broker
+        .client()
+        .await
+        .get_id_token(id_request(AUDIENCE))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(emulator.stats().sts_requests, 1);
+    broker.stop().await;
+    broker.wait_for_log("stopped").await;
+    let logs = broker.logs();
+    for secret in [
+        &access.token,
+        "wf-refresh-token-0123456789",
+        "workforce-secret/+=",
+    ] {
+        assert_no_piece_of(secret, &logs);
+    }
+}
+
+#[tokio::test]
+async fn bad_federation_files_stop_the_broker_naming_the_field() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    for (source, needle) in [
+        (json!({"file": "/t", "url": "https://x/"}), "file and url"),
+        (
+            json!({"enviroment_id": "aws1"}),
+            "needs one of file, url, executable or environment_id",
+        ),
+        (
+            json!({"url": "http://192.0.2.1/token?key=s3cr3t"}),
+            "url is plain http to 192.0.2.1",
+        ),
+        (
+            json!({"file": "/t", "format": {"type": "json"}}),
+            "\"credential_source.format.subject_token_field_name\" is missing",
+        ),
+    ] {
+        let file = federation_file(&emulator, dir.path(), source, false);
+        let stderr = serve_fails(&socket, &["--credentials", file.to_str().unwrap()]).await;
+        assert!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
+        assert!(stderr.contains("wif.json"), "{stderr}");
+        assert!(!stderr.contains("s3cr3t"), "{stderr}");
+    }
+}
