@@ -59,7 +59,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     let host = emulator
         .as_ref()
         .map_or_else(|| args.metadata_host.clone(), Emulator::host);
-    let upstream = Upstream::build(&args.source_config(host), &Environment::from_process())?;
+    let upstream = Upstream::build(&args.source_config(host), &Environment::from_process()?)?;
     tracing::info!(source = %upstream.describe(), emulator = args.emulator, "fetching tokens");
 
     let meter = telemetry.meter();

@@ -84,12 +84,17 @@ impl Upstream {
             adc::discover(config.credentials.as_deref(), env).map_err(|e| e.to_string())?
         };
         let needs_https = !matches!(found, Found::MetadataServer) || config.impersonate.is_some();
+        if let (true, Some(proxy)) = (needs_https, env.proxy.describe()) {
+            tracing::info!(%proxy, "Google's HTTPS endpoints are reached through the proxy");
+        }
         let http = needs_https
-            .then(|| HttpsClient::new(config.timeout))
+            .then(|| HttpsClient::new(config.timeout, env.proxy.clone()))
             .transpose()?;
         let base = match found {
             Found::MetadataServer => {
-                Self::Metadata(MetadataClient::new(&config.metadata_host, config.timeout)?)
+                let host =
+                    metadata::reachable_host(&config.metadata_host, metadata::system_resolves);
+                Self::Metadata(MetadataClient::new(&host, config.timeout)?)
             }
             Found::File {
                 credentials,

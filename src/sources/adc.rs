@@ -18,6 +18,7 @@ use crate::sources::credentials::external::ALLOW_EXECUTABLES_ENV;
 use crate::sources::credentials::{
     self, ClientAuth, Credentials, CredentialsError, UserCredentials,
 };
+use crate::sources::https::proxy::Proxy;
 use crate::sources::https::{Auth, HttpsClient};
 use crate::sources::keyfile::form;
 use crate::sources::response::parse_access_token;
@@ -28,8 +29,9 @@ use crate::upstream::TokenSource;
 /// configuration directory.
 pub const WELL_KNOWN_FILE: &str = "application_default_credentials.json";
 
-/// The parts of the environment discovery reads (a struct, so that tests
-/// need not change the process's environment).
+/// The parts of the process environment the sources read: for discovery,
+/// and the proxy (a struct, so that tests need not change the process's
+/// environment).
 #[derive(Clone, Debug, Default)]
 pub struct Environment {
     /// `GOOGLE_APPLICATION_CREDENTIALS` (unset and empty are the same).
@@ -41,23 +43,26 @@ pub struct Environment {
     /// `GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1`: an `external_account`
     /// file may name a program to run.
     pub allow_executables: bool,
+    /// The proxy for Google's HTTPS endpoints (`HTTPS_PROXY`, `NO_PROXY`).
+    pub proxy: Proxy,
 }
 
 impl Environment {
-    /// Reads the process's environment.
-    pub fn from_process() -> Self {
+    /// Reads the process's environment; fails on a malformed proxy.
+    pub fn from_process() -> Result<Self, String> {
         let path = |name| {
             std::env::var_os(name)
                 .filter(|value| !value.is_empty())
                 .map(PathBuf::from)
         };
-        Self {
+        Ok(Self {
             google_application_credentials: path("GOOGLE_APPLICATION_CREDENTIALS"),
             cloudsdk_config: path("CLOUDSDK_CONFIG"),
             home: path("HOME"),
             allow_executables: std::env::var_os(ALLOW_EXECUTABLES_ENV)
                 .is_some_and(|value| value == "1"),
-        }
+            proxy: Proxy::from_vars(|name| std::env::var(name).ok())?,
+        })
     }
 
     /// gcloud's well-known credentials file: under `$CLOUDSDK_CONFIG`, else

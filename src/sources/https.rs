@@ -1,7 +1,10 @@
-//! HTTPS to Google's token APIs (OAuth token endpoint, IAM Credentials):
-//! rustls with the platform's root certificates, plain `http://` only to
+//! HTTPS to Google's token APIs (OAuth token endpoint, STS, IAM
+//! Credentials): rustls with the platform's root certificates, through a
+//! proxy when the environment names one ([`proxy`]), plain `http://` only to
 //! loopback addresses (tests, emulators), bounded requests and responses,
 //! and the APIs' error bodies turned into a one-line explanation.
+
+pub mod proxy;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use zeroize::Zeroizing;
 use crate::error::FetchError;
 use crate::secret::Secret;
 use crate::sources::response::{MAX_RESPONSE_BYTES, error_chain, retry_after};
+use proxy::{Proxy, ProxyConnector};
 
 /// Longest explanation kept from an error body, in bytes.
 const MAX_DETAIL_LEN: usize = 300;
@@ -115,15 +119,16 @@ fn url_encode(text: &str) -> String {
 /// endpoints. Cloning is cheap.
 #[derive(Clone)]
 pub struct HttpsClient {
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: Client<HttpsConnector<ProxyConnector>, Full<Bytes>>,
     timeout: Duration,
 }
 
 impl HttpsClient {
-    /// A client whose requests each take at most `timeout`. Trusts the
-    /// platform's root certificates (as found by `rustls-native-certs`,
-    /// which honours `SSL_CERT_FILE` and `SSL_CERT_DIR`).
-    pub fn new(timeout: Duration) -> Result<Self, String> {
+    /// A client whose requests each take at most `timeout`, through
+    /// `proxy` where it applies. Trusts the platform's root certificates
+    /// (as found by `rustls-native-certs`, which honours `SSL_CERT_FILE` and
+    /// `SSL_CERT_DIR`).
+    pub fn new(timeout: Duration, proxy: Proxy) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
         let found = rustls_native_certs::load_native_certs();
         for error in &found.errors {
@@ -147,7 +152,7 @@ impl HttpsClient {
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(connector);
+            .wrap_connector(ProxyConnector::new(connector, proxy));
         let http = pooled_client().build(https);
         Ok(Self { http, timeout })
     }

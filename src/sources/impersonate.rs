@@ -247,6 +247,7 @@ impl TokenSource for ImpersonatedSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::https::proxy::Proxy;
 
     #[test]
     fn generated_access_tokens_are_checked() {
@@ -296,7 +297,7 @@ mod tests {
                 "t@p.iam.gserviceaccount.com",
                 vec![],
                 &"http://127.0.0.1:1".parse().unwrap(),
-                HttpsClient::new(Duration::from_secs(1)).unwrap(),
+                HttpsClient::new(Duration::from_secs(1), Proxy::none()).unwrap(),
             )
             .unwrap(),
         );

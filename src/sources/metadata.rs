@@ -1,6 +1,8 @@
 //! The GCE metadata server client: builds the token and identity URLs, sends
 //! `Metadata-Flavor: Google`, and refuses any response it cannot trust.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -24,6 +26,37 @@ use crate::upstream::TokenSource;
 
 /// The metadata server's host name, used unless `GCE_METADATA_HOST` is set.
 pub const DEFAULT_METADATA_HOST: &str = "metadata.google.internal";
+/// Its link-local address, which Google's libraries fall back to when the
+/// name does not resolve.
+pub const METADATA_IP: &str = "169.254.169.254";
+/// What to do when no metadata server answers.
+pub const OFF_CLOUD_HINT: &str = "not on Google Cloud? run the broker with --emulator (to try it), --credentials FILE (a key, gcloud's or a federation file), or GCE_METADATA_HOST=HOST:PORT";
+
+/// The metadata host to use for `host`: itself, unless it is
+/// [`DEFAULT_METADATA_HOST`] and `resolves` says the name does not resolve;
+/// then [`METADATA_IP`], as Google's libraries do, with a warning that says
+/// what to do off Google Cloud.
+pub fn reachable_host(host: &str, resolves: impl Fn(&str) -> bool) -> String {
+    if host != DEFAULT_METADATA_HOST || resolves(host) {
+        return host.to_string();
+    }
+    tracing::warn!(
+        name = DEFAULT_METADATA_HOST,
+        address = METADATA_IP,
+        hint = OFF_CLOUD_HINT,
+        "the metadata server's name does not resolve; using its address, as Google's libraries do"
+    );
+    METADATA_IP.to_string()
+}
+
+/// Whether the system resolver knows `host` (blocking; used once at
+/// start-up).
+pub fn system_resolves(host: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    (host, 80)
+        .to_socket_addrs()
+        .is_ok_and(|mut addresses| addresses.next().is_some())
+}
 /// Default time one upstream request may take, connect to last byte: 5 s.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -43,6 +76,9 @@ pub struct MetadataClient {
     host: String,
     http: Client<HttpConnector, Empty<Bytes>>,
     timeout: Duration,
+    /// Set once the server has answered; until then, with the default
+    /// host, a server that cannot be reached gets [`OFF_CLOUD_HINT`].
+    answered: Arc<AtomicBool>,
 }
 
 impl MetadataClient {
@@ -63,7 +99,22 @@ impl MetadataClient {
             host: authority.to_string(),
             http,
             timeout,
+            answered: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// `error`, with what to do off Google Cloud when the default metadata
+    /// server has never answered and cannot be reached.
+    fn explained(&self, error: FetchError) -> FetchError {
+        let default = self.host == DEFAULT_METADATA_HOST || self.host == METADATA_IP;
+        let unreachable = matches!(error, FetchError::Connect(_) | FetchError::Timeout(_));
+        if default && unreachable && !self.answered.load(Ordering::Relaxed) {
+            return FetchError::Connect(format!(
+                "the metadata server at {} ({error}); {OFF_CLOUD_HINT}",
+                self.host
+            ));
+        }
+        error
     }
 
     /// The host (and port) requests go to.
@@ -76,7 +127,9 @@ impl MetadataClient {
         let url = format!("http://{}{}", self.host, path_and_query(key));
         let body = tokio::time::timeout(self.timeout, self.get(&url))
             .await
-            .map_err(|_| FetchError::Timeout(self.timeout))??;
+            .map_err(|_| FetchError::Timeout(self.timeout))
+            .flatten()
+            .map_err(|error| self.explained(error))?;
         match key {
             TokenKey::Access(_) => parse_access_token(&body, fetched_at),
             TokenKey::Id(key) => parse_id_token(&body, &key.audience),
@@ -146,6 +199,7 @@ impl MetadataClient {
             .request(request)
             .await
             .map_err(|e| FetchError::Connect(format!("the metadata server: {}", error_chain(&e))))
+            .inspect(|_| self.answered.store(true, Ordering::Relaxed))
     }
 
     async fn get(&self, url: &str) -> Result<Bytes, FetchError> {
@@ -256,6 +310,43 @@ fn check_flavor(headers: &HeaderMap) -> Result<(), FetchError> {
 mod tests {
 
     use super::*;
+
+    #[test]
+    fn the_default_name_falls_back_to_the_address_when_it_does_not_resolve() {
+        let resolving = |_: &str| true;
+        let failing = |_: &str| false;
+        assert_eq!(
+            reachable_host(DEFAULT_METADATA_HOST, resolving),
+            DEFAULT_METADATA_HOST
+        );
+        assert_eq!(reachable_host(DEFAULT_METADATA_HOST, failing), METADATA_IP);
+        // A host the operator chose is used as it is.
+        assert_eq!(reachable_host("127.0.0.1:8080", failing), "127.0.0.1:8080");
+        assert_eq!(reachable_host("metadata.corp", failing), "metadata.corp");
+    }
+
+    #[test]
+    fn an_unreachable_default_server_says_what_to_do_until_it_answers() {
+        let client = MetadataClient::new(METADATA_IP, DEFAULT_UPSTREAM_TIMEOUT).unwrap();
+        let message = client
+            .explained(FetchError::Timeout(Duration::from_secs(5)))
+            .to_string();
+        assert!(
+            message.contains("169.254.169.254") && message.contains("--emulator"),
+            "{message}"
+        );
+        let refused = FetchError::Status {
+            status: 403,
+            retry_after: None,
+            detail: None,
+        };
+        assert_eq!(client.explained(refused.clone()), refused, "it answered");
+        client.answered.store(true, Ordering::Relaxed);
+        let timeout = FetchError::Timeout(Duration::from_secs(5));
+        assert_eq!(client.explained(timeout.clone()), timeout);
+        let chosen = MetadataClient::new("127.0.0.1:9", DEFAULT_UPSTREAM_TIMEOUT).unwrap();
+        assert_eq!(chosen.explained(timeout.clone()), timeout);
+    }
     use crate::request::ServiceAccount;
 
     fn id_key(audience: &str, format: IdTokenFormat, include_licenses: bool) -> TokenKey {

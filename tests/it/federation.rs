@@ -23,14 +23,14 @@ use crate::common::{
 };
 
 /// The workload identity pool provider the tests federate through.
-const POOL: &str =
+pub(crate) const POOL: &str =
     "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/ci/providers/github";
-const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
-const TARGET: &str = "deployer@test-project.iam.gserviceaccount.com";
-const AUDIENCE: &str = "https://svc-abc123-uc.a.run.app";
+pub(crate) const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub(crate) const TARGET: &str = "deployer@test-project.iam.gserviceaccount.com";
+pub(crate) const AUDIENCE: &str = "https://svc-abc123-uc.a.run.app";
 
 /// The emulator, trusting subject tokens of [`POOL`] signed with test key 1.
-async fn federating(config: EmulatorConfig) -> Emulator {
+pub(crate) async fn federating(config: EmulatorConfig) -> Emulator {
     let emulator = emulator(config).await;
     emulator.add_federation_pool(Pool {
         audience: POOL.into(),
@@ -43,7 +43,7 @@ async fn federating(config: EmulatorConfig) -> Emulator {
 
 /// A subject token for `subject`, as an identity provider (GitHub,
 /// Kubernetes) signs it; `key` 1 is a key the pool does not trust.
-fn subject_token(subject: &str, key: usize) -> String {
+pub(crate) fn subject_token(subject: &str, key: usize) -> String {
     let now = unix_now();
     sign_with_test_key(
         &json!({"iss": "https://token.actions.githubusercontent.com", "sub": subject, "aud": POOL, "iat": now, "exp": now + 3600}),
@@ -87,7 +87,7 @@ async fn broker_with(emulator: &Emulator, credentials: &Path) -> Broker {
 }
 
 /// Who the emulator issued `token` to.
-fn holder(emulator: &Emulator, token: &str) -> String {
+pub(crate) fn holder(emulator: &Emulator, token: &str) -> String {
     emulator
         .token_info(token)
         .expect("a token the emulator issued")
@@ -661,5 +661,27 @@ async fn bad_federation_files_stop_the_broker_naming_the_field() {
         assert!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
         assert!(stderr.contains("wif.json"), "{stderr}");
         assert!(!stderr.contains("s3cr3t"), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn off_google_cloud_the_broker_falls_back_to_the_address_and_says_what_to_do() {
+    use std::net::ToSocketAddrs;
+    // On Google Cloud the name resolves and there is nothing to say.
+    if ("metadata.google.internal", 80).to_socket_addrs().is_ok() {
+        return;
+    }
+    // (What answers at 169.254.169.254 depends on the machine, so the
+    // failing call's message is checked in the unit tests.)
+    let broker = Broker::spawn(Vec::new(), &[]).await;
+    broker
+        .wait_for_log("does not resolve; using its address")
+        .await;
+    broker
+        .wait_for_log("the metadata server at 169.254.169.254")
+        .await;
+    let logs = broker.logs();
+    for needle in ["--emulator", "--credentials FILE", "GCE_METADATA_HOST"] {
+        assert!(logs.contains(needle), "{needle} missing");
     }
 }

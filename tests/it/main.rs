@@ -26,6 +26,7 @@ mod limits;
 mod metadata_endpoint;
 mod observability;
 mod polyglot;
+mod proxy;
 mod restart;
 mod security;
 mod sinks;

@@ -571,51 +571,11 @@ async fn the_emulator_flag_skips_credentials_discovery() {
     );
 }
 
-/// A TLS front for `upstream` on a free loopback port, with the test-only
-/// server certificate for 127.0.0.1 (signed by the test-only CA).
-async fn tls_front(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
-    use std::sync::Arc;
-
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(include_bytes!("../fixtures/test-only-tls-server.pem"))
-            .collect::<Result<_, _>>()
-            .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(include_bytes!("../fixtures/test-only-tls-server.key"))
-        .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let mut plain = tokio::net::TcpStream::connect(upstream).await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn https_uses_rustls_with_the_platforms_roots() {
     let emulator = emulator(EmulatorConfig::default()).await;
     emulator.allow_impersonation(TARGET);
-    let front = tls_front(emulator.addr()).await;
+    let front = common::http::tls_front(emulator.addr()).await;
     let endpoint = format!("https://127.0.0.1:{}", front.port());
     let args = vec![
         "--metadata-host".to_string(),
@@ -627,10 +587,7 @@ async fn https_uses_rustls_with_the_platforms_roots() {
         "--upstream-max-attempts".into(),
         "1".into(),
     ];
-    let ca = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/test-only-ca.pem"
-    );
+    let ca = common::http::TEST_CA;
 
     // The test CA is not among the platform's roots: the certificate is
     // refused.

@@ -297,3 +297,51 @@ fn valid_for(token: &str, audience: &str) -> bool {
         .as_secs();
     claims["aud"] == audience && claims["exp"].as_u64().is_some_and(|exp| exp > now)
 }
+
+/// The test-only CA, which signed the TLS front's certificate.
+pub const TEST_CA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/test-only-ca.pem"
+);
+
+/// A TLS front for `upstream` on a free loopback port, with the test-only
+/// server certificate for 127.0.0.1 and `sts.tokenbroker.test` (signed by
+/// [`TEST_CA`]).
+pub async fn tls_front(upstream: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(include_bytes!("../../fixtures/test-only-tls-server.pem"))
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key =
+        PrivateKeyDer::from_pem_slice(include_bytes!("../../fixtures/test-only-tls-server.key"))
+            .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut plain = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}

@@ -205,7 +205,17 @@ pub fn assert_no_piece_of(secret: &str, logs: &str) {
 /// Prefixes of the environment variables that change what the binary does
 /// (its flags' fallbacks, OpenTelemetry, credentials discovery, the
 /// metadata host).
-const BROKER_ENV_PREFIXES: [&str; 5] = ["TOKENBROKER_", "OTEL_", "GOOGLE_", "CLOUDSDK_", "GCE_"];
+const BROKER_ENV_PREFIXES: [&str; 9] = [
+    "TOKENBROKER_",
+    "OTEL_",
+    "GOOGLE_",
+    "CLOUDSDK_",
+    "GCE_",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
 
 /// Removes from `command` the variables of this process's environment that
 /// would change what the binary does, unless the test set them on
