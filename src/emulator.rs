@@ -6,6 +6,7 @@
 //! It also fakes Google's OAuth token endpoint and IAM Credentials API
 //! ([`google`]), verifying what they receive as the real ones do.
 
+pub mod aws;
 mod control;
 mod faults;
 pub mod google;
@@ -140,8 +141,10 @@ struct State {
     issued: HashMap<String, TokenInfo>,
     /// When each token or identity request arrived (the latest ones).
     arrivals: Vec<std::time::Instant>,
+    received: Vec<String>,
     /// What the fake Google APIs know: keys, users, who may be impersonated.
     google: google::Accounts,
+    aws: aws::AwsState,
 }
 
 struct Shared {
@@ -174,7 +177,9 @@ impl Emulator {
                 fault: None,
                 issued: HashMap::new(),
                 arrivals: Vec::new(),
+                received: Vec::new(),
                 google: google::Accounts::default(),
+                aws: aws::AwsState::default(),
             }),
             stats: watch::Sender::new(Stats::default()),
             signing_key,
@@ -289,6 +294,17 @@ impl Emulator {
             .insert(pool.audience.clone(), pool);
     }
 
+    /// Lets the fake STS verify AWS requests signed with `role`'s
+    /// credentials.
+    pub fn add_aws_role(&self, role: aws::AwsRole) {
+        self.shared.lock().aws.roles.push(role);
+    }
+
+    /// Serves EC2 instance metadata for `instance` under `/latest/`.
+    pub fn set_ec2_instance(&self, instance: aws::Ec2Instance) {
+        self.shared.lock().aws.instance = Some(instance);
+    }
+
     /// Makes the fake OAuth endpoint accept a user's refresh token.
     pub fn add_user(&self, user: google::User) {
         self.shared.lock().google.users.push(user);
@@ -307,6 +323,13 @@ impl Emulator {
     /// The calls the fake IAM Credentials API granted, oldest first.
     pub fn iam_calls(&self) -> Vec<google::IamCall> {
         self.shared.lock().google.calls.clone()
+    }
+
+    /// Every credential clients sent to the fake Google APIs (assertions,
+    /// refresh tokens, client secrets, subject tokens, `Authorization`
+    /// values), oldest first.
+    pub fn received_credentials(&self) -> Vec<String> {
+        self.shared.lock().received.clone()
     }
 
     /// What the emulator issued an access token for, if it issued it.
@@ -331,6 +354,17 @@ impl Shared {
 
     fn count(&self, update: impl FnOnce(&mut Stats)) {
         self.stats.send_modify(update);
+    }
+
+    /// Remembers a credential a client sent (an assertion, a refresh token,
+    /// a client secret, a subject token, a bearer token), for tests that
+    /// check none of them reaches a log.
+    fn remember_credential(&self, credential: &str) {
+        let mut state = self.lock();
+        if state.received.len() >= MAX_REMEMBERED_TOKENS {
+            state.received.clear();
+        }
+        state.received.push(credential.to_string());
     }
 
     /// Notes the arrival of a token or identity request.
@@ -408,6 +442,9 @@ async fn handle(
     }
     if let Some(api) = google::Api::of(request.method(), &path) {
         return google::serve(&shared, api, request).await;
+    }
+    if path.starts_with("/latest/") {
+        return Ok(aws::serve_instance_metadata(&shared, &request));
     }
     metadata_api::serve(&shared, request).await
 }

@@ -129,8 +129,11 @@ pub fn init(
         None
     };
 
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(default_filter))
+        // aws-sigv4 traces the request it signs and its canonical form,
+        // session token included: never shown, whatever RUST_LOG says.
+        .add_directive("aws_sigv4=off".parse().expect("a valid directive"));
     let json = match format {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
         LogFormat::Text => false,

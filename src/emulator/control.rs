@@ -6,7 +6,9 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::faults::FaultRule;
-use super::{Body, Lifetimes, Shared, google, json_response, parse_query, read_json, sts, text};
+use super::{
+    Body, Lifetimes, Shared, aws, google, json_response, parse_query, read_json, sts, text,
+};
 
 /// Answers `method` on the control path `path` (after `/emulator/v1/`).
 pub(super) async fn serve(
@@ -47,6 +49,20 @@ pub(super) async fn serve(
             }
         }
         (Method::PUT, "keys") => google::trust_key(shared, request).await,
+        (Method::PUT, "aws-roles") => match read_json::<aws::AwsRole>(request).await {
+            Ok(role) => {
+                shared.lock().aws.roles.push(role);
+                text(StatusCode::OK, "ok\n")
+            }
+            Err(message) => text(StatusCode::BAD_REQUEST, &message),
+        },
+        (Method::PUT, "ec2-instance") => match read_json::<aws::Ec2Instance>(request).await {
+            Ok(instance) => {
+                shared.lock().aws.instance = Some(instance);
+                text(StatusCode::OK, "ok\n")
+            }
+            Err(message) => text(StatusCode::BAD_REQUEST, &message),
+        },
         (Method::PUT, "pools") => match read_json::<sts::PoolRequest>(request)
             .await
             .and_then(sts::PoolRequest::pool)
@@ -77,7 +93,7 @@ pub(super) async fn serve(
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=, PUT keys, PUT users, PUT impersonable, PUT pools\n",
+            "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=, PUT keys, PUT users, PUT impersonable, PUT pools, PUT aws-roles, PUT ec2-instance\n",
         ),
     }
 }

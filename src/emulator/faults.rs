@@ -174,7 +174,7 @@ pub(super) async fn respond(
 mod tests {
     use std::collections::HashMap;
 
-    use super::super::{EmulatorConfig, google};
+    use super::super::{EmulatorConfig, aws, google};
     use super::*;
 
     #[test]
@@ -188,7 +188,9 @@ mod tests {
             }),
             issued: HashMap::new(),
             arrivals: Vec::new(),
+            received: Vec::new(),
             google: google::Accounts::default(),
+            aws: aws::AwsState::default(),
         };
         assert_eq!(state.take_fault(Target::Token), None);
         assert_eq!(state.take_fault(Target::Identity), Some(Fault::Garbage));

@@ -233,6 +233,14 @@ pub(super) fn unsupported_grant(grant: &str) -> OAuthError {
     )
 }
 
+/// The form fields that carry a credential.
+const CREDENTIAL_FIELDS: [&str; 4] = [
+    "assertion",
+    "refresh_token",
+    "client_secret",
+    "subject_token",
+];
+
 /// Answers a form-encoded token request with `grant`'s answer (through
 /// the faults), or an OAuth error.
 async fn form_endpoint(
@@ -255,6 +263,17 @@ async fn form_endpoint(
         ));
     };
     let form = parse_query(&body);
+    for field in CREDENTIAL_FIELDS {
+        if let Some(value) = form.get(field) {
+            shared.remember_credential(value);
+        }
+    }
+    if let Some(authorization) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        shared.remember_credential(authorization);
+    }
     match grant(shared, &form, &headers) {
         Ok((body, target)) => {
             let fault = shared.lock().take_fault(target);
@@ -396,6 +415,9 @@ async fn iam(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let body: Result<Value, String> = read_json(request).await;
+    if let Some(bearer) = &bearer {
+        shared.remember_credential(bearer);
+    }
     let caller = bearer.and_then(|token| shared.lock().issued.get(&token).cloned());
     let Some(caller) = caller.filter(|info| info.exp > unix_now()) else {
         return Ok(api_error(

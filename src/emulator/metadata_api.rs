@@ -269,7 +269,7 @@ fn account_info(email: &str, is_default: bool) -> serde_json::Value {
     json!({"aliases": aliases, "email": email, "scopes": DEFAULT_SCOPES})
 }
 
-fn random_alphanumeric(len: usize) -> String {
+pub(super) fn random_alphanumeric(len: usize) -> String {
     std::iter::repeat_with(fastrand::alphanumeric)
         .take(len)
         .collect()

@@ -12,11 +12,11 @@ use http::{HeaderMap, header};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::Shared;
 use super::faults::Target;
 use super::google::{self, OAuthResult, unsupported_grant};
 use super::metadata_api::issue_access_token;
 use super::unix_now;
+use super::{Shared, aws};
 use crate::sources::jwt;
 
 /// Path of the fake STS token exchange.
@@ -36,28 +36,52 @@ pub struct Pool {
     pub audience: String,
     /// The subject token type it accepts (`urn:ietf:params:oauth:token-type:jwt`).
     pub subject_token_type: String,
-    /// The RSA public key (PKCS#1 DER) subject tokens must be signed with.
-    pub public_key_der: Vec<u8>,
+    /// How its subject tokens are verified.
+    pub subjects: Subjects,
 }
 
+/// What a pool's subject tokens are.
+#[derive(Clone, Debug)]
+pub enum Subjects {
+    /// RS256 JWTs signed with this RSA public key (PKCS#1 DER).
+    Jwt {
+        /// The identity provider's key.
+        public_key_der: Vec<u8>,
+    },
+    /// Signed AWS `GetCallerIdentity` requests, of roles added with
+    /// [`super::Emulator::add_aws_role`].
+    Aws,
+}
+
+/// The subject token type of AWS requests.
+pub const AWS_TOKEN_TYPE: &str = "urn:ietf:params:aws:token-type:aws4_request";
+
 /// `PUT /emulator/v1/pools`: a pool, with the identity provider's signing
-/// key as a PKCS#8 PEM private key (the emulator derives the public key).
+/// key as a PKCS#8 PEM private key (the emulator derives the public key),
+/// or, for AWS subjects, none.
 #[derive(Deserialize)]
 pub(super) struct PoolRequest {
     audience: String,
     subject_token_type: String,
-    signing_key: String,
+    #[serde(default)]
+    signing_key: Option<String>,
 }
 
 impl PoolRequest {
     /// The pool, or why the request is unusable.
     pub(super) fn pool(self) -> Result<Pool, String> {
-        let public_key_der = google::public_key_of(&self.signing_key)
-            .ok_or("signing_key is not a PKCS#8 PEM RSA private key")?;
+        let subjects = match (&self.signing_key, self.subject_token_type.as_str()) {
+            (None, AWS_TOKEN_TYPE) => Subjects::Aws,
+            (None, _) => return Err("signing_key is required for JWT subjects".into()),
+            (Some(pem), _) => Subjects::Jwt {
+                public_key_der: google::public_key_of(pem)
+                    .ok_or("signing_key is not a PKCS#8 PEM RSA private key")?,
+            },
+        };
         Ok(Pool {
             audience: self.audience,
             subject_token_type: self.subject_token_type,
-            public_key_der,
+            subjects,
         })
     }
 }
@@ -114,20 +138,17 @@ pub(super) fn exchange(
             "The subject token is invalid: its signature does not verify, or it has expired, or it names no subject.".to_string(),
         )
     };
-    let claims =
-        jwt::verify_rs256(field("subject_token"), &pool.public_key_der).map_err(|_| invalid())?;
-    let subject = claims["sub"].as_str().filter(|s| !s.is_empty());
-    let (Some(subject), Some(exp)) = (subject, claims["exp"].as_u64()) else {
-        return Err(invalid());
-    };
-    if exp <= unix_now() {
-        return Err(invalid());
+    let subject = match &pool.subjects {
+        Subjects::Jwt { public_key_der } => jwt_subject(field("subject_token"), public_key_der),
+        Subjects::Aws => aws::verify_subject(shared, &pool.audience, field("subject_token")),
     }
+    .ok_or_else(invalid)?;
     let scopes = match field("scope") {
         "" => vec![CLOUD_PLATFORM.to_string()],
         scope => scope.split_whitespace().map(str::to_string).collect(),
     };
-    let (token, lifetime) = issue_access_token(shared, &principal(&pool.audience, subject), scopes);
+    let (token, lifetime) =
+        issue_access_token(shared, &principal(&pool.audience, &subject), scopes);
     Ok((
         json!({
             "access_token": token,
@@ -137,6 +158,13 @@ pub(super) fn exchange(
         }),
         Target::Token,
     ))
+}
+
+/// The `sub` of an unexpired RS256 JWT that verifies with `public_key_der`.
+fn jwt_subject(token: &str, public_key_der: &[u8]) -> Option<String> {
+    let claims = jwt::verify_rs256(token, public_key_der).ok()?;
+    let subject = claims["sub"].as_str().filter(|s| !s.is_empty())?;
+    (claims["exp"].as_u64()? > unix_now()).then(|| subject.to_string())
 }
 
 /// The workforce refresh-token grant: the client in basic auth, then the

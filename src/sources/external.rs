@@ -4,6 +4,7 @@
 //! Impersonation on top (the file's `service_account_impersonation_url`)
 //! is [`crate::sources::impersonate`], with this source as its base.
 
+pub mod aws;
 pub mod executable;
 pub mod subject;
 

@@ -180,15 +180,19 @@ impl HttpsClient {
         self.exchange(service, request).await
     }
 
-    /// GETs `uri` with `headers` and returns the body of a 200, as
+    /// Sends a bodiless `method` request (a GET, or IMDSv2's PUT) to `uri`
+    /// with `headers` and returns the body of a 200, as
     /// [`HttpsClient::post`] does.
-    pub async fn get(
+    pub async fn fetch(
         &self,
         service: &'static str,
+        method: Method,
         uri: &Uri,
         headers: &HeaderMap,
     ) -> Result<Bytes, FetchError> {
-        let mut request = Request::get(uri.clone())
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri.clone())
             .body(Full::new(Bytes::new()))
             .map_err(|_| FetchError::Malformed(format!("cannot build a request to {service}")))?;
         request.headers_mut().extend(headers.clone());

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokenbroker::emulator::aws::{AwsRole, Ec2Instance, role_arn};
 use tokenbroker::emulator::google::User;
-use tokenbroker::emulator::sts::{Pool, principal};
+use tokenbroker::emulator::sts::{AWS_TOKEN_TYPE, Pool, Subjects, principal};
 use tokenbroker::emulator::{Emulator, EmulatorConfig};
 use tokenbroker::proto::v1::token;
 use tonic::Code;
@@ -35,7 +36,9 @@ pub(crate) async fn federating(config: EmulatorConfig) -> Emulator {
     emulator.add_federation_pool(Pool {
         audience: POOL.into(),
         subject_token_type: JWT_TYPE.into(),
-        public_key_der: TEST_KEYS[0].1.to_vec(),
+        subjects: Subjects::Jwt {
+            public_key_der: TEST_KEYS[0].1.to_vec(),
+        },
     });
     emulator.allow_impersonation(TARGET);
     emulator
@@ -52,14 +55,20 @@ pub(crate) fn subject_token(subject: &str, key: usize) -> String {
     )
 }
 
-/// An `external_account` file whose subject comes from `source`, at the
-/// emulator's STS, impersonating [`TARGET`] if `impersonate`.
+/// An `external_account` file whose subject comes from `source` (a JWT, or
+/// an AWS request), at the emulator's STS, impersonating [`TARGET`] if
+/// `impersonate`.
 fn federation_file(emulator: &Emulator, dir: &Path, source: Value, impersonate: bool) -> PathBuf {
+    let subject_token_type = if source.get("environment_id").is_some() {
+        AWS_TOKEN_TYPE
+    } else {
+        JWT_TYPE
+    };
     let mut json = json!({
         "universe_domain": "googleapis.com",
         "type": "external_account",
         "audience": POOL,
-        "subject_token_type": JWT_TYPE,
+        "subject_token_type": subject_token_type,
         "token_url": emulator.sts_token_url(),
         "credential_source": source,
     });
@@ -684,4 +693,180 @@ async fn off_google_cloud_the_broker_falls_back_to_the_address_and_says_what_to_
     for needle in ["--emulator", "--credentials FILE", "GCE_METADATA_HOST"] {
         assert!(logs.contains(needle), "{needle} missing");
     }
+}
+
+// === AWS ===
+
+const AWS_SECRET: &str = "test-only/aws+secret+access+key+0123456789";
+const AWS_SESSION: &str = "test-only-aws-session-token-0123456789abcdef";
+
+fn aws_role(secret: &str) -> AwsRole {
+    AwsRole {
+        role: "ci-runner".into(),
+        access_key_id: "AKIATESTONLY0001".into(),
+        secret_access_key: secret.into(),
+        session_token: Some(AWS_SESSION.into()),
+    }
+}
+
+/// The emulator trusting AWS requests of the `ci-runner` role for
+/// [`POOL`], and serving an EC2 instance with that role (IMDSv2 only).
+async fn aws_federating() -> Emulator {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    emulator.add_federation_pool(Pool {
+        audience: POOL.into(),
+        subject_token_type: AWS_TOKEN_TYPE.into(),
+        subjects: Subjects::Aws,
+    });
+    emulator.allow_impersonation(TARGET);
+    emulator.add_aws_role(aws_role(AWS_SECRET));
+    emulator.set_ec2_instance(Ec2Instance {
+        zone: "eu-west-3c".into(),
+        role: "ci-runner".into(),
+        imdsv2_required: true,
+    });
+    emulator
+}
+
+/// An AWS source as gcloud writes it, with the instance metadata URLs at
+/// the emulator.
+fn aws_source(emulator: &Emulator) -> Value {
+    let imds = format!("http://{}/latest", emulator.addr());
+    json!({
+        "environment_id": "aws1",
+        "region_url": format!("{imds}/meta-data/placement/availability-zone"),
+        "url": format!("{imds}/meta-data/iam/security-credentials"),
+        "regional_cred_verification_url": "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15",
+        "imdsv2_session_token_url": format!("{imds}/api/token"),
+    })
+}
+
+fn aws_env(secret: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_REGION", "us-west-2".into()),
+        ("AWS_ACCESS_KEY_ID", "AKIATESTONLY0001".into()),
+        ("AWS_SECRET_ACCESS_KEY", secret.into()),
+        ("AWS_SESSION_TOKEN", AWS_SESSION.into()),
+    ]
+}
+
+async fn aws_broker(emulator: &Emulator, file: &Path, env: &[(&str, String)]) -> Broker {
+    let args = [
+        "--metadata-host",
+        &emulator.host(),
+        "--credentials",
+        file.to_str().unwrap(),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Broker::spawn(args.map(String::from).to_vec(), &env).await
+}
+
+#[tokio::test]
+async fn aws_credentials_from_the_environment_sign_the_subject_and_nothing_leaks() {
+    let emulator = aws_federating().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = federation_file(&emulator, dir.path(), aws_source(&emulator), false);
+    let mut env = aws_env(AWS_SECRET);
+    env.push(("RUST_LOG", "trace".into()));
+    let mut broker = aws_broker(&emulator, &file, &env).await;
+    let access = broker
+        .typed_client()
+        .await
+        .access_token(access_request(&["scope:a"]))
+        .await
+        .unwrap()
+        .token;
+    assert_eq!(
+        holder(&emulator, &access),
+        principal(POOL, &role_arn("ci-runner"))
+    );
+    assert_eq!(emulator.stats().sts_requests, 1);
+    broker.stop().await;
+    broker.wait_for_log("stopped").await;
+    let logs = broker.logs();
+    assert!(logs.lines().count() > 100, "trace logging is not on");
+    // The subject token is a serialised request whose URL and audience
+    // are no secret; its signature is.
+    let subject = emulator
+        .received_credentials()
+        .into_iter()
+        .find(|credential| credential.starts_with("%7B"))
+        .expect("the AWS subject token reached STS");
+    let request: Value = serde_json::from_str(
+        &percent_encoding::percent_decode_str(&subject)
+            .decode_utf8()
+            .unwrap(),
+    )
+    .unwrap();
+    let authorization = request["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["key"] == "Authorization")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap();
+    let signature = authorization
+        .split("Signature=")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    for secret in [AWS_SECRET, AWS_SESSION, &signature, &access] {
+        assert_no_piece_of(secret, &logs);
+    }
+}
+
+#[tokio::test]
+async fn aws_instance_metadata_with_imdsv2_serves_impersonated_id_tokens() {
+    let emulator = aws_federating().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = federation_file(&emulator, dir.path(), aws_source(&emulator), true);
+    let broker = aws_broker(&emulator, &file, &[]).await;
+    let id = broker
+        .typed_client()
+        .await
+        .id_token(id_request(AUDIENCE))
+        .await
+        .unwrap();
+    assert_eq!(claims(&id.token)["email"], TARGET);
+    assert_eq!(
+        emulator.iam_calls()[0].caller,
+        principal(POOL, &role_arn("ci-runner"))
+    );
+
+    // Without the IMDSv2 session URL the instance (IMDSv2 only) refuses.
+    let mut source = aws_source(&emulator);
+    source
+        .as_object_mut()
+        .unwrap()
+        .remove("imdsv2_session_token_url");
+    let dir = tempfile::tempdir().unwrap();
+    let file = federation_file(&emulator, dir.path(), source, false);
+    let broker = aws_broker(&emulator, &file, &[]).await;
+    let status = broker
+        .client()
+        .await
+        .get_access_token(access_request(&[]))
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().contains("EC2 instance metadata"),
+        "{status}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_signed_with_the_wrong_aws_secret_is_refused_by_sts() {
+    let emulator = aws_federating().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = federation_file(&emulator, dir.path(), aws_source(&emulator), false);
+    let broker = aws_broker(&emulator, &file, &aws_env("not-the-secret")).await;
+    let status = broker
+        .client()
+        .await
+        .get_access_token(access_request(&[]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("invalid_grant"), "{status}");
 }

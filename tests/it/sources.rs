@@ -648,4 +648,11 @@ async fn no_key_or_token_reaches_the_logs_even_at_trace_level() {
     for line in TEST_KEYS[0].0.lines().filter(|l| !l.starts_with("-----")) {
         assert_no_piece_of(line, &logs);
     }
+    // Every intermediate credential: the signed JWT assertions and the
+    // bearer tokens sent to IAM Credentials.
+    let sent = emulator.received_credentials();
+    assert!(sent.len() >= 3, "{} credentials sent", sent.len());
+    for credential in &sent {
+        assert_no_piece_of(credential, &logs);
+    }
 }

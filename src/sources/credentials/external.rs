@@ -71,6 +71,24 @@ pub enum SubjectSource {
     },
     /// A program printing Google's executable-response JSON.
     Executable(Executable),
+    /// AWS (`environment_id: aws1`): a signed `GetCallerIdentity` request.
+    Aws(Aws),
+}
+
+/// `credential_source` with `environment_id: aws1`.
+#[derive(Clone, Debug)]
+pub struct Aws {
+    /// Where the availability zone is read when `AWS_REGION` and
+    /// `AWS_DEFAULT_REGION` are unset (EC2 instance metadata).
+    pub region_url: Option<Uri>,
+    /// Where the role's credentials are read when `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` are unset.
+    pub credentials_url: Option<Uri>,
+    /// The `GetCallerIdentity` URL, with `{region}` to fill in.
+    pub verification_url: String,
+    /// IMDSv2's session-token URL; without it, instance metadata is read
+    /// with IMDSv1.
+    pub session_token_url: Option<Uri>,
 }
 
 /// How a subject token sits in a file or an HTTP answer.
@@ -164,12 +182,16 @@ fn is_workforce_pool(audience: &str) -> bool {
         .is_some_and(|(_, rest)| rest.starts_with("workforcePools/"))
 }
 
-const SOURCES: [&str; 4] = ["file", "url", "executable", "environment_id"];
+const SOURCES: [&str; 3] = ["file", "url", "executable"];
 
 fn subject_source(
     source: &Object<'_>,
     allow_executables: bool,
 ) -> Result<SubjectSource, CredentialsError> {
+    // An AWS source has a `url` of its own (the role's credentials).
+    if source.has("environment_id") {
+        return aws(source).map(SubjectSource::Aws);
+    }
     let named: Vec<&str> = SOURCES.into_iter().filter(|f| source.has(f)).collect();
     match named.as_slice() {
         ["file"] => Ok(SubjectSource::File {
@@ -182,15 +204,6 @@ fn subject_source(
             format: format(source)?,
         }),
         ["executable"] => executable(source, allow_executables).map(SubjectSource::Executable),
-        ["environment_id"] => {
-            let id = source.text("environment_id")?;
-            let problem = if id.starts_with("aws") {
-                "an AWS source, which this build of tokenbroker cannot sign for yet; use a file, url or executable source"
-            } else {
-                "not a known environment (Google's libraries know \"aws1\")"
-            };
-            Err(source.error("environment_id", problem))
-        }
         [] => Err(source.error(
             "",
             "not a known source: it needs one of file, url, executable or environment_id",
@@ -200,6 +213,63 @@ fn subject_source(
             format!("ambiguous: it names {}; keep one", named.join(" and ")),
         )),
     }
+}
+
+fn aws(source: &Object<'_>) -> Result<Aws, CredentialsError> {
+    match source.text("environment_id")? {
+        "aws1" => {}
+        id if id.starts_with("aws") => {
+            return Err(source.error(
+                "environment_id",
+                "an AWS version this broker does not know (Google's libraries know \"aws1\")",
+            ));
+        }
+        _ => {
+            return Err(source.error(
+                "environment_id",
+                "not a known environment (Google's libraries know \"aws1\")",
+            ));
+        }
+    }
+    let metadata_url = |field: &str| -> Result<Option<Uri>, CredentialsError> {
+        source
+            .optional_text(field)?
+            .map(|url| instance_metadata_url(source, field, url))
+            .transpose()
+    };
+    let verification_url = source.text("regional_cred_verification_url")?;
+    let filled = verification_url.replace("{region}", "us-east-1");
+    endpoint_field(source, "regional_cred_verification_url", &filled)?;
+    Ok(Aws {
+        region_url: metadata_url("region_url")?,
+        credentials_url: metadata_url("url")?,
+        verification_url: verification_url.to_string(),
+        session_token_url: metadata_url("imdsv2_session_token_url")?,
+    })
+}
+
+/// The EC2 instance metadata addresses Google's libraries accept for an
+/// AWS source's `region_url`, `url` and `imdsv2_session_token_url`.
+const INSTANCE_METADATA_HOSTS: [&str; 2] = ["169.254.169.254", "[fd00:ec2::254]"];
+
+/// An instance metadata URL: plain http to EC2's link-local address (or to
+/// loopback, for tests), never proxied.
+fn instance_metadata_url(
+    source: &Object<'_>,
+    field: &str,
+    url: &str,
+) -> Result<Uri, CredentialsError> {
+    let uri: Uri = url.parse().map_err(|_| source.error(field, "not a URL"))?;
+    let host = uri.host().unwrap_or_default();
+    if INSTANCE_METADATA_HOSTS.contains(&host) && uri.scheme_str() == Some("http") {
+        return Ok(uri);
+    }
+    endpoint_field(source, field, url).map_err(|_| {
+        source.error(
+            field,
+            "not EC2 instance metadata (http://169.254.169.254 or http://[fd00:ec2::254]), nor https://, nor http:// to loopback",
+        )
+    })
 }
 
 fn format(source: &Object<'_>) -> Result<SubjectFormat, CredentialsError> {
@@ -344,6 +414,22 @@ mod tests {
         };
         assert_eq!(executable.command, ["/bin/fetch", "--id", "3"]);
         assert_eq!(executable.timeout, Duration::from_secs(5));
+        let account = parse_json(
+            &config(json!({
+                "environment_id": "aws1",
+                "region_url": "http://169.254.169.254/latest/meta-data/placement/availability-zone",
+                "url": "http://169.254.169.254/latest/meta-data/iam/security-credentials",
+                "regional_cred_verification_url": "https://sts.{region}.amazonaws.com?Action=GetCallerIdentity&Version=2011-06-15",
+                "imdsv2_session_token_url": "http://169.254.169.254/latest/api/token",
+            })),
+            false,
+        )
+        .unwrap();
+        let SubjectSource::Aws(aws) = account.subject else {
+            panic!("not an AWS source");
+        };
+        assert!(aws.session_token_url.is_some() && aws.credentials_url.is_some());
+        assert!(aws.verification_url.contains("{region}"));
         let mut json = config(json!({"file": "/t"}));
         json["service_account_impersonation_url"] = "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/sa@p.iam.gserviceaccount.com:generateAccessToken".into();
         json["service_account_impersonation"] = json!({"token_lifetime_seconds": 600});
@@ -389,7 +475,25 @@ mod tests {
             true,
             "timeout_millis",
         );
-        expect(config(json!({"environment_id": "aws1"})), false, "AWS");
+        expect(
+            config(json!({"environment_id": "aws1"})),
+            false,
+            "\"credential_source.regional_cred_verification_url\" is missing",
+        );
+        expect(
+            config(
+                json!({"environment_id": "aws2", "regional_cred_verification_url": "https://sts.{region}.amazonaws.com"}),
+            ),
+            false,
+            "an AWS version",
+        );
+        expect(
+            config(
+                json!({"environment_id": "aws1", "regional_cred_verification_url": "https://sts.{region}.amazonaws.com", "url": "http://10.0.0.1/creds"}),
+            ),
+            false,
+            "\"credential_source.url\" is not EC2 instance metadata",
+        );
         expect(
             config(json!({"environment_id": "azure9"})),
             false,

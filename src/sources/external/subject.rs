@@ -9,7 +9,7 @@ use tokio::io::AsyncReadExt;
 use crate::error::FetchError;
 use crate::secret::Secret;
 use crate::sources::credentials::external::{ExternalAccount, SubjectFormat, SubjectSource};
-use crate::sources::external::executable;
+use crate::sources::external::{aws, executable};
 use crate::sources::https::HttpsClient;
 use crate::sources::response::{MAX_RESPONSE_BYTES, check_printable};
 
@@ -25,6 +25,7 @@ pub fn describe(account: &ExternalAccount) -> String {
             url.path()
         ),
         SubjectSource::Executable(program) => format!("the program {}", program.command[0]),
+        SubjectSource::Aws(_) => "AWS (a signed GetCallerIdentity request)".to_string(),
     }
 }
 
@@ -40,10 +41,21 @@ pub async fn read(account: &ExternalAccount, http: &HttpsClient) -> Result<Secre
             headers,
             format,
         } => {
-            let body = http.get("the subject-token URL", url, headers).await?;
+            let body = http
+                .fetch("the subject-token URL", http::Method::GET, url, headers)
+                .await?;
             extract(format, &body, "the subject-token URL")
         }
         SubjectSource::Executable(program) => executable::run(program, account).await,
+        SubjectSource::Aws(source) => {
+            aws::subject_token(
+                source,
+                &account.audience,
+                http,
+                &aws::Environment::from_process(),
+            )
+            .await
+        }
     }
 }
 
