@@ -59,15 +59,15 @@ pub(crate) fn subject_token(subject: &str, key: usize) -> String {
 /// an AWS request), at the emulator's STS, impersonating [`TARGET`] if
 /// `impersonate`.
 fn federation_file(emulator: &Emulator, dir: &Path, source: Value, impersonate: bool) -> PathBuf {
-    let subject_token_type = if source.get("environment_id").is_some() {
-        AWS_TOKEN_TYPE
+    let (audience, subject_token_type) = if source.get("environment_id").is_some() {
+        (AWS_POOL, AWS_TOKEN_TYPE)
     } else {
-        JWT_TYPE
+        (POOL, JWT_TYPE)
     };
     let mut json = json!({
         "universe_domain": "googleapis.com",
         "type": "external_account",
-        "audience": POOL,
+        "audience": audience,
         "subject_token_type": subject_token_type,
         "token_url": emulator.sts_token_url(),
         "credential_source": source,
@@ -709,16 +709,19 @@ fn aws_role(secret: &str) -> AwsRole {
     }
 }
 
-/// The emulator trusting AWS requests of the `ci-runner` role for
-/// [`POOL`], and serving an EC2 instance with that role (IMDSv2 only).
+/// The AWS pool provider the tests federate through.
+const AWS_POOL: &str =
+    "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/aws/providers/ec2";
+
+/// [`federating`], also trusting AWS requests of the `ci-runner` role for
+/// [`AWS_POOL`], and serving an EC2 instance with that role (IMDSv2 only).
 async fn aws_federating() -> Emulator {
-    let emulator = emulator(EmulatorConfig::default()).await;
+    let emulator = federating(EmulatorConfig::default()).await;
     emulator.add_federation_pool(Pool {
-        audience: POOL.into(),
+        audience: AWS_POOL.into(),
         subject_token_type: AWS_TOKEN_TYPE.into(),
         subjects: Subjects::Aws,
     });
-    emulator.allow_impersonation(TARGET);
     emulator.add_aws_role(aws_role(AWS_SECRET));
     emulator.set_ec2_instance(Ec2Instance {
         zone: "eu-west-3c".into(),
@@ -778,7 +781,7 @@ async fn aws_credentials_from_the_environment_sign_the_subject_and_nothing_leaks
         .token;
     assert_eq!(
         holder(&emulator, &access),
-        principal(POOL, &role_arn("ci-runner"))
+        principal(AWS_POOL, &role_arn("ci-runner"))
     );
     assert_eq!(emulator.stats().sts_requests, 1);
     broker.stop().await;
@@ -831,7 +834,7 @@ async fn aws_instance_metadata_with_imdsv2_serves_impersonated_id_tokens() {
     assert_eq!(claims(&id.token)["email"], TARGET);
     assert_eq!(
         emulator.iam_calls()[0].caller,
-        principal(POOL, &role_arn("ci-runner"))
+        principal(AWS_POOL, &role_arn("ci-runner"))
     );
 
     // Without the IMDSv2 session URL the instance (IMDSv2 only) refuses.
@@ -869,4 +872,120 @@ async fn a_request_signed_with_the_wrong_aws_secret_is_refused_by_sts() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status}");
     assert!(status.message().contains("invalid_grant"), "{status}");
+}
+
+// === Every source, with and without impersonation ===
+
+/// One subject-token source, as the table test runs it.
+struct SourceCase {
+    /// What the test calls it.
+    name: &'static str,
+    /// Its `credential_source`.
+    source: Value,
+    /// The principal it federates as.
+    principal: String,
+    /// The environment the broker needs for it.
+    env: Vec<(&'static str, String)>,
+}
+
+/// Each subject-token source.
+fn every_source(
+    emulator: &Emulator,
+    dir: &Path,
+    url_server: std::net::SocketAddr,
+) -> Vec<SourceCase> {
+    let file = dir.join("token");
+    std::fs::write(&file, subject_token("file-text", 0)).unwrap();
+    let json_file = dir.join("token.json");
+    std::fs::write(
+        &json_file,
+        json!({"t": subject_token("file-json", 0)}).to_string(),
+    )
+    .unwrap();
+    let program = subject_program(dir, &subject_token("program", 0), 3600, false);
+    let aws = principal(AWS_POOL, &role_arn("ci-runner"));
+    let allow = vec![(ALLOW.0, ALLOW.1.to_string())];
+    let case = |name, source, principal, env| SourceCase {
+        name,
+        source,
+        principal,
+        env,
+    };
+    vec![
+        case(
+            "file, text",
+            json!({"file": file}),
+            principal(POOL, "file-text"),
+            vec![],
+        ),
+        case(
+            "file, json",
+            json!({"file": json_file, "format": {"type": "json", "subject_token_field_name": "t"}}),
+            principal(POOL, "file-json"),
+            vec![],
+        ),
+        case(
+            "url",
+            json!({"url": format!("http://{url_server}/token"), "headers": {"Metadata": "True"}, "format": {"type": "json", "subject_token_field_name": "value"}}),
+            principal(POOL, "url"),
+            vec![],
+        ),
+        case(
+            "executable",
+            json!({"executable": {"command": program.to_str().unwrap()}}),
+            principal(POOL, "program"),
+            allow,
+        ),
+        case(
+            "aws, environment",
+            aws_source(emulator),
+            aws.clone(),
+            aws_env(AWS_SECRET),
+        ),
+        case("aws, IMDSv2", aws_source(emulator), aws, vec![]),
+    ]
+}
+
+#[tokio::test]
+async fn every_subject_source_serves_with_and_without_impersonation() {
+    let emulator = aws_federating().await;
+    let (url_server, _) = subject_token_server(subject_token("url", 0)).await;
+    for impersonate in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        for case in every_source(&emulator, dir.path(), url_server) {
+            let SourceCase {
+                name,
+                source,
+                principal,
+                env,
+            } = case;
+            let calls_before = emulator.iam_calls().len();
+            let file = federation_file(&emulator, dir.path(), source, impersonate);
+            let broker = aws_broker(&emulator, &file, &env).await;
+            let mut client = broker.typed_client().await;
+            let access = client.access_token(access_request(&[])).await;
+            let access =
+                access.unwrap_or_else(|e| panic!("{name}, impersonating {impersonate}: {e}"));
+            if impersonate {
+                assert_eq!(holder(&emulator, &access.token), TARGET, "{name}");
+                let id = client.id_token(id_request(AUDIENCE)).await.unwrap();
+                assert_eq!(claims(&id.token)["email"], TARGET, "{name}");
+                let calls = emulator.iam_calls();
+                assert_eq!(calls.len(), calls_before + 2, "{name}");
+                assert!(
+                    calls[calls_before..].iter().all(|c| c.caller == principal),
+                    "{name}"
+                );
+            } else {
+                assert_eq!(holder(&emulator, &access.token), principal, "{name}");
+                let status = broker
+                    .client()
+                    .await
+                    .get_id_token(id_request(AUDIENCE))
+                    .await
+                    .unwrap_err();
+                assert_eq!(status.code(), Code::InvalidArgument, "{name}");
+            }
+        }
+    }
 }
