@@ -77,10 +77,20 @@ impl ExternalSource {
             access.scopes.join(" ")
         };
         let account = &self.account;
+        // A workforce pool bills its user project, unless a client
+        // authenticates (as in Google's libraries).
         let options = account
             .workforce_pool_user_project
             .as_ref()
+            .filter(|_| account.client.is_none())
             .map(|project| json!({"userProject": project}).to_string());
+        let auth = match &account.client {
+            Some((id, secret)) => Auth::Basic {
+                user: id,
+                password: secret,
+            },
+            None => Auth::None,
+        };
         let mut pairs = vec![
             ("grant_type", TOKEN_EXCHANGE_GRANT),
             ("audience", account.audience.as_str()),
@@ -99,7 +109,7 @@ impl ExternalSource {
                 &account.token_url,
                 "application/x-www-form-urlencoded",
                 form(&pairs),
-                Auth::None,
+                auth,
             )
             .await?;
         parse_access_token(&response, fetched_at)

@@ -989,3 +989,30 @@ async fn every_subject_source_serves_with_and_without_impersonation() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_client_named_in_the_file_authenticates_the_exchange() {
+    let emulator = federating(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let subject = dir.path().join("token");
+    std::fs::write(&subject, subject_token("with-client", 0)).unwrap();
+    let file = federation_file(&emulator, dir.path(), json!({"file": subject}), false);
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    json["client_id"] = "sts-client".into();
+    json["client_secret"] = "sts-client-secret".into();
+    let file = write_file(dir.path(), "wif.json", &json, 0o600);
+    let broker = broker_with(&emulator, &file).await;
+    broker
+        .typed_client()
+        .await
+        .access_token(access_request(&[]))
+        .await
+        .unwrap();
+    use base64::Engine;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("sts-client:sts-client-secret")
+    );
+    assert!(emulator.received_credentials().contains(&basic));
+    assert_no_piece_of("sts-client-secret", &broker.logs());
+}

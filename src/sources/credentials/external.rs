@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
 use super::document::Object;
 use super::{CredentialsError, DEFAULT_IMPERSONATED_LIFETIME, ImpersonationUrl, endpoint_field};
+use crate::secret::Secret;
 
 /// Google STS, unless the file names another `token_url`.
 pub const DEFAULT_TOKEN_URL: &str = "https://sts.googleapis.com/v1/token";
@@ -35,6 +36,9 @@ pub struct ExternalAccount {
     pub impersonation: Option<Impersonation>,
     /// The project billed for a workforce pool's STS calls.
     pub workforce_pool_user_project: Option<String>,
+    /// The OAuth client STS calls authenticate as (`client_id`,
+    /// `client_secret`), if the file names one.
+    pub client: Option<(String, Secret)>,
     /// Where the subject token comes from.
     pub subject: SubjectSource,
     /// The file it came from.
@@ -158,6 +162,19 @@ pub fn parse(
             "set, but the audience is not a workforce pool (//iam.googleapis.com/locations/LOCATION/workforcePools/...)",
         ));
     }
+    let client = match (
+        fields.optional_text("client_id")?,
+        fields.optional_text("client_secret")?,
+    ) {
+        (Some(id), Some(secret)) => Some((id.to_string(), Secret::new(secret.to_string()))),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(fields.error("client_secret", "missing, though client_id is set"));
+        }
+        (None, Some(_)) => {
+            return Err(fields.error("client_id", "missing, though client_secret is set"));
+        }
+    };
     // Checked, not kept: it bills the API calls made with the tokens, which
     // clients make (with their own `x-goog-user-project`), not the broker.
     fields.optional_text("quota_project_id")?;
@@ -168,6 +185,7 @@ pub fn parse(
         token_url,
         impersonation,
         workforce_pool_user_project: workforce_pool_user_project.map(str::to_string),
+        client,
         subject,
         path: fields.path().to_path_buf(),
     })
@@ -549,6 +567,13 @@ mod tests {
             json,
             false,
             "service_account_impersonation.token_lifetime_seconds",
+        );
+        let mut json = config(json!({"file": "/a"}));
+        json["client_id"] = "c".into();
+        expect(
+            json,
+            false,
+            "\"client_secret\" is missing, though client_id is set",
         );
         let mut json = config(json!({"file": "/a"}));
         json["workforce_pool_user_project"] = "p".into();
