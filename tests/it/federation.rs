@@ -450,6 +450,27 @@ async fn a_program_that_hangs_or_fails_fails_the_call_and_leaves_nothing_running
         status.message().contains("it failed: 401: not logged in"),
         "{status}"
     );
+
+    // A program that prints without end is read no further than an answer
+    // may be, and killed.
+    std::fs::write(
+        dir.path().join("fetch-token"),
+        format!("#!/bin/sh\nyes {}/answer.json\n", dir.path().display()),
+    )
+    .unwrap();
+    let status = broker
+        .client()
+        .await
+        .get_access_token(access_request(&["scope:d"]))
+        .await
+        .unwrap_err();
+    assert!(status.message().contains("printed more than"), "{status}");
+    poll_until(
+        "the program is gone",
+        || running() == 0,
+        || format!("{} left", running()),
+    )
+    .await;
     assert_eq!(emulator.stats().sts_requests, 0);
 }
 

@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::Deserialize;
+use tokio::io::AsyncReadExt;
 
 use crate::error::FetchError;
 use crate::secret::Secret;
@@ -69,24 +70,44 @@ pub async fn run(program: &Executable, account: &ExternalAccount) -> Result<Secr
     if let Some(path) = &program.output_file {
         command.env("GOOGLE_EXTERNAL_ACCOUNT_OUTPUT_FILE", path);
     }
-    let child = command
-        .spawn()
-        .map_err(|e| FetchError::Connect(format!("the subject-token program {name}: {e}")))?;
+    let failed =
+        |e: std::io::Error| FetchError::Connect(format!("the subject-token program {name}: {e}"));
+    let mut child = command.spawn().map_err(failed)?;
     let mut group = GroupKiller(child.id().map(|pid| Pid::from_raw(pid as i32)));
-    let output = tokio::time::timeout(program.timeout, child.wait_with_output())
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| failed(std::io::ErrorKind::BrokenPipe.into()))?;
+    let run = async {
+        // At most one byte more than an answer may have: a program that
+        // prints more is not read further (and is killed on return).
+        let mut output = zeroize::Zeroizing::new(Vec::new());
+        (&mut stdout)
+            .take(MAX_RESPONSE_BYTES as u64 + 1)
+            .read_to_end(&mut output)
+            .await?;
+        if output.len() > MAX_RESPONSE_BYTES {
+            return Ok((None, output));
+        }
+        Ok::<_, std::io::Error>((Some(child.wait().await?), output))
+    };
+    let (status, output) = tokio::time::timeout(program.timeout, run)
         .await
         .map_err(|_| FetchError::Timeout(program.timeout))?
-        .map_err(|e| FetchError::Connect(format!("the subject-token program {name}: {e}")))?;
+        .map_err(failed)?;
+    let Some(status) = status else {
+        return Err(FetchError::Malformed(format!(
+            "the subject-token program {name} printed more than {MAX_RESPONSE_BYTES} bytes"
+        )));
+    };
     // It exited by itself: its group is its own business now.
     group.0 = None;
-    let stdout = zeroize::Zeroizing::new(output.stdout);
-    if !output.status.success() {
+    if !status.success() {
         return Err(FetchError::Malformed(format!(
-            "the subject-token program {name} {}",
-            output.status
+            "the subject-token program {name} {status}"
         )));
     }
-    parse(&stdout, program.output_file.is_some(), name)
+    parse(&output, program.output_file.is_some(), name)
 }
 
 /// Kills a program's process group when dropped before it exited (on
