@@ -1037,3 +1037,33 @@ async fn a_client_named_in_the_file_authenticates_the_exchange() {
     assert!(emulator.received_credentials().contains(&basic));
     assert_no_piece_of("sts-client-secret", &broker.logs());
 }
+
+#[tokio::test]
+async fn the_impersonate_flag_builds_on_a_federation_file() {
+    let emulator = federating(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let subject = dir.path().join("token");
+    std::fs::write(&subject, subject_token("flagged", 0)).unwrap();
+    let file = federation_file(&emulator, dir.path(), json!({"file": subject}), false);
+    let endpoint = emulator.iam_endpoint();
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--credentials",
+            file.to_str().unwrap(),
+            "--impersonate",
+            TARGET,
+            "--iam-endpoint",
+            &endpoint,
+        ],
+    )
+    .await;
+    let id = broker
+        .typed_client()
+        .await
+        .id_token(id_request(AUDIENCE))
+        .await
+        .unwrap();
+    assert_eq!(claims(&id.token)["email"], TARGET);
+    assert_eq!(emulator.iam_calls()[0].caller, principal(POOL, "flagged"));
+}
