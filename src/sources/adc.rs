@@ -13,14 +13,14 @@ use tokio::time::Instant;
 
 use crate::error::BrokerError;
 use crate::error::FetchError;
-use crate::request::{ServiceAccount, TokenKey};
+use crate::request::TokenKey;
 use crate::sources::credentials::external::ALLOW_EXECUTABLES_ENV;
 use crate::sources::credentials::{
     self, ClientAuth, Credentials, CredentialsError, UserCredentials,
 };
 use crate::sources::https::proxy::Proxy;
 use crate::sources::https::{Auth, HttpsClient};
-use crate::sources::keyfile::form;
+use crate::sources::keyfile::admit_default_access_tokens;
 use crate::sources::response::parse_access_token;
 use crate::token::Token;
 use crate::upstream::TokenSource;
@@ -183,13 +183,7 @@ impl UserSource {
         }
         let body = self
             .http
-            .post(
-                SERVICE,
-                &user.token_uri,
-                "application/x-www-form-urlencoded",
-                form(&pairs),
-                auth,
-            )
+            .post_form(SERVICE, &user.token_uri, &pairs, auth)
             .await?;
         parse_access_token(&body, fetched_at)
     }
@@ -201,21 +195,11 @@ impl TokenSource for UserSource {
     }
 
     fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
-        if let TokenKey::Id(_) = key {
-            return Err(BrokerError::Unsupported {
-                source_name: self.describe(),
-                what: "ID tokens",
-                hint: "user credentials cannot mint ID tokens for an audience; run the broker with --impersonate SERVICE_ACCOUNT_EMAIL (your user needs roles/iam.serviceAccountOpenIdTokenCreator on it), or give it a service-account key",
-            });
-        }
-        match key.account() {
-            ServiceAccount::Default => Ok(()),
-            ServiceAccount::Email(asked) => Err(BrokerError::AccountNotAvailable {
-                account: asked.clone(),
-                source_name: self.describe(),
-                allowed: "default".into(),
-            }),
-        }
+        admit_default_access_tokens(
+            key,
+            || self.describe(),
+            "user credentials cannot mint ID tokens for an audience; run the broker with --impersonate SERVICE_ACCOUNT_EMAIL (your user needs roles/iam.serviceAccountOpenIdTokenCreator on it), or give it a service-account key",
+        )
     }
 }
 

@@ -17,10 +17,10 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::error::{BrokerError, FetchError};
-use crate::request::{ServiceAccount, TokenKey};
+use crate::request::TokenKey;
 use crate::sources::credentials::external::ExternalAccount;
 use crate::sources::https::{Auth, HttpsClient};
-use crate::sources::keyfile::{DEFAULT_SCOPES, form};
+use crate::sources::keyfile::{DEFAULT_SCOPES, admit_default_access_tokens};
 use crate::sources::response::parse_access_token;
 use crate::token::Token;
 use crate::upstream::TokenSource;
@@ -104,13 +104,7 @@ impl ExternalSource {
         }
         let response = self
             .http
-            .post(
-                SERVICE,
-                &account.token_url,
-                "application/x-www-form-urlencoded",
-                form(&pairs),
-                auth,
-            )
+            .post_form(SERVICE, &account.token_url, &pairs, auth)
             .await?;
         parse_access_token(&response, fetched_at)
     }
@@ -122,20 +116,10 @@ impl TokenSource for ExternalSource {
     }
 
     fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
-        if let TokenKey::Id(_) = key {
-            return Err(BrokerError::Unsupported {
-                source_name: self.describe(),
-                what: "ID tokens",
-                hint: "a federated token cannot mint ID tokens; add \"service_account_impersonation_url\" to the credentials file (gcloud's --service-account flag writes it), and give the federated principal roles/iam.serviceAccountOpenIdTokenCreator on that account",
-            });
-        }
-        match key.account() {
-            ServiceAccount::Default => Ok(()),
-            ServiceAccount::Email(asked) => Err(BrokerError::AccountNotAvailable {
-                account: asked.clone(),
-                source_name: self.describe(),
-                allowed: "default".into(),
-            }),
-        }
+        admit_default_access_tokens(
+            key,
+            || self.describe(),
+            "a federated token cannot mint ID tokens; add \"service_account_impersonation_url\" to the credentials file (gcloud's --service-account flag writes it), and give the federated principal roles/iam.serviceAccountOpenIdTokenCreator on that account",
+        )
     }
 }

@@ -111,6 +111,15 @@ impl Auth<'_> {
     }
 }
 
+/// An `application/x-www-form-urlencoded` body.
+fn form(pairs: &[(&str, &str)]) -> Bytes {
+    Bytes::from(
+        form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish(),
+    )
+}
+
 fn url_encode(text: &str) -> String {
     form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
@@ -178,6 +187,20 @@ impl HttpsClient {
         }
         let request = request.body(Full::new(body)).map_err(|_| cannot_build())?;
         self.exchange(service, request).await
+    }
+
+    /// POSTs `pairs` as an `application/x-www-form-urlencoded` body (an
+    /// OAuth or STS grant), as [`HttpsClient::post`] does.
+    pub async fn post_form(
+        &self,
+        service: &'static str,
+        uri: &Uri,
+        pairs: &[(&str, &str)],
+        auth: Auth<'_>,
+    ) -> Result<Bytes, FetchError> {
+        let content_type = "application/x-www-form-urlencoded";
+        self.post(service, uri, content_type, form(pairs), auth)
+            .await
     }
 
     /// Sends a bodiless `method` request (a GET, or IMDSv2's PUT) to `uri`
@@ -333,6 +356,17 @@ fn explain(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forms_are_percent_encoded() {
+        assert_eq!(
+            form(&[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                ("a", "x y&z")
+            ]),
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&a=x+y%26z"
+        );
+    }
 
     #[test]
     fn plain_http_only_to_loopback() {

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use serde::Deserialize;
@@ -104,16 +103,10 @@ impl KeyFileSource {
             &signer,
         )
         .map_err(|e| FetchError::Malformed(e.to_string()))?;
-        let body = form(&[("grant_type", JWT_BEARER_GRANT), ("assertion", &assertion)]);
+        let pairs = [("grant_type", JWT_BEARER_GRANT), ("assertion", &assertion)];
         let response = self
             .http
-            .post(
-                SERVICE,
-                &self.key.token_uri,
-                "application/x-www-form-urlencoded",
-                body,
-                Auth::None,
-            )
+            .post_form(SERVICE, &self.key.token_uri, &pairs, Auth::None)
             .await?;
         match key {
             TokenKey::Access(_) => parse_access_token(&response, fetched_at),
@@ -172,27 +165,36 @@ pub fn admit_one_account(
     Ok(())
 }
 
-/// An `application/x-www-form-urlencoded` body.
-pub fn form(pairs: &[(&str, &str)]) -> Bytes {
-    Bytes::from(
-        form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(pairs)
-            .finish(),
-    )
+/// Admits access tokens for `default` only and refuses ID tokens with
+/// `id_token_hint`, for sources that stand for no service account (user
+/// credentials, a federated principal); names the source (built by
+/// `describe`) when refusing.
+pub fn admit_default_access_tokens(
+    key: &TokenKey,
+    describe: impl Fn() -> String,
+    id_token_hint: &'static str,
+) -> Result<(), BrokerError> {
+    if let TokenKey::Id(_) = key {
+        return Err(BrokerError::Unsupported {
+            source_name: describe(),
+            what: "ID tokens",
+            hint: id_token_hint,
+        });
+    }
+    match key.account() {
+        ServiceAccount::Default => Ok(()),
+        ServiceAccount::Email(asked) => Err(BrokerError::AccountNotAvailable {
+            account: asked.clone(),
+            source_name: describe(),
+            allowed: "default".into(),
+        }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::request::{AccessTokenKey, IdTokenKey};
-
-    #[test]
-    fn forms_are_percent_encoded() {
-        assert_eq!(
-            form(&[("grant_type", JWT_BEARER_GRANT), ("a", "x y&z")]),
-            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&a=x+y%26z"
-        );
-    }
 
     #[test]
     fn only_the_keys_own_account_is_admitted() {

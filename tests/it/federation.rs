@@ -95,6 +95,25 @@ async fn broker_with(emulator: &Emulator, credentials: &Path) -> Broker {
     Broker::start(emulator, &["--credentials", credentials.to_str().unwrap()]).await
 }
 
+/// The access token `broker` serves for `scopes`.
+pub(crate) async fn access_token(broker: &Broker, scopes: &[&str]) -> String {
+    let mut client = broker.typed_client().await;
+    client
+        .access_token(access_request(scopes))
+        .await
+        .unwrap()
+        .token
+}
+
+/// The status `broker` refuses the access token for `scopes` with.
+pub(crate) async fn access_refused(broker: &Broker, scopes: &[&str]) -> tonic::Status {
+    let mut client = broker.client().await;
+    client
+        .get_access_token(access_request(scopes))
+        .await
+        .unwrap_err()
+}
+
 /// Who the emulator issued `token` to.
 pub(crate) fn holder(emulator: &Emulator, token: &str) -> String {
     emulator
@@ -147,13 +166,7 @@ async fn a_subject_token_file_is_exchanged_once_for_many_cold_callers_and_reread
         ),
     };
     assert!(invalidated(&mut client, request).await);
-    let rotated = broker
-        .typed_client()
-        .await
-        .access_token(access_request(&["scope:a"]))
-        .await
-        .unwrap()
-        .token;
+    let rotated = access_token(&broker, &["scope:a"]).await;
     assert_eq!(
         holder(&emulator, &rotated),
         principal(POOL, "repo:acme/app:ref:release")
@@ -291,12 +304,7 @@ async fn a_url_source_sends_its_headers_and_its_refusal_reaches_the_caller() {
     let dir = tempfile::tempdir().unwrap();
     let file = federation_file(&emulator, dir.path(), source(json!({})), false);
     let broker = broker_with(&emulator, &file).await;
-    let status = broker
-        .client()
-        .await
-        .get_access_token(access_request(&[]))
-        .await
-        .unwrap_err();
+    let status = access_refused(&broker, &[]).await;
     assert_eq!(status.code(), Code::PermissionDenied, "{status}");
     assert!(status.message().contains("subject-token URL"), "{status}");
 }
@@ -404,12 +412,7 @@ async fn a_program_that_hangs_or_fails_fails_the_call_and_leaves_nothing_running
         file.to_str().unwrap(),
     ];
     let broker = Broker::spawn(args.map(String::from).to_vec(), &[ALLOW]).await;
-    let status = broker
-        .client()
-        .await
-        .get_access_token(access_request(&[]))
-        .await
-        .unwrap_err();
+    let status = access_refused(&broker, &[]).await;
     assert_eq!(status.code(), Code::Unavailable, "{status}");
     assert!(
         status.message().contains("did not answer within"),
@@ -440,12 +443,7 @@ async fn a_program_that_hangs_or_fails_fails_the_call_and_leaves_nothing_running
         "#!/bin/sh\necho '{\"version\": 1, \"success\": false, \"code\": \"401\", \"message\": \"not logged in\"}'\n",
     )
     .unwrap();
-    let status = broker
-        .client()
-        .await
-        .get_access_token(access_request(&["scope:c"]))
-        .await
-        .unwrap_err();
+    let status = access_refused(&broker, &["scope:c"]).await;
     assert!(
         status.message().contains("it failed: 401: not logged in"),
         "{status}"
@@ -458,12 +456,7 @@ async fn a_program_that_hangs_or_fails_fails_the_call_and_leaves_nothing_running
         format!("#!/bin/sh\nyes {}/answer.json\n", dir.path().display()),
     )
     .unwrap();
-    let status = broker
-        .client()
-        .await
-        .get_access_token(access_request(&["scope:d"]))
-        .await
-        .unwrap_err();
+    let status = access_refused(&broker, &["scope:d"]).await;
     assert!(status.message().contains("printed more than"), "{status}");
     poll_until(
         "the program is gone",
@@ -639,13 +632,8 @@ async fn workforce_user_credentials_refresh_with_basic_auth_and_refuse_id_tokens
     ];
     let mut broker = Broker::spawn(args.map(String::from).to_vec(), &[("RUST_LOG", "trace")]).await;
     broker.wait_for_log("workforce user credentials").await;
-    let access = broker
-        .typed_client()
-        .await
-        .access_token(access_request(&[]))
-        .await
-        .unwrap();
-    assert!(holder(&emulator, &access.token).ends_with("/subject/ana"));
+    let access = access_token(&broker, &[]).await;
+    assert!(holder(&emulator, &access).ends_with("/subject/ana"));
     let status = broker
         .client()
         .await
@@ -658,7 +646,7 @@ async fn workforce_user_credentials_refresh_with_basic_auth_and_refuse_id_tokens
     broker.wait_for_log("stopped").await;
     let logs = broker.logs();
     for secret in [
-        &access.token,
+        &access,
         "wf-refresh-token-0123456789",
         "workforce-secret/+=",
     ] {
@@ -793,13 +781,7 @@ async fn aws_credentials_from_the_environment_sign_the_subject_and_nothing_leaks
     let mut env = aws_env(AWS_SECRET);
     env.push(("RUST_LOG", "trace".into()));
     let mut broker = aws_broker(&emulator, &file, &env).await;
-    let access = broker
-        .typed_client()
-        .await
-        .access_token(access_request(&["scope:a"]))
-        .await
-        .unwrap()
-        .token;
+    let access = access_token(&broker, &["scope:a"]).await;
     assert_eq!(
         holder(&emulator, &access),
         principal(AWS_POOL, &role_arn("ci-runner"))
@@ -867,12 +849,7 @@ async fn aws_instance_metadata_with_imdsv2_serves_impersonated_id_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let file = federation_file(&emulator, dir.path(), source, false);
     let broker = aws_broker(&emulator, &file, &[]).await;
-    let status = broker
-        .client()
-        .await
-        .get_access_token(access_request(&[]))
-        .await
-        .unwrap_err();
+    let status = access_refused(&broker, &[]).await;
     assert!(
         status.message().contains("EC2 instance metadata"),
         "{status}"
@@ -885,12 +862,7 @@ async fn a_request_signed_with_the_wrong_aws_secret_is_refused_by_sts() {
     let dir = tempfile::tempdir().unwrap();
     let file = federation_file(&emulator, dir.path(), aws_source(&emulator), false);
     let broker = aws_broker(&emulator, &file, &aws_env("not-the-secret")).await;
-    let status = broker
-        .client()
-        .await
-        .get_access_token(access_request(&[]))
-        .await
-        .unwrap_err();
+    let status = access_refused(&broker, &[]).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status}");
     assert!(status.message().contains("invalid_grant"), "{status}");
 }
@@ -1023,12 +995,7 @@ async fn a_client_named_in_the_file_authenticates_the_exchange() {
     json["client_secret"] = "sts-client-secret".into();
     let file = write_file(dir.path(), "wif.json", &json, 0o600);
     let broker = broker_with(&emulator, &file).await;
-    broker
-        .typed_client()
-        .await
-        .access_token(access_request(&[]))
-        .await
-        .unwrap();
+    access_token(&broker, &[]).await;
     use base64::Engine;
     let basic = format!(
         "Basic {}",

@@ -16,7 +16,10 @@ use tonic::Code;
 
 use crate::common::http::{TEST_CA, tls_front};
 use crate::common::{Broker, access_request, claims, id_request, write_file};
-use crate::federation::{AUDIENCE, JWT_TYPE, POOL, TARGET, federating, holder, subject_token};
+use crate::federation::{
+    AUDIENCE, JWT_TYPE, POOL, TARGET, access_refused, access_token, federating, holder,
+    subject_token,
+};
 
 /// A name only the proxy knows: it stands for the TLS front.
 const HIDDEN_HOST: &str = "sts.tokenbroker.test";
@@ -174,13 +177,8 @@ async fn no_proxy_bypasses_the_proxy() {
         ],
     )
     .await;
-    let access = broker
-        .typed_client()
-        .await
-        .access_token(access_request(&[]))
-        .await
-        .unwrap();
-    assert_eq!(holder(&emulator, &access.token), TARGET);
+    let access = access_token(&broker, &[]).await;
+    assert_eq!(holder(&emulator, &access), TARGET);
     assert!(seen.lock().unwrap().is_empty(), "the proxy was used");
 }
 
@@ -196,12 +194,7 @@ async fn a_refusing_proxy_fails_the_call_and_a_malformed_one_stops_the_broker() 
     );
     let proxy_url = format!("127.0.0.1:{}", proxy.port());
     let broker = broker_behind(&emulator, &file, &[("HTTPS_PROXY", &proxy_url)]).await;
-    let status = broker
-        .client()
-        .await
-        .get_access_token(access_request(&[]))
-        .await
-        .unwrap_err();
+    let status = access_refused(&broker, &[]).await;
     assert_eq!(status.code(), Code::Unavailable, "{status}");
     assert!(status.message().contains("tunnel"), "{status}");
     // The health probe was refused too.
