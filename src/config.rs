@@ -120,12 +120,15 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENBROKER_EMULATOR_CONTROL", requires = "emulator")]
     pub emulator_control: bool,
 
-    /// Credentials file: a service-account key ("type": "service_account")
-    /// or gcloud user credentials ("authorized_user"). Without it the broker
-    /// looks, in order, at GOOGLE_APPLICATION_CREDENTIALS, gcloud's
-    /// application_default_credentials.json (under $CLOUDSDK_CONFIG or
-    /// ~/.config/gcloud), then the metadata server. The file must not be
-    /// readable by every user.
+    /// Credentials file, any type Google's libraries read: a
+    /// service-account key, gcloud user credentials, Workload Identity
+    /// Federation ("external_account", from a file, URL, program or AWS),
+    /// workforce user credentials, or an impersonated account. Without it
+    /// the broker looks, in order, at GOOGLE_APPLICATION_CREDENTIALS,
+    /// gcloud's application_default_credentials.json (under $CLOUDSDK_CONFIG
+    /// or ~/.config/gcloud), then the metadata server. The file must not be
+    /// readable by every user. Google's endpoints are reached through
+    /// HTTPS_PROXY unless NO_PROXY matches.
     #[arg(long, env = "TOKENBROKER_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
 
