@@ -18,6 +18,8 @@ use crate::sources::external::aws::{AwsCredentials, TARGET_RESOURCE_HEADER, sign
 
 /// The emulated AWS account's id, in role ARNs.
 pub const AWS_ACCOUNT_ID: &str = "123456789012";
+/// How many IMDSv2 sessions are remembered (the oldest go first).
+const MAX_SESSIONS: usize = 1000;
 /// How far an AWS request's `x-amz-date` may be from now (15 min, as AWS).
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(900);
 
@@ -80,6 +82,9 @@ pub(super) fn serve_instance_metadata(
             return text(StatusCode::BAD_REQUEST, "missing TTL header\n");
         }
         let token = random_alphanumeric(32);
+        if state.aws.sessions.len() >= MAX_SESSIONS {
+            state.aws.sessions.remove(0);
+        }
         state.aws.sessions.push(token.clone());
         return text(StatusCode::OK, &token);
     }
@@ -133,10 +138,12 @@ pub(super) fn verify_subject(shared: &Shared, audience: &str, token: &str) -> Op
     if request["method"] != "POST" || !url.contains("Action=GetCallerIdentity") {
         return None;
     }
-    let region = url
+    let (region, rest) = url
         .strip_prefix("https://sts.")?
-        .split_once(".amazonaws.com")?
-        .0;
+        .split_once(".amazonaws.com")?;
+    if !(rest.starts_with('?') || rest.starts_with('/')) {
+        return None;
+    }
     let header = |name: &str| {
         request["headers"].as_array()?.iter().find_map(|h| {
             h["key"]
@@ -200,7 +207,8 @@ pub(super) fn verify_subject(shared: &Shared, audience: &str, token: &str) -> Op
 /// An `x-amz-date` (`20260528T123456Z`) as a time.
 fn amz_date(text: &str) -> Option<SystemTime> {
     let b = text.as_bytes();
-    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+    let digits = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_digit);
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' || !digits(0..8) || !digits(9..15) {
         return None;
     }
     let rfc3339 = format!(
@@ -227,5 +235,9 @@ mod tests {
             "2026-05-28T12:34:56Z"
         );
         assert!(amz_date("2026-05-28").is_none());
+        assert!(
+            amz_date("20261é2T123456Z").is_none(),
+            "no panic on a multibyte date"
+        );
     }
 }

@@ -187,12 +187,7 @@ pub(super) fn workforce_refresh(
         .and_then(|v| String::from_utf8(v).ok())
         .and_then(|pair| {
             let (id, secret) = pair.split_once(':')?;
-            let decode = |s: &str| {
-                form_urlencoded::parse(format!("x={s}").as_bytes())
-                    .next()
-                    .map(|(_, v)| v.into_owned())
-            };
-            Some((decode(id)?, decode(secret)?))
+            Some((id.to_string(), secret.to_string()))
         });
     let Some((client_id, client_secret)) = client else {
         return Err((

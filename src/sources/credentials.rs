@@ -83,11 +83,13 @@ pub enum CredentialsError {
     },
     /// A `type` this broker does not use.
     #[error(
-        "credentials file {path} has type {found:?}; tokenbroker reads \"service_account\", \"authorized_user\", \"external_account\", \"external_account_authorized_user\" and \"impersonated_service_account\""
+        "credentials file {path}: field \"{field}\" is {found:?}; tokenbroker reads \"service_account\", \"authorized_user\", \"external_account\", \"external_account_authorized_user\" and \"impersonated_service_account\""
     )]
     UnsupportedType {
         /// The file.
         path: PathBuf,
+        /// `type`, or a nested one (`source_credentials.type`).
+        field: String,
         /// The type it names (at most 64 characters of it).
         found: String,
     },
@@ -238,10 +240,20 @@ impl ImpersonationUrl {
                     "not an IAM Credentials URL (.../serviceAccounts/EMAIL:generateAccessToken)",
                 )
             })?;
-        let id = text
-            .replacen(GENERATE_ACCESS_TOKEN, ":generateIdToken", 1)
-            .parse()
-            .map_err(|_| fields.error(field, "not a URL"))?;
+        // The same URL, its path's method replaced (as Google's libraries
+        // derive it).
+        let id_path = access
+            .path()
+            .strip_suffix(GENERATE_ACCESS_TOKEN)
+            .map(|path| format!("{path}:generateIdToken"))
+            .unwrap_or_default();
+        let mut parts = access.clone().into_parts();
+        parts.path_and_query = Some(
+            id_path
+                .parse()
+                .map_err(|_| fields.error(field, "not a URL"))?,
+        );
+        let id = Uri::from_parts(parts).map_err(|_| fields.error(field, "not a URL"))?;
         Ok(Self {
             target: target.to_string(),
             access,
@@ -280,6 +292,7 @@ fn parse(fields: &Object<'_>, allow_executables: bool) -> Result<Credentials, Cr
         }
         other => Err(CredentialsError::UnsupportedType {
             path: fields.path().to_path_buf(),
+            field: fields.name("type"),
             found: other.chars().take(64).collect(),
         }),
     }
@@ -401,7 +414,15 @@ fn impersonated(
                 })
         })
         .collect::<Result<_, _>>()?;
-    let source = parse(&fields.object("source_credentials")?, allow_executables)?;
+    let source_fields = fields.object("source_credentials")?;
+    if source_fields.optional_text("type")? == Some("impersonated_service_account") {
+        // As Google's libraries: one impersonation per file.
+        return Err(source_fields.error(
+            "type",
+            "impersonated_service_account again; the source credentials must be of another type",
+        ));
+    }
+    let source = parse(&source_fields, allow_executables)?;
     Ok(ImpersonatedAccount {
         url,
         delegates,
@@ -416,7 +437,7 @@ pub(crate) fn endpoint_field(
     field: &str,
     value: &str,
 ) -> Result<Uri, CredentialsError> {
-    https::endpoint(field, value).map_err(|reason| CredentialsError::BadTokenUri {
+    https::endpoint(&fields.name(field), value).map_err(|reason| CredentialsError::BadTokenUri {
         path: fields.path().to_path_buf(),
         reason,
     })

@@ -59,7 +59,7 @@ pub fn endpoint(what: &str, url: &str) -> Result<Uri, String> {
         Some("https") => Ok(uri),
         Some("http") if is_loopback(host) => Ok(uri),
         Some("http") => Err(format!(
-            "{what} is plain http to {host}, which is not loopback; use https:// (http:// is accepted only for 127.0.0.0/8, ::1 and localhost, for tests and emulators)"
+            "{what} is plain http to a host that is not loopback; use https:// (http:// is accepted only for 127.0.0.0/8, ::1 and localhost, for tests and emulators)"
         )),
         _ => Err(format!("{what} must start with https://")),
     }
@@ -97,9 +97,9 @@ impl Auth<'_> {
             Self::None => return Ok(None),
             Self::Bearer(token) => Zeroizing::new(format!("Bearer {}", token.expose())),
             Self::Basic { user, password } => {
-                // RFC 6749 form-encodes both parts before joining them.
-                let password = Zeroizing::new(url_encode(password.expose()));
-                let pair = Zeroizing::new(format!("{}:{}", url_encode(user), password.as_str()));
+                // As Google's libraries send it: `id:secret`, not
+                // form-encoded first.
+                let pair = Zeroizing::new(format!("{user}:{}", password.expose()));
                 let mut text = Zeroizing::new(String::from("Basic "));
                 base64::engine::general_purpose::STANDARD.encode_string(pair.as_bytes(), &mut text);
                 text
@@ -118,10 +118,6 @@ fn form(pairs: &[(&str, &str)]) -> Bytes {
             .extend_pairs(pairs)
             .finish(),
     )
-}
-
-fn url_encode(text: &str) -> String {
-    form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
 
 /// An HTTP/1.1 client speaking TLS (rustls, platform roots) to `https://`

@@ -49,13 +49,23 @@ pub fn reachable_host(host: &str, resolves: impl Fn(&str) -> bool) -> String {
     METADATA_IP.to_string()
 }
 
-/// Whether the system resolver knows `host` (blocking; used once at
-/// start-up).
+/// How long start-up waits for the system resolver to answer.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the system resolver knows `host` within [`RESOLVE_TIMEOUT`]
+/// (used once at start-up; a resolver that does not answer in time counts
+/// as not knowing it).
 pub fn system_resolves(host: &str) -> bool {
     use std::net::ToSocketAddrs;
-    (host, 80)
-        .to_socket_addrs()
-        .is_ok_and(|mut addresses| addresses.next().is_some())
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let name = host.to_string();
+    std::thread::spawn(move || {
+        let known = (name.as_str(), 80)
+            .to_socket_addrs()
+            .is_ok_and(|mut addresses| addresses.next().is_some());
+        let _ = sender.send(known);
+    });
+    receiver.recv_timeout(RESOLVE_TIMEOUT).unwrap_or(false)
 }
 /// Default time one upstream request may take, connect to last byte: 5 s.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,14 +117,22 @@ impl MetadataClient {
     /// server has never answered and cannot be reached.
     fn explained(&self, error: FetchError) -> FetchError {
         let default = self.host == DEFAULT_METADATA_HOST || self.host == METADATA_IP;
-        let unreachable = matches!(error, FetchError::Connect(_) | FetchError::Timeout(_));
-        if default && unreachable && !self.answered.load(Ordering::Relaxed) {
-            return FetchError::Connect(format!(
-                "the metadata server at {} ({error}); {OFF_CLOUD_HINT}",
-                self.host
-            ));
+        if !default || self.answered.load(Ordering::Relaxed) {
+            return error;
         }
-        error
+        match error {
+            FetchError::Connect(detail) => {
+                FetchError::Connect(format!("{detail} (at {}); {OFF_CLOUD_HINT}", self.host))
+            }
+            // Reported as a connection failure, with the hint, until the
+            // server has answered once.
+            FetchError::Timeout(limit) => FetchError::Connect(format!(
+                "the metadata server at {}: no answer within {}; {OFF_CLOUD_HINT}",
+                self.host,
+                humantime::format_duration(limit)
+            )),
+            other => other,
+        }
     }
 
     /// The host (and port) requests go to.
@@ -143,7 +161,9 @@ impl MetadataClient {
         let url = format!("http://{}{ACCOUNTS_PATH}", self.host);
         let response = tokio::time::timeout(self.timeout, self.send(&url))
             .await
-            .map_err(|_| FetchError::Timeout(self.timeout))??;
+            .map_err(|_| FetchError::Timeout(self.timeout))
+            .flatten()
+            .map_err(|error| self.explained(error))?;
         if response.status().is_server_error() {
             return Err(FetchError::Status {
                 status: response.status().as_u16(),

@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic::Code;
 
 use crate::common::http::{TEST_CA, tls_front};
-use crate::common::{Broker, access_request, claims, id_request, write_file};
+use crate::common::{Broker, access_request, assert_no_piece_of, claims, id_request, write_file};
 use crate::federation::{
     AUDIENCE, JWT_TYPE, POOL, TARGET, access_refused, access_token, federating, holder,
     subject_token,
@@ -158,6 +158,10 @@ async fn every_google_request_goes_through_the_proxys_tunnel_with_its_credential
     }
     assert_eq!(emulator.stats().sts_requests, 1);
     assert_eq!(emulator.iam_calls().len(), 2);
+    let logs = broker.logs();
+    for secret in ["p@ss", "p%40ss", &expected_auth] {
+        assert_no_piece_of(secret, &logs);
+    }
 }
 
 #[tokio::test]
@@ -177,6 +181,8 @@ async fn no_proxy_bypasses_the_proxy() {
         ],
     )
     .await;
+    // The proxy is configured (from the lower-case variables), and bypassed.
+    broker.wait_for_log("except for NO_PROXY").await;
     let access = access_token(&broker, &[]).await;
     assert_eq!(holder(&emulator, &access), TARGET);
     assert!(seen.lock().unwrap().is_empty(), "the proxy was used");
@@ -197,7 +203,7 @@ async fn a_refusing_proxy_fails_the_call_and_a_malformed_one_stops_the_broker() 
     let status = access_refused(&broker, &[]).await;
     assert_eq!(status.code(), Code::Unavailable, "{status}");
     assert!(status.message().contains("tunnel"), "{status}");
-    // The health probe was refused too.
+    // Every attempt was a tunnel, and none went through.
     let tunnels = seen.lock().unwrap().clone();
     assert!(!tunnels.is_empty() && tunnels.iter().all(|s| s.line.starts_with("CONNECT ")));
     assert_eq!(emulator.stats().sts_requests, 0);

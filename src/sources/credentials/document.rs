@@ -78,17 +78,22 @@ impl<'a> Object<'a> {
         self.path
     }
 
-    /// The error for `field` of this object (for the object itself when
-    /// `field` is empty).
-    pub fn error(&self, field: &str, problem: impl Into<String>) -> CredentialsError {
-        let field = if field.is_empty() {
+    /// The dotted path of `field` of this object (of the object itself
+    /// when `field` is empty).
+    pub fn name(&self, field: &str) -> String {
+        if field.is_empty() {
             self.prefix.trim_end_matches('.').to_string()
         } else {
             format!("{}{field}", self.prefix)
-        };
+        }
+    }
+
+    /// The error for `field` of this object (for the object itself when
+    /// `field` is empty).
+    pub fn error(&self, field: &str, problem: impl Into<String>) -> CredentialsError {
         CredentialsError::Field {
             path: self.path.to_path_buf(),
-            field,
+            field: self.name(field),
             problem: problem.into(),
         }
     }

@@ -162,18 +162,17 @@ pub fn parse(
             "set, but the audience is not a workforce pool (//iam.googleapis.com/locations/LOCATION/workforcePools/...)",
         ));
     }
-    let client = match (
-        fields.optional_text("client_id")?,
-        fields.optional_text("client_secret")?,
-    ) {
-        (Some(id), Some(secret)) => Some((id.to_string(), Secret::new(secret.to_string()))),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(fields.error("client_secret", "missing, though client_id is set"));
+    // A client id alone authenticates with an empty secret, as in
+    // Google's libraries.
+    let client = match fields.optional_text("client_id")? {
+        Some(id) => {
+            let secret = fields.optional_text("client_secret")?.unwrap_or_default();
+            Some((id.to_string(), Secret::new(secret.to_string())))
         }
-        (None, Some(_)) => {
+        None if fields.has("client_secret") => {
             return Err(fields.error("client_id", "missing, though client_secret is set"));
         }
+        None => None,
     };
     // Checked, not kept: it bills the API calls made with the tokens, which
     // clients make (with their own `x-goog-user-project`), not the broker.
@@ -210,6 +209,12 @@ fn subject_source(
     if source.has("environment_id") {
         return aws(source).map(SubjectSource::Aws);
     }
+    if source.has("certificate") {
+        return Err(source.error(
+            "certificate",
+            "an X.509 workload identity source, which this broker does not read yet; use a file, url, executable or AWS source",
+        ));
+    }
     let named: Vec<&str> = SOURCES.into_iter().filter(|f| source.has(f)).collect();
     match named.as_slice() {
         ["file"] => Ok(SubjectSource::File {
@@ -217,7 +222,9 @@ fn subject_source(
             format: format(source)?,
         }),
         ["url"] => Ok(SubjectSource::Url {
-            url: endpoint_field(source, "url", source.text("url")?)?,
+            // Azure's instance metadata, like EC2's, is plain http to
+            // 169.254.169.254.
+            url: instance_metadata_url(source, "url", source.text("url")?)?,
             headers: headers(source)?,
             format: format(source)?,
         }),
@@ -266,12 +273,14 @@ fn aws(source: &Object<'_>) -> Result<Aws, CredentialsError> {
     })
 }
 
-/// The EC2 instance metadata addresses Google's libraries accept for an
-/// AWS source's `region_url`, `url` and `imdsv2_session_token_url`.
+/// The instance metadata addresses (EC2's, which Azure's shares) that may
+/// be reached over plain http: an AWS source's `region_url`, `url` and
+/// `imdsv2_session_token_url`, and a `url` source.
 const INSTANCE_METADATA_HOSTS: [&str; 2] = ["169.254.169.254", "[fd00:ec2::254]"];
 
-/// An instance metadata URL: plain http to EC2's link-local address (or to
-/// loopback, for tests), never proxied.
+/// A URL that is `https://`, plain `http://` to a cloud's link-local
+/// instance metadata address, or `http://` to loopback (tests); plain http
+/// is never proxied.
 fn instance_metadata_url(
     source: &Object<'_>,
     field: &str,
@@ -285,7 +294,7 @@ fn instance_metadata_url(
     endpoint_field(source, field, url).map_err(|_| {
         source.error(
             field,
-            "not EC2 instance metadata (http://169.254.169.254 or http://[fd00:ec2::254]), nor https://, nor http:// to loopback",
+            "neither https://, nor plain http:// to instance metadata (169.254.169.254, [fd00:ec2::254]) or loopback",
         )
     })
 }
@@ -510,7 +519,7 @@ mod tests {
                 json!({"environment_id": "aws1", "regional_cred_verification_url": "https://sts.{region}.amazonaws.com", "url": "http://10.0.0.1/creds"}),
             ),
             false,
-            "\"credential_source.url\" is not EC2 instance metadata",
+            "\"credential_source.url\" is neither https://",
         );
         expect(
             config(json!({"environment_id": "azure9"})),
@@ -569,11 +578,11 @@ mod tests {
             "service_account_impersonation.token_lifetime_seconds",
         );
         let mut json = config(json!({"file": "/a"}));
-        json["client_id"] = "c".into();
+        json["client_secret"] = "s3cr3t".into();
         expect(
             json,
             false,
-            "\"client_secret\" is missing, though client_id is set",
+            "\"client_id\" is missing, though client_secret is set",
         );
         let mut json = config(json!({"file": "/a"}));
         json["workforce_pool_user_project"] = "p".into();

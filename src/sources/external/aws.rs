@@ -138,9 +138,10 @@ pub fn signed_request(
     let uri: Uri = url
         .parse()
         .map_err(|_| FetchError::Malformed("the AWS verification URL is not a URL".into()))?;
+    // The host name alone, without a port, as Google's libraries sign it.
     let host = uri
-        .authority()
-        .map(|a| a.as_str().to_string())
+        .host()
+        .map(str::to_string)
         .ok_or_else(|| FetchError::Malformed("the AWS verification URL has no host".into()))?;
     let identity = aws_credential_types::Credentials::new(
         &credentials.access_key_id,

@@ -15,6 +15,7 @@ use tokio::io::AsyncReadExt;
 use crate::error::FetchError;
 use crate::secret::Secret;
 use crate::sources::credentials::external::{Executable, ExternalAccount};
+use crate::sources::external::subject::read_bounded;
 use crate::sources::response::{MAX_RESPONSE_BYTES, check_printable};
 
 /// The only response version there is.
@@ -30,7 +31,8 @@ struct Response {
     token_type: Option<String>,
     id_token: Option<String>,
     saml_response: Option<String>,
-    expiration_time: Option<i64>,
+    /// Seconds since the epoch; Google's libraries take a float too.
+    expiration_time: Option<f64>,
     code: Option<String>,
     message: Option<String>,
 }
@@ -40,7 +42,7 @@ struct Response {
 pub async fn run(program: &Executable, account: &ExternalAccount) -> Result<Secret, FetchError> {
     let name = &program.command[0];
     if let Some(path) = &program.output_file
-        && let Ok(content) = tokio::fs::read(path).await
+        && let Ok(Some(content)) = read_bounded(path).await
         && let Ok(token) = parse(&content, true, name)
     {
         return Ok(token);
@@ -81,7 +83,7 @@ pub async fn run(program: &Executable, account: &ExternalAccount) -> Result<Secr
     let run = async {
         // At most one byte more than an answer may have: a program that
         // prints more is not read further (and is killed on return).
-        let mut output = zeroize::Zeroizing::new(Vec::new());
+        let mut output = zeroize::Zeroizing::new(Vec::with_capacity(MAX_RESPONSE_BYTES + 1));
         (&mut stdout)
             .take(MAX_RESPONSE_BYTES as u64 + 1)
             .read_to_end(&mut output)
@@ -159,7 +161,7 @@ fn parse(content: &[u8], needs_expiry: bool, name: &str) -> Result<Secret, Fetch
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+        .map_or(0.0, |d| d.as_secs_f64());
     match response.expiration_time {
         Some(expiry) if expiry <= now => return Err(malformed("its token has expired")),
         None if needs_expiry => {

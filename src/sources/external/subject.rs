@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use tokio::io::AsyncReadExt;
+use zeroize::Zeroizing;
 
 use crate::error::FetchError;
 use crate::secret::Secret;
@@ -62,23 +63,31 @@ pub async fn read(account: &ExternalAccount, http: &HttpsClient) -> Result<Secre
 /// The file's content, at most [`MAX_RESPONSE_BYTES`]. A missing or
 /// unreadable file is a transient fault: it may be in the middle of a
 /// rotation.
-async fn read_file(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, FetchError> {
-    let unreadable = |e: std::io::Error| {
+async fn read_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, FetchError> {
+    let content = read_bounded(path).await.map_err(|e| {
         FetchError::Connect(format!("the subject-token file {}: {e}", path.display()))
-    };
-    let file = tokio::fs::File::open(path).await.map_err(unreadable)?;
-    let mut content = zeroize::Zeroizing::new(Vec::with_capacity(4096));
-    file.take(MAX_RESPONSE_BYTES as u64 + 1)
-        .read_to_end(&mut content)
-        .await
-        .map_err(unreadable)?;
-    if content.len() > MAX_RESPONSE_BYTES {
-        return Err(FetchError::Malformed(format!(
+    })?;
+    content.ok_or_else(|| {
+        FetchError::Malformed(format!(
             "the subject-token file {} is larger than {MAX_RESPONSE_BYTES} bytes",
             path.display()
-        )));
+        ))
+    })
+}
+
+/// A regular file's content if it holds at most [`MAX_RESPONSE_BYTES`]
+/// (`None` if more), into a buffer that never moves and is zeroed on drop.
+/// Anything but a regular file (a FIFO would block) is an error.
+pub async fn read_bounded(path: &Path) -> std::io::Result<Option<Zeroizing<Vec<u8>>>> {
+    if !tokio::fs::metadata(path).await?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
     }
-    Ok(content)
+    let file = tokio::fs::File::open(path).await?;
+    let mut content = Zeroizing::new(Vec::with_capacity(MAX_RESPONSE_BYTES + 1));
+    file.take(MAX_RESPONSE_BYTES as u64 + 1)
+        .read_to_end(&mut content)
+        .await?;
+    Ok((content.len() <= MAX_RESPONSE_BYTES).then_some(content))
 }
 
 /// The token in `content`, as `format` says it sits there. `what` names

@@ -19,11 +19,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower::Service;
 
-/// The variables read, in the order they are looked up (as hyper-util and
-/// curl do: upper case first).
-pub const PROXY_VARIABLES: [&str; 2] = ["HTTPS_PROXY", "https_proxy"];
-/// The bypass list's variables.
-pub const NO_PROXY_VARIABLES: [&str; 2] = ["NO_PROXY", "no_proxy"];
+/// The variables read, in the order they are looked up (as curl does:
+/// lower case first).
+pub const PROXY_VARIABLES: [&str; 2] = ["https_proxy", "HTTPS_PROXY"];
+/// The bypass list's variables, in the same order.
+pub const NO_PROXY_VARIABLES: [&str; 2] = ["no_proxy", "NO_PROXY"];
 
 /// Which proxy, if any, upstream HTTPS goes through. Cloning is cheap.
 #[derive(Clone, Default)]
@@ -55,11 +55,19 @@ impl Proxy {
         let no_proxy = first(NO_PROXY_VARIABLES)
             .map(|(_, v)| v)
             .unwrap_or_default();
-        let url = check(name, value.trim())?;
+        let (url, normalised) = check(name, value.trim())?;
         let matcher = Matcher::builder()
-            .https(value.trim().to_string())
+            .https(normalised)
             .no(no_proxy.clone())
             .build();
+        // What was checked is what the matcher uses: a value it could not
+        // read would silently mean no proxy.
+        let probe: Uri = "https://oauth2.googleapis.com/"
+            .parse()
+            .expect("a valid URL");
+        if no_proxy.trim().is_empty() && matcher.intercept(&probe).is_none() {
+            return Err(format!("{name} is not a usable proxy URL"));
+        }
         let bypass = if no_proxy.is_empty() {
             String::new()
         } else {
@@ -84,8 +92,10 @@ impl std::fmt::Debug for Proxy {
 }
 
 /// Checks a proxy URL as curl accepts it (`http://[user:password@]host[:port]`,
-/// the scheme optional); returns it without user info.
-fn check(name: &str, value: &str) -> Result<String, String> {
+/// the scheme optional, the port 80 by default as in Go's and Python's
+/// clients); returns it without user info (for logs), and with its scheme
+/// (for the matcher).
+fn check(name: &str, value: &str) -> Result<(String, String), String> {
     let with_scheme = if value.contains("://") {
         value.to_string()
     } else {
@@ -115,7 +125,13 @@ fn check(name: &str, value: &str) -> Result<String, String> {
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(bad("it has a path; give only the scheme, host and port"));
     }
-    Ok(format!("http://{host_port}"))
+    if let Some((_, port)) = host_port.rsplit_once(':')
+        && !host_port.ends_with(']')
+        && port.parse::<u16>().map_or(true, |port| port == 0)
+    {
+        return Err(bad("its port is not a number from 1 to 65535"));
+    }
+    Ok((format!("http://{host_port}"), with_scheme))
 }
 
 /// Connects directly, or through a CONNECT tunnel when the proxy applies
@@ -217,13 +233,14 @@ mod tests {
             .intercept(&"https://oauth2.googleapis.com/token".parse().unwrap())
             .unwrap();
         assert!(auth.basic_auth().is_some());
-        // Upper case wins, and a bare host:port is http.
+        // Lower case wins, as in curl, and a bare host:port is http.
         let p = proxy(&[
-            ("HTTPS_PROXY", "upper:8080"),
-            ("https_proxy", "http://lower:1"),
+            ("HTTPS_PROXY", "http://upper:1"),
+            ("https_proxy", "lower:8080/"),
         ])
         .unwrap();
-        assert_eq!(p.describe(), Some("http://upper:8080"));
+        assert_eq!(p.describe(), Some("http://lower:8080"));
+        assert!(goes_through(&p, "https://sts.googleapis.com/v1/token"));
     }
 
     #[test]
@@ -234,6 +251,8 @@ mod tests {
             ("http://user:s3cret@p:3128/path", "path"),
             ("http://user:s3cret@:3128", "no host"),
             ("http://us er:s3cret@p", "does not parse"),
+            ("http://user:s3cret@p:99999", "port"),
+            ("http://user:s3cret@p:0", "port"),
         ] {
             let error = proxy(&[("HTTPS_PROXY", value)]).unwrap_err();
             assert!(

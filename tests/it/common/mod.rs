@@ -209,9 +209,10 @@ pub fn assert_no_piece_of(secret: &str, logs: &str) {
 
 /// Prefixes of the environment variables that change what the binary does
 /// (its flags' fallbacks, OpenTelemetry, credentials discovery, the
-/// metadata host).
-const BROKER_ENV_PREFIXES: [&str; 9] = [
+/// metadata host, AWS credentials, proxies).
+const BROKER_ENV_PREFIXES: [&str; 10] = [
     "TOKENBROKER_",
+    "AWS_",
     "OTEL_",
     "GOOGLE_",
     "CLOUDSDK_",
