@@ -26,7 +26,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::secret::Secret;
 use crate::sources::https;
 use document::{Document, Object};
-use external::ExternalAccount;
+use external::{ExternalAccount, SubjectSource};
 
 /// Google's OAuth token endpoint, for user credentials that name none.
 pub const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
@@ -50,6 +50,17 @@ pub enum CredentialsError {
         "credentials file {path} can be read by every user (mode {mode:04o}); it holds a secret: run `chmod 600 {path}` (or 640, with a group only the broker's users are in)"
     )]
     WorldReadable {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Every user may change the file, and so where the broker's
+    /// credentials go.
+    #[error(
+        "credentials file {path} can be changed by every user (mode {mode:04o}), who could then send the broker's credentials anywhere: run `chmod o-w {path}`"
+    )]
+    WorldWritable {
         /// The file.
         path: PathBuf,
         /// Its permission bits.
@@ -265,13 +276,46 @@ impl ImpersonationUrl {
 /// Lifetime of impersonated access tokens when the file names none (1 hour).
 pub const DEFAULT_IMPERSONATED_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// Reads and checks a credentials file. Refuses a file every user may read,
-/// and an `executable` subject-token source unless `allow_executables`
-/// (`GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1`).
+/// Reads and checks a credentials file. Refuses a file every user may
+/// change, one every user may read if it holds a secret (a federation file
+/// without a client secret or URL headers holds none, and Kubernetes mounts
+/// ConfigMaps `0644`), and an `executable` subject-token source unless
+/// `allow_executables` (`GOOGLE_EXTERNAL_ACCOUNT_ALLOW_EXECUTABLES=1`).
 pub fn read(path: &Path, allow_executables: bool) -> Result<Credentials, CredentialsError> {
-    let bytes = read_private(path)?;
+    let (bytes, mode) = read_bounded(path)?;
+    if mode & 0o002 != 0 {
+        return Err(CredentialsError::WorldWritable {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
     let document = Document::parse(path, &bytes)?;
-    parse(&document.root(path), allow_executables)
+    let credentials = parse(&document.root(path), allow_executables)?;
+    if mode & 0o007 != 0 && credentials.holds_secret() {
+        return Err(CredentialsError::WorldReadable {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(credentials)
+}
+
+impl Credentials {
+    /// Whether the file holds a secret: a key, a refresh token, a client
+    /// secret, or headers for a subject-token URL (which may carry one).
+    pub fn holds_secret(&self) -> bool {
+        match self {
+            Self::ServiceAccount(_) | Self::AuthorizedUser(_) => true,
+            Self::ExternalAccount(account) => {
+                account
+                    .client
+                    .as_ref()
+                    .is_some_and(|(_, secret)| !secret.expose().is_empty())
+                    || matches!(&account.subject, SubjectSource::Url { headers, .. } if !headers.is_empty())
+            }
+            Self::ImpersonatedServiceAccount(account) => account.source.holds_secret(),
+        }
+    }
 }
 
 /// The credentials `fields` describe (a whole file, or an impersonated
@@ -298,10 +342,8 @@ fn parse(fields: &Object<'_>, allow_executables: bool) -> Result<Credentials, Cr
     }
 }
 
-/// The file's bytes (zeroed on drop), if only its owner and group may read
-/// it. Group-readable is allowed: a deployment may give the key to a group
-/// holding only the broker's user.
-fn read_private(path: &Path) -> Result<Zeroizing<Vec<u8>>, CredentialsError> {
+/// The file's bytes (zeroed on drop) and its permission bits.
+fn read_bounded(path: &Path) -> Result<(Zeroizing<Vec<u8>>, u32), CredentialsError> {
     let read_error = |source| CredentialsError::Read {
         path: path.to_path_buf(),
         source,
@@ -309,12 +351,6 @@ fn read_private(path: &Path) -> Result<Zeroizing<Vec<u8>>, CredentialsError> {
     let file = std::fs::File::open(path).map_err(read_error)?;
     let metadata = file.metadata().map_err(read_error)?;
     let mode = metadata.permissions().mode() & 0o7777;
-    if mode & 0o007 != 0 {
-        return Err(CredentialsError::WorldReadable {
-            path: path.to_path_buf(),
-            mode,
-        });
-    }
     if metadata.len() > MAX_FILE_BYTES {
         return Err(CredentialsError::TooLarge {
             path: path.to_path_buf(),
@@ -331,7 +367,7 @@ fn read_private(path: &Path) -> Result<Zeroizing<Vec<u8>>, CredentialsError> {
             path: path.to_path_buf(),
         });
     }
-    Ok(bytes)
+    Ok((bytes, mode))
 }
 
 fn service_account(fields: &Object<'_>) -> Result<ServiceAccountKey, CredentialsError> {
@@ -497,6 +533,7 @@ mod tests {
             assert!(!message.contains("MII"), "the key leaked: {message}");
         };
         expect(key_json().to_string(), 0o644, "every user");
+        expect(key_json().to_string(), 0o602, "changed by every user");
         expect(key_json().to_string(), 0o604, "chmod 600");
         expect("not json".into(), 0o600, "not a JSON object");
         expect("[1, 2]".into(), 0o600, "not a JSON object");
@@ -535,6 +572,32 @@ mod tests {
         assert!(matches!(
             read(&missing, false),
             Err(CredentialsError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn a_federation_file_without_a_secret_may_be_read_by_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut json = serde_json::json!({
+            "type": "external_account",
+            "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/k8s",
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "credential_source": {"file": "/var/run/secrets/tokens/gcp"},
+        });
+        // As a Kubernetes ConfigMap mounts it.
+        let path = write(&dir, &json.to_string(), 0o644);
+        assert!(!read(&path, false).unwrap().holds_secret());
+        let path = write(&dir, &json.to_string(), 0o646);
+        assert!(matches!(
+            read(&path, false),
+            Err(CredentialsError::WorldWritable { .. })
+        ));
+        json["client_id"] = "c".into();
+        json["client_secret"] = "s3cr3t".into();
+        let path = write(&dir, &json.to_string(), 0o644);
+        assert!(matches!(
+            read(&path, false),
+            Err(CredentialsError::WorldReadable { .. })
         ));
     }
 
