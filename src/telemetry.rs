@@ -20,8 +20,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio::time::Instant;
 use tracing::Level;
-use tracing_subscriber::filter::Targets;
-use tracing_subscriber::filter::{FilterExt, filter_fn};
+use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -133,10 +132,11 @@ pub fn init(
     // aws-sigv4 traces the request it signs and its canonical form, session
     // token included: never shown, whatever RUST_LOG says (a more specific
     // target or a span directive would get past an `aws_sigv4=off`
-    // directive, so the target is dropped by a filter of its own).
+    // directive, so the target is dropped by a filter of its own). Both
+    // decide per callsite, so a disabled span still costs nothing.
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(default_filter))
-        .and(filter_fn(|metadata| !is_silenced(metadata.target())));
+        .and(silenced_targets());
     let json = match format {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
         LogFormat::Text => false,
@@ -236,10 +236,12 @@ impl RateLimitedLog {
     }
 }
 
-/// Targets whose events never reach the logs: `aws_sigv4` logs what it
-/// signs, secrets included.
-fn is_silenced(target: &str) -> bool {
-    target == "aws_sigv4" || target.starts_with("aws_sigv4::")
+/// What never reaches the logs: `aws_sigv4`, which logs what it signs,
+/// secrets included. Everything else is left to `RUST_LOG`.
+fn silenced_targets() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("aws_sigv4", LevelFilter::OFF)
 }
 
 #[cfg(test)]
