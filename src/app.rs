@@ -163,6 +163,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
                 ),
                 long_polls: LongPolls::default(),
                 timeout: args.upstream_timeout,
+                reveal: args.metadata_passthrough,
             };
             let listener = bind_metadata_endpoint(addr, &args).await?;
             let per_uid =

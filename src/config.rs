@@ -13,6 +13,7 @@ use crate::cache::CacheConfig;
 use crate::client::cli::{AccessTokenArgs, IdTokenArgs};
 use crate::emulator::EmulatorConfig;
 use crate::metadata_endpoint::MetadataAddr;
+use crate::metadata_endpoint::reveal::Reveal;
 use crate::socket::DEFAULT_SOCKET;
 use crate::sources::SourceConfig;
 use crate::telemetry::LogFormat;
@@ -226,6 +227,22 @@ pub struct ServeArgs {
         value_name = "IP:PORT|unix:PATH"
     )]
     pub metadata_addr: Option<MetadataAddr>,
+
+    /// What the metadata endpoint passes through besides tokens: safe
+    /// (what Google's client libraries read: project and numeric project
+    /// id, zone, region, instance id and hostname, the service accounts'
+    /// listing, emails, aliases and scopes, the universe domain, and the
+    /// instance and project directories without ?recursive), all
+    /// (everything, instance attributes included: on a Kubernetes node
+    /// they hold kubelet credentials), or none (tokens only). A concealed
+    /// path gets 404.
+    #[arg(
+        long,
+        env = "TOKENBROKER_METADATA_PASSTHROUGH",
+        value_enum,
+        default_value_t = Reveal::Safe
+    )]
+    pub metadata_passthrough: Reveal,
 
     /// Label ID-token request metrics with the audience. Off by default:
     /// every distinct audience becomes a time series.

@@ -52,6 +52,7 @@ pub const ZONE: &str = "projects/123456789012/zones/us-central1-a";
 pub const MAX_REMEMBERED_TOKENS: usize = 100_000;
 
 pub use faults::{Fault, FaultRule, Target};
+pub use metadata_api::{CLUSTER_NAME, KUBE_ENV};
 
 /// What the emulated VM looks like.
 #[derive(Clone, Debug)]

@@ -15,6 +15,7 @@
 
 mod pass_through;
 mod query;
+pub mod reveal;
 mod route;
 
 use std::convert::Infallible;
@@ -46,6 +47,7 @@ use crate::sources::metadata::MetadataClient;
 use crate::telemetry::metrics::Rpc;
 use crate::token::{Token, TokenKind};
 use crate::upstream::limits::UpstreamLimits;
+use reveal::Reveal;
 use route::Route;
 
 const FLAVOR: &str = "metadata-flavor";
@@ -118,6 +120,8 @@ pub struct MetadataEndpoint {
     pub long_polls: LongPolls,
     /// Longest a passed-through request may take.
     pub timeout: Duration,
+    /// Which paths besides tokens are passed through.
+    pub reveal: Reveal,
 }
 
 /// Serves the endpoint on `listener`, within `limits`, until `drain` is
@@ -222,7 +226,14 @@ impl MetadataEndpoint {
                     .await;
                 token.map_or_else(|error| error_response(&error), |t| raw_jwt(&t))
             }
-            Route::PassThrough(path) => self.pass_through(path, query, caller).await,
+            Route::PassThrough(path) => {
+                let below_root = path.strip_prefix(route::ROOT).unwrap_or_default();
+                if self.reveal.allows(below_root, query) {
+                    self.pass_through(path, query, caller).await
+                } else {
+                    text(StatusCode::NOT_FOUND, reveal::CONCEALED)
+                }
+            }
             Route::NotFound => text(
                 StatusCode::NOT_FOUND,
                 "not found: the broker serves / and /computeMetadata/v1/ (tokens from its cache, the rest passed through)\n",

@@ -79,6 +79,12 @@ async fn long_poll(shared: &Shared, query: &HashMap<String, String>) {
     tokio::time::sleep(wait).await;
 }
 
+/// The emulated node's `instance/attributes/cluster-name`.
+pub const CLUSTER_NAME: &str = "emulated-cluster";
+/// Its `instance/attributes/kube-env`: on a GKE node, kubelet credentials;
+/// here a stand-in the metadata endpoint must conceal by default.
+pub const KUBE_ENV: &str = "KUBELET_CERT: emulated-kubelet-secret-do-not-reveal\n";
+
 async fn answer(
     shared: &Shared,
     path: &str,
@@ -93,6 +99,9 @@ async fn answer(
             Some("") => "instance/\nproject/\nuniverse/\n",
             Some("instance" | "instance/") => "attributes/\nid\nservice-accounts/\nzone\n",
             Some("instance/zone") => ZONE,
+            Some("instance/attributes" | "instance/attributes/") => "cluster-name\nkube-env\n",
+            Some("instance/attributes/cluster-name") => CLUSTER_NAME,
+            Some("instance/attributes/kube-env") => KUBE_ENV,
             Some("project" | "project/") => "numeric-project-id\nproject-id\n",
             Some("project/project-id") => PROJECT_ID,
             Some("project/numeric-project-id") => NUMERIC_PROJECT_ID,

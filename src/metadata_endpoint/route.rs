@@ -7,7 +7,8 @@ use percent_encoding::percent_decode_str;
 
 use crate::error::BrokerError;
 
-const ROOT: &str = "/computeMetadata/v1/";
+/// The prefix of every path the endpoint serves but `/`.
+pub const ROOT: &str = "/computeMetadata/v1/";
 const ACCOUNTS: &str = "/computeMetadata/v1/instance/service-accounts/";
 
 /// The endpoint a request path names.

@@ -183,12 +183,8 @@ async fn everything_but_tokens_is_passed_through() {
     .await;
     assert_eq!(info.headers["content-type"], "application/json");
     assert_eq!(info.json()["email"], DEFAULT_ACCOUNT);
-    let unknown = get(to, "/computeMetadata/v1/instance/attributes/nothing-here").await;
-    assert_eq!(
-        unknown.status,
-        StatusCode::NOT_FOUND,
-        "the server's own 404"
-    );
+    let unknown = get(to, "/computeMetadata/v1/project/nothing-here").await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
 
     // Never passed through: other API versions, and token paths in disguise.
     for path in [
@@ -430,4 +426,89 @@ async fn with_another_token_source_only_tokens_are_served() {
     assert!(project.body.contains("metadata server"), "{}", project.body);
     let stats = emulator.stats();
     assert_eq!((stats.token_requests, stats.identity_requests), (0, 0));
+}
+
+#[tokio::test]
+async fn by_default_only_what_the_libraries_read_is_passed_through() {
+    use tokenbroker::emulator::{CLUSTER_NAME, KUBE_ENV};
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let (_broker, to) = on_tcp(&emulator, &[]).await;
+    for path in [
+        "/computeMetadata/v1/project/project-id",
+        "/computeMetadata/v1/project/numeric-project-id",
+        "/computeMetadata/v1/instance/zone",
+        "/computeMetadata/v1/universe/universe-domain",
+        "/computeMetadata/v1/instance",
+        "/computeMetadata/v1/instance/",
+        "/computeMetadata/v1/project/",
+        "/computeMetadata/v1/instance/service-accounts/",
+        "/computeMetadata/v1/instance/service-accounts/?recursive=true",
+        "/computeMetadata/v1/instance/service-accounts/default/email",
+    ] {
+        assert_eq!(get(to, path).await.status, StatusCode::OK, "{path}");
+    }
+    let passed = emulator.stats().other_requests;
+    // Attributes, recursive listings, and every trick to reach them.
+    for path in [
+        "/computeMetadata/v1/instance/attributes/kube-env",
+        "/computeMetadata/v1/instance/attributes/",
+        "/computeMetadata/v1/instance/attributes/cluster-name",
+        "/computeMetadata/v1/",
+        "/computeMetadata/v1/?recursive=true",
+        "/computeMetadata/v1/instance/?recursive=true",
+        "/computeMetadata/v1/instance?recursive=true&alt=json",
+        "/computeMetadata/v1/instance/?RECURSIVE=TRUE",
+        "/computeMetadata/v1/instance/?%72ecursive=true",
+        "/computeMetadata/v1/instance/?alt=json;recursive=true",
+        "/computeMetadata/v1/instance/attributes/kube-env/",
+        "/computeMetadata/v1/instance/attributes/kube-env?alt=json",
+        "/computeMetadata/v1/instance/Attributes/kube-env",
+        "/computeMetadata/v1/Instance/attributes/kube-env",
+        "/computeMetadata/v1/instance/zone/../attributes/kube-env",
+        "/computeMetadata/v1/instance/%2e%2e/instance/attributes/kube-env",
+        "/computeMetadata/v1/instance/attributes/%6bube-env",
+        "/computeMetadata/v1/instance//attributes/kube-env",
+        "/computeMetadata/v1/instance/attributes;/kube-env",
+        "/computeMetadata/v1/project/project-id/../../instance/attributes/kube-env",
+        "/computeMetadata/v1/project/project-id/",
+    ] {
+        let answer = get(to, path).await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{path}");
+        assert!(!answer.body.contains("kubelet"), "{path} revealed kube-env");
+    }
+    assert_eq!(
+        emulator.stats().other_requests,
+        passed,
+        "nothing concealed reached the metadata server"
+    );
+    let concealed = get(to, "/computeMetadata/v1/instance/attributes/kube-env").await;
+    assert!(
+        concealed.body.contains("concealed") && concealed.body.contains("--metadata-passthrough"),
+        "{}",
+        concealed.body
+    );
+    assert_eq!(flavor(&concealed), Some("Google"));
+
+    // `all` passes everything; `none` only tokens.
+    let (_all, to_all) = on_tcp(&emulator, &["--metadata-passthrough", "all"]).await;
+    let kube_env = get(to_all, "/computeMetadata/v1/instance/attributes/kube-env").await;
+    assert_eq!(
+        (kube_env.status, kube_env.body.as_str()),
+        (StatusCode::OK, KUBE_ENV)
+    );
+    let cluster = get(
+        to_all,
+        "/computeMetadata/v1/instance/attributes/cluster-name",
+    )
+    .await;
+    assert_eq!(cluster.body, CLUSTER_NAME);
+    let (_none, to_none) = on_tcp(&emulator, &["--metadata-passthrough", "none"]).await;
+    let project = get(to_none, "/computeMetadata/v1/project/project-id").await;
+    assert_eq!(project.status, StatusCode::NOT_FOUND);
+    let token = get(
+        to_none,
+        "/computeMetadata/v1/instance/service-accounts/default/token",
+    )
+    .await;
+    assert_eq!(token.status, StatusCode::OK, "tokens are still served");
 }
