@@ -182,6 +182,13 @@ impl Broker {
         Ok(request)
     }
 
+    /// Whether the policy lets `caller` read the metadata `path` (below
+    /// `/computeMetadata/v1/`, `recursive` or not) beyond
+    /// `--metadata-passthrough`.
+    pub fn reveals(&self, caller: &Caller, path: &str, recursive: bool) -> bool {
+        self.0.policy.reveals(caller, path, recursive)
+    }
+
     /// Applies the access policy, logging and counting denials.
     fn authorize(
         &self,

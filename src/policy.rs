@@ -91,6 +91,10 @@ struct Rule {
     service_accounts: Vec<String>,
     audiences: Option<Vec<String>>,
     scopes: Option<Vec<String>>,
+    /// Paths below `/computeMetadata/v1/` the metadata endpoint passes
+    /// through to these peers beyond `--metadata-passthrough`: exact, or a
+    /// prefix ending in `*`.
+    metadata_paths: Option<Vec<String>>,
 }
 
 /// A parsed, validated policy.
@@ -138,6 +142,24 @@ impl Policy {
             .iter()
             .any(|rule| rule.matches(peer) && rule.covers(key))
     }
+
+    /// Whether some rule matching `peer` lists `path` (below
+    /// `/computeMetadata/v1/`) in its `metadata_paths`. A `recursive`
+    /// listing would show what lies below the path too, so only a prefix
+    /// pattern (which covers all of that) allows one.
+    pub fn reveals(&self, peer: &Peer, path: &str, recursive: bool) -> bool {
+        self.rules
+            .iter()
+            .filter(|rule| rule.matches(peer))
+            .any(|rule| {
+                rule.metadata_paths.iter().flatten().any(|pattern| {
+                    match pattern.strip_suffix('*') {
+                        Some(prefix) => path.starts_with(prefix),
+                        None => path == pattern && !recursive,
+                    }
+                })
+            })
+    }
 }
 
 impl Rule {
@@ -156,6 +178,26 @@ impl Rule {
         for scope in self.scopes.iter().flatten() {
             if scope.is_empty() || scope.chars().any(char::is_whitespace) {
                 return Err(format!("scope {scope:?} is empty or holds spaces"));
+            }
+        }
+        for path in self.metadata_paths.iter().flatten() {
+            let exact = path.strip_suffix('*').unwrap_or(path);
+            let plain = !exact.is_empty()
+                && !exact.starts_with('/')
+                && exact.split('/').enumerate().all(|(i, segment)| {
+                    let last = i == exact.split('/').count() - 1;
+                    (last && segment.is_empty() && exact.ends_with('/'))
+                        || (!segment.is_empty()
+                            && segment != "."
+                            && segment != ".."
+                            && segment
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"-_.@+".contains(&b)))
+                });
+            if !plain {
+                return Err(format!(
+                    "metadata path {path:?} is not a plain path below /computeMetadata/v1/ (e.g. \"instance/attributes/cluster-name\", or a prefix ending in *)"
+                ));
             }
         }
         Ok(())
@@ -258,6 +300,22 @@ impl PolicyStore {
         let rules = policy.len();
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(policy));
         Ok(Some(rules))
+    }
+
+    /// Whether the policy lets `caller` read `path` (below
+    /// `/computeMetadata/v1/`) through the metadata endpoint beyond
+    /// `--metadata-passthrough`: only a known peer on a Unix socket whose
+    /// rule lists it.
+    pub fn reveals(&self, caller: &Caller, path: &str, recursive: bool) -> bool {
+        let Caller::Local(Some(peer)) = caller else {
+            return false;
+        };
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        current.is_some_and(|policy| policy.reveals(peer, path, recursive))
     }
 
     /// Allows the request, or explains the denial (naming the policy file,
@@ -400,6 +458,41 @@ mod tests {
             !policy.allows(&peer(1000, 1), &access("default", &[])),
             "default scopes need * or default"
         );
+    }
+
+    #[test]
+    fn metadata_paths_reveal_what_a_rule_lists_to_its_peers() {
+        let policy = Policy::parse(
+            Path::new("p.toml"),
+            "[[allow]]\nuids = [7]\nservice_accounts = []\nmetadata_paths = [\"instance/attributes/cluster-name\", \"project/attributes/team-*\"]\n",
+        )
+        .unwrap();
+        let peer = |uid| Peer {
+            uid,
+            gid: 0,
+            pid: None,
+        };
+        assert!(policy.reveals(&peer(7), "instance/attributes/cluster-name", false));
+        assert!(policy.reveals(&peer(7), "project/attributes/team-a", true));
+        assert!(!policy.reveals(&peer(7), "instance/attributes/cluster-name", true));
+        assert!(!policy.reveals(&peer(7), "instance/attributes/kube-env", false));
+        assert!(!policy.reveals(&peer(7), "instance/attributes/cluster-name/", false));
+        assert!(!policy.reveals(&peer(8), "instance/attributes/cluster-name", false));
+        for bad in [
+            "/instance/x",
+            "instance/../x",
+            "instance/%2e",
+            "",
+            "*x",
+            "a//b",
+            "a;b",
+        ] {
+            let text = format!("[[allow]]\nservice_accounts = []\nmetadata_paths = [{bad:?}]\n");
+            let error = Policy::parse(Path::new("p.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("metadata path"), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl Reveal {
 
 /// Whether `query` asks for a recursive listing, in any spelling the
 /// metadata server might read as one.
-fn recursive(query: &str) -> bool {
+pub fn recursive(query: &str) -> bool {
     query.split(['&', ';']).any(|pair| {
         let name = pair.split('=').next().unwrap_or_default();
         percent_decode_str(name)

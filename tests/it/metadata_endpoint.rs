@@ -512,3 +512,58 @@ async fn by_default_only_what_the_libraries_read_is_passed_through() {
     .await;
     assert_eq!(token.status, StatusCode::OK, "tokens are still served");
 }
+
+#[tokio::test]
+async fn a_policy_rule_reveals_the_metadata_paths_it_lists_to_its_peers_only() {
+    use tokenbroker::emulator::CLUSTER_NAME;
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let me = nix::unistd::getuid().as_raw();
+    let rule = format!(
+        "{}metadata_paths = [\"instance/attributes/cluster-name\"]\n",
+        policy_rule(me, "default", "https://allowed.example.com")
+    );
+    let other = format!(
+        "[[allow]]\nuids = [{}]\nservice_accounts = []\nmetadata_paths = [\"instance/attributes/*\"]\n",
+        me + 1
+    );
+    let policy = write_policy(dir.path(), &format!("{rule}{other}"));
+    let socket = dir.path().join("metadata.sock");
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--policy",
+            &policy,
+            "--metadata-addr",
+            &format!("unix:{}", socket.display()),
+        ],
+    )
+    .await;
+    broker.wait_for_log("metadata-server-compatible").await;
+    let to = Endpoint::Unix(&socket);
+    let cluster = get(to, "/computeMetadata/v1/instance/attributes/cluster-name").await;
+    assert_eq!(
+        (cluster.status, cluster.body.as_str()),
+        (StatusCode::OK, CLUSTER_NAME)
+    );
+    // Not what the rule does not list, nor the listed path recursively, nor
+    // what another uid's rule lists.
+    for path in [
+        "/computeMetadata/v1/instance/attributes/kube-env",
+        "/computeMetadata/v1/instance/attributes/cluster-name?recursive=true",
+        "/computeMetadata/v1/instance/attributes/",
+    ] {
+        let answer = get(to, path).await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{path}");
+        assert!(!answer.body.contains("kubelet"), "{path}");
+    }
+
+    // On loopback TCP the policy does not apply, so it reveals nothing.
+    let (_tcp, to_tcp) = on_tcp(&emulator, &["--policy", &policy]).await;
+    let cluster = get(
+        to_tcp,
+        "/computeMetadata/v1/instance/attributes/cluster-name",
+    )
+    .await;
+    assert_eq!(cluster.status, StatusCode::NOT_FOUND);
+}
