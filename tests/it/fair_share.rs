@@ -19,6 +19,8 @@ fn quota() -> usize {
 }
 /// Set in the flooding child: the broker's socket.
 const FLOOD_SOCKET: &str = "FAIR_SHARE_FLOOD_SOCKET";
+/// Set in the flooding child to flood with fewer keys than [`FLOOD_KEYS`].
+const FLOOD_COUNT: &str = "FAIR_SHARE_FLOOD_COUNT";
 /// What the flooding child prints before its counts.
 const FLOOD_REPORT: &str = "flood report:";
 /// Bound on the broker's CPU time (user + system) over the flood: 1 000
@@ -195,7 +197,11 @@ async fn flood_client() {
                 .unwrap(),
         );
     }
-    let calls = (0..FLOOD_KEYS).map(|i| {
+    let keys = std::env::var(FLOOD_COUNT)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(FLOOD_KEYS);
+    let calls = (0..keys).map(|i| {
         let mut client = clients[i % clients.len()].clone();
         async move {
             let audience = format!("https://flood-{i}.a.run.app");
@@ -218,7 +224,9 @@ async fn flood_client() {
             }
             Err(status) => {
                 other += 1;
-                eprintln!("unexpected: {status:?}");
+                if other <= 10 {
+                    eprintln!("unexpected: {status:?}");
+                }
             }
         }
     }
@@ -275,4 +283,95 @@ async fn an_unreachable_min_valid_for_fetches_at_most_once_per_10s() {
         .await
         .unwrap();
     assert_eq!(emulator.stats().identity_requests, fetches);
+}
+
+#[tokio::test]
+async fn a_flood_of_new_keys_behind_a_hung_upstream_leaves_refreshes_their_share() {
+    use tokenbroker::emulator::{Fault, FaultRule, Target};
+    use tokenbroker::proto::v1::token;
+    if !common::is_root("the flood as another uid") {
+        return;
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    // Short-lived access tokens for root, refreshed every few seconds; ID
+    // tokens (all the flood asks for) hang upstream.
+    let emulator = common::emulator(tokenbroker::emulator::EmulatorConfig {
+        access_token_lifetime: Duration::from_secs(6),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy_text = format!(
+        "{}\n[[allow]]\nuids = [{me}]\nservice_accounts = [\"*\"]\nscopes = [\"*\"]\n",
+        policy(me)
+    );
+    let policy_path = write_policy(dir.path(), &policy_text);
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--policy",
+            &policy_path,
+            "--socket-mode",
+            "0666",
+            "--upstream-max-concurrency",
+            "4",
+            "--expiry-skew",
+            "1s",
+        ],
+    )
+    .await;
+    chmod(broker.dir.path(), 0o755);
+    let mut watch = broker
+        .typed_client()
+        .await
+        .watch(common::access_request(&[]))
+        .await
+        .unwrap();
+    let token::Token::AccessToken(first) = common::next_token(&mut watch).await else {
+        panic!("an access token");
+    };
+
+    emulator.set_fault(Some(FaultRule {
+        target: Target::Identity,
+        ..FaultRule::always(Fault::Delay { millis: 30_000 })
+    }));
+    let mut flood = as_uid(NOBODY, std::env::current_exe().unwrap())
+        .arg(common::test_path(module_path!(), "flood_client"))
+        .args(["--exact", "--ignored", "--nocapture"])
+        .env(FLOOD_SOCKET, &broker.socket)
+        .env(FLOOD_COUNT, "300")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // While the flood's first fetches hang, root's token keeps being
+    // refreshed: three more generations, each valid when it arrives.
+    let mut previous = first.token;
+    for generation in 0..3 {
+        let token::Token::AccessToken(next) = common::next_token(&mut watch).await else {
+            panic!("an access token");
+        };
+        assert_ne!(next.token, previous);
+        let expiry = next.expire_time.expect("an expiry");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!(
+            expiry.seconds > now,
+            "generation {generation} arrived expired"
+        );
+        previous = next.token;
+    }
+    let waiting = emulator.stats().identity_requests;
+    assert!(
+        waiting > 0,
+        "the flood never reached the hung upstream, so nothing was tested"
+    );
+    assert!(
+        flood.try_wait().unwrap().is_none(),
+        "the flood ended before the refreshes were seen"
+    );
+    flood.kill().await.unwrap();
 }
