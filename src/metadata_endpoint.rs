@@ -229,9 +229,11 @@ impl MetadataEndpoint {
             Route::PassThrough(path) => {
                 let below_root = path.strip_prefix(route::ROOT).unwrap_or_default();
                 if self.reveal.allows(below_root, query)
-                    || self
-                        .broker
-                        .reveals(&caller, below_root, reveal::recursive(query))
+                    || self.broker.reveals(
+                        &caller,
+                        below_root,
+                        !reveal::only_plain_parameters(query),
+                    )
                 {
                     self.pass_through(path, query, caller).await
                 } else {

@@ -144,9 +144,10 @@ impl Policy {
     }
 
     /// Whether some rule matching `peer` lists `path` (below
-    /// `/computeMetadata/v1/`) in its `metadata_paths`. A `recursive`
-    /// listing would show what lies below the path too, so only a prefix
-    /// pattern (which covers all of that) allows one.
+    /// `/computeMetadata/v1/`) in its `metadata_paths`. A query beyond the
+    /// plain parameters (`recursive` in any spelling) might show what lies
+    /// below the path too, so only a prefix pattern (which covers all of
+    /// that) allows one.
     pub fn reveals(&self, peer: &Peer, path: &str, recursive: bool) -> bool {
         self.rules
             .iter()

@@ -4,8 +4,6 @@
 //! (`none`). The rest, instance attributes first (on a Kubernetes node
 //! `kube-env` holds kubelet credentials), is concealed.
 
-use percent_encoding::percent_decode_str;
-
 /// `--metadata-passthrough`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,22 +47,26 @@ impl Reveal {
             Self::Safe => {
                 path.starts_with(ACCOUNTS)
                     || SAFE_LEAVES.contains(&path)
-                    || (SAFE_DIRECTORIES.contains(&path) && !recursive(query))
+                    || (SAFE_DIRECTORIES.contains(&path) && only_plain_parameters(query))
             }
         }
     }
 }
 
-/// Whether `query` asks for a recursive listing, in any spelling the
-/// metadata server might read as one.
-pub fn recursive(query: &str) -> bool {
-    query.split(['&', ';']).any(|pair| {
-        let name = pair.split('=').next().unwrap_or_default();
-        percent_decode_str(name)
-            .decode_utf8_lossy()
-            .trim()
-            .eq_ignore_ascii_case("recursive")
-    })
+/// The query parameters a listing may carry and still show names only.
+const PLAIN_PARAMETERS: [&str; 4] = ["alt", "wait_for_change", "last_etag", "timeout_sec"];
+
+/// Whether `query` holds only [`PLAIN_PARAMETERS`], spelled exactly: any
+/// other name, or a spelling the metadata server might read as
+/// `recursive` (another case, an escape, a `+`, a `;`), is refused rather
+/// than guessed at.
+pub fn only_plain_parameters(query: &str) -> bool {
+    // Some servers split parameters on `;` too.
+    !query.contains(';')
+        && query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .all(|pair| PLAIN_PARAMETERS.contains(&pair.split('=').next().unwrap_or_default()))
 }
 
 #[cfg(test)]
@@ -84,6 +86,10 @@ mod tests {
             ("instance", ""),
             ("instance/", ""),
             ("project/", "alt=json"),
+            (
+                "instance/",
+                "wait_for_change=true&last_etag=x&timeout_sec=5",
+            ),
             ("instance/service-accounts/", "recursive=true"),
             ("instance/service-accounts/default/", "recursive=true"),
             ("instance/service-accounts/default/email", ""),
@@ -109,6 +115,12 @@ mod tests {
             ("instance/", "alt=json&recursive=1"),
             ("instance/", "%72ecursive=true"),
             ("project", "x=1;recursive=true"),
+            ("instance/", "?recursive=true"),
+            ("instance/", "+recursive=true"),
+            ("instance/", "recursive+=true"),
+            ("instance/", "recur%C5%BFive=true"),
+            ("instance/", "recursive%00=true"),
+            ("instance/", "alt=json;recursive=true"),
             ("project/project-id/", ""),
             ("Project/project-id", ""),
             ("instance/Zone", ""),

@@ -37,9 +37,13 @@ impl<'a> Route<'a> {
         // Only plain segments: the metadata server may normalise `..` or
         // percent-escapes, and a token path must never be passed through
         // unseen by the cache and the policy.
-        let plain = rest.split('/').all(|segment| {
-            segment != "."
-                && segment != ".."
+        // An empty segment only at the end (a directory): `v1//instance`
+        // would be read as `v1/instance` by a server that collapses slashes.
+        let segments: Vec<&str> = rest.split('/').collect();
+        let plain = segments.iter().enumerate().all(|(i, segment)| {
+            (!segment.is_empty() || i == segments.len() - 1)
+                && *segment != "."
+                && *segment != ".."
                 && segment
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.@+".contains(&b))
@@ -114,6 +118,7 @@ mod tests {
             "/computeMetadata/v1/instance/service-accounts/default/../default/token",
             "/computeMetadata/v1/instance/Service-Accounts/default/token",
             "/computeMetadata/v1/instance/SERVICE-ACCOUNTS/default/identity",
+            "/computeMetadata/v1//instance/service-accounts/default/token",
         ] {
             assert_eq!(Route::of(path), Ok(Route::NotFound), "{path}");
         }
