@@ -31,6 +31,18 @@ const FLOOD_REPORT: &str = "flood report:";
 /// times what it should (a fetch, a log line or a lock convoy per call).
 const FLOOD_CPU_BOUND: Duration = Duration::from_secs(5);
 
+/// This test binary's [`flood_client`], to run as [`NOBODY`] against
+/// `broker`.
+fn flood_command(broker: &Broker) -> tokio::process::Command {
+    let mut command = as_uid(NOBODY, std::env::current_exe().unwrap());
+    command
+        .arg(common::test_path(module_path!(), "flood_client"))
+        .args(["--exact", "--ignored", "--nocapture"])
+        .env(FLOOD_SOCKET, &broker.socket)
+        .kill_on_drop(true);
+    command
+}
+
 /// Root (this process) may have any ID token; the restricted uid only
 /// `https://*.a.run.app`.
 fn policy(me: u32) -> String {
@@ -79,12 +91,8 @@ async fn a_key_flood_from_one_uid_leaves_new_keys_to_the_others() {
     let mut root = broker.client().await;
     let cpu_before = cpu_time(broker.pid());
 
-    let mut flood = as_uid(NOBODY, std::env::current_exe().unwrap())
-        .arg(common::test_path(module_path!(), "flood_client"))
-        .args(["--exact", "--ignored", "--nocapture"])
-        .env(FLOOD_SOCKET, &broker.socket)
+    let mut flood = flood_command(&broker)
         .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let flood_output = flood.stdout.take().unwrap();
@@ -335,14 +343,10 @@ async fn a_flood_of_new_keys_behind_a_hung_upstream_leaves_refreshes_their_share
         target: Target::Identity,
         ..FaultRule::always(Fault::Delay { millis: 30_000 })
     }));
-    let mut flood = as_uid(NOBODY, std::env::current_exe().unwrap())
-        .arg(common::test_path(module_path!(), "flood_client"))
-        .args(["--exact", "--ignored", "--nocapture"])
-        .env(FLOOD_SOCKET, &broker.socket)
+    let mut flood = flood_command(&broker)
         .env(FLOOD_COUNT, "300")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     // While the flood's first fetches hang, root's token keeps being

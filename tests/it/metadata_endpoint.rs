@@ -37,6 +37,21 @@ async fn on_tcp(
     (broker, to)
 }
 
+/// The broker with the policy file `policy` and its metadata endpoint on a
+/// Unix socket in `dir`, serving.
+async fn on_unix(
+    emulator: &tokenbroker::emulator::Emulator,
+    dir: &std::path::Path,
+    policy: &str,
+) -> (Broker, std::path::PathBuf) {
+    let socket = dir.join("metadata.sock");
+    let metadata_addr = format!("unix:{}", socket.display());
+    let flags = ["--policy", policy, "--metadata-addr", &metadata_addr];
+    let broker = Broker::start(emulator, &flags).await;
+    broker.wait_for_log("metadata-server-compatible").await;
+    (broker, socket)
+}
+
 #[tokio::test]
 async fn access_tokens_come_from_the_cache_the_grpc_api_shares() {
     let emulator = emulator(EmulatorConfig::default()).await;
@@ -298,18 +313,7 @@ async fn on_a_unix_socket_the_policy_applies_and_on_tcp_it_does_not() {
         dir.path(),
         &policy_rule(me, "default", "https://allowed.example.com"),
     );
-    let socket = dir.path().join("metadata.sock");
-    let broker = Broker::start(
-        &emulator,
-        &[
-            "--policy",
-            &policy,
-            "--metadata-addr",
-            &format!("unix:{}", socket.display()),
-        ],
-    )
-    .await;
-    broker.wait_for_log("metadata-server-compatible").await;
+    let (broker, socket) = on_unix(&emulator, dir.path(), &policy).await;
     let to = Endpoint::Unix(&socket);
 
     let allowed = get(
@@ -533,18 +537,7 @@ async fn a_policy_rule_reveals_the_metadata_paths_it_lists_to_its_peers_only() {
         me + 1
     );
     let policy = write_policy(dir.path(), &format!("{rule}{other}"));
-    let socket = dir.path().join("metadata.sock");
-    let broker = Broker::start(
-        &emulator,
-        &[
-            "--policy",
-            &policy,
-            "--metadata-addr",
-            &format!("unix:{}", socket.display()),
-        ],
-    )
-    .await;
-    broker.wait_for_log("metadata-server-compatible").await;
+    let (_broker, socket) = on_unix(&emulator, dir.path(), &policy).await;
     let to = Endpoint::Unix(&socket);
     let cluster = get(to, "/computeMetadata/v1/instance/attributes/cluster-name").await;
     assert_eq!(
