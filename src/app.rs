@@ -9,6 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
+use crate::audit::{AuditLog, Destination};
 use crate::broker::{Broker, WatchLimits};
 use crate::cache::TokenCache;
 use crate::config::{EmulatorArgs, ServeArgs};
@@ -81,15 +82,17 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     let stop = CancellationToken::new();
     let _stop_background = stop.clone().drop_guard();
     let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
+    let audit = open_audit_log(&args, &metrics)?;
     let broker = Broker::new(
         cache.clone(),
         policy.clone(),
         metrics,
         watch_limits,
         drain.clone(),
+        audit.clone(),
     );
 
-    tokio::spawn(reload_policy_on_sighup(policy, stop.clone()));
+    tokio::spawn(reload_on_sighup(policy, audit, stop.clone()));
     let probe = {
         let upstream = upstream.clone();
         move || {
@@ -317,8 +320,33 @@ pub async fn emulator(args: EmulatorArgs) -> AppResult {
     Ok(())
 }
 
-/// Re-reads the policy on every SIGHUP; a bad file keeps the old rules.
-async fn reload_policy_on_sighup(policy: Arc<PolicyStore>, stop: CancellationToken) {
+/// `--audit-log`, opened, if set.
+fn open_audit_log(args: &ServeArgs, metrics: &Metrics) -> Result<Option<AuditLog>, String> {
+    let Some(path) = &args.audit_log else {
+        return Ok(None);
+    };
+    let destination = if path.as_os_str() == "-" {
+        Destination::Stdout
+    } else {
+        Destination::File {
+            path: path.clone(),
+            group: args.audit_log_group,
+        }
+    };
+    let metrics = metrics.clone();
+    let audit =
+        AuditLog::open(destination, move || metrics.audit_dropped()).map_err(|e| e.to_string())?;
+    tracing::info!(audit_log = %path.display(), "audit log on; SIGHUP reopens it");
+    Ok(Some(audit))
+}
+
+/// On every SIGHUP, re-reads the policy (a bad file keeps the old rules)
+/// and reopens the audit log (after logrotate moved it).
+async fn reload_on_sighup(
+    policy: Arc<PolicyStore>,
+    audit: Option<AuditLog>,
+    stop: CancellationToken,
+) {
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(hangups) => hangups,
         Err(error) => {
@@ -330,6 +358,9 @@ async fn reload_policy_on_sighup(policy: Arc<PolicyStore>, stop: CancellationTok
         tokio::select! {
             () = stop.cancelled() => return,
             received = hangups.recv() => if received.is_none() { return },
+        }
+        if let Some(audit) = &audit {
+            audit.reopen();
         }
         match policy.reload() {
             Ok(Some(rules)) => tracing::info!(rules, "policy reloaded"),

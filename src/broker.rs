@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::audit::{AuditLog, Event, EventKind, event};
 use crate::cache::quota::Owner;
 use crate::cache::{Served, TokenCache};
 use crate::error::BrokerError;
@@ -39,6 +40,8 @@ struct Inner {
     /// flood the log.
     denials: RateLimitedLog,
     failures: RateLimitedLog,
+    /// `--audit-log`, if on.
+    audit: Option<AuditLog>,
 }
 
 impl Broker {
@@ -51,6 +54,7 @@ impl Broker {
         metrics: Metrics,
         watch_limits: WatchLimits,
         drain: CancellationToken,
+        audit: Option<AuditLog>,
     ) -> Self {
         let watched = cache.clone();
         tokio::spawn(async move {
@@ -64,6 +68,7 @@ impl Broker {
             watch_limits,
             denials: RateLimitedLog::default(),
             failures: RateLimitedLog::default(),
+            audit,
         }))
     }
 
@@ -82,6 +87,17 @@ impl Broker {
             let request = self.admit(rpc, Some(kind), request, |r| &r.key, &caller)?;
             let result = within(deadline, self.0.cache.get(&request, owner_of(&caller))).await;
             self.report(rpc, Some(kind), audience(&request.key), result.as_ref());
+            self.audit(|| match &result {
+                Ok(served) => Event {
+                    token: Some(&served.token),
+                    cache: Some(served.outcome.as_str()),
+                    ..event(EventKind::Grant, rpc, &caller, Some(&request.key))
+                },
+                Err(error) => Event {
+                    code: error.code(),
+                    ..event(EventKind::Error, rpc, &caller, Some(&request.key))
+                },
+            });
             Ok(result?.token)
         };
         call.instrument(rpc_span(rpc, Some(kind))).await
@@ -104,6 +120,23 @@ impl Broker {
                 .0
                 .cache
                 .invalidate(&invalidation.key, &invalidation.token);
+            self.audit(|| Event {
+                handed_back: Some(invalidation.token.expose()),
+                code: result
+                    .as_ref()
+                    .err()
+                    .map_or(tonic::Code::Ok, BrokerError::code),
+                ..event(
+                    if result.is_ok() {
+                        EventKind::Invalidate
+                    } else {
+                        EventKind::Error
+                    },
+                    rpc,
+                    &caller,
+                    Some(&invalidation.key),
+                )
+            });
             match &result {
                 Ok(invalidated) => {
                     let outcome = if *invalidated { "invalidated" } else { "stale" };
@@ -148,6 +181,12 @@ impl Broker {
                 audience,
                 result.as_ref().map(|(served, _)| served),
             );
+            if let Err(error) = &result {
+                self.audit(|| Event {
+                    code: error.code(),
+                    ..event(EventKind::Error, rpc, &caller, Some(&request.key))
+                });
+            }
             let (first, watch) = result?;
             Ok(Watch::new(
                 self.clone(),
@@ -174,12 +213,31 @@ impl Broker {
         key: impl Fn(&R) -> &TokenKey,
         caller: &Caller,
     ) -> Result<R, BrokerError> {
-        let request = request.inspect_err(|error| self.report(rpc, kind, None, Err(error)))?;
+        let request = request.inspect_err(|error| {
+            self.report(rpc, kind, None, Err(error));
+            self.audit(|| Event {
+                code: error.code(),
+                ..event(EventKind::Error, rpc, caller, None)
+            });
+        })?;
         let key = key(&request);
         let kind = key.kind();
         self.authorize(rpc, kind, caller, key)
-            .inspect_err(|error| self.report(rpc, Some(kind), None, Err(error)))?;
+            .inspect_err(|error| {
+                self.report(rpc, Some(kind), None, Err(error));
+                self.audit(|| Event {
+                    code: error.code(),
+                    ..event(EventKind::Deny, rpc, caller, Some(key))
+                });
+            })?;
         Ok(request)
+    }
+
+    /// Records the event `make` builds in the audit trail, if it is on.
+    pub(crate) fn audit<'a>(&self, make: impl FnOnce() -> Event<'a>) {
+        if let Some(audit) = &self.0.audit {
+            audit.record(&make());
+        }
     }
 
     /// Whether the policy lets `caller` read the metadata `path` (below

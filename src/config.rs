@@ -228,6 +228,20 @@ pub struct ServeArgs {
     )]
     pub metadata_addr: Option<MetadataAddr>,
 
+    /// Audit trail: one JSON line for every token granted, denied, failed,
+    /// invalidated, streamed to a watcher or written to a sink, with the
+    /// peer (uid, gid, pid, binary) and a SHA-256 prefix of the token,
+    /// never the token. A file (appended to, created 0600, reopened on
+    /// SIGHUP for logrotate; its directory must not be writable by others)
+    /// or - for standard output. Off unless set.
+    #[arg(long, env = "TOKENBROKER_AUDIT_LOG", value_name = "PATH|-")]
+    pub audit_log: Option<PathBuf>,
+
+    /// Group that may read the audit log, by name or number: the file is
+    /// then 0640 and owned by it.
+    #[arg(long, env = "TOKENBROKER_AUDIT_LOG_GROUP", value_parser = crate::permissions::parse_group, requires = "audit_log")]
+    pub audit_log_group: Option<u32>,
+
     /// What the metadata endpoint passes through besides tokens: safe
     /// (what Google's client libraries read: project and numeric project
     /// id, zone, region, instance id and hostname, the service accounts'

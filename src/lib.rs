@@ -16,6 +16,7 @@
 
 pub(crate) mod admin;
 pub mod app;
+pub(crate) mod audit;
 pub(crate) mod broker;
 pub(crate) mod cache;
 pub mod client;

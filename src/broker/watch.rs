@@ -7,6 +7,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::Broker;
+use crate::audit::{Event, EventKind, event};
 use crate::cache::TokenWatch;
 use crate::error::BrokerError;
 use crate::policy::Caller;
@@ -99,6 +100,20 @@ impl Watch {
     /// draining, or the policy (which may have been reloaded since the
     /// watch began) no longer lets the caller have it.
     pub async fn next(&mut self) -> Result<Arc<Token>, BrokerError> {
+        let token = self.next_token().await?;
+        let kind = if self.caller == Caller::Broker {
+            EventKind::SinkWrite
+        } else {
+            EventKind::WatchToken
+        };
+        self.broker.audit(|| Event {
+            token: Some(&token),
+            ..event(kind, self.rpc, &self.caller, Some(self.watch.key()))
+        });
+        Ok(token)
+    }
+
+    async fn next_token(&mut self) -> Result<Arc<Token>, BrokerError> {
         if let Some(first) = self.first.take() {
             return Ok(first);
         }

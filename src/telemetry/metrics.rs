@@ -92,6 +92,7 @@ impl Rpc {
 pub struct Metrics(Arc<Instruments>);
 
 struct Instruments {
+    audit_dropped: Counter<u64>,
     requests: Counter<u64>,
     request_errors: Counter<u64>,
     upstream_fetches: Counter<u64>,
@@ -112,6 +113,12 @@ impl Metrics {
     /// metrics of ID tokens carry an `audience` label.
     pub fn new(meter: &Meter, label_audience: bool) -> Self {
         let metrics = Self(Arc::new(Instruments {
+            audit_dropped: meter
+                .u64_counter("tokenbroker.audit_dropped")
+                .with_description(
+                    "Audit log lines dropped because the audit log's disk was slower than the traffic.",
+                )
+                .build(),
             requests: meter
                 .u64_counter("tokenbroker.requests")
                 .with_description(
@@ -230,6 +237,11 @@ impl Metrics {
         self.0
             .request_errors
             .add(1, &self.with_audience(&labels, audience));
+    }
+
+    /// An audit log line dropped: the writer was behind.
+    pub fn audit_dropped(&self) {
+        self.0.audit_dropped.add(1, &[]);
     }
 
     /// A request refused by the access policy.

@@ -159,8 +159,10 @@ async fn the_client_command_prints_and_watches_tokens() {
 
 /// Flags of `serve` whose absence is their default (a feature off, a
 /// file not read): their help says so in words, without `[default: ]`.
-const OPTIONAL_FLAGS: [&str; 8] = [
+const OPTIONAL_FLAGS: [&str; 10] = [
     "--config",
+    "--audit-log",
+    "--audit-log-group",
     "--socket-group",
     "--policy",
     "--credentials",

@@ -5,6 +5,7 @@
 
 mod common;
 
+mod audit;
 mod authority;
 mod bounds;
 mod broker;

@@ -1,0 +1,439 @@
+//! The audit trail (`--audit-log PATH|-`): one JSON object per line for
+//! every token decision (granted, denied, failed, invalidated) and every
+//! token a watch stream or sink received, with the peer, what it asked for
+//! and a fingerprint of the token, never the token. Lines go through a
+//! bounded queue to a writer thread, so a slow disk never slows the hit
+//! path: a full queue drops the line and counts it. The file is opened
+//! append-only (0600, or 0640 with `--audit-log-group`) and reopened on
+//! SIGHUP, as logrotate expects.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::policy::Caller;
+use crate::request::TokenKey;
+use crate::telemetry::metrics::{Rpc, code_name};
+use crate::token::Token;
+
+/// Lines waiting for the writer at most (about 10 MiB of lines).
+pub const QUEUE_LINES: usize = 16_384;
+/// Least time between two warnings about dropped lines.
+const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where the trail goes: a file, or standard output (`-`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// Standard output.
+    Stdout,
+    /// An append-only file, and the group that may read it.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// `--audit-log-group`: made 0640 and owned by this gid.
+        group: Option<u32>,
+    },
+}
+
+/// Why the audit log cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The directory may be changed by others, who could swap the file.
+    #[error(
+        "audit log {path}: its directory {dir} can be changed by users other than its owner (mode {mode:04o}); use a directory only the broker's user may write"
+    )]
+    UnsafeDirectory {
+        /// The file.
+        path: PathBuf,
+        /// Its directory.
+        dir: PathBuf,
+        /// The directory's permission bits.
+        mode: u32,
+    },
+    /// The file cannot be opened.
+    #[error("cannot open audit log {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// What happened, as the `event` field says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A token was handed out.
+    Grant,
+    /// The policy refused the request.
+    Deny,
+    /// The request failed otherwise (bad input, upstream, limits).
+    Error,
+    /// A token was handed back.
+    Invalidate,
+    /// A watch stream received a token.
+    WatchToken,
+    /// A file sink was written.
+    SinkWrite,
+}
+
+impl EventKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Grant => "grant",
+            Self::Deny => "deny",
+            Self::Error => "error",
+            Self::Invalidate => "invalidate",
+            Self::WatchToken => "watch_token",
+            Self::SinkWrite => "sink_write",
+        }
+    }
+}
+
+/// One decision, before it becomes a line.
+pub struct Event<'a> {
+    /// What happened.
+    pub kind: EventKind,
+    /// Through which RPC.
+    pub rpc: Rpc,
+    /// Who asked.
+    pub caller: &'a Caller,
+    /// What was asked for, when the request was valid enough to say.
+    pub key: Option<&'a TokenKey>,
+    /// The token handed out.
+    pub token: Option<&'a Token>,
+    /// The token handed back (an invalidation), fingerprinted only.
+    pub handed_back: Option<&'a str>,
+    /// `hit`, `miss` or `coalesced`, for a grant.
+    pub cache: Option<&'static str>,
+    /// The gRPC code of a refusal or failure (`OK` otherwise).
+    pub code: tonic::Code,
+}
+
+/// An event with nothing but its kind, RPC, caller and key: the rest
+/// defaults to no token and `OK`.
+pub fn event<'a>(
+    kind: EventKind,
+    rpc: Rpc,
+    caller: &'a Caller,
+    key: Option<&'a TokenKey>,
+) -> Event<'a> {
+    Event {
+        kind,
+        rpc,
+        caller,
+        key,
+        token: None,
+        handed_back: None,
+        cache: None,
+        code: tonic::Code::Ok,
+    }
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    event: &'static str,
+    rpc: &'static str,
+    transport: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<PeerLine>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_account: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audience: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scopes: Option<&'a [String]>,
+    outcome: &'static str,
+    code: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expire_time: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_sha256: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PeerLine {
+    uid: u32,
+    gid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exe: Option<String>,
+}
+
+enum Message {
+    Line(String),
+    Reopen,
+}
+
+/// The audit trail; cloning is cheap. Recording never blocks.
+#[derive(Clone)]
+pub struct AuditLog(Arc<Shared>);
+
+struct Shared {
+    sender: SyncSender<Message>,
+    dropped: AtomicU64,
+    last_warning: Mutex<Option<Instant>>,
+    on_drop: Box<dyn Fn() + Send + Sync>,
+}
+
+impl AuditLog {
+    /// Opens `destination` (refusing a file in a directory others may
+    /// change) and starts the writer thread. `on_drop` is called for each
+    /// line dropped because the queue was full (the metric).
+    pub fn open(
+        destination: Destination,
+        on_drop: impl Fn() + Send + Sync + 'static,
+    ) -> Result<Self, AuditError> {
+        let writer = Writer::open(destination)?;
+        let (sender, receiver) = std::sync::mpsc::sync_channel(QUEUE_LINES);
+        std::thread::Builder::new()
+            .name("audit-log".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|source| AuditError::Open {
+                path: PathBuf::from("(the writer thread)"),
+                source,
+            })?;
+        Ok(Self(Arc::new(Shared {
+            sender,
+            dropped: AtomicU64::new(0),
+            last_warning: Mutex::new(None),
+            on_drop: Box::new(on_drop),
+        })))
+    }
+
+    /// Reopens the file (after logrotate moved it).
+    pub fn reopen(&self) {
+        // A full queue delays the reopen to the writer's next wait; the
+        // message must not be lost, so this one may block briefly.
+        let _ = self.0.sender.send(Message::Reopen);
+    }
+
+    /// Records `event`, or drops it (counted) if the writer is behind.
+    pub fn record(&self, event: &Event<'_>) {
+        let line = line(event);
+        match self.0.sender.try_send(Message::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                let dropped = self.0.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                (self.0.on_drop)();
+                let mut last = self
+                    .0
+                    .last_warning
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if last.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                    *last = Some(Instant::now());
+                    tracing::warn!(
+                        dropped,
+                        "audit log lines dropped: the audit log's disk is slower than the traffic"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The JSON line of `event` (no token in it: its SHA-256 prefix only).
+fn line(event: &Event<'_>) -> String {
+    let peer = event.caller.peer().map(|peer| PeerLine {
+        uid: peer.uid,
+        gid: peer.gid,
+        pid: peer.pid,
+        exe: peer.pid.and_then(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .map(|path| path.display().to_string())
+        }),
+    });
+    let (audience, scopes) = match event.key {
+        Some(TokenKey::Id(key)) => (Some(key.audience.as_str()), None),
+        Some(TokenKey::Access(key)) => (None, Some(key.scopes.as_slice())),
+        None => (None, None),
+    };
+    let line = Line {
+        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        event: event.kind.as_str(),
+        rpc: event.rpc.as_str(),
+        transport: transport(event.rpc, event.caller),
+        peer,
+        service_account: event.key.map(|key| key.account().as_str()),
+        token_kind: event.key.map(|key| key.kind().as_str()),
+        audience,
+        scopes,
+        outcome: match event.kind {
+            EventKind::Deny => "denied",
+            EventKind::Error => "failed",
+            _ => "ok",
+        },
+        code: code_name(event.code),
+        cache: event.cache,
+        expire_time: event
+            .token
+            .map(|token| humantime::format_rfc3339_seconds(token.expire_time()).to_string()),
+        token_sha256: event
+            .token
+            .map(|token| token.secret().expose())
+            .or(event.handed_back)
+            .map(fingerprint),
+    };
+    serde_json::to_string(&line).unwrap_or_else(|_| "{}".to_string())
+}
+
+/// The first 16 hex digits of the token's SHA-256.
+pub fn fingerprint(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// How the request came: `grpc`, `metadata_unix`, `metadata_tcp` or `sink`.
+fn transport(rpc: Rpc, caller: &Caller) -> &'static str {
+    match (rpc, caller) {
+        (_, Caller::Broker) => "sink",
+        (Rpc::MetadataToken | Rpc::MetadataIdentity, Caller::Loopback) => "metadata_tcp",
+        (Rpc::MetadataToken | Rpc::MetadataIdentity, _) => "metadata_unix",
+        _ => "grpc",
+    }
+}
+
+/// The writer thread's end: the file (or stdout) and how to reopen it.
+struct Writer {
+    destination: Destination,
+    out: io::BufWriter<Box<dyn Write + Send>>,
+}
+
+impl Writer {
+    fn open(destination: Destination) -> Result<Self, AuditError> {
+        let out: Box<dyn Write + Send> = match &destination {
+            Destination::Stdout => Box::new(io::stdout()),
+            Destination::File { path, group } => Box::new(open_file(path, *group)?),
+        };
+        Ok(Self {
+            destination,
+            out: io::BufWriter::new(out),
+        })
+    }
+
+    /// Writes lines as they come, flushing whenever the queue is empty,
+    /// until every sender is gone.
+    fn run(mut self, receiver: Receiver<Message>) {
+        while let Ok(message) = receiver.recv() {
+            self.handle(message);
+            while let Ok(message) = receiver.try_recv() {
+                self.handle(message);
+            }
+            if let Err(error) = self.out.flush() {
+                tracing::warn!(%error, "cannot write the audit log");
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Message) {
+        match message {
+            Message::Line(line) => {
+                if let Err(error) = writeln!(self.out, "{line}") {
+                    tracing::warn!(%error, "cannot write the audit log");
+                }
+            }
+            Message::Reopen => {
+                let _ = self.out.flush();
+                if let Destination::File { path, group } = &self.destination {
+                    match open_file(path, *group) {
+                        Ok(file) => {
+                            self.out = io::BufWriter::new(Box::new(file));
+                            tracing::info!(path = %path.display(), "audit log reopened");
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "cannot reopen the audit log; writing to the old file")
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Opens `path` for appending (created 0600, or 0640 owned by `group`),
+/// never through a symbolic link, in a directory only its owner may change.
+fn open_file(path: &Path, group: Option<u32>) -> Result<File, AuditError> {
+    let open_error = |source| AuditError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let meta = std::fs::metadata(dir).map_err(open_error)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(AuditError::UnsafeDirectory {
+            path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+            mode,
+        });
+    }
+    let file_mode = if group.is_some() { 0o640 } else { 0o600 };
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(file_mode)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map_err(open_error)?;
+    if let Some(gid) = group {
+        nix::unistd::fchown(&file, None, Some(nix::unistd::Gid::from_raw(gid)))
+            .map_err(|e| open_error(e.into()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o640))
+            .map_err(open_error)?;
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_are_the_first_16_hex_digits_of_sha256() {
+        // SHA-256("abc") = ba7816bf8f01cfea...
+        assert_eq!(fingerprint("abc"), "ba7816bf8f01cfea");
+    }
+
+    #[test]
+    fn a_directory_others_may_change_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = open_file(&dir.path().join("audit.log"), None).unwrap_err();
+        assert!(
+            matches!(error, AuditError::UnsafeDirectory { .. }),
+            "{error}"
+        );
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let path = dir.path().join("audit.log");
+        open_file(&path, None).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Never through a link.
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(open_file(&link, None).is_err());
+    }
+}
