@@ -334,8 +334,8 @@ fn open_audit_log(args: &ServeArgs, metrics: &Metrics) -> Result<Option<AuditLog
         }
     };
     let metrics = metrics.clone();
-    let audit =
-        AuditLog::open(destination, move || metrics.audit_dropped()).map_err(|e| e.to_string())?;
+    let audit = AuditLog::open(destination, move |lines| metrics.audit_dropped(lines))
+        .map_err(|e| e.to_string())?;
     tracing::info!(audit_log = %path.display(), "audit log on; SIGHUP reopens it");
     Ok(Some(audit))
 }

@@ -180,24 +180,45 @@ enum Message {
 
 /// The audit trail; cloning is cheap. Recording never blocks.
 #[derive(Clone)]
-pub struct AuditLog(Arc<Shared>);
-
-struct Shared {
+pub struct AuditLog {
     sender: SyncSender<Message>,
-    dropped: AtomicU64,
+    dropped: Arc<Dropped>,
+}
+
+/// Lines lost, to the queue being full or the disk failing: counted, and
+/// warned about at most every [`WARN_EVERY`].
+struct Dropped {
+    total: AtomicU64,
     last_warning: Mutex<Option<Instant>>,
-    on_drop: Box<dyn Fn() + Send + Sync>,
+    on_drop: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl Dropped {
+    fn count(&self, lines: u64, why: &str) {
+        let total = self.total.fetch_add(lines, Ordering::Relaxed) + lines;
+        (self.on_drop)(lines);
+        let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!(dropped = total, why, "audit log lines dropped");
+        }
+    }
 }
 
 impl AuditLog {
     /// Opens `destination` (refusing a file in a directory others may
-    /// change) and starts the writer thread. `on_drop` is called for each
-    /// line dropped because the queue was full (the metric).
+    /// change) and starts the writer thread. `on_drop` is called with the
+    /// number of lines dropped, each time some are (the metric).
     pub fn open(
         destination: Destination,
-        on_drop: impl Fn() + Send + Sync + 'static,
+        on_drop: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<Self, AuditError> {
-        let writer = Writer::open(destination)?;
+        let dropped = Arc::new(Dropped {
+            total: AtomicU64::new(0),
+            last_warning: Mutex::new(None),
+            on_drop: Box::new(on_drop),
+        });
+        let writer = Writer::open(destination, dropped.clone())?;
         let (sender, receiver) = std::sync::mpsc::sync_channel(QUEUE_LINES);
         std::thread::Builder::new()
             .name("audit-log".into())
@@ -206,42 +227,23 @@ impl AuditLog {
                 path: PathBuf::from("(the writer thread)"),
                 source,
             })?;
-        Ok(Self(Arc::new(Shared {
-            sender,
-            dropped: AtomicU64::new(0),
-            last_warning: Mutex::new(None),
-            on_drop: Box::new(on_drop),
-        })))
+        Ok(Self { sender, dropped })
     }
 
     /// Reopens the file (after logrotate moved it).
     pub fn reopen(&self) {
         // A full queue delays the reopen to the writer's next wait; the
         // message must not be lost, so this one may block briefly.
-        let _ = self.0.sender.send(Message::Reopen);
+        let _ = self.sender.send(Message::Reopen);
     }
 
     /// Records `event`, or drops it (counted) if the writer is behind.
     pub fn record(&self, event: &Event<'_>) {
-        let line = line(event);
-        match self.0.sender.try_send(Message::Line(line)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                let dropped = self.0.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                (self.0.on_drop)();
-                let mut last = self
-                    .0
-                    .last_warning
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if last.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-                    *last = Some(Instant::now());
-                    tracing::warn!(
-                        dropped,
-                        "audit log lines dropped: the audit log's disk is slower than the traffic"
-                    );
-                }
-            }
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.sender.try_send(Message::Line(line(event)))
+        {
+            self.dropped
+                .count(1, "the audit log's disk is slower than the traffic");
         }
     }
 }
@@ -311,58 +313,90 @@ fn transport(rpc: Rpc, caller: &Caller) -> &'static str {
     }
 }
 
+/// Most lines written at once.
+const BATCH_LINES: u64 = 1024;
+
 /// The writer thread's end: the file (or stdout) and how to reopen it.
 struct Writer {
     destination: Destination,
-    out: io::BufWriter<Box<dyn Write + Send>>,
+    out: Box<dyn Write + Send>,
+    dropped: Arc<Dropped>,
+    batch: String,
+    lines: u64,
 }
 
 impl Writer {
-    fn open(destination: Destination) -> Result<Self, AuditError> {
+    fn open(destination: Destination, dropped: Arc<Dropped>) -> Result<Self, AuditError> {
         let out: Box<dyn Write + Send> = match &destination {
             Destination::Stdout => Box::new(io::stdout()),
             Destination::File { path, group } => Box::new(open_file(path, *group)?),
         };
         Ok(Self {
             destination,
-            out: io::BufWriter::new(out),
+            out,
+            dropped,
+            batch: String::new(),
+            lines: 0,
         })
     }
 
-    /// Writes lines as they come, flushing whenever the queue is empty,
-    /// until every sender is gone.
+    /// Writes lines in batches as they come (a batch whenever the queue is
+    /// empty or holds [`BATCH_LINES`]), until every sender is gone.
     fn run(mut self, receiver: Receiver<Message>) {
         while let Ok(message) = receiver.recv() {
-            self.handle(message);
-            while let Ok(message) = receiver.try_recv() {
-                self.handle(message);
+            self.take(message);
+            while self.lines < BATCH_LINES
+                && let Ok(message) = receiver.try_recv()
+            {
+                self.take(message);
             }
-            if let Err(error) = self.out.flush() {
-                tracing::warn!(%error, "cannot write the audit log");
+            self.write();
+        }
+    }
+
+    fn take(&mut self, message: Message) {
+        match message {
+            Message::Line(line) => {
+                self.batch.push_str(&line);
+                self.batch.push('\n');
+                self.lines += 1;
+            }
+            Message::Reopen => {
+                self.write();
+                self.reopen();
             }
         }
     }
 
-    fn handle(&mut self, message: Message) {
-        match message {
-            Message::Line(line) => {
-                if let Err(error) = writeln!(self.out, "{line}") {
-                    tracing::warn!(%error, "cannot write the audit log");
-                }
+    /// Writes the batch; lines that could not be written (a full disk) are
+    /// counted as dropped.
+    fn write(&mut self) {
+        if self.lines == 0 {
+            return;
+        }
+        let written = self
+            .out
+            .write_all(self.batch.as_bytes())
+            .and_then(|()| self.out.flush());
+        if let Err(error) = written {
+            self.dropped
+                .count(self.lines, &format!("cannot write the audit log: {error}"));
+        }
+        self.batch.clear();
+        self.lines = 0;
+    }
+
+    fn reopen(&mut self) {
+        let Destination::File { path, group } = &self.destination else {
+            return;
+        };
+        match open_file(path, *group) {
+            Ok(file) => {
+                self.out = Box::new(file);
+                tracing::info!(path = %path.display(), "audit log reopened");
             }
-            Message::Reopen => {
-                let _ = self.out.flush();
-                if let Destination::File { path, group } = &self.destination {
-                    match open_file(path, *group) {
-                        Ok(file) => {
-                            self.out = io::BufWriter::new(Box::new(file));
-                            tracing::info!(path = %path.display(), "audit log reopened");
-                        }
-                        Err(error) => {
-                            tracing::error!(%error, "cannot reopen the audit log; writing to the old file")
-                        }
-                    }
-                }
+            Err(error) => {
+                tracing::error!(%error, "cannot reopen the audit log; writing to the old file")
             }
         }
     }

@@ -239,9 +239,9 @@ impl Metrics {
             .add(1, &self.with_audience(&labels, audience));
     }
 
-    /// An audit log line dropped: the writer was behind.
-    pub fn audit_dropped(&self) {
-        self.0.audit_dropped.add(1, &[]);
+    /// Audit log lines dropped: the writer was behind, or the disk failed.
+    pub fn audit_dropped(&self, lines: u64) {
+        self.0.audit_dropped.add(lines, &[]);
     }
 
     /// A request refused by the access policy.

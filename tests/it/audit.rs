@@ -249,3 +249,25 @@ async fn an_audit_log_others_could_swap_stops_the_broker() {
     );
     assert!(!audit.exists());
 }
+
+#[tokio::test]
+async fn a_full_disk_drops_and_counts_lines_and_tokens_keep_coming() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    // Every write to /dev/full fails with ENOSPC.
+    let broker = Broker::start(
+        &emulator,
+        &["--audit-log", "/dev/full", "--metrics-addr", "127.0.0.1:0"],
+    )
+    .await;
+    let mut tokens = broker.typed_client().await;
+    for _ in 0..20 {
+        tokens.access_token(access_request(&[])).await.unwrap();
+    }
+    let metrics = broker.metrics_addr().await;
+    let scrape = crate::common::scrape_until(metrics, |scrape| {
+        scrape.value("tokenbroker_audit_dropped_total", &[]) >= 20.0
+    })
+    .await;
+    assert_eq!(scrape.value("tokenbroker_audit_dropped_total", &[]), 20.0);
+    broker.wait_for_log("audit log lines dropped").await;
+}
