@@ -11,9 +11,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
@@ -108,7 +108,7 @@ pub struct Event<'a> {
     /// What was asked for, when the request was valid enough to say.
     pub key: Option<&'a TokenKey>,
     /// The token handed out.
-    pub token: Option<&'a Token>,
+    pub token: Option<&'a Arc<Token>>,
     /// The token handed back (an invalidation), fingerprinted only.
     pub handed_back: Option<&'a str>,
     /// `hit`, `miss` or `coalesced`, for a grant.
@@ -174,8 +174,42 @@ struct PeerLine {
 }
 
 enum Message {
-    Line(String),
+    Record(Box<Record>),
     Reopen,
+}
+
+/// What the hit path hands the writer: the event's facts, owned and cheap
+/// to copy (the token is shared, not copied); the writer formats the line,
+/// reads the peer's binary and fingerprints the token, off the hit path.
+struct Record {
+    time: SystemTime,
+    kind: EventKind,
+    rpc: Rpc,
+    transport: &'static str,
+    peer: Option<crate::policy::Peer>,
+    key: Option<TokenKey>,
+    token: Option<Arc<Token>>,
+    handed_back: Option<String>,
+    cache: Option<&'static str>,
+    code: tonic::Code,
+}
+
+impl Record {
+    fn of(event: &Event<'_>) -> Self {
+        Self {
+            time: SystemTime::now(),
+            kind: event.kind,
+            rpc: event.rpc,
+            transport: transport(event.rpc, event.caller),
+            peer: event.caller.peer().copied(),
+            key: event.key.cloned(),
+            token: event.token.cloned(),
+            // Rare (an invalidation): fingerprinted now, never kept.
+            handed_back: event.handed_back.map(fingerprint),
+            cache: event.cache,
+            code: event.code,
+        }
+    }
 }
 
 /// The audit trail; cloning is cheap. Recording never blocks.
@@ -183,13 +217,19 @@ enum Message {
 pub struct AuditLog {
     sender: SyncSender<Message>,
     dropped: Arc<Dropped>,
+    /// Records in the queue, so that a full queue costs a request only a
+    /// load and a count, not a record built to be thrown away.
+    queued: Arc<AtomicUsize>,
 }
 
 /// Lines lost, to the queue being full or the disk failing: counted, and
 /// warned about at most every [`WARN_EVERY`].
 struct Dropped {
     total: AtomicU64,
-    last_warning: Mutex<Option<Instant>>,
+    /// When the last warning was logged, in milliseconds since `started`
+    /// (0: never): an atomic, since drops come from every request thread.
+    last_warning_ms: AtomicU64,
+    started: Instant,
     on_drop: Box<dyn Fn(u64) + Send + Sync>,
 }
 
@@ -197,9 +237,15 @@ impl Dropped {
     fn count(&self, lines: u64, why: &str) {
         let total = self.total.fetch_add(lines, Ordering::Relaxed) + lines;
         (self.on_drop)(lines);
-        let mut last = self.last_warning.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-            *last = Some(Instant::now());
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let last = self.last_warning_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
+        if due
+            && self
+                .last_warning_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             tracing::warn!(dropped = total, why, "audit log lines dropped");
         }
     }
@@ -215,10 +261,12 @@ impl AuditLog {
     ) -> Result<Self, AuditError> {
         let dropped = Arc::new(Dropped {
             total: AtomicU64::new(0),
-            last_warning: Mutex::new(None),
+            last_warning_ms: AtomicU64::new(0),
+            started: Instant::now(),
             on_drop: Box::new(on_drop),
         });
-        let writer = Writer::open(destination, dropped.clone())?;
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = Writer::open(destination, dropped.clone(), queued.clone())?;
         let (sender, receiver) = std::sync::mpsc::sync_channel(QUEUE_LINES);
         std::thread::Builder::new()
             .name("audit-log".into())
@@ -227,7 +275,11 @@ impl AuditLog {
                 path: PathBuf::from("(the writer thread)"),
                 source,
             })?;
-        Ok(Self { sender, dropped })
+        Ok(Self {
+            sender,
+            dropped,
+            queued,
+        })
     }
 
     /// Reopens the file (after logrotate moved it).
@@ -239,18 +291,27 @@ impl AuditLog {
 
     /// Records `event`, or drops it (counted) if the writer is behind.
     pub fn record(&self, event: &Event<'_>) {
+        const BEHIND: &str = "the audit log's disk is slower than the traffic";
+        if self.queued.load(Ordering::Relaxed) >= QUEUE_LINES {
+            self.dropped.count(1, BEHIND);
+            return;
+        }
+        let record = Box::new(Record::of(event));
+        // Counted before it is sent, so that the writer (which the channel
+        // orders after this) never takes it uncounted.
+        self.queued.fetch_add(1, Ordering::Relaxed);
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.sender.try_send(Message::Line(line(event)))
+            self.sender.try_send(Message::Record(record))
         {
-            self.dropped
-                .count(1, "the audit log's disk is slower than the traffic");
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.dropped.count(1, BEHIND);
         }
     }
 }
 
-/// The JSON line of `event` (no token in it: its SHA-256 prefix only).
-fn line(event: &Event<'_>) -> String {
-    let peer = event.caller.peer().map(|peer| PeerLine {
+/// The JSON line of `record` (no token in it: its SHA-256 prefix only).
+fn line(record: &Record) -> String {
+    let peer = record.peer.map(|peer| PeerLine {
         uid: peer.uid,
         gid: peer.gid,
         pid: peer.pid,
@@ -260,36 +321,37 @@ fn line(event: &Event<'_>) -> String {
                 .map(|path| path.display().to_string())
         }),
     });
-    let (audience, scopes) = match event.key {
+    let (audience, scopes) = match &record.key {
         Some(TokenKey::Id(key)) => (Some(key.audience.as_str()), None),
         Some(TokenKey::Access(key)) => (None, Some(key.scopes.as_slice())),
         None => (None, None),
     };
     let line = Line {
-        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        event: event.kind.as_str(),
-        rpc: event.rpc.as_str(),
-        transport: transport(event.rpc, event.caller),
+        time: humantime::format_rfc3339_millis(record.time).to_string(),
+        event: record.kind.as_str(),
+        rpc: record.rpc.as_str(),
+        transport: record.transport,
         peer,
-        service_account: event.key.map(|key| key.account().as_str()),
-        token_kind: event.key.map(|key| key.kind().as_str()),
+        service_account: record.key.as_ref().map(|key| key.account().as_str()),
+        token_kind: record.key.as_ref().map(|key| key.kind().as_str()),
         audience,
         scopes,
-        outcome: match event.kind {
+        outcome: match record.kind {
             EventKind::Deny => "denied",
             EventKind::Error => "failed",
             _ => "ok",
         },
-        code: code_name(event.code),
-        cache: event.cache,
-        expire_time: event
+        code: code_name(record.code),
+        cache: record.cache,
+        expire_time: record
             .token
+            .as_ref()
             .map(|token| humantime::format_rfc3339_seconds(token.expire_time()).to_string()),
-        token_sha256: event
+        token_sha256: record
             .token
-            .map(|token| token.secret().expose())
-            .or(event.handed_back)
-            .map(fingerprint),
+            .as_ref()
+            .map(|token| fingerprint(token.secret().expose()))
+            .or_else(|| record.handed_back.clone()),
     };
     serde_json::to_string(&line).unwrap_or_else(|_| "{}".to_string())
 }
@@ -321,12 +383,17 @@ struct Writer {
     destination: Destination,
     out: Box<dyn Write + Send>,
     dropped: Arc<Dropped>,
+    queued: Arc<AtomicUsize>,
     batch: String,
     lines: u64,
 }
 
 impl Writer {
-    fn open(destination: Destination, dropped: Arc<Dropped>) -> Result<Self, AuditError> {
+    fn open(
+        destination: Destination,
+        dropped: Arc<Dropped>,
+        queued: Arc<AtomicUsize>,
+    ) -> Result<Self, AuditError> {
         let out: Box<dyn Write + Send> = match &destination {
             Destination::Stdout => Box::new(io::stdout()),
             Destination::File { path, group } => Box::new(open_file(path, *group)?),
@@ -335,6 +402,7 @@ impl Writer {
             destination,
             out,
             dropped,
+            queued,
             batch: String::new(),
             lines: 0,
         })
@@ -356,8 +424,9 @@ impl Writer {
 
     fn take(&mut self, message: Message) {
         match message {
-            Message::Line(line) => {
-                self.batch.push_str(&line);
+            Message::Record(record) => {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                self.batch.push_str(&line(&record));
                 self.batch.push('\n');
                 self.lines += 1;
             }
@@ -447,6 +516,45 @@ mod tests {
     fn fingerprints_are_the_first_16_hex_digits_of_sha256() {
         // SHA-256("abc") = ba7816bf8f01cfea...
         assert_eq!(fingerprint("abc"), "ba7816bf8f01cfea");
+    }
+
+    #[test]
+    fn every_line_is_written_and_the_queue_count_returns_to_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let destination = Destination::File {
+            path: path.clone(),
+            group: None,
+        };
+        let audit = AuditLog::open(destination, |_| {}).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let audit = audit.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..2000 {
+                        audit.record(&event(
+                            EventKind::Error,
+                            Rpc::GetIdToken,
+                            &Caller::Loopback,
+                            None,
+                        ));
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let written = || {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        while written() + (audit.dropped.total.load(Ordering::Relaxed) as usize) < 8000 {
+            assert!(Instant::now() < deadline, "{} written", written());
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(audit.queued.load(Ordering::Relaxed), 0);
     }
 
     #[test]
