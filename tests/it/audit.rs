@@ -181,7 +181,8 @@ async fn every_decision_is_a_json_line_with_the_peer_and_a_fingerprint_never_the
     assert_eq!(over_tcp["transport"], "metadata_tcp");
     assert!(over_tcp.get("peer").is_none(), "a TCP peer is unknown");
     assert_eq!(over_tcp["token_sha256"], fingerprint(&metadata_token));
-    let _ = (denied, invalid);
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
 
     // The file holds no token, and only its owner may read it.
     let text = std::fs::read_to_string(&audit).unwrap();
@@ -270,4 +271,38 @@ async fn a_full_disk_drops_and_counts_lines_and_tokens_keep_coming() {
     .await;
     assert_eq!(scrape.value("tokenbroker_audit_dropped_total", &[]), 20.0);
     broker.wait_for_log("audit log lines dropped").await;
+}
+
+#[tokio::test]
+async fn the_metadata_endpoint_on_a_unix_socket_is_audited_with_its_peer() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o700);
+    let audit = dir.path().join("audit.log");
+    let socket = dir.path().join("metadata.sock");
+    let metadata_addr = format!("unix:{}", socket.display());
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--audit-log",
+            audit.to_str().unwrap(),
+            "--metadata-addr",
+            &metadata_addr,
+        ],
+    )
+    .await;
+    broker.wait_for_log("metadata-server-compatible").await;
+    let answer = get(
+        Endpoint::Unix(&socket),
+        "/computeMetadata/v1/instance/service-accounts/default/identity?audience=https://unix.example.com",
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let line = &wait_for_lines(&audit, 1).await[0];
+    assert_eq!(line["event"], "grant");
+    assert_eq!(line["rpc"], "MetadataIdentity");
+    assert_eq!(line["transport"], "metadata_unix");
+    assert_eq!(line["peer"]["uid"], nix::unistd::getuid().as_raw());
+    assert_eq!(line["audience"], "https://unix.example.com");
+    assert_eq!(line["token_sha256"], fingerprint(answer.body.trim()));
 }
