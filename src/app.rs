@@ -82,7 +82,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     let stop = CancellationToken::new();
     let _stop_background = stop.clone().drop_guard();
     let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
-    let audit = open_audit_log(&args, &metrics)?;
+    let audit = open_audit_log(&args, &upstream, &metrics)?;
     let broker = Broker::new(
         cache.clone(),
         policy.clone(),
@@ -321,7 +321,11 @@ pub async fn emulator(args: EmulatorArgs) -> AppResult {
 }
 
 /// `--audit-log`, opened, if set.
-fn open_audit_log(args: &ServeArgs, metrics: &Metrics) -> Result<Option<AuditLog>, String> {
+fn open_audit_log(
+    args: &ServeArgs,
+    upstream: &Upstream,
+    metrics: &Metrics,
+) -> Result<Option<AuditLog>, String> {
     let Some(path) = &args.audit_log else {
         return Ok(None);
     };
@@ -334,8 +338,11 @@ fn open_audit_log(args: &ServeArgs, metrics: &Metrics) -> Result<Option<AuditLog
         }
     };
     let metrics = metrics.clone();
-    let audit = AuditLog::open(destination, move |lines| metrics.audit_dropped(lines))
-        .map_err(|e| e.to_string())?;
+    let default_account = upstream.default_account();
+    let audit = AuditLog::open(destination, default_account, move |lines| {
+        metrics.audit_dropped(lines)
+    })
+    .map_err(|e| e.to_string())?;
     tracing::info!(audit_log = %path.display(), "audit log on; SIGHUP reopens it");
     Ok(Some(audit))
 }

@@ -188,6 +188,8 @@ struct Record {
     transport: &'static str,
     peer: Option<crate::policy::Peer>,
     key: Option<TokenKey>,
+    /// What `default` in the key stands for, if known.
+    default_account: Option<Arc<str>>,
     token: Option<Arc<Token>>,
     handed_back: Option<String>,
     cache: Option<&'static str>,
@@ -195,8 +197,9 @@ struct Record {
 }
 
 impl Record {
-    fn of(event: &Event<'_>) -> Self {
+    fn of(event: &Event<'_>, default_account: Option<Arc<str>>) -> Self {
         Self {
+            default_account,
             time: SystemTime::now(),
             kind: event.kind,
             rpc: event.rpc,
@@ -216,6 +219,8 @@ impl Record {
 #[derive(Clone)]
 pub struct AuditLog {
     sender: SyncSender<Message>,
+    /// The account `default` stands for, where the source knows it.
+    default_account: Option<Arc<str>>,
     dropped: Arc<Dropped>,
     /// Records in the queue, so that a full queue costs a request only a
     /// load and a count, not a record built to be thrown away.
@@ -257,6 +262,7 @@ impl AuditLog {
     /// number of lines dropped, each time some are (the metric).
     pub fn open(
         destination: Destination,
+        default_account: Option<&str>,
         on_drop: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<Self, AuditError> {
         let dropped = Arc::new(Dropped {
@@ -277,6 +283,7 @@ impl AuditLog {
             })?;
         Ok(Self {
             sender,
+            default_account: default_account.map(Arc::from),
             dropped,
             queued,
         })
@@ -296,7 +303,7 @@ impl AuditLog {
             self.dropped.count(1, BEHIND);
             return;
         }
-        let record = Box::new(Record::of(event));
+        let record = Box::new(Record::of(event, self.default_account.clone()));
         // Counted before it is sent, so that the writer (which the channel
         // orders after this) never takes it uncounted.
         self.queued.fetch_add(1, Ordering::Relaxed);
@@ -332,7 +339,13 @@ fn line(record: &Record) -> String {
         rpc: record.rpc.as_str(),
         transport: record.transport,
         peer,
-        service_account: record.key.as_ref().map(|key| key.account().as_str()),
+        service_account: record.key.as_ref().map(|key| {
+            // The real email where the source knows it, not `default`.
+            match (key.account(), &record.default_account) {
+                (crate::request::ServiceAccount::Default, Some(email)) => email,
+                (account, _) => account.as_str(),
+            }
+        }),
         token_kind: record.key.as_ref().map(|key| key.kind().as_str()),
         audience,
         scopes,
@@ -526,7 +539,7 @@ mod tests {
             path: path.clone(),
             group: None,
         };
-        let audit = AuditLog::open(destination, |_| {}).unwrap();
+        let audit = AuditLog::open(destination, None, |_| {}).unwrap();
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let audit = audit.clone();

@@ -172,6 +172,17 @@ impl Upstream {
         })
     }
 
+    /// The account `default` stands for, where the source knows it: a
+    /// key's `client_email`, the impersonated account. (The metadata
+    /// server, user credentials and a federated principal name none here.)
+    pub fn default_account(&self) -> Option<&str> {
+        match self {
+            Self::KeyFile(source) => Some(source.email()),
+            Self::Impersonated { source, .. } => Some(source.target()),
+            Self::Metadata(_) | Self::User(_) | Self::External(_) => None,
+        }
+    }
+
     /// The source in words, for the start-up log and errors (never a key).
     pub fn describe(&self) -> String {
         match self {

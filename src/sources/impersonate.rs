@@ -98,6 +98,11 @@ impl ImpersonatedSource {
         }
     }
 
+    /// The impersonated account.
+    pub fn target(&self) -> &str {
+        &self.url.target
+    }
+
     /// The source in words.
     pub fn describe(&self) -> String {
         format!("impersonation of {}", self.url.target)

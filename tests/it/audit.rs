@@ -306,3 +306,31 @@ async fn the_metadata_endpoint_on_a_unix_socket_is_audited_with_its_peer() {
     assert_eq!(line["audience"], "https://unix.example.com");
     assert_eq!(line["token_sha256"], fingerprint(answer.body.trim()));
 }
+
+#[tokio::test]
+async fn the_account_default_stands_for_is_named_where_the_source_knows_it() {
+    use crate::common::{KEY_ACCOUNT, trusted_key_file};
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o700);
+    let audit = dir.path().join("audit.log");
+    let key = trusted_key_file(&emulator, dir.path());
+    let broker = Broker::start(
+        &emulator,
+        &[
+            "--credentials",
+            key.to_str().unwrap(),
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
+    )
+    .await;
+    broker
+        .typed_client()
+        .await
+        .access_token(access_request(&[]))
+        .await
+        .unwrap();
+    let line = &wait_for_lines(&audit, 1).await[0];
+    assert_eq!(line["service_account"], KEY_ACCOUNT, "not \"default\"");
+}
