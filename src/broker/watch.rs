@@ -121,7 +121,19 @@ impl Watch {
         let next = async {
             let token = self.watch.next().await?;
             self.broker
-                .authorize(self.rpc, kind, &self.caller, self.watch.key())?;
+                .authorize(self.rpc, kind, &self.caller, self.watch.key())
+                .inspect_err(|error| {
+                    // A reloaded policy that no longer allows the stream.
+                    self.broker.audit(|| Event {
+                        code: error.code(),
+                        ..event(
+                            EventKind::Deny,
+                            self.rpc,
+                            &self.caller,
+                            Some(self.watch.key()),
+                        )
+                    });
+                })?;
             let remaining = token.remaining(Instant::now());
             self.broker.0.metrics.streamed(kind, remaining);
             Ok(token)

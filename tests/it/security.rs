@@ -259,9 +259,18 @@ async fn a_reloaded_policy_cuts_off_open_watch_streams() {
     let emulator = common::emulator_with_lifetime(Duration::from_secs(4)).await;
     let dir = tempfile::tempdir().unwrap();
     let policy_flag = write_policy(dir.path(), &policy(me, false));
+    common::chmod(dir.path(), 0o700);
+    let audit = dir.path().join("audit.log");
     let broker = Broker::start(
         &emulator,
-        &["--policy", &policy_flag, "--expiry-skew", "1s"],
+        &[
+            "--policy",
+            &policy_flag,
+            "--expiry-skew",
+            "1s",
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
     )
     .await;
     let mut client = broker.typed_client().await;
@@ -282,4 +291,23 @@ async fn a_reloaded_policy_cuts_off_open_watch_streams() {
         "{}",
         status.message()
     );
+    // The audit trail shows the stream's token, then the denial.
+    let events = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    common::poll_until(
+        "the audited denial",
+        || events().iter().any(|e| e["event"] == "deny"),
+        || format!("{:#?}", events()),
+    )
+    .await;
+    let events = events();
+    assert_eq!(events[0]["event"], "watch_token");
+    let deny = events.iter().find(|e| e["event"] == "deny").unwrap();
+    assert_eq!(deny["rpc"], "WatchToken");
+    assert_eq!(deny["audience"], "https://allowed.run.app");
 }
