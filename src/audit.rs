@@ -12,7 +12,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Instant, SystemTime};
 
@@ -225,6 +225,8 @@ pub struct AuditLog {
     /// Records in the queue, so that a full queue costs a request only a
     /// load and a count, not a record built to be thrown away.
     queued: Arc<AtomicUsize>,
+    /// Set by SIGHUP; the writer reopens the file before its next batch.
+    reopen: Arc<AtomicBool>,
 }
 
 /// Lines lost, to the queue being full or the disk failing: counted, and
@@ -272,7 +274,8 @@ impl AuditLog {
             on_drop: Box::new(on_drop),
         });
         let queued = Arc::new(AtomicUsize::new(0));
-        let writer = Writer::open(destination, dropped.clone(), queued.clone())?;
+        let reopen = Arc::new(AtomicBool::new(false));
+        let writer = Writer::open(destination, dropped.clone(), queued.clone(), reopen.clone())?;
         let (sender, receiver) = std::sync::mpsc::sync_channel(QUEUE_LINES);
         std::thread::Builder::new()
             .name("audit-log".into())
@@ -286,14 +289,16 @@ impl AuditLog {
             default_account: default_account.map(Arc::from),
             dropped,
             queued,
+            reopen,
         })
     }
 
-    /// Reopens the file (after logrotate moved it).
+    /// Reopens the file (after logrotate moved it), before the writer's
+    /// next batch. Never blocks: the flag is what counts, and the message
+    /// only wakes an idle writer (a busy one sees the flag anyway).
     pub fn reopen(&self) {
-        // A full queue delays the reopen to the writer's next wait; the
-        // message must not be lost, so this one may block briefly.
-        let _ = self.sender.send(Message::Reopen);
+        self.reopen.store(true, Ordering::Release);
+        let _ = self.sender.try_send(Message::Reopen);
     }
 
     /// Records `event`, or drops it (counted) if the writer is behind.
@@ -397,6 +402,7 @@ struct Writer {
     out: Box<dyn Write + Send>,
     dropped: Arc<Dropped>,
     queued: Arc<AtomicUsize>,
+    reopen: Arc<AtomicBool>,
     batch: String,
     lines: u64,
 }
@@ -406,6 +412,7 @@ impl Writer {
         destination: Destination,
         dropped: Arc<Dropped>,
         queued: Arc<AtomicUsize>,
+        reopen: Arc<AtomicBool>,
     ) -> Result<Self, AuditError> {
         let out: Box<dyn Write + Send> = match &destination {
             Destination::Stdout => Box::new(io::stdout()),
@@ -416,6 +423,7 @@ impl Writer {
             out,
             dropped,
             queued,
+            reopen,
             batch: String::new(),
             lines: 0,
         })
@@ -425,6 +433,11 @@ impl Writer {
     /// empty or holds [`BATCH_LINES`]), until every sender is gone.
     fn run(mut self, receiver: Receiver<Message>) {
         while let Ok(message) = receiver.recv() {
+            // Lines taken before the reopen was asked for may still land
+            // in the moved file, as logrotate expects; none is lost.
+            if self.reopen.swap(false, Ordering::Acquire) {
+                self.reopen_file();
+            }
             self.take(message);
             while self.lines < BATCH_LINES
                 && let Ok(message) = receiver.try_recv()
@@ -443,10 +456,8 @@ impl Writer {
                 self.batch.push('\n');
                 self.lines += 1;
             }
-            Message::Reopen => {
-                self.write();
-                self.reopen();
-            }
+            // Only wakes the writer: the flag was seen before this.
+            Message::Reopen => {}
         }
     }
 
@@ -468,7 +479,8 @@ impl Writer {
         self.lines = 0;
     }
 
-    fn reopen(&mut self) {
+    fn reopen_file(&mut self) {
+        self.write();
         let Destination::File { path, group } = &self.destination else {
             return;
         };
