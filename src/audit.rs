@@ -14,12 +14,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
 use crate::policy::Caller;
 use crate::request::TokenKey;
+use crate::telemetry::RateLimitedLog;
 use crate::telemetry::metrics::{Rpc, code_name};
 use crate::token::Token;
 
@@ -233,10 +234,7 @@ pub struct AuditLog {
 /// warned about at most every [`WARN_EVERY`].
 struct Dropped {
     total: AtomicU64,
-    /// When the last warning was logged, in milliseconds since `started`
-    /// (0: never): an atomic, since drops come from every request thread.
-    last_warning_ms: AtomicU64,
-    started: Instant,
+    warnings: RateLimitedLog,
     on_drop: Box<dyn Fn(u64) + Send + Sync>,
 }
 
@@ -244,17 +242,9 @@ impl Dropped {
     fn count(&self, lines: u64, why: &str) {
         let total = self.total.fetch_add(lines, Ordering::Relaxed) + lines;
         (self.on_drop)(lines);
-        let now = self.started.elapsed().as_millis() as u64 + 1;
-        let last = self.last_warning_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
-        if due
-            && self
-                .last_warning_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(dropped = total, why, "audit log lines dropped");
-        }
+        self.warnings.warn_many(lines, |since| {
+            tracing::warn!(dropped = total, since, why, "audit log lines dropped")
+        });
     }
 }
 
@@ -269,8 +259,7 @@ impl AuditLog {
     ) -> Result<Self, AuditError> {
         let dropped = Arc::new(Dropped {
             total: AtomicU64::new(0),
-            last_warning_ms: AtomicU64::new(0),
-            started: Instant::now(),
+            warnings: RateLimitedLog::every(WARN_EVERY),
             on_drop: Box::new(on_drop),
         });
         let queued = Arc::new(AtomicUsize::new(0));
@@ -535,6 +524,8 @@ fn open_file(path: &Path, group: Option<u32>) -> Result<File, AuditError> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     #[test]

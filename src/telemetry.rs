@@ -211,28 +211,68 @@ fn otlp_configured(signal: &str) -> bool {
 /// logged at most this often, with the count since the last one.
 pub const LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// A warning logged at most once per [`LOG_EVERY`], with how many times it
-/// happened since it was last logged.
-#[derive(Default)]
+/// A warning logged at most once per interval ([`LOG_EVERY`] by default),
+/// with how many times it happened since it was last logged. Between two
+/// warnings an occurrence costs two atomic operations, no lock: callers
+/// count on every request thread.
 pub struct RateLimitedLog {
+    every: Duration,
+    origin: Instant,
+    /// When the next warning may be logged, in milliseconds since `origin`.
+    next_ms: AtomicU64,
     state: Mutex<Option<Instant>>,
     since: AtomicU64,
 }
 
+impl Default for RateLimitedLog {
+    fn default() -> Self {
+        Self::every(LOG_EVERY)
+    }
+}
+
 impl RateLimitedLog {
+    /// A warning logged at most once per `every`.
+    pub fn every(every: Duration) -> Self {
+        Self {
+            every,
+            origin: Instant::now(),
+            next_ms: AtomicU64::new(0),
+            state: Mutex::new(None),
+            since: AtomicU64::new(0),
+        }
+    }
+
     /// Counts one occurrence, and calls `log` with the count if the last
     /// warning is old enough.
     pub fn warn(&self, log: impl FnOnce(u64)) {
-        let count = self.since.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut last = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.warn_many(1, log);
+    }
+
+    /// Counts `occurrences`, and calls `log` with the count since the last
+    /// warning if that one is old enough.
+    pub fn warn_many(&self, occurrences: u64, log: impl FnOnce(u64)) {
+        let count = self.since.fetch_add(occurrences, Ordering::Relaxed) + occurrences;
         let now = Instant::now();
-        if last.is_some_and(|at| now < at + LOG_EVERY) {
+        if self.millis(now) < self.next_ms.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut last = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| now < at + self.every) {
             return;
         }
         *last = Some(now);
+        self.next_ms
+            .store(self.millis(now + self.every), Ordering::Relaxed);
         self.since.fetch_sub(count, Ordering::Relaxed);
         drop(last);
         log(count);
+    }
+
+    /// `at`, in whole milliseconds since `origin`, rounded down: the fast
+    /// path lets through at most one millisecond early, and the lock then
+    /// decides exactly.
+    fn millis(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_millis() as u64
     }
 }
 
@@ -258,5 +298,18 @@ mod tests {
         tokio::time::advance(LOG_EVERY).await;
         log.warn(|count| logged.push(count));
         assert_eq!(logged, [1, 1000]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_occurrences_at_once_are_counted_at_their_own_interval() {
+        let log = RateLimitedLog::every(Duration::from_secs(10));
+        let mut logged = Vec::new();
+        log.warn_many(5, |count| logged.push(count));
+        log.warn_many(7, |count| logged.push(count));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        log.warn_many(1, |count| logged.push(count));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        log.warn_many(2, |count| logged.push(count));
+        assert_eq!(logged, [5, 10]);
     }
 }
