@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::metadata_api::random_alphanumeric;
 use super::{Body, Shared, json_response, text};
 use crate::secret::Secret;
-use crate::sources::external::aws::{AwsCredentials, TARGET_RESOURCE_HEADER, signed_request};
+use crate::sources::external::aws::{AwsCredentials, TARGET_RESOURCE_HEADER, signed_headers};
 
 /// The emulated AWS account's id, in role ARNs.
 pub const AWS_ACCOUNT_ID: &str = "123456789012";
@@ -185,18 +185,8 @@ pub(super) fn verify_subject(shared: &Shared, audience: &str, token: &str) -> Op
         secret_access_key: Secret::new(role.secret_access_key.clone()),
         session_token: role.session_token.clone().map(Secret::new),
     };
-    let expected = signed_request(url, region, audience, &credentials, time).ok()?;
-    let expected = percent_encoding::percent_decode_str(expected.expose())
-        .decode_utf8()
-        .ok()?
-        .into_owned();
-    let expected: Value = serde_json::from_str(&expected).ok()?;
-    let signed = expected["headers"]
-        .as_array()?
-        .iter()
-        .find(|h| h["key"] == "Authorization")?["value"]
-        .as_str()?
-        .to_string();
+    let expected = signed_headers(url, region, audience, &credentials, time).ok()?;
+    let (_, signed) = expected.iter().find(|(name, _)| name == "Authorization")?;
     bool::from(subtle::ConstantTimeEq::ct_eq(
         signed.as_bytes(),
         authorization.as_bytes(),

@@ -118,7 +118,7 @@ pub async fn subject_token(
 }
 
 /// Signs the `GetCallerIdentity` POST to `url` at `time` and serialises it
-/// as Google STS expects. Also how the emulator checks a signature.
+/// as Google STS expects.
 pub fn signed_request(
     url: &str,
     region: &str,
@@ -126,6 +126,27 @@ pub fn signed_request(
     credentials: &AwsCredentials,
     time: SystemTime,
 ) -> Result<Secret, FetchError> {
+    let headers: Vec<_> = signed_headers(url, region, audience, credentials, time)?
+        .iter()
+        .map(|(key, value)| json!({"key": key, "value": value.as_str()}))
+        .collect();
+    let request =
+        Zeroizing::new(json!({"url": url, "method": "POST", "headers": headers}).to_string());
+    Ok(Secret::new(
+        utf8_percent_encode(&request, QUOTE).to_string(),
+    ))
+}
+
+/// The headers of the `GetCallerIdentity` POST to `url` signed at `time`,
+/// named and sorted as Google's libraries send them (`Authorization`
+/// first). Also how the emulator checks a signature.
+pub fn signed_headers(
+    url: &str,
+    region: &str,
+    audience: &str,
+    credentials: &AwsCredentials,
+    time: SystemTime,
+) -> Result<Vec<(String, Zeroizing<String>)>, FetchError> {
     if region.is_empty()
         || !region
             .bytes()
@@ -188,15 +209,7 @@ pub fn signed_request(
     // Sorted as Google's libraries sort them (byte order: "Authorization"
     // first).
     headers.sort_by(|a, b| a.0.cmp(&b.0));
-    let headers: Vec<_> = headers
-        .iter()
-        .map(|(key, value)| json!({"key": key, "value": value.as_str()}))
-        .collect();
-    let request =
-        Zeroizing::new(json!({"url": url, "method": "POST", "headers": headers}).to_string());
-    Ok(Secret::new(
-        utf8_percent_encode(&request, QUOTE).to_string(),
-    ))
+    Ok(headers)
 }
 
 /// EC2 instance metadata, with an IMDSv2 session when the file names the
