@@ -23,6 +23,8 @@ use crate::sink::{self, Sinks};
 use crate::socket::{self, BoundSocket, SocketError};
 use crate::sources::Upstream;
 use crate::sources::adc::Environment;
+use crate::sources::downscope::{DEFAULT_STS_ENDPOINT, Downscoper, Downscoping};
+use crate::sources::https::HttpsClient;
 use crate::systemd::Activation;
 use crate::telemetry::Telemetry;
 use crate::telemetry::health::Health;
@@ -60,13 +62,15 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     let host = emulator
         .as_ref()
         .map_or_else(|| args.metadata_host.clone(), Emulator::host);
-    let upstream = Upstream::build(&args.source_config(host), &Environment::from_process()?)?;
+    let environment = Environment::from_process()?;
+    let upstream = Upstream::build(&args.source_config(host), &environment)?;
     tracing::info!(source = %upstream.describe(), emulator = args.emulator, "fetching tokens");
+    let downscoper = downscoper(&args, emulator.as_ref(), &environment)?;
 
     let meter = telemetry.meter();
     let metrics = Metrics::new(&meter, args.metrics_label_audience);
     let health = Health::new();
-    let cache = token_cache(&args, &upstream, &metrics, &health);
+    let cache = token_cache(&args, &upstream, downscoper, &metrics, &health);
     register_cache_gauge(&meter, {
         let cache = cache.clone();
         move |kind| cache.len_of(kind)
@@ -241,15 +245,33 @@ async fn start_emulator(args: &ServeArgs) -> Result<Option<Emulator>, std::io::E
         .map(Some)
 }
 
-/// The shared cache over `upstream`: each attempt waits for the global
-/// limits and is recorded; retries wrap it all.
+/// Where downscoped tokens are exchanged: `--sts-endpoint`, or with
+/// `--emulator` and the default endpoint, the emulator's fake STS.
+fn downscoper(
+    args: &ServeArgs,
+    emulator: Option<&Emulator>,
+    environment: &Environment,
+) -> Result<Downscoper, String> {
+    let endpoint = match emulator {
+        Some(emulator) if args.sts_endpoint == DEFAULT_STS_ENDPOINT => emulator.sts_endpoint(),
+        _ => args.sts_endpoint.clone(),
+    };
+    let http = HttpsClient::new(args.upstream_timeout, environment.proxy.clone())?;
+    Downscoper::new(&endpoint, http)
+}
+
+/// The shared cache over `upstream` (and `downscoper` for downscoped
+/// keys): each attempt waits for the global limits and is recorded;
+/// retries wrap it all.
 fn token_cache(
     args: &ServeArgs,
     upstream: &Upstream,
+    downscoper: Downscoper,
     metrics: &Metrics,
     health: &Health,
 ) -> TokenCache {
-    let attempt = Instrumented::new(upstream.clone(), metrics.clone(), health.clone());
+    let source = Downscoping::new(upstream.clone(), downscoper);
+    let attempt = Instrumented::new(source, metrics.clone(), health.clone());
     let limits = UpstreamLimits::new(args.upstream_max_rps, args.upstream_max_concurrency);
     let limited = RateLimited::new(attempt, limits);
     let retry = RetryPolicy {

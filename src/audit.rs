@@ -325,6 +325,7 @@ fn line(record: &Record) -> String {
     let (audience, scopes) = match &record.key {
         Some(TokenKey::Id(key)) => (Some(key.audience.as_str()), None),
         Some(TokenKey::Access(key)) => (None, Some(key.scopes.as_slice())),
+        Some(TokenKey::Downscoped(key)) => (None, Some(key.source.scopes.as_slice())),
         None => (None, None),
     };
     let line = Line {

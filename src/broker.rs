@@ -18,7 +18,7 @@ use crate::audit::{AuditLog, Event, EventKind, event};
 use crate::cache::quota::Owner;
 use crate::cache::{Served, TokenCache};
 use crate::error::BrokerError;
-use crate::policy::{Caller, PolicyStore};
+use crate::policy::{Caller, Grant, PolicyStore};
 use crate::request::{Invalidation, TokenKey, TokenRequest};
 use crate::telemetry::RateLimitedLog;
 use crate::telemetry::metrics::{Metrics, Rpc, code_name};
@@ -84,7 +84,7 @@ impl Broker {
         deadline: Option<Duration>,
     ) -> Result<Arc<Token>, BrokerError> {
         let call = async {
-            let request = self.admit(rpc, Some(kind), request, |r| &r.key, &caller)?;
+            let (request, _) = self.admit(rpc, Some(kind), request, |r| &mut r.key, &caller)?;
             let result = within(deadline, self.0.cache.get(&request, owner_of(&caller))).await;
             self.report(rpc, Some(kind), audience(&request.key), result.as_ref());
             self.audit(|| match &result {
@@ -114,7 +114,7 @@ impl Broker {
     ) -> Result<bool, BrokerError> {
         let rpc = Rpc::InvalidateToken;
         let call = async {
-            let invalidation = self.admit(rpc, kind, request, |i| &i.key, &caller)?;
+            let (invalidation, _) = self.admit(rpc, kind, request, |i| &mut i.key, &caller)?;
             let kind = invalidation.key.kind();
             let result = self
                 .0
@@ -166,7 +166,7 @@ impl Broker {
     ) -> Result<Watch, BrokerError> {
         let span = rpc_span(rpc, kind);
         let call = async {
-            let request = self.admit(rpc, kind, request, |r| &r.key, &caller)?;
+            let (request, requested) = self.admit(rpc, kind, request, |r| &mut r.key, &caller)?;
             let kind = request.key.kind();
             let audience = audience(&request.key);
             let permit = self
@@ -192,6 +192,7 @@ impl Broker {
                 self.clone(),
                 rpc,
                 caller,
+                requested,
                 first.token,
                 watch,
                 permit,
@@ -202,27 +203,30 @@ impl Broker {
     }
 
     /// The request (a token request or an invalidation, whose key `key`
-    /// reads), once validated and allowed; a refusal is reported.
-    /// Audiences of refused requests never become labels: a denied peer
-    /// could fill the series cap with them.
+    /// reaches), once validated and allowed, with its key limited to the
+    /// access boundary the policy sets, if any; then also the key as it
+    /// was asked for. A refusal is reported. Audiences of refused requests
+    /// never become labels: a denied peer could fill the series cap with
+    /// them.
     fn admit<R>(
         &self,
         rpc: Rpc,
         kind: Option<TokenKind>,
         request: Result<R, BrokerError>,
-        key: impl Fn(&R) -> &TokenKey,
+        key: impl Fn(&mut R) -> &mut TokenKey,
         caller: &Caller,
-    ) -> Result<R, BrokerError> {
-        let request = request.inspect_err(|error| {
+    ) -> Result<(R, Option<TokenKey>), BrokerError> {
+        let mut request = request.inspect_err(|error| {
             self.report(rpc, kind, None, Err(error));
             self.audit(|| Event {
                 code: error.code(),
                 ..event(EventKind::Error, rpc, caller, None)
             });
         })?;
-        let key = key(&request);
+        let key = key(&mut request);
         let kind = key.kind();
-        self.authorize(rpc, kind, caller, key)
+        let grant = self
+            .authorize(rpc, kind, caller, key)
             .inspect_err(|error| {
                 self.report(rpc, Some(kind), None, Err(error));
                 self.audit(|| Event {
@@ -230,7 +234,11 @@ impl Broker {
                     ..event(EventKind::Deny, rpc, caller, Some(key))
                 });
             })?;
-        Ok(request)
+        let asked = match grant {
+            Grant::AsAsked => None,
+            Grant::Limited(limited) => Some(std::mem::replace(key, limited)),
+        };
+        Ok((request, asked))
     }
 
     /// Records the event `make` builds in the audit trail, if it is on.
@@ -254,7 +262,7 @@ impl Broker {
         kind: TokenKind,
         caller: &Caller,
         key: &TokenKey,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Grant, BrokerError> {
         self.0.policy.check(caller, key).inspect_err(|error| {
             self.0.metrics.denied(rpc, kind);
             let peer = caller.peer();
@@ -344,7 +352,7 @@ fn rpc_span(rpc: Rpc, kind: Option<TokenKind>) -> tracing::Span {
 fn audience(key: &TokenKey) -> Option<&str> {
     match key {
         TokenKey::Id(key) => Some(&key.audience),
-        TokenKey::Access(_) => None,
+        TokenKey::Access(_) | TokenKey::Downscoped(_) => None,
     }
 }
 

@@ -14,6 +14,7 @@
 //! and a `min_valid_for` the cached token does not meet refetches a key at
 //! most once per [`MIN_VALID_FOR_REFETCH_INTERVAL`].
 
+mod downscoped;
 mod entry;
 mod memo;
 pub mod quota;
@@ -174,7 +175,7 @@ impl TokenCache {
     /// key is charged to `owner`, and refused if that exceeds its quota.
     /// Callers bound the wait with their own deadline.
     pub async fn get(&self, request: &TokenRequest, owner: Owner) -> Result<Served, BrokerError> {
-        self.inner.source.admits(&request.key)?;
+        self.inner.source.admits(&request.key.source_key())?;
         for _ in 0..MAX_LOOKUPS {
             let entry = self.inner.entry(&request.key, owner)?;
             if let Some(served) = self.inner.serve(&entry, request).await? {
@@ -191,7 +192,7 @@ impl TokenCache {
         request: &TokenRequest,
         owner: Owner,
     ) -> Result<(Served, TokenWatch), BrokerError> {
-        self.inner.source.admits(&request.key)?;
+        self.inner.source.admits(&request.key.source_key())?;
         for _ in 0..MAX_LOOKUPS {
             let entry = self.inner.entry(&request.key, owner)?;
             let watcher = WatcherGuard::new(entry, self.inner.clone());

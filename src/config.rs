@@ -149,6 +149,13 @@ pub struct ServeArgs {
     #[arg(long, env = "TOKENBROKER_IAM_ENDPOINT", default_value = crate::sources::impersonate::DEFAULT_IAM_ENDPOINT)]
     pub iam_endpoint: String,
 
+    /// Google STS, where access tokens are exchanged for downscoped ones
+    /// (requests with an access_boundary, policy rules with one): https://,
+    /// or http:// to a loopback address. With --emulator and this default,
+    /// the emulator's fake STS.
+    #[arg(long, env = "TOKENBROKER_STS_ENDPOINT", default_value = crate::sources::downscope::DEFAULT_STS_ENDPOINT)]
+    pub sts_endpoint: String,
+
     /// Lifetime of the tokens the in-process emulator issues.
     #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = human(crate::emulator::DEFAULT_TOKEN_LIFETIME), value_parser = positive_at_most::<86_400>)]
     pub emulator_token_lifetime: Duration,

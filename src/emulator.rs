@@ -125,6 +125,10 @@ pub struct TokenInfo {
     pub scopes: Vec<String>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// For a downscoped token, the `accessBoundary` it is limited to, as
+    /// the fake STS received it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_boundary: Option<serde_json::Value>,
 }
 
 /// Runtime changes to the emulated tokens' lifetimes.
@@ -278,6 +282,11 @@ impl Emulator {
     /// `token_url`).
     pub fn sts_token_url(&self) -> String {
         format!("http://{}{}", self.addr, sts::TOKEN_PATH)
+    }
+
+    /// The base URL of the fake Google STS (`--sts-endpoint`).
+    pub fn sts_endpoint(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// The URL of the fake workforce token endpoint (an

@@ -115,6 +115,19 @@ pub enum BrokerError {
         /// What was asked for, in words (never a token).
         request: String,
     },
+    /// The caller asked for an access boundary its matching policy rule's
+    /// boundary does not cover.
+    #[error(
+        "denied by policy {policy}: {peer} asked for an access boundary no matching [[allow]] rule covers: {reason}"
+    )]
+    BoundaryNotCovered {
+        /// The policy file.
+        policy: String,
+        /// Who asked (uid and gid).
+        peer: String,
+        /// What is not covered.
+        reason: String,
+    },
     /// The caller's deadline passed while waiting for the metadata server.
     #[error(
         "no token within the call's deadline of {}; the fetch goes on in the background, so a retry may be served from the cache",
@@ -216,7 +229,9 @@ impl BrokerError {
                 FetchError::Status { status: 404, .. } => Code::NotFound,
                 _ => Code::Unavailable,
             },
-            Self::PolicyDenied { .. } | Self::AccountNotAvailable { .. } => Code::PermissionDenied,
+            Self::PolicyDenied { .. }
+            | Self::BoundaryNotCovered { .. }
+            | Self::AccountNotAvailable { .. } => Code::PermissionDenied,
             Self::Unsupported { .. } => Code::InvalidArgument,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::MinValidForUnmet { .. }
@@ -239,7 +254,7 @@ impl BrokerError {
             Self::LimitExceeded { .. }
             | Self::KeyQuotaExceeded { .. }
             | Self::InvalidateThrottled { .. } => (Http::TOO_MANY_REQUESTS, None),
-            Self::PolicyDenied { .. } => (Http::FORBIDDEN, None),
+            Self::PolicyDenied { .. } | Self::BoundaryNotCovered { .. } => (Http::FORBIDDEN, None),
             // What the metadata server answers for an account it lacks.
             Self::AccountNotAvailable { .. } => (Http::NOT_FOUND, None),
             Self::Upstream { source, .. } => match source {
@@ -299,16 +314,29 @@ pub enum FetchError {
     /// signed).
     #[error("the token source sent an unusable response: {0}")]
     Malformed(String),
+    /// A downscoped token's source token could not be had for a reason of
+    /// the broker's own (a quota, the broker stopping).
+    #[error("no source token to downscope: {0}")]
+    SourceToken(String),
 }
 
 impl FetchError {
+    /// What a token source answers for a downscoped key: those are
+    /// exchanged from their source key's token, never fetched directly.
+    pub fn downscoped_key() -> Self {
+        Self::Malformed(
+            "a downscoped token is exchanged from its source token, never fetched from a source"
+                .into(),
+        )
+    }
+
     /// Whether trying again may succeed: connect errors, timeouts, 408, 429
     /// and 5xx.
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Connect(_) | Self::Timeout(_) => true,
             Self::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
-            Self::Malformed(_) => false,
+            Self::Malformed(_) | Self::SourceToken(_) => false,
         }
     }
 
@@ -318,7 +346,7 @@ impl FetchError {
         match self {
             Self::Connect(_) | Self::Timeout(_) => true,
             Self::Status { status, .. } => *status >= 500,
-            Self::Malformed(_) => false,
+            Self::Malformed(_) | Self::SourceToken(_) => false,
         }
     }
 
@@ -332,6 +360,7 @@ impl FetchError {
             Self::Status { status, .. } if *status >= 500 => "http_5xx",
             Self::Status { .. } => "http_4xx",
             Self::Malformed(_) => "malformed",
+            Self::SourceToken(_) => "source_token",
         }
     }
 }

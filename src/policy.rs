@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 use serde::Deserialize;
 
 use crate::error::BrokerError;
+use crate::request::boundary::{AccessBoundary, BoundaryEntry};
 use crate::request::{ServiceAccount, TokenKey};
 
 /// The identity of a connected process, from `SO_PEERCRED`.
@@ -95,6 +96,21 @@ struct Rule {
     /// through to these peers beyond `--metadata-passthrough`: exact, or a
     /// prefix ending in `*`.
     metadata_paths: Option<Vec<String>>,
+    /// Every access token these peers get is downscoped to this boundary.
+    access_boundary: Option<Vec<BoundaryEntry>>,
+    /// `access_boundary`, validated at load.
+    #[serde(skip)]
+    boundary: Option<Arc<AccessBoundary>>,
+}
+
+/// What the policy grants one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Grant {
+    /// The token asked for.
+    AsAsked,
+    /// Only the token under this key: the request limited to the matching
+    /// rule's access boundary.
+    Limited(TokenKey),
 }
 
 /// A parsed, validated policy.
@@ -120,8 +136,8 @@ impl Policy {
             path: source.to_path_buf(),
             message,
         };
-        let file: PolicyFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
-        for (index, rule) in file.allow.iter().enumerate() {
+        let mut file: PolicyFile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        for (index, rule) in file.allow.iter_mut().enumerate() {
             rule.validate()
                 .map_err(|message| invalid(format!("[[allow]] rule {}: {message}", index + 1)))?;
         }
@@ -136,11 +152,40 @@ impl Policy {
         self.rules.len()
     }
 
+    /// What the first rule (in file order) that matches `peer` and covers
+    /// `key` grants: the token asked for, or one limited to the rule's
+    /// access boundary. `Err` explains the denial: a boundary the
+    /// request asked for that no matching rule covers, or nothing.
+    pub fn grant(&self, peer: &Peer, key: &TokenKey) -> Result<Grant, Option<String>> {
+        let mut uncovered = None;
+        for rule in self.rules.iter().filter(|rule| rule.matches(peer)) {
+            if !rule.covers(&key.source_key()) {
+                continue;
+            }
+            let (Some(limit), TokenKey::Access(_) | TokenKey::Downscoped(_)) =
+                (&rule.boundary, key)
+            else {
+                return Ok(Grant::AsAsked);
+            };
+            let limited = match key.boundary() {
+                None => limit.clone(),
+                Some(asked) => match limit.narrow(asked) {
+                    Ok(narrowed) => Arc::new(narrowed),
+                    Err(reason) => {
+                        uncovered.get_or_insert(reason);
+                        continue;
+                    }
+                },
+            };
+            return Ok(Grant::Limited(key.clone().downscoped_to(limited)));
+        }
+        Err(uncovered)
+    }
+
     /// Whether some rule matches `peer` and covers `key`.
+    #[cfg(test)]
     pub fn allows(&self, peer: &Peer, key: &TokenKey) -> bool {
-        self.rules
-            .iter()
-            .any(|rule| rule.matches(peer) && rule.covers(key))
+        self.grant(peer, key).is_ok()
     }
 
     /// Whether some rule matching `peer` lists `path` (below
@@ -164,7 +209,12 @@ impl Policy {
 }
 
 impl Rule {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&mut self) -> Result<(), String> {
+        if let Some(entries) = &self.access_boundary {
+            let boundary = AccessBoundary::from_entries("access_boundary", entries)
+                .map_err(|e| e.to_string())?;
+            self.boundary = Some(Arc::new(boundary));
+        }
         for account in &self.service_accounts {
             if account != "*" {
                 ServiceAccount::parse("service_accounts", account.clone())
@@ -225,6 +275,8 @@ impl Rule {
                 .iter()
                 .flatten()
                 .any(|pattern| glob_matches(pattern, &key.audience)),
+            // A rule covers a downscoped key by its source key.
+            TokenKey::Downscoped(_) => false,
             TokenKey::Access(key) => {
                 let Some(allowed) = &self.scopes else {
                     return false;
@@ -319,12 +371,12 @@ impl PolicyStore {
         current.is_some_and(|policy| policy.reveals(peer, path, recursive))
     }
 
-    /// Allows the request, or explains the denial (naming the policy file,
-    /// never a token).
-    pub fn check(&self, caller: &Caller, key: &TokenKey) -> Result<(), BrokerError> {
+    /// Allows the request, as asked or limited to an access boundary, or
+    /// explains the denial (naming the policy file, never a token).
+    pub fn check(&self, caller: &Caller, key: &TokenKey) -> Result<Grant, BrokerError> {
         let peer = match caller {
             Caller::Local(peer) => peer.as_ref(),
-            Caller::Loopback | Caller::Broker => return Ok(()),
+            Caller::Loopback | Caller::Broker => return Ok(Grant::AsAsked),
         };
         let current = self
             .current
@@ -332,19 +384,35 @@ impl PolicyStore {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let Some(policy) = current else {
-            return Ok(());
+            return Ok(Grant::AsAsked);
         };
-        match peer {
-            Some(peer) if policy.allows(peer, key) => Ok(()),
-            _ => Err(BrokerError::PolicyDenied {
+        let who = |peer: Option<&Peer>| {
+            peer.map_or_else(
+                || "a peer whose credentials are unknown".to_string(),
+                |p| format!("uid {} (gid {})", p.uid, p.gid),
+            )
+        };
+        let Some(peer) = peer else {
+            return Err(BrokerError::PolicyDenied {
                 policy: policy.source.display().to_string(),
-                peer: peer.map_or_else(
-                    || "a peer whose credentials are unknown".to_string(),
-                    |p| format!("uid {} (gid {})", p.uid, p.gid),
-                ),
+                peer: who(None),
                 request: describe(key),
-            }),
-        }
+            });
+        };
+        policy
+            .grant(peer, key)
+            .map_err(|uncovered| match uncovered {
+                Some(reason) => BrokerError::BoundaryNotCovered {
+                    policy: policy.source.display().to_string(),
+                    peer: who(Some(peer)),
+                    reason,
+                },
+                None => BrokerError::PolicyDenied {
+                    policy: policy.source.display().to_string(),
+                    peer: who(Some(peer)),
+                    request: describe(key),
+                },
+            })
     }
 }
 
@@ -367,6 +435,11 @@ fn describe(key: &TokenKey) -> String {
             }
             text
         }
+        TokenKey::Downscoped(key) => format!(
+            "{} limited to {}",
+            describe(&TokenKey::Access(key.source.clone())),
+            key.boundary.describe()
+        ),
     }
 }
 

@@ -1,12 +1,16 @@
 //! Validated requests and the cache keys they name. Every field is checked
 //! here, before anything reaches the cache or the metadata server.
 
+pub mod boundary;
+
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::BrokerError;
 use crate::secret::Secret;
 use crate::token::TokenKind;
+use boundary::AccessBoundary;
 
 /// Most scopes one access-token request may name.
 pub const MAX_SCOPES: usize = 32;
@@ -112,6 +116,16 @@ pub struct IdTokenKey {
     pub include_licenses: bool,
 }
 
+/// What identifies one downscoped access token: the access token it is
+/// exchanged from, and the boundary it is limited to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DownscopedKey {
+    /// The key of the source token (account and scopes).
+    pub source: AccessTokenKey,
+    /// What the token may reach, canonical.
+    pub boundary: Arc<AccessBoundary>,
+}
+
 /// A cache key: one key, one token. A token is never served for another key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum TokenKey {
@@ -119,13 +133,17 @@ pub enum TokenKey {
     Access(AccessTokenKey),
     /// An ID token.
     Id(IdTokenKey),
+    /// An access token downscoped to a Credential Access Boundary: never
+    /// fetched from a source directly, but exchanged at Google STS from the
+    /// cached token of its source key.
+    Downscoped(DownscopedKey),
 }
 
 impl TokenKey {
-    /// Access or ID token.
+    /// Access or ID token (a downscoped token is an access token).
     pub fn kind(&self) -> TokenKind {
         match self {
-            Self::Access(_) => TokenKind::Access,
+            Self::Access(_) | Self::Downscoped(_) => TokenKind::Access,
             Self::Id(_) => TokenKind::Id,
         }
     }
@@ -135,6 +153,36 @@ impl TokenKey {
         match self {
             Self::Access(key) => &key.account,
             Self::Id(key) => &key.account,
+            Self::Downscoped(key) => &key.source.account,
+        }
+    }
+
+    /// The key a source fetches for this one: itself, or for a downscoped
+    /// key the access token it is exchanged from.
+    pub fn source_key(&self) -> std::borrow::Cow<'_, TokenKey> {
+        match self {
+            Self::Downscoped(key) => std::borrow::Cow::Owned(Self::Access(key.source.clone())),
+            key => std::borrow::Cow::Borrowed(key),
+        }
+    }
+
+    /// The boundary the token is limited to, if it is downscoped.
+    pub fn boundary(&self) -> Option<&AccessBoundary> {
+        match self {
+            Self::Downscoped(key) => Some(&key.boundary),
+            Self::Access(_) | Self::Id(_) => None,
+        }
+    }
+
+    /// This key limited to `boundary`: an access token becomes downscoped;
+    /// a downscoped one takes the new boundary. ID tokens are returned
+    /// unchanged (they grant no access to resources).
+    pub fn downscoped_to(self, boundary: Arc<AccessBoundary>) -> Self {
+        match self {
+            Self::Access(source) | Self::Downscoped(DownscopedKey { source, .. }) => {
+                Self::Downscoped(DownscopedKey { source, boundary })
+            }
+            Self::Id(key) => Self::Id(key),
         }
     }
 }
@@ -164,6 +212,15 @@ impl TokenRequest {
             key: TokenKey::Access(AccessTokenKey { account, scopes }),
             min_valid_for: check_min_valid_for(min_valid_for)?,
         })
+    }
+
+    /// This request limited to `boundary` (an access-token request only;
+    /// `None` leaves it as it is).
+    pub fn with_boundary(mut self, boundary: Option<AccessBoundary>) -> Self {
+        if let Some(boundary) = boundary {
+            self.key = self.key.downscoped_to(Arc::new(boundary));
+        }
+        self
     }
 
     /// An ID-token request, from the values a front door received: the

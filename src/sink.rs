@@ -26,6 +26,7 @@ use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::permissions::{parse_group, parse_mode, parse_user};
 use crate::policy::Caller;
+use crate::request::boundary::{AccessBoundary, BoundaryEntry};
 use crate::request::{IdTokenFormat, TokenRequest};
 use crate::schedule::{Backoff, DEFAULT_RETRY_INITIAL, DEFAULT_RETRY_MAX};
 use crate::telemetry::metrics::Rpc;
@@ -76,6 +77,9 @@ pub struct AccessTokenSpec {
     /// OAuth2 scopes; none means the account's default scopes.
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// A downscoped token: limited to this Credential Access Boundary.
+    #[serde(default)]
+    pub access_boundary: Option<Vec<BoundaryEntry>>,
 }
 
 /// Which ID token a sink holds.
@@ -170,7 +174,16 @@ impl Sink {
         }
         let request = match (config.access_token, config.id_token) {
             (Some(access), None) => {
+                let boundary = access
+                    .access_boundary
+                    .as_deref()
+                    .map(|entries| {
+                        AccessBoundary::from_entries("access_token.access_boundary", entries)
+                    })
+                    .transpose()
+                    .map_err(|error| invalid(error.to_string()))?;
                 TokenRequest::access(access.service_account, access.scopes, Duration::ZERO)
+                    .map(|request| request.with_boundary(boundary))
             }
             (None, Some(id)) => {
                 let format = match id.format.as_deref() {

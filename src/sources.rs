@@ -6,6 +6,7 @@
 
 pub mod adc;
 pub mod credentials;
+pub mod downscope;
 pub mod external;
 pub mod https;
 pub mod impersonate;

@@ -66,6 +66,16 @@ impl Token {
         }
     }
 
+    /// This token, expiring no later than `other` (a downscoped token and
+    /// the token it was exchanged from).
+    pub fn no_later_than(mut self, other: &Token) -> Self {
+        if other.expires_at < self.expires_at {
+            self.expires_at = other.expires_at;
+            self.expire_time = other.expire_time;
+        }
+        self
+    }
+
     /// The credential. Never log it.
     pub fn secret(&self) -> &Secret {
         &self.secret

@@ -11,9 +11,10 @@ use tracing::Instrument;
 
 use crate::error::{BrokerError, FetchError};
 use crate::request::TokenKey;
+use crate::request::boundary::AccessBoundary;
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics::Metrics;
-use crate::token::Token;
+use crate::token::{Token, TokenKind};
 
 /// Fetches one token for one key. The cache calls it from the key's refresh
 /// task, at most once at a time per key.
@@ -26,6 +27,21 @@ pub trait TokenSource: Send + Sync + 'static {
     /// (see [`limits::UpstreamLimits`]); the default is [`TokenSource::fetch`].
     fn fetch_first<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
         self.fetch(key)
+    }
+
+    /// Exchanges `subject`, an access token this source gave, for one
+    /// limited to `boundary` (Google STS). The cache calls it for a
+    /// downscoped key, with the cached token of the key's source key;
+    /// unless the key is `established` (once had a token), as a first
+    /// fetch. The default has no STS to ask.
+    fn downscope<'a>(
+        &'a self,
+        boundary: &'a AccessBoundary,
+        subject: &'a Token,
+        established: bool,
+    ) -> BoxFuture<'a, Result<Token, FetchError>> {
+        let _ = (boundary, subject, established);
+        Box::pin(std::future::ready(Err(FetchError::downscoped_key())))
     }
 
     /// Refuses, before anything is cached or fetched, a key this source
@@ -54,21 +70,26 @@ impl<S: TokenSource> Instrumented<S> {
             health,
         }
     }
-}
 
-impl<S: TokenSource> TokenSource for Instrumented<S> {
-    fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
-        let kind = key.kind();
+    /// Runs one upstream request (`operation`: fetch or downscope) of a
+    /// `kind` token in its span, and records it.
+    async fn record(
+        &self,
+        kind: TokenKind,
+        operation: &'static str,
+        request: BoxFuture<'_, Result<Token, FetchError>>,
+    ) -> Result<Token, FetchError> {
         let span = tracing::debug_span!(
             "upstream_fetch",
             token_kind = kind.as_str(),
+            operation,
             result = tracing::field::Empty,
             reason = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
         );
-        let fetch = async move {
+        let recorded = async move {
             let started = tokio::time::Instant::now();
-            let result = self.inner.fetch(key).await;
+            let result = request.await;
             let elapsed = started.elapsed();
             let outcome = result.as_ref().map(|_| ()).map_err(FetchError::reason);
             self.metrics.upstream_fetch(kind, outcome, elapsed);
@@ -81,7 +102,27 @@ impl<S: TokenSource> TokenSource for Instrumented<S> {
             span.record("duration_ms", elapsed.as_secs_f64() * 1000.0);
             result
         };
-        Box::pin(fetch.instrument(span))
+        recorded.instrument(span).await
+    }
+}
+
+impl<S: TokenSource> TokenSource for Instrumented<S> {
+    fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
+        Box::pin(self.record(key.kind(), "fetch", self.inner.fetch(key)))
+    }
+
+    fn downscope<'a>(
+        &'a self,
+        boundary: &'a AccessBoundary,
+        subject: &'a Token,
+        established: bool,
+    ) -> BoxFuture<'a, Result<Token, FetchError>> {
+        Box::pin(async move {
+            let exchange = self.inner.downscope(boundary, subject, established);
+            let result = self.record(TokenKind::Access, "downscope", exchange).await;
+            self.metrics.downscope_exchange(result.is_ok());
+            result
+        })
     }
 
     fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {

@@ -10,8 +10,9 @@ use super::Broker;
 use crate::audit::{Event, EventKind, event};
 use crate::cache::TokenWatch;
 use crate::error::BrokerError;
-use crate::policy::Caller;
+use crate::policy::{Caller, Grant};
 use crate::quota::{Quota, QuotaPermit};
+use crate::request::TokenKey;
 use crate::telemetry::metrics::Rpc;
 use crate::token::{Token, TokenKind};
 
@@ -57,6 +58,9 @@ pub struct Watch {
     rpc: Rpc,
     /// Who watches, for the policy check of every later token.
     caller: Caller,
+    /// The key as the caller asked for it, when the policy limited it to
+    /// an access boundary (boxed: most watches have none).
+    requested: Option<Box<TokenKey>>,
     /// The call's span, when it is enabled (boxed: most watches have none,
     /// and each holds only a pointer's worth for it).
     span: Option<Box<tracing::Span>>,
@@ -68,6 +72,7 @@ impl Watch {
         broker: Broker,
         rpc: Rpc,
         caller: Caller,
+        requested: Option<TokenKey>,
         first: Arc<Token>,
         watch: TokenWatch,
         permit: QuotaPermit,
@@ -79,6 +84,7 @@ impl Watch {
             broker,
             rpc,
             caller,
+            requested: requested.map(Box::new),
             span: None,
             _permit: permit,
         }
@@ -120,20 +126,25 @@ impl Watch {
         let kind = self.kind();
         let next = async {
             let token = self.watch.next().await?;
-            self.broker
-                .authorize(self.rpc, kind, &self.caller, self.watch.key())
-                .inspect_err(|error| {
-                    // A reloaded policy that no longer allows the stream.
-                    self.broker.audit(|| Event {
-                        code: error.code(),
-                        ..event(
-                            EventKind::Deny,
-                            self.rpc,
-                            &self.caller,
-                            Some(self.watch.key()),
-                        )
-                    });
-                })?;
+            still_granted(
+                &self.broker,
+                self.rpc,
+                &self.caller,
+                self.requested.as_deref(),
+                self.watch.key(),
+            )
+            .inspect_err(|error| {
+                // A reloaded policy that no longer allows the stream.
+                self.broker.audit(|| Event {
+                    code: error.code(),
+                    ..event(
+                        EventKind::Deny,
+                        self.rpc,
+                        &self.caller,
+                        Some(self.watch.key()),
+                    )
+                });
+            })?;
             let remaining = token.remaining(Instant::now());
             self.broker.0.metrics.streamed(kind, remaining);
             Ok(token)
@@ -146,6 +157,36 @@ impl Watch {
         };
         result.inspect_err(|error| tracing::info!(%error, "watch ended"))
     }
+}
+
+/// Whether the policy in force still grants `caller` the `watched` key:
+/// the key as `requested` (if the policy limited it) is allowed, and
+/// limited to the same boundary as when the watch began.
+fn still_granted(
+    broker: &Broker,
+    rpc: Rpc,
+    caller: &Caller,
+    requested: Option<&TokenKey>,
+    watched: &TokenKey,
+) -> Result<(), BrokerError> {
+    let kind = watched.kind();
+    let asked = requested.unwrap_or(watched);
+    let grant = broker.authorize(rpc, kind, caller, asked)?;
+    let granted = match &grant {
+        Grant::AsAsked => asked,
+        Grant::Limited(limited) => limited,
+    };
+    if granted == watched {
+        return Ok(());
+    }
+    broker.0.metrics.denied(rpc, kind);
+    Err(BrokerError::BoundaryNotCovered {
+        policy: "in force".into(),
+        peer: caller
+            .uid()
+            .map_or_else(|| "the caller".into(), |uid| format!("uid {uid}")),
+        reason: "the policy was reloaded and limits this token to another access boundary now; open the watch again".into(),
+    })
 }
 
 impl Drop for Watch {

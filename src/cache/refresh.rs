@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::schedule::Backoff;
 
 use super::Inner;
+use super::downscoped::{SourceLink, fallback_refresh, source_replaced};
 use super::entry::{KeyEntry, Retire};
 
 /// The life of one key: fetch when asked, refresh before expiry, retry
@@ -35,6 +36,8 @@ pub(super) async fn refresh_task(
     // Whether a fetch ever succeeded: a key that never got a token is
     // dropped sooner, releasing its creator's quota.
     let mut produced = false;
+    // A downscoped key's tie to its source key's entry.
+    let mut link: Option<SourceLink> = None;
     loop {
         let generation = entry.state.borrow().generation;
         let asked = entry.wanted.load(Ordering::Acquire) > generation;
@@ -54,6 +57,8 @@ pub(super) async fn refresh_task(
                 () = stop.cancelled() => break,
                 () = entry.wake.notified() => {}
                 () = sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
+                // The source token was refreshed: exchange it now.
+                () = source_replaced(link.as_mut()) => refresh_at = Some(Instant::now()),
             }
             let now = Instant::now();
             entry.tell_watchers_if_expired(&mut told, now);
@@ -74,11 +79,27 @@ pub(super) async fn refresh_task(
             false
         });
         // A key that once had a token goes before new ones upstream.
-        let result = inner.fetch_for(&entry, &mut told, produced).await;
+        let result = inner
+            .fetch_for(&entry, &mut told, produced, &mut link)
+            .await;
         produced |= result.is_ok();
         if !asked {
             inner.metrics.refreshed(entry.key.kind(), result.is_ok());
         }
+        let bounded = match (&result, &link) {
+            (Ok(token), Some(link)) => link.bounds(token),
+            _ => false,
+        };
         refresh_at = inner.record(&entry, result, &mut backoff);
+        if bounded {
+            // The source's refresh replaces it; its own timer waits until
+            // that should have happened.
+            let now = Instant::now();
+            let usable = entry
+                .expiry_untold(None)
+                .map(|at| at.saturating_duration_since(now));
+            refresh_at =
+                usable.map(|usable| now + fallback_refresh(usable, inner.config.refresh_margin));
+        }
     }
 }

@@ -10,11 +10,12 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::error::BrokerError;
 use crate::error::FetchError;
-use crate::request::TokenRequest;
+use crate::request::{TokenKey, TokenRequest};
 use crate::schedule::{self, Backoff, refresh_delay};
 use crate::telemetry::metrics::Outcome;
 use crate::token::Token;
 
+use super::downscoped::SourceLink;
 use super::entry::{KeyEntry, Snapshot, usable};
 use super::{Inner, MIN_VALID_FOR_REFETCH_INTERVAL, Served};
 
@@ -174,18 +175,21 @@ impl Inner {
     }
 
     /// Fetches a token for `entry` (as a first fetch unless the key is
-    /// `established`, i.e. once had a token); if its published token stops
-    /// being usable meanwhile, tells the watchers at that moment.
+    /// `established`, i.e. once had a token; a downscoped key's by
+    /// exchange, tied to its source through `link`); if its published
+    /// token stops being usable meanwhile, tells the watchers at that
+    /// moment.
     pub(super) async fn fetch_for(
-        &self,
+        self: &Arc<Self>,
         entry: &KeyEntry,
         told: &mut Option<Instant>,
         established: bool,
+        link: &mut Option<SourceLink>,
     ) -> Result<Token, FetchError> {
-        let mut fetch = if established {
-            self.source.fetch(&entry.key)
-        } else {
-            self.source.fetch_first(&entry.key)
+        let mut fetch = match &entry.key {
+            TokenKey::Downscoped(key) => Box::pin(self.exchange_for(entry, key, link, established)),
+            key if established => self.source.fetch(key),
+            key => self.source.fetch_first(key),
         };
         loop {
             let expiry_at = entry.expiry_untold(*told);

@@ -9,7 +9,8 @@ use tokio::sync::Semaphore;
 
 use super::*;
 use crate::error::FetchError;
-use crate::request::{IdTokenFormat, IdTokenKey, ServiceAccount};
+use crate::request::boundary::{AccessBoundary, RuleInput};
+use crate::request::{AccessTokenKey, IdTokenFormat, IdTokenKey, ServiceAccount};
 
 /// A source minting `token-N` with a set lifetime, optionally failing or
 /// held at a gate, and counting its fetches.
@@ -21,6 +22,10 @@ struct FakeSource {
     failure: Mutex<Option<FetchError>>,
     gate: Option<Semaphore>,
     panic_once: std::sync::atomic::AtomicBool,
+    /// The subject token of each downscoping exchange, in order.
+    exchanges: Mutex<Vec<String>>,
+    /// Lifetime of downscoped tokens; `None`: as long as the source token.
+    exchange_lifetime: Mutex<Option<Duration>>,
 }
 
 impl FakeSource {
@@ -32,6 +37,8 @@ impl FakeSource {
             failure: Mutex::new(None),
             gate: None,
             panic_once: Default::default(),
+            exchanges: Mutex::default(),
+            exchange_lifetime: Mutex::default(),
         })
     }
 
@@ -48,6 +55,10 @@ impl FakeSource {
 
     fn fail_with(&self, error: Option<FetchError>) {
         *self.failure.lock().unwrap() = error;
+    }
+
+    fn exchanges(&self) -> Vec<String> {
+        self.exchanges.lock().unwrap().clone()
     }
 }
 
@@ -72,6 +83,34 @@ impl TokenSource for FakeSource {
             let lifetime = *self.lifetime.lock().unwrap();
             Ok(Token::expiring_in(
                 Secret::new(format!("token-{n}")),
+                "Bearer".into(),
+                lifetime,
+                (Instant::now(), SystemTime::now()),
+            ))
+        }
+        .boxed()
+    }
+
+    fn downscope<'a>(
+        &'a self,
+        _boundary: &'a AccessBoundary,
+        subject: &'a Token,
+        _established: bool,
+    ) -> BoxFuture<'a, Result<Token, FetchError>> {
+        async move {
+            let mut exchanges = self.exchanges.lock().unwrap();
+            exchanges.push(subject.secret().expose().to_string());
+            let lifetime = self
+                .exchange_lifetime
+                .lock()
+                .unwrap()
+                .unwrap_or_else(|| subject.remaining(Instant::now()));
+            Ok(Token::expiring_in(
+                Secret::new(format!(
+                    "down-{}-of-{}",
+                    exchanges.len(),
+                    subject.secret().expose()
+                )),
                 "Bearer".into(),
                 lifetime,
                 (Instant::now(), SystemTime::now()),
@@ -791,4 +830,111 @@ async fn watchers_of_an_invalidated_token_end_at_its_expiry_if_no_new_one_comes(
     assert!(matches!(error, BrokerError::Expired { .. }), "{error:?}");
     let usable_until = first.token.expires_at() - CacheConfig::default().expiry_skew;
     assert_eq!(Instant::now(), usable_until);
+}
+
+/// An access-token request limited to read `bucket`.
+fn downscoped(bucket: &str) -> TokenRequest {
+    let boundary = AccessBoundary::new(
+        "access_boundary",
+        vec![RuleInput {
+            resource: format!("//storage.googleapis.com/projects/_/buckets/{bucket}"),
+            permissions: vec!["inRole:roles/storage.objectViewer".into()],
+            condition: None,
+        }],
+    )
+    .unwrap();
+    TokenRequest {
+        key: TokenKey::Access(AccessTokenKey {
+            account: ServiceAccount::Default,
+            scopes: vec![],
+        }),
+        min_valid_for: Duration::ZERO,
+    }
+    .with_boundary(Some(boundary))
+}
+
+#[tokio::test(start_paused = true)]
+async fn downscoped_keys_share_one_source_token_and_one_exchange_per_boundary() {
+    let source = FakeSource::new(HOUR);
+    let cache = cache(source.clone());
+    let asks: Vec<_> = (0..50)
+        .map(|i| {
+            let cache = cache.clone();
+            let bucket = if i % 2 == 0 { "a" } else { "b" };
+            tokio::spawn(async move { cache.get(&downscoped(bucket), ME).await })
+        })
+        .collect();
+    for ask in asks {
+        let served = ask.await.unwrap().unwrap();
+        assert!(secret(&served).starts_with("down-"), "{}", secret(&served));
+        assert!(secret(&served).ends_with("-of-token-1"));
+    }
+    assert_eq!(source.fetches(), 1, "one source token for both boundaries");
+    assert_eq!(
+        source.exchanges(),
+        ["token-1", "token-1"],
+        "one exchange per boundary"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refreshed_source_token_is_exchanged_again_and_watchers_get_it() {
+    let source = FakeSource::new(HOUR);
+    let cache = cache(source.clone());
+    let (first, mut watch) = cache.watch(&downscoped("a"), ME).await.unwrap();
+    assert_eq!(secret(&first), "down-1-of-token-1");
+    let next = tokio::time::timeout(HOUR, watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.secret().expose(), "down-2-of-token-2");
+    assert_eq!(source.fetches(), 2);
+    assert_eq!(
+        source.exchanges(),
+        ["token-1", "token-2"],
+        "exchanged once per source token, not also on its own timer"
+    );
+    let left = first.token.remaining(Instant::now());
+    assert!(
+        left > Duration::from_secs(200),
+        "replaced when the source was refreshed ({left:?} before expiry), not at the end"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_downscoped_token_never_outlives_its_source() {
+    let source = FakeSource::new(HOUR);
+    *source.exchange_lifetime.lock().unwrap() = Some(2 * HOUR);
+    let cache = cache(source.clone());
+    let plain = TokenRequest {
+        key: downscoped("a").key.source_key().into_owned(),
+        min_valid_for: Duration::ZERO,
+    };
+    let plain = cache.get(&plain, ME).await.unwrap();
+    let limited = cache.get(&downscoped("a"), ME).await.unwrap();
+    assert_eq!(limited.token.expires_at(), plain.token.expires_at());
+    assert_eq!(limited.token.expire_time(), plain.token.expire_time());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shorter_sts_lifetime_is_refreshed_on_its_own() {
+    let source = FakeSource::new(HOUR);
+    *source.exchange_lifetime.lock().unwrap() = Some(Duration::from_secs(600));
+    let cache = cache(source.clone());
+    let (_, mut watch) = cache.watch(&downscoped("a"), ME).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(600), watch.next());
+    assert_eq!(
+        next.await.unwrap().unwrap().secret().expose(),
+        "down-2-of-token-1"
+    );
+    assert_eq!(source.fetches(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_downscoped_key_keeps_its_source_key_and_charges_both_to_its_owner() {
+    let source = FakeSource::new(HOUR);
+    let cache = cache(source.clone());
+    cache.get(&downscoped("a"), ME).await.unwrap();
+    assert_eq!(cache.held_by(ME), 2);
+    assert_eq!(cache.len(), 2);
 }

@@ -1,8 +1,8 @@
 //! `tokenbroker token access|id`: print tokens from a running broker for
 //! shell scripts, with an exit code per kind of failure.
 
-use std::io::{self, Write};
-use std::path::PathBuf;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -12,6 +12,7 @@ use tonic::Code;
 
 use crate::client::{Client, ClientError};
 use crate::proto::v1 as pb;
+use crate::request::boundary::AccessBoundary;
 use crate::socket::DEFAULT_SOCKET;
 
 /// Exit code of a command-line usage error (as clap uses).
@@ -80,12 +81,52 @@ pub fn status_exit_code(code: Code) -> u8 {
 
 /// `tokenbroker token access`.
 pub async fn access_token(args: AccessTokenArgs) -> Result<(), CliError> {
+    let access_boundary = match &args.boundary {
+        Some(path) => boundary_rules(path)?,
+        None => Vec::new(),
+    };
     let request = pb::GetAccessTokenRequest {
         service_account: args.client.service_account.clone(),
         scopes: args.scopes,
         min_valid_for: min_valid_for(&args.client),
+        access_boundary,
     };
     print_requested(&args.client, request.into()).await
+}
+
+/// Largest `--boundary` file read (64 KiB; ten rules fit in far less).
+const MAX_BOUNDARY_FILE: u64 = 64 * 1024;
+
+/// The rules of the boundary in `path` (Google's JSON), checked as the
+/// broker checks them, so a bad file is a usage error.
+fn boundary_rules(path: &Path) -> Result<Vec<pb::AccessBoundaryRule>, CliError> {
+    let usage =
+        |reason: String| CliError::Usage(format!("--boundary {}: {reason}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| usage(e.to_string()))?;
+    let mut text = String::new();
+    file.take(MAX_BOUNDARY_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| usage(e.to_string()))?;
+    if text.len() as u64 > MAX_BOUNDARY_FILE {
+        return Err(usage(format!("larger than {MAX_BOUNDARY_FILE} bytes")));
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| usage(format!("not JSON: {e}")))?;
+    let boundary =
+        AccessBoundary::from_json("the boundary", &json).map_err(|e| usage(e.to_string()))?;
+    Ok(boundary
+        .rules()
+        .iter()
+        .map(|rule| pb::AccessBoundaryRule {
+            available_resource: rule.resource.clone(),
+            available_permissions: rule.permissions.iter().cloned().collect(),
+            availability_condition: rule.condition.as_ref().map(|c| pb::AvailabilityCondition {
+                expression: c.expression.clone(),
+                title: c.title.clone(),
+                description: c.description.clone(),
+            }),
+        })
+        .collect())
 }
 
 /// `tokenbroker token id`.
@@ -237,6 +278,12 @@ pub struct AccessTokenArgs {
     /// account's default scopes.
     #[arg(long = "scope", value_delimiter = ',')]
     pub scopes: Vec<String>,
+
+    /// A downscoped token: limited to the Credential Access Boundary in
+    /// this file, Google's JSON ({"accessBoundary": {"accessBoundaryRules":
+    /// [{"availableResource", "availablePermissions", "availabilityCondition"}]}}).
+    #[arg(long, value_name = "FILE.json")]
+    pub boundary: Option<PathBuf>,
 
     #[command(flatten)]
     #[allow(missing_docs)]

@@ -190,9 +190,26 @@ pub(super) fn issue_access_token(
     email: &str,
     scopes: Vec<String>,
 ) -> (String, u64) {
+    issue_bounded_token(shared, email, scopes, None, u64::MAX)
+}
+
+/// [`issue_access_token`] for a token limited to `access_boundary` (if
+/// any) that expires no later than `not_after` (seconds since the epoch).
+pub(super) fn issue_bounded_token(
+    shared: &Shared,
+    email: &str,
+    scopes: Vec<String>,
+    access_boundary: Option<serde_json::Value>,
+    not_after: u64,
+) -> (String, u64) {
     let token = format!("ya29.emulator.{}", random_alphanumeric(48));
     let mut state = shared.lock();
-    let lifetime = state.config.access_token_lifetime.as_secs();
+    let now = unix_now();
+    let lifetime = state
+        .config
+        .access_token_lifetime
+        .as_secs()
+        .min(not_after.saturating_sub(now));
     if state.issued.len() >= MAX_REMEMBERED_TOKENS {
         state.issued.clear();
     }
@@ -201,7 +218,8 @@ pub(super) fn issue_access_token(
         TokenInfo {
             email: email.to_string(),
             scopes,
-            exp: unix_now() + lifetime,
+            exp: now + lifetime,
+            access_boundary,
         },
     );
     (token, lifetime)

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::faults::Target;
 use super::google::{self, OAuthResult, unsupported_grant};
-use super::metadata_api::issue_access_token;
+use super::metadata_api::{issue_access_token, issue_bounded_token};
 use super::unix_now;
 use super::{Shared, aws};
 use crate::sources::jwt;
@@ -113,6 +113,9 @@ pub(super) fn exchange(
             "Invalid value for \"requested_token_type\".".into(),
         ));
     }
+    if field("subject_token_type") == ACCESS_TOKEN_TYPE {
+        return downscope(shared, field("subject_token"), field("options"));
+    }
     let pool = shared.lock().google.pools.get(field("audience")).cloned();
     let Some(pool) = pool else {
         return Err((
@@ -158,6 +161,104 @@ pub(super) fn exchange(
         }),
         Target::Token,
     ))
+}
+
+/// Most rules in one access boundary, as Google allows.
+const MAX_BOUNDARY_RULES: usize = 10;
+
+/// Downscoping: an access token the emulator issued, exchanged for one
+/// limited to the Credential Access Boundary in `options`, validated as
+/// Google documents it. The new token never outlives the subject token.
+fn downscope(shared: &Shared, subject_token: &str, options: &str) -> OAuthResult {
+    let subject = shared.lock().issued.get(subject_token).cloned();
+    let Some(subject) = subject.filter(|info| info.exp > unix_now()) else {
+        return Err((
+            400,
+            "invalid_grant",
+            "The subject token is invalid or has expired.".into(),
+        ));
+    };
+    let boundary = access_boundary(options).map_err(|reason| {
+        (
+            400,
+            "invalid_request",
+            format!("Invalid value for \"options\": {reason}"),
+        )
+    })?;
+    let (token, lifetime) = issue_bounded_token(
+        shared,
+        &subject.email,
+        subject.scopes,
+        Some(boundary),
+        subject.exp,
+    );
+    Ok((
+        json!({
+            "access_token": token,
+            "issued_token_type": ACCESS_TOKEN_TYPE,
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+        }),
+        Target::Token,
+    ))
+}
+
+/// The `accessBoundary` of `options` (JSON, perhaps URL-encoded once more,
+/// as some of Google's libraries send it), or what is wrong with it.
+fn access_boundary(options: &str) -> Result<serde_json::Value, String> {
+    let decoded;
+    let options = if options.starts_with('%') {
+        decoded = form_urlencoded::parse(format!("o={options}").as_bytes())
+            .next()
+            .map(|(_, value)| value.into_owned())
+            .unwrap_or_default();
+        decoded.as_str()
+    } else {
+        options
+    };
+    let options: serde_json::Value =
+        serde_json::from_str(options).map_err(|_| "not a JSON object".to_string())?;
+    let boundary = options
+        .get("accessBoundary")
+        .ok_or("no accessBoundary")?
+        .clone();
+    let rules = boundary["accessBoundaryRules"]
+        .as_array()
+        .ok_or("accessBoundary.accessBoundaryRules must be a list")?;
+    if rules.is_empty() || rules.len() > MAX_BOUNDARY_RULES {
+        return Err(format!(
+            "an access boundary holds 1 to {MAX_BOUNDARY_RULES} rules, not {}",
+            rules.len()
+        ));
+    }
+    for rule in rules {
+        let resource = rule["availableResource"].as_str().unwrap_or_default();
+        // Credential Access Boundaries reach Cloud Storage only.
+        if !resource.starts_with("//storage.googleapis.com/projects/_/buckets/") {
+            return Err(format!(
+                "availableResource {resource:?} is not a Cloud Storage bucket; Credential Access Boundaries support Cloud Storage only"
+            ));
+        }
+        let permissions = rule["availablePermissions"].as_array();
+        let roles_only = permissions.is_some_and(|permissions| {
+            !permissions.is_empty()
+                && permissions.iter().all(|p| {
+                    p.as_str()
+                        .and_then(|p| p.strip_prefix("inRole:"))
+                        .is_some_and(|role| !role.is_empty())
+                })
+        });
+        if !roles_only {
+            return Err("availablePermissions must list roles as inRole:ROLE".into());
+        }
+        if let Some(condition) = rule.get("availabilityCondition") {
+            let expression = condition["expression"].as_str().unwrap_or_default();
+            if expression.trim().is_empty() {
+                return Err("availabilityCondition needs an expression".into());
+            }
+        }
+    }
+    Ok(boundary)
 }
 
 /// The `sub` of an unexpired RS256 JWT that verifies with `public_key_der`.

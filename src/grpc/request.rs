@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::error::BrokerError;
 use crate::proto::v1 as pb;
+use crate::request::boundary::{AccessBoundary, RuleInput};
 use crate::request::{IdTokenFormat, Invalidation, TokenRequest};
 
 impl TryFrom<pb::GetAccessTokenRequest> for TokenRequest {
@@ -12,8 +13,32 @@ impl TryFrom<pb::GetAccessTokenRequest> for TokenRequest {
 
     fn try_from(request: pb::GetAccessTokenRequest) -> Result<Self, BrokerError> {
         let min_valid_for = min_valid_for(request.min_valid_for)?;
-        TokenRequest::access(request.service_account, request.scopes, min_valid_for)
+        let boundary = access_boundary(request.access_boundary)?;
+        Ok(
+            TokenRequest::access(request.service_account, request.scopes, min_valid_for)?
+                .with_boundary(boundary),
+        )
     }
+}
+
+/// The request's `access_boundary`, validated; none when it is empty.
+fn access_boundary(
+    rules: Vec<pb::AccessBoundaryRule>,
+) -> Result<Option<AccessBoundary>, BrokerError> {
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    let rules = rules
+        .into_iter()
+        .map(|rule| RuleInput {
+            resource: rule.available_resource,
+            permissions: rule.available_permissions,
+            condition: rule
+                .availability_condition
+                .map(|c| (c.expression, c.title, c.description)),
+        })
+        .collect();
+    AccessBoundary::new("access_boundary", rules).map(Some)
 }
 
 impl TryFrom<pb::GetIdTokenRequest> for TokenRequest {
@@ -119,6 +144,7 @@ mod tests {
             service_account: account.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             min_valid_for: None,
+            ..Default::default()
         }
     }
 
@@ -350,6 +376,7 @@ mod properties {
                 service_account,
                 scopes,
                 min_valid_for: min.map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+                ..Default::default()
             })
     }
 

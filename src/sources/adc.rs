@@ -159,6 +159,7 @@ impl UserSource {
                     "user credentials cannot mint ID tokens".into(),
                 ));
             }
+            TokenKey::Downscoped(_) => return Err(FetchError::downscoped_key()),
         };
         let user = &self.user;
         let mut pairs = vec![

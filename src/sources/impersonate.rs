@@ -175,6 +175,7 @@ impl ImpersonatedSource {
                 }
                 (&self.url.id, body)
             }
+            TokenKey::Downscoped(_) => return Err(FetchError::downscoped_key()),
         };
         let fetched_at = SystemTime::now();
         let response = self
@@ -198,6 +199,7 @@ impl ImpersonatedSource {
         let response = response?;
         match key {
             TokenKey::Access(_) => parse_generated_access_token(&response, fetched_at),
+            TokenKey::Downscoped(_) => Err(FetchError::downscoped_key()),
             TokenKey::Id(id) => {
                 let parsed: GeneratedIdToken = serde_json::from_slice(&response).map_err(|_| {
                     FetchError::Malformed("not the expected JSON ({\"token\": …})".into())

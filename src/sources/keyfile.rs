@@ -65,7 +65,7 @@ impl KeyFileSource {
     }
 
     /// The claims of an assertion for `key`, issued at `now`.
-    fn claims(&self, key: &TokenKey, now: u64) -> serde_json::Value {
+    fn claims(&self, key: &TokenKey, now: u64) -> Result<serde_json::Value, FetchError> {
         let mut claims = json!({
             "iss": self.key.client_email,
             "sub": self.key.client_email,
@@ -83,8 +83,9 @@ impl KeyFileSource {
                 claims["scope"] = json!(scopes);
             }
             TokenKey::Id(id) => claims["target_audience"] = json!(id.audience),
+            TokenKey::Downscoped(_) => return Err(FetchError::downscoped_key()),
         }
-        claims
+        Ok(claims)
     }
 
     async fn fetch_token(&self, key: &TokenKey) -> Result<Token, FetchError> {
@@ -98,7 +99,7 @@ impl KeyFileSource {
             .key_pair()
             .map_err(|reason| FetchError::Malformed(format!("cannot sign: {reason}")))?;
         let assertion = crate::sources::jwt::sign_rs256(
-            &self.claims(key, now),
+            &self.claims(key, now)?,
             &self.key.private_key_id,
             &signer,
         )
@@ -110,6 +111,7 @@ impl KeyFileSource {
             .await?;
         match key {
             TokenKey::Access(_) => parse_access_token(&response, fetched_at),
+            TokenKey::Downscoped(_) => Err(FetchError::downscoped_key()),
             TokenKey::Id(id) => {
                 let parsed: IdTokenBody = serde_json::from_slice(&response).map_err(|_| {
                     FetchError::Malformed("not the expected JSON ({\"id_token\": …})".into())

@@ -142,7 +142,8 @@ impl MetadataClient {
 
     async fn fetch_token(&self, key: &TokenKey) -> Result<Token, FetchError> {
         let fetched_at = (Instant::now(), SystemTime::now());
-        let url = format!("http://{}{}", self.host, path_and_query(key));
+        let path = path_and_query(key).ok_or_else(FetchError::downscoped_key)?;
+        let url = format!("http://{}{path}", self.host);
         let body = tokio::time::timeout(self.timeout, self.get(&url))
             .await
             .map_err(|_| FetchError::Timeout(self.timeout))
@@ -151,6 +152,7 @@ impl MetadataClient {
         match key {
             TokenKey::Access(_) => parse_access_token(&body, fetched_at),
             TokenKey::Id(key) => parse_id_token(&body, &key.audience),
+            TokenKey::Downscoped(_) => Err(FetchError::downscoped_key()),
         }
     }
 
@@ -280,10 +282,11 @@ impl TokenSource for MetadataClient {
     }
 }
 
-/// The path and query for a key. Query values are percent-encoded; the
+/// The path and query for a key (none for a downscoped key, which the
+/// metadata server cannot give). Query values are percent-encoded; the
 /// account goes into the path as it is, validation having limited it to
 /// characters that are literal in a path segment.
-pub fn path_and_query(key: &TokenKey) -> String {
+pub fn path_and_query(key: &TokenKey) -> Option<String> {
     let encode = |value: &str| utf8_percent_encode(value, QUERY_VALUE).to_string();
     match key {
         TokenKey::Access(AccessTokenKey { account, scopes }) => {
@@ -293,7 +296,7 @@ pub fn path_and_query(key: &TokenKey) -> String {
                 path.push_str("?scopes=");
                 path.push_str(&scopes.join(","));
             }
-            path
+            Some(path)
         }
         TokenKey::Id(IdTokenKey {
             account,
@@ -311,8 +314,9 @@ pub fn path_and_query(key: &TokenKey) -> String {
                     path.push_str("&licenses=TRUE");
                 }
             }
-            path
+            Some(path)
         }
+        TokenKey::Downscoped(_) => None,
     }
 }
 
@@ -388,7 +392,7 @@ mod tests {
             ],
         });
         assert_eq!(
-            path_and_query(&key),
+            path_and_query(&key).unwrap(),
             "/computeMetadata/v1/instance/service-accounts/a@b.iam.gserviceaccount.com/token?scopes=https%3A%2F%2Fwww.googleapis.com%2Fauth%2Fcloud-platform,openid"
         );
         let defaults = TokenKey::Access(AccessTokenKey {
@@ -396,7 +400,7 @@ mod tests {
             scopes: vec![],
         });
         assert_eq!(
-            path_and_query(&defaults),
+            path_and_query(&defaults).unwrap(),
             "/computeMetadata/v1/instance/service-accounts/default/token"
         );
     }
@@ -405,11 +409,15 @@ mod tests {
     fn identity_url_encodes_the_audience() {
         let key = id_key("https://x.app/?a=1&b=2#f g", IdTokenFormat::Standard, false);
         assert_eq!(
-            path_and_query(&key),
+            path_and_query(&key).unwrap(),
             "/computeMetadata/v1/instance/service-accounts/default/identity?audience=https%3A%2F%2Fx.app%2F%3Fa%3D1%26b%3D2%23f%20g"
         );
         let full = id_key("aud", IdTokenFormat::Full, true);
-        assert!(path_and_query(&full).ends_with("audience=aud&format=full&licenses=TRUE"));
+        assert!(
+            path_and_query(&full)
+                .unwrap()
+                .ends_with("audience=aud&format=full&licenses=TRUE")
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 #[derive(Deserialize)]
 struct AccessTokenBody {
     access_token: String,
-    expires_in: i64,
+    expires_in: Option<i64>,
     #[serde(default)]
     token_type: String,
 }
@@ -33,19 +33,34 @@ pub(crate) fn parse_access_token(
     body: &[u8],
     fetched_at: (Instant, SystemTime),
 ) -> Result<Token, FetchError> {
+    parse_access_token_or(body, fetched_at, None)
+}
+
+/// Reads `{"access_token", "expires_in", "token_type"}` where `expires_in`
+/// may be left out: the token then lives `otherwise` (when given).
+pub(crate) fn parse_access_token_or(
+    body: &[u8],
+    fetched_at: (Instant, SystemTime),
+    otherwise: Option<Duration>,
+) -> Result<Token, FetchError> {
     let parsed: AccessTokenBody = serde_json::from_slice(body).map_err(|_| {
         FetchError::Malformed("not the expected JSON (access_token, expires_in, token_type)".into())
     })?;
     check_printable("access_token", &parsed.access_token)?;
-    let lifetime = u64::try_from(parsed.expires_in)
-        .ok()
-        .map(Duration::from_secs)
+    let lifetime = match parsed.expires_in {
+        Some(seconds) => u64::try_from(seconds).ok().map(Duration::from_secs),
+        None => otherwise,
+    };
+    let lifetime = lifetime
         .filter(|lifetime| !lifetime.is_zero() && *lifetime <= MAX_TOKEN_LIFETIME)
         .ok_or_else(|| {
-            FetchError::Malformed(format!(
-                "expires_in {} is not a sane lifetime",
-                parsed.expires_in
-            ))
+            FetchError::Malformed(match parsed.expires_in {
+                Some(seconds) => format!("expires_in {seconds} is not a sane lifetime"),
+                None => {
+                    "not the expected JSON (access_token, expires_in, token_type): no expires_in"
+                        .to_string()
+                }
+            })
         })?;
     let token_type = if parsed.token_type.is_empty() {
         "Bearer".to_string()

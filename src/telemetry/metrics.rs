@@ -99,6 +99,7 @@ struct Instruments {
     upstream_failures: Counter<u64>,
     upstream_fetch_duration: Histogram<f64>,
     refreshes: Counter<u64>,
+    downscope_exchanges: Counter<u64>,
     watchers: UpDownCounter<i64>,
     token_remaining: Histogram<f64>,
     policy_denials: Counter<u64>,
@@ -146,6 +147,12 @@ impl Metrics {
             refreshes: meter
                 .u64_counter("tokenbroker.refreshes")
                 .with_description("Background refreshes of cached tokens by result (ok, error).")
+                .build(),
+            downscope_exchanges: meter
+                .u64_counter("tokenbroker.downscope_exchanges")
+                .with_description(
+                    "Exchanges at Google STS of a source token for a downscoped one, by result (ok, error).",
+                )
                 .build(),
             watchers: meter
                 .i64_up_down_counter("tokenbroker.watchers")
@@ -295,6 +302,14 @@ impl Metrics {
                 .upstream_failures
                 .add(1, &[kind, KeyValue::new("reason", reason)]);
         }
+    }
+
+    /// An exchange for a downscoped token finished.
+    pub fn downscope_exchange(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.0
+            .downscope_exchanges
+            .add(1, &[KeyValue::new("result", result)]);
     }
 
     /// A scheduled background refresh finished.

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use crate::error::BrokerError;
 use crate::error::FetchError;
 use crate::request::TokenKey;
+use crate::request::boundary::AccessBoundary;
 use crate::token::Token;
 use crate::upstream::TokenSource;
 
@@ -182,6 +183,26 @@ impl<S: TokenSource> TokenSource for RateLimited<S> {
         Box::pin(async move {
             let _permit = self.limits.acquire_first().await?;
             self.inner.fetch_first(key).await
+        })
+    }
+
+    fn downscope<'a>(
+        &'a self,
+        boundary: &'a AccessBoundary,
+        subject: &'a Token,
+        established: bool,
+    ) -> BoxFuture<'a, Result<Token, FetchError>> {
+        Box::pin(async move {
+            let exchange = self.inner.downscope(boundary, subject, established);
+            // A first exchange waits as a first fetch: a flood of new
+            // boundaries must leave refreshes their share.
+            if established {
+                let _permit = self.limits.acquire().await?;
+                exchange.await
+            } else {
+                let _permit = self.limits.acquire_first().await?;
+                exchange.await
+            }
         })
     }
 

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::error::FetchError;
 use crate::request::TokenKey;
+use crate::request::boundary::AccessBoundary;
 use crate::schedule::Backoff;
 use crate::token::Token;
 use crate::upstream::TokenSource;
@@ -53,18 +54,18 @@ impl<S: TokenSource> Retrying<S> {
         Self { inner, policy }
     }
 
-    async fn fetch_with_retries(&self, key: &TokenKey, first: bool) -> Result<Token, FetchError> {
+    /// Runs the request `attempt` makes until it succeeds, fails for
+    /// good, or the attempts or the budget run out.
+    async fn with_retries<'a>(
+        &'a self,
+        attempt_once: impl Fn() -> BoxFuture<'a, Result<Token, FetchError>>,
+    ) -> Result<Token, FetchError> {
         let deadline = Instant::now() + self.policy.budget;
         let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         let mut attempt = 1;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let attempt_fetch = if first {
-                self.inner.fetch_first(key)
-            } else {
-                self.inner.fetch(key)
-            };
-            let error = match tokio::time::timeout(left, attempt_fetch).await {
+            let error = match tokio::time::timeout(left, attempt_once()).await {
                 Ok(Ok(token)) => return Ok(token),
                 Ok(Err(error)) => error,
                 Err(_) => return Err(FetchError::Timeout(self.policy.budget)),
@@ -91,11 +92,20 @@ impl<S: TokenSource> Retrying<S> {
 
 impl<S: TokenSource> TokenSource for Retrying<S> {
     fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
-        Box::pin(self.fetch_with_retries(key, false))
+        Box::pin(self.with_retries(|| self.inner.fetch(key)))
     }
 
     fn fetch_first<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
-        Box::pin(self.fetch_with_retries(key, true))
+        Box::pin(self.with_retries(|| self.inner.fetch_first(key)))
+    }
+
+    fn downscope<'a>(
+        &'a self,
+        boundary: &'a AccessBoundary,
+        subject: &'a Token,
+        established: bool,
+    ) -> BoxFuture<'a, Result<Token, FetchError>> {
+        Box::pin(self.with_retries(move || self.inner.downscope(boundary, subject, established)))
     }
 
     fn admits(&self, key: &TokenKey) -> Result<(), crate::error::BrokerError> {
