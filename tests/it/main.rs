@@ -15,6 +15,7 @@ mod client_libraries;
 mod config_file;
 mod deploy;
 mod docs;
+mod downscope;
 mod emulator;
 mod examples;
 mod fair_share;
