@@ -154,6 +154,9 @@ struct Line<'a> {
     audience: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     scopes: Option<&'a [String]>,
+    /// A downscoped token's boundary: Google's `accessBoundaryRules`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_boundary: Option<serde_json::Value>,
     outcome: &'static str,
     code: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -344,6 +347,11 @@ fn line(record: &Record) -> String {
         token_kind: record.key.as_ref().map(|key| key.kind().as_str()),
         audience,
         scopes,
+        access_boundary: record
+            .key
+            .as_ref()
+            .and_then(TokenKey::boundary)
+            .map(|boundary| boundary.to_json()["accessBoundary"]["accessBoundaryRules"].take()),
         outcome: match record.kind {
             EventKind::Deny => "denied",
             EventKind::Error => "failed",

@@ -344,6 +344,11 @@ impl PolicyStore {
         })
     }
 
+    /// The policy file, if there is one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
     /// Re-reads the file. On error the old policy stays in force.
     pub fn reload(&self) -> Result<Option<usize>, PolicyError> {
         let Some(path) = &self.path else {
@@ -718,5 +723,93 @@ mod tests {
                 .is_ok()
         );
         assert_eq!(store.reload().unwrap(), None);
+    }
+
+    const BUCKET: &str = "//storage.googleapis.com/projects/_/buckets/b";
+    const VIEWER: &str = "inRole:roles/storage.objectViewer";
+
+    fn boundary(resource: &str, permission: &str) -> Arc<AccessBoundary> {
+        Arc::new(
+            AccessBoundary::new(
+                "b",
+                vec![crate::request::boundary::RuleInput {
+                    resource: resource.into(),
+                    permissions: vec![permission.into()],
+                    condition: None,
+                }],
+            )
+            .unwrap(),
+        )
+    }
+
+    const BOUNDED: &str = r#"
+        [[allow]]
+        uids = [5]
+        service_accounts = ["default"]
+        scopes = ["*"]
+        audiences = ["*"]
+        access_boundary = [{ available_resource = "//storage.googleapis.com/projects/_/buckets/b", available_permissions = ["inRole:roles/storage.objectViewer"] }]
+
+        [[allow]]
+        uids = [5]
+        service_accounts = ["default"]
+        scopes = ["*"]
+    "#;
+
+    #[test]
+    fn the_first_covering_rule_decides_and_its_boundary_limits_access_tokens() {
+        let policy = Policy::parse(Path::new("p.toml"), BOUNDED).unwrap();
+        let limited = policy.grant(&peer(5, 5), &access("default", &[CLOUD]));
+        assert_eq!(
+            limited,
+            Ok(Grant::Limited(
+                access("default", &[CLOUD]).downscoped_to(boundary(BUCKET, VIEWER))
+            )),
+            "the first rule's boundary, although the second has none"
+        );
+        let id = id("default", "https://x.a.run.app");
+        assert_eq!(policy.grant(&peer(5, 5), &id), Ok(Grant::AsAsked));
+    }
+
+    #[test]
+    fn a_requested_boundary_beyond_the_rule_is_denied_naming_it() {
+        let only = Policy::parse(
+            Path::new("p.toml"),
+            BOUNDED
+                .split("[[allow]]")
+                .nth(1)
+                .map(|r| format!("[[allow]]{r}"))
+                .unwrap()
+                .as_str(),
+        )
+        .unwrap();
+        let asked = access("default", &[]).downscoped_to(boundary(BUCKET, "inRole:roles/owner"));
+        let reason = only.grant(&peer(5, 5), &asked).unwrap_err().unwrap();
+        assert!(reason.contains("inRole:roles/owner"), "{reason}");
+        let within = access("default", &[]).downscoped_to(boundary(BUCKET, VIEWER));
+        assert_eq!(
+            only.grant(&peer(5, 5), &within),
+            Ok(Grant::Limited(within.clone()))
+        );
+        let store_error = BrokerError::BoundaryNotCovered {
+            policy: "p.toml".into(),
+            peer: "uid 5 (gid 5)".into(),
+            reason,
+        };
+        assert_eq!(store_error.code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn a_bad_boundary_in_the_file_is_refused_at_load() {
+        let error = Policy::parse(
+            Path::new("p.toml"),
+            "[[allow]]\nservice_accounts = []\naccess_boundary = [{ available_resource = \"b\", available_permissions = [\"inRole:r\"] }]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("rule 1") && error.contains("available_resource"),
+            "{error}"
+        );
     }
 }

@@ -181,7 +181,11 @@ fn still_granted(
     }
     broker.0.metrics.denied(rpc, kind);
     Err(BrokerError::BoundaryNotCovered {
-        policy: "in force".into(),
+        policy: broker
+            .0
+            .policy
+            .path()
+            .map_or_else(|| "in force".into(), |path| path.display().to_string()),
         peer: caller
             .uid()
             .map_or_else(|| "the caller".into(), |uid| format!("uid {uid}")),

@@ -220,9 +220,17 @@ access_boundary = [
     );
     let socket = dir.path().join("metadata.sock");
     let metadata_addr = format!("unix:{}", socket.display());
+    let audit = dir.path().join("audit.log");
     let broker = broker(
         &emulator,
-        &["--policy", &policy, "--metadata-addr", &metadata_addr],
+        &[
+            "--policy",
+            &policy,
+            "--metadata-addr",
+            &metadata_addr,
+            "--audit-log",
+            audit.to_str().unwrap(),
+        ],
     )
     .await;
     broker.wait_for_log("metadata-server-compatible").await;
@@ -265,6 +273,28 @@ access_boundary = [
         id.is_ok(),
         "ID tokens reach no bucket; they are not limited"
     );
+
+    // The audit trail names the boundary of every access token handed out.
+    let lines = || -> Vec<Value> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    crate::common::poll_until(
+        "four audited grants",
+        || lines().len() >= 4,
+        || format!("{:#?}", lines()),
+    )
+    .await;
+    let rules = &only_the_bucket.as_ref().unwrap()["accessBoundaryRules"];
+    for line in lines() {
+        match line["token_kind"].as_str() {
+            Some("access_token") => assert_eq!(&line["access_boundary"], rules, "{line}"),
+            _ => assert!(line.get("access_boundary").is_none(), "{line}"),
+        }
+    }
 }
 
 #[tokio::test]
@@ -478,5 +508,89 @@ access_token = {{ scopes = ["{CLOUD}"], access_boundary = [{{ available_resource
     assert_eq!(
         boundary_of(&emulator, token.trim()),
         Some(boundary_json(&[(BUCKET, &[VIEWER], None)]))
+    );
+}
+
+#[tokio::test]
+async fn a_reloaded_boundary_ends_open_watches_and_invalidation_follows_the_key() {
+    let emulator = emulator_with_lifetime(Duration::from_secs(6)).await;
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o700);
+    let me = nix::unistd::getuid().as_raw();
+    let policy_for = |resource: &str| {
+        format!(
+            r#"
+[[allow]]
+uids = [{me}]
+service_accounts = ["default"]
+scopes = ["*"]
+access_boundary = [{{ available_resource = "{resource}", available_permissions = ["{VIEWER}"] }}]
+"#
+        )
+    };
+    let policy = write_policy(dir.path(), &policy_for(BUCKET));
+    let broker = broker(&emulator, &["--policy", &policy, "--expiry-skew", "1s"]).await;
+    let mut client = broker.client().await;
+
+    // A client hands back the downscoped token a service rejected: the
+    // key it names is limited as before, so that token is dropped.
+    let first = client
+        .get_access_token(access_request(&[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let invalidated = client
+        .invalidate_token(tokenbroker::proto::v1::InvalidateTokenRequest {
+            request: Some(
+                tokenbroker::proto::v1::invalidate_token_request::Request::AccessToken(
+                    access_request(&[]),
+                ),
+            ),
+            token: first.token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(invalidated.invalidated);
+    let again = client
+        .get_access_token(access_request(&[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(again.token, first.token);
+    assert_eq!(
+        boundary_of(&emulator, &again.token),
+        Some(boundary_json(&[(BUCKET, &[VIEWER], None)]))
+    );
+
+    let mut tokens = client
+        .watch_token(watch(access_request(&[])))
+        .await
+        .unwrap()
+        .into_inner();
+    next_message(&mut tokens).await.unwrap();
+    std::fs::write(&policy, policy_for(OTHER_BUCKET)).unwrap();
+    broker.signal(nix::sys::signal::Signal::SIGHUP);
+    broker.wait_for_log("policy reloaded").await;
+    let ended = loop {
+        match next_message(&mut tokens).await {
+            Ok(token) => {
+                let token::Token::AccessToken(token) = token.token.unwrap() else {
+                    panic!("an access token");
+                };
+                assert_eq!(
+                    boundary_of(&emulator, &token.token),
+                    Some(boundary_json(&[(BUCKET, &[VIEWER], None)])),
+                    "sent before the reload took effect"
+                );
+            }
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    assert!(
+        ended.message().contains("another access boundary") && ended.message().contains(&policy),
+        "{}",
+        ended.message()
     );
 }
