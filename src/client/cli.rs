@@ -112,8 +112,8 @@ fn boundary_rules(path: &Path) -> Result<Vec<pb::AccessBoundaryRule>, CliError> 
     }
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| usage(format!("not JSON: {e}")))?;
-    let boundary =
-        AccessBoundary::from_json("the boundary", &json).map_err(|e| usage(e.to_string()))?;
+    let boundary = AccessBoundary::from_json("accessBoundaryRules", &json)
+        .map_err(|e| usage(e.to_string()))?;
     Ok(boundary
         .rules()
         .iter()
