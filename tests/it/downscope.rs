@@ -594,3 +594,18 @@ access_boundary = [{{ available_resource = "{resource}", available_permissions =
         ended.message()
     );
 }
+
+#[tokio::test]
+async fn a_plain_http_sts_endpoint_off_loopback_stops_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("tokenbroker.sock");
+    let stderr = crate::common::serve_fails(
+        &socket,
+        &["--emulator", "--sts-endpoint", "http://sts.example.com"],
+    )
+    .await;
+    assert!(
+        stderr.contains("--sts-endpoint") && stderr.contains("loopback"),
+        "{stderr}"
+    );
+}
