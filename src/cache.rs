@@ -316,6 +316,11 @@ impl Inner {
             self.remember(key, &entry);
             return Ok(entry);
         }
+        if let TokenKey::Downscoped(key) = key {
+            // Its source key first, charged to the same owner: a refusal
+            // (a quota) is the caller's to see, not a failed fetch.
+            self.entry(&TokenKey::Access(key.source.clone()), owner)?;
+        }
         let mut created = None;
         let mut over_quota = None;
         let inserted = self

@@ -128,6 +128,15 @@ pub enum BrokerError {
         /// What is not covered.
         reason: String,
     },
+    /// A watch's policy was reloaded and limits its token to another
+    /// boundary now: the caller watches again to get the new one.
+    #[error(
+        "the access policy {policy} was reloaded and now limits this token to another access boundary; watch it again"
+    )]
+    GrantChanged {
+        /// The policy file.
+        policy: String,
+    },
     /// The caller's deadline passed while waiting for the metadata server.
     #[error(
         "no token within the call's deadline of {}; the fetch goes on in the background, so a retry may be served from the cache",
@@ -237,6 +246,7 @@ impl BrokerError {
             Self::MinValidForUnmet { .. }
             | Self::MinValidForThrottled { .. }
             | Self::Expired { .. }
+            | Self::GrantChanged { .. }
             | Self::EntryRetired
             | Self::ShuttingDown => Code::Unavailable,
         }
@@ -275,6 +285,7 @@ impl BrokerError {
             }
             Self::MinValidForUnmet { .. }
             | Self::Expired { .. }
+            | Self::GrantChanged { .. }
             | Self::DeadlineExceeded(_)
             | Self::EntryRetired
             | Self::ShuttingDown => (Http::SERVICE_UNAVAILABLE, None),

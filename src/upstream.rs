@@ -53,6 +53,24 @@ pub trait TokenSource: Send + Sync + 'static {
     }
 }
 
+/// Which upstream request [`Instrumented`] records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Operation {
+    /// A token from the source.
+    Fetch,
+    /// An exchange for a downscoped token.
+    Downscope,
+}
+
+impl Operation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Fetch => "fetch",
+            Self::Downscope => "downscope",
+        }
+    }
+}
+
 /// Wraps a source to record every fetch: metrics, health and a tracing
 /// span (token kind, result, duration; never the token).
 pub struct Instrumented<S> {
@@ -71,18 +89,18 @@ impl<S: TokenSource> Instrumented<S> {
         }
     }
 
-    /// Runs one upstream request (`operation`: fetch or downscope) of a
-    /// `kind` token in its span, and records it.
+    /// Runs one upstream request of a `kind` token in its span, and
+    /// records it.
     async fn record(
         &self,
         kind: TokenKind,
-        operation: &'static str,
+        operation: Operation,
         request: BoxFuture<'_, Result<Token, FetchError>>,
     ) -> Result<Token, FetchError> {
         let span = tracing::debug_span!(
             "upstream_fetch",
             token_kind = kind.as_str(),
-            operation,
+            operation = operation.as_str(),
             result = tracing::field::Empty,
             reason = tracing::field::Empty,
             duration_ms = tracing::field::Empty,
@@ -93,7 +111,10 @@ impl<S: TokenSource> Instrumented<S> {
             let elapsed = started.elapsed();
             let outcome = result.as_ref().map(|_| ()).map_err(FetchError::reason);
             self.metrics.upstream_fetch(kind, outcome, elapsed);
-            self.health.record(&result);
+            // Health follows the token source; STS is another service.
+            if operation == Operation::Fetch {
+                self.health.record(&result);
+            }
             let span = tracing::Span::current();
             span.record("result", if outcome.is_ok() { "ok" } else { "error" });
             if let Err(reason) = outcome {
@@ -108,7 +129,7 @@ impl<S: TokenSource> Instrumented<S> {
 
 impl<S: TokenSource> TokenSource for Instrumented<S> {
     fn fetch<'a>(&'a self, key: &'a TokenKey) -> BoxFuture<'a, Result<Token, FetchError>> {
-        Box::pin(self.record(key.kind(), "fetch", self.inner.fetch(key)))
+        Box::pin(self.record(key.kind(), Operation::Fetch, self.inner.fetch(key)))
     }
 
     fn downscope<'a>(
@@ -119,7 +140,9 @@ impl<S: TokenSource> TokenSource for Instrumented<S> {
     ) -> BoxFuture<'a, Result<Token, FetchError>> {
         Box::pin(async move {
             let exchange = self.inner.downscope(boundary, subject, established);
-            let result = self.record(TokenKind::Access, "downscope", exchange).await;
+            let result = self
+                .record(TokenKind::Access, Operation::Downscope, exchange)
+                .await;
             self.metrics.downscope_exchange(result.is_ok());
             result
         })

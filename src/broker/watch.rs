@@ -161,7 +161,9 @@ impl Watch {
 
 /// Whether the policy in force still grants `caller` the `watched` key:
 /// the key as `requested` (if the policy limited it) is allowed, and
-/// limited to the same boundary as when the watch began.
+/// limited to the same boundary as when the watch began. Otherwise the
+/// watch ends, as a denial or, under another boundary, with `UNAVAILABLE`
+/// so that clients watch again and get the token the policy now allows.
 fn still_granted(
     broker: &Broker,
     rpc: Rpc,
@@ -180,16 +182,12 @@ fn still_granted(
         return Ok(());
     }
     broker.0.metrics.denied(rpc, kind);
-    Err(BrokerError::BoundaryNotCovered {
+    Err(BrokerError::GrantChanged {
         policy: broker
             .0
             .policy
             .path()
             .map_or_else(|| "in force".into(), |path| path.display().to_string()),
-        peer: caller
-            .uid()
-            .map_or_else(|| "the caller".into(), |uid| format!("uid {uid}")),
-        reason: "the policy was reloaded and limits this token to another access boundary now; open the watch again".into(),
     })
 }
 

@@ -9,26 +9,62 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::error::{BrokerError, FetchError};
 use crate::request::{DownscopedKey, TokenKey, TokenRequest};
 use crate::token::Token;
 
 use super::entry::{KeyEntry, Snapshot};
-use super::watch::WatcherGuard;
 use super::{Inner, MAX_LOOKUPS};
 
-/// A downscoped key's tie to its source key's entry.
+/// A downscoped key's tie to its source key's entry. It counts as a
+/// watcher of the source entry (so that entry is refreshed and never idle
+/// while the downscoped key lives), but holds the cache only weakly: the
+/// refresh tasks that own links must not keep the cache alive.
 pub(super) struct SourceLink {
-    /// Keeps the source entry watched: refreshed, and never idle.
-    _watcher: WatcherGuard,
+    _watching: Watching,
     states: watch::Receiver<Snapshot>,
     /// The source token the current downscoped token was exchanged from.
     exchanged_from: Arc<Token>,
 }
 
+/// Counts as a watcher of an entry while it lives.
+struct Watching {
+    entry: Arc<KeyEntry>,
+    /// The cache's epoch, for the entry's idle clock when this goes.
+    epoch: Instant,
+}
+
+impl Watching {
+    fn new(entry: Arc<KeyEntry>, epoch: Instant) -> Self {
+        entry.watchers.fetch_add(1, Ordering::AcqRel);
+        Self { entry, epoch }
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let since_epoch = Instant::now().saturating_duration_since(self.epoch);
+        self.entry
+            .unwatch(u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX));
+    }
+}
+
 impl SourceLink {
+    /// Whether the source token is still the one `before` named.
+    pub(super) fn same_source(&self, before: Option<&Arc<Token>>) -> bool {
+        before.is_some_and(|before| Arc::ptr_eq(before, &self.exchanged_from))
+    }
+
+    /// The source token the current downscoped token came from.
+    pub(super) fn exchanged_from(&self) -> &Arc<Token> {
+        &self.exchanged_from
+    }
+
     /// Whether `token` lives exactly as long as the source token it came
     /// from: then the source's refresh, not the token's own expiry, is
     /// what replaces it.
@@ -74,15 +110,16 @@ impl Inner {
             let source = self
                 .entry(&request.key, entry.owner)
                 .map_err(source_failed)?;
-            let watcher = WatcherGuard::new(source, self.clone());
-            let states = watcher.entry.state.subscribe();
+            // Watched before it is served, so it cannot go idle between.
+            let watching = Watching::new(source, self.epoch);
+            let states = watching.entry.state.subscribe();
             if let Some(served) = self
-                .serve(&watcher.entry, &request)
+                .serve(&watching.entry, &request)
                 .await
                 .map_err(source_failed)?
             {
                 return Ok(SourceLink {
-                    _watcher: watcher,
+                    _watching: watching,
                     states,
                     exchanged_from: served.token,
                 });

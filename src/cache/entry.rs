@@ -108,6 +108,15 @@ impl KeyEntry {
         }
     }
 
+    /// One watcher leaves at `now_ms`: the key counts as used then, and
+    /// the last watcher to leave wakes the task to start its idle clock.
+    pub(super) fn unwatch(&self, now_ms: u64) {
+        self.touch(now_ms);
+        if self.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.wake.notify_one();
+        }
+    }
+
     /// Asks the task for generation `generation`; returns whether this call
     /// raised the demand (rather than joining one already made).
     pub(super) fn want(&self, generation: u64) -> bool {

@@ -78,6 +78,7 @@ pub(super) async fn refresh_task(
             s.fetching = true;
             false
         });
+        let exchanged_before = link.as_ref().map(|l| l.exchanged_from().clone());
         // A key that once had a token goes before new ones upstream.
         let result = inner
             .fetch_for(&entry, &mut told, produced, &mut link)
@@ -86,20 +87,25 @@ pub(super) async fn refresh_task(
         if !asked {
             inner.metrics.refreshed(entry.key.kind(), result.is_ok());
         }
-        let bounded = match (&result, &link) {
-            (Ok(token), Some(link)) => link.bounds(token),
-            _ => false,
+        // A token its source token bounds is replaced by the source's
+        // refresh: its own timer waits until that should have happened, and
+        // is off once it was exchanged again from the same source token
+        // (the source's refresh failed; another exchange gains nothing).
+        let again_from_same_source = match (&result, &link) {
+            (Ok(token), Some(link)) if link.bounds(token) => {
+                Some(link.same_source(exchanged_before.as_ref()))
+            }
+            _ => None,
         };
         refresh_at = inner.record(&entry, result, &mut backoff);
-        if bounded {
-            // The source's refresh replaces it; its own timer waits until
-            // that should have happened.
+        if let Some(again) = again_from_same_source {
             let now = Instant::now();
             let usable = entry
                 .expiry_untold(None)
                 .map(|at| at.saturating_duration_since(now));
-            refresh_at =
-                usable.map(|usable| now + fallback_refresh(usable, inner.config.refresh_margin));
+            refresh_at = usable
+                .filter(|_| !again)
+                .map(|usable| now + fallback_refresh(usable, inner.config.refresh_margin));
         }
     }
 }

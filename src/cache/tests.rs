@@ -938,3 +938,65 @@ async fn a_downscoped_key_keeps_its_source_key_and_charges_both_to_its_owner() {
     assert_eq!(cache.held_by(ME), 2);
     assert_eq!(cache.len(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_downscoped_key_keeps_its_source_refreshed_while_it_lives() {
+    let source = FakeSource::new(HOUR);
+    let config = CacheConfig {
+        idle_timeout: Duration::from_secs(600),
+        ..CacheConfig::default()
+    };
+    let cache = TokenCache::new(source.clone(), config, Metrics::disabled());
+    for _ in 0..4 {
+        // Only the downscoped key is asked for (hits); its source key is
+        // never touched by a caller, yet stays.
+        cache.get(&downscoped("a"), ME).await.unwrap();
+        tokio::time::advance(Duration::from_secs(500)).await;
+        settle().await;
+    }
+    assert_eq!(cache.len(), 2, "the source key outlived its idle timeout");
+    assert_eq!(source.fetches(), 1);
+    // Once the downscoped key goes idle, so does its source (an idle
+    // timeout after the link let go of it).
+    tokio::time::advance(Duration::from_secs(700)).await;
+    settle().await;
+    assert_eq!(cache.len(), 1, "the downscoped key went idle");
+    tokio::time::advance(Duration::from_secs(700)).await;
+    settle().await;
+    assert_eq!(cache.len(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_downscoped_key_over_quota_is_refused_as_a_quota() {
+    let source = FakeSource::new(HOUR);
+    let config = CacheConfig {
+        max_keys_per_uid: 1,
+        ..CacheConfig::default()
+    };
+    let cache = TokenCache::new(source.clone(), config, Metrics::disabled());
+    let error = cache.get(&downscoped("a"), ME).await.unwrap_err();
+    assert!(
+        matches!(error, BrokerError::KeyQuotaExceeded { .. }),
+        "{error:?}"
+    );
+    assert!(source.exchanges().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_source_refresh_costs_at_most_one_more_exchange() {
+    let source = FakeSource::new(HOUR);
+    let cache = cache(source.clone());
+    let (_, mut watch) = cache.watch(&downscoped("a"), ME).await.unwrap();
+    source.fail_with(Some(unavailable()));
+    let ended = tokio::time::timeout(2 * HOUR, watch.next()).await.unwrap();
+    let mut exchanged = source.exchanges();
+    // The watcher may get the one extra exchange of the same source token
+    // before the end; never more.
+    if let Ok(token) = ended {
+        assert_eq!(token.secret().expose(), "down-2-of-token-1");
+        assert!(watch.next().await.is_err());
+    }
+    exchanged.dedup();
+    assert_eq!(exchanged, ["token-1"]);
+    assert!(source.exchanges().len() <= 2, "{:?}", source.exchanges());
+}

@@ -32,10 +32,7 @@ impl WatcherGuard {
 
 impl Drop for WatcherGuard {
     fn drop(&mut self) {
-        self.entry.touch(self.cache.now_ms(Instant::now()));
-        if self.entry.watchers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.entry.wake.notify_one();
-        }
+        self.entry.unwatch(self.cache.now_ms(Instant::now()));
     }
 }
 

@@ -399,7 +399,82 @@ fn check_condition(expression: &str, title: &str, description: &str) -> Result<(
     {
         return Err("contains control characters".into());
     }
-    Ok(())
+    self_contained(expression)
+}
+
+/// Checks that a CEL expression stands on its own, so that `(policy) &&
+/// (request)` means what it says: brackets balanced outside string
+/// literals, every literal closed, no `//` comment (which would swallow
+/// what follows). Otherwise a request could close the policy's
+/// parenthesis early (`true) || (true`) and drop its condition.
+fn self_contained(expression: &str) -> Result<(), String> {
+    let unbalanced = || {
+        Err("the expression's brackets or quotes are unbalanced, or it holds a // comment; a condition must be one self-contained CEL expression".to_string())
+    };
+    let bytes = expression.as_bytes();
+    let mut open: Vec<u8> = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        match bytes[at] {
+            quote @ (b'\'' | b'"') => {
+                let raw = raw_prefix(&bytes[..at]);
+                let length = if bytes[at..].starts_with(&[quote; 3]) {
+                    3
+                } else {
+                    1
+                };
+                let delimiter = &bytes[at..at + length];
+                at += length;
+                loop {
+                    match bytes.get(at) {
+                        None => return unbalanced(),
+                        Some(b'\\') if !raw => at += 2,
+                        Some(_) if bytes[at..].starts_with(delimiter) => {
+                            at += length;
+                            break;
+                        }
+                        Some(_) => at += 1,
+                    }
+                }
+                continue;
+            }
+            b'/' if bytes.get(at + 1) == Some(&b'/') => return unbalanced(),
+            opening @ (b'(' | b'[' | b'{') => open.push(opening),
+            closing @ (b')' | b']' | b'}') => {
+                let expected = match closing {
+                    b')' => b'(',
+                    b']' => b'[',
+                    _ => b'{',
+                };
+                if open.pop() != Some(expected) {
+                    return unbalanced();
+                }
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    if open.is_empty() {
+        Ok(())
+    } else {
+        unbalanced()
+    }
+}
+
+/// Whether the string literal after `before` is raw (`r'...'`, `br"..."`):
+/// its backslashes escape nothing.
+fn raw_prefix(before: &[u8]) -> bool {
+    let prefix: Vec<u8> = before
+        .iter()
+        .rev()
+        .take_while(|b| b"rRbB".contains(b))
+        .copied()
+        .collect();
+    let standalone = before
+        .len()
+        .checked_sub(prefix.len() + 1)
+        .is_none_or(|i| !(before[i].is_ascii_alphanumeric() || before[i] == b'_'));
+    prefix.len() <= 2 && standalone && prefix.iter().any(|b| b.eq_ignore_ascii_case(&b'r'))
 }
 
 /// Both conditions: the policy's and the request's. Titles and
@@ -510,6 +585,35 @@ mod tests {
     }
 
     #[test]
+    fn a_condition_cannot_reach_outside_its_parentheses() {
+        let condition = |e: &str| AccessBoundary::new("b", vec![rule(BUCKET, &[VIEWER], Some(e))]);
+        for escape in [
+            "true) || (true",
+            "true)) || ((true",
+            "resource.name == 'x",
+            r#"resource.name == "x') || ('"#,
+            "true // ",
+            "[1, 2",
+            "(true]",
+            r"r'\') || (true || '\'",
+            "'''x'' ) || (true",
+        ] {
+            let error = condition(escape).unwrap_err().to_string();
+            assert!(error.contains("unbalanced"), "{escape}: {error}");
+        }
+        for fine in [
+            "resource.name.startsWith('projects/_/buckets/b/objects/a)b')",
+            r#"resource.name.startsWith("projects/_/buckets/b/objects/\"q")"#,
+            "resource.name.startsWith('//storage')",
+            r"r'\' == r'\'",
+            "[1, 2].exists(x, x > 1) && {'a': (1)}['a'] == 1",
+            "'''it's''' != ''",
+        ] {
+            assert!(condition(fine).is_ok(), "{fine}");
+        }
+    }
+
+    #[test]
     fn google_json_round_trips() {
         let json = json!({"accessBoundary": {"accessBoundaryRules": [{
             "availableResource": BUCKET,
@@ -562,5 +666,30 @@ mod tests {
             error.contains("does not grant inRole:roles/storage.objectAdmin"),
             "{error}"
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_condition_is_checked_without_panicking(expression in ".{0,300}", asked in ".{0,300}") {
+            let rule = |e: &str| RuleInput {
+                resource: "//storage.googleapis.com/projects/_/buckets/b".into(),
+                permissions: vec!["inRole:roles/storage.objectViewer".into()],
+                condition: Some((e.to_string(), String::new(), String::new())),
+            };
+            let policy = AccessBoundary::new("p", vec![rule(&expression)]);
+            let request = AccessBoundary::new("r", vec![rule(&asked)]);
+            if let (Ok(policy), Ok(request)) = (policy, request) {
+                let narrowed = policy.narrow(&request).unwrap();
+                let combined = &narrowed.rules()[0].condition.as_ref().unwrap().expression;
+                prop_assert!(self_contained(combined).is_ok(), "{combined}");
+            }
+        }
     }
 }

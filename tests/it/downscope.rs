@@ -587,11 +587,29 @@ access_boundary = [{{ available_resource = "{resource}", available_permissions =
             Err(status) => break status,
         }
     };
-    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+    assert_eq!(
+        ended.code(),
+        Code::Unavailable,
+        "clients watch again, under the new boundary: {ended:?}"
+    );
     assert!(
         ended.message().contains("another access boundary") && ended.message().contains(&policy),
         "{}",
         ended.message()
+    );
+    let mut again = client
+        .watch_token(watch(access_request(&[])))
+        .await
+        .unwrap()
+        .into_inner();
+    let token::Token::AccessToken(token) = next_message(&mut again).await.unwrap().token.unwrap()
+    else {
+        panic!("an access token");
+    };
+    assert_eq!(
+        boundary_of(&emulator, &token.token),
+        Some(boundary_json(&[(OTHER_BUCKET, &[VIEWER], None)])),
+        "watched again, under the new boundary"
     );
 }
 
@@ -608,4 +626,53 @@ async fn a_plain_http_sts_endpoint_off_loopback_stops_the_broker() {
         stderr.contains("--sts-endpoint") && stderr.contains("loopback"),
         "{stderr}"
     );
+}
+
+/// The first rule that covers the account decides: a later, broader rule
+/// for the same uid does not hand out what the first one's boundary does
+/// not cover, and a condition cannot close the policy's parenthesis.
+#[tokio::test]
+async fn neither_a_later_rule_nor_a_crafted_condition_widens_the_boundary() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o700);
+    let me = nix::unistd::getuid().as_raw();
+    let policy = write_policy(
+        dir.path(),
+        &format!(
+            r#"
+[[allow]]
+uids = [{me}]
+service_accounts = ["default"]
+scopes = ["*"]
+access_boundary = [{{ available_resource = "{BUCKET}", available_permissions = ["{VIEWER}"], expression = "resource.name.startsWith('projects/_/buckets/build-cache/objects/ci/')" }}]
+
+[[allow]]
+service_accounts = ["*"]
+scopes = ["*"]
+"#
+        ),
+    );
+    let broker = broker(&emulator, &["--policy", &policy]).await;
+    let mut client = broker.client().await;
+    let wider = client
+        .get_access_token(bounded(vec![rule(OTHER_BUCKET, &[ADMIN], None)]))
+        .await
+        .unwrap_err();
+    assert_eq!(wider.code(), Code::PermissionDenied, "{wider:?}");
+    let crafted = client
+        .get_access_token(bounded(vec![rule(
+            BUCKET,
+            &[VIEWER],
+            Some("true) || (true"),
+        )]))
+        .await
+        .unwrap_err();
+    assert_eq!(crafted.code(), Code::InvalidArgument, "{crafted:?}");
+    assert!(
+        crafted.message().contains("unbalanced"),
+        "{}",
+        crafted.message()
+    );
+    assert_eq!(emulator.stats().sts_requests, 0);
 }
