@@ -28,6 +28,7 @@
 //! [`connect`] returns the bare generated client, for every RPC as is.
 
 pub mod cli;
+pub mod helpers;
 mod resilient;
 
 pub use resilient::{Backoff, is_transient};

@@ -59,7 +59,38 @@ pub enum Command {
     /// The old name of `token id`, kept for existing scripts.
     #[command(hide = true, after_long_help = crate::client::cli::EXIT_CODES_HELP)]
     PrintIdentityToken(IdTokenArgs),
+    /// Answer docker, git or kubectl with an access token from a running
+    /// broker, in the tool's own credential protocol.
+    #[command(subcommand)]
+    CredentialHelper(HelperCommand),
+    /// Make docker ask the broker for Google registries' credentials: sets
+    /// credHelpers in docker's config.json, keeping a backup.
+    ConfigureDocker(crate::client::helpers::docker_config::ConfigureDockerArgs),
 }
+
+/// `tokenbroker credential-helper`: which tool asks.
+#[derive(Debug, Subcommand)]
+pub enum HelperCommand {
+    /// docker's credential helper protocol (get, store, erase, list); also
+    /// what the binary does when run as docker-credential-tokenbroker.
+    #[command(after_long_help = HELPER_HELP)]
+    Docker(crate::client::helpers::docker::DockerArgs),
+    /// git's credential helper protocol: git config
+    /// credential.https://source.developers.google.com.helper '!tokenbroker credential-helper git'
+    #[command(after_long_help = HELPER_HELP)]
+    Git(crate::client::helpers::git::GitArgs),
+    /// kubectl's exec credential plugin (an ExecCredential on stdout).
+    #[command(after_long_help = HELPER_HELP)]
+    Kubectl(crate::client::helpers::kubectl::KubectlArgs),
+}
+
+/// What every helper's `--help` ends with.
+const HELPER_HELP: &str = "\
+Tokens come from the broker's cache (never from Google directly) and stay
+valid at least 5 minutes. Errors are one line on stderr; stdout holds only
+the tool's answer. Exit codes are those of `tokenbroker token` (see
+`tokenbroker token access --help`); docker's helper also exits 1 with
+docker's \"credentials not found\" answer for hosts that are not Google's.";
 
 /// `tokenbroker token`: which token to print.
 #[derive(Debug, Subcommand)]

@@ -4,13 +4,16 @@ use std::process::ExitCode;
 
 use tokenbroker::app;
 use tokenbroker::client::cli::{self, CliError, EXIT_USAGE};
+use tokenbroker::client::helpers::{docker, docker_config, git, kubectl};
 use tokenbroker::config::file::{self as config_file, ParseError};
-use tokenbroker::config::{Cli, Command, TokenCommand};
+use tokenbroker::config::{Cli, Command, HelperCommand, TokenCommand};
 use tokenbroker::systemd::{self, Activation};
 use tokenbroker::telemetry::{self, Exports};
 
 fn main() -> ExitCode {
-    let cli = match config_file::parse(std::env::args_os()) {
+    // Run as docker-credential-tokenbroker (a link), it is docker's helper.
+    let args = docker::as_helper_args(std::env::args_os().collect());
+    let cli = match config_file::parse(args) {
         Ok(cli) => cli,
         Err(ParseError::Usage(error)) => error.exit(),
         Err(ParseError::ConfigFile(error)) => {
@@ -49,9 +52,11 @@ async fn run(cli: Cli, activation: Activation) -> ExitCode {
             },
         ),
         Command::Emulator(_) => ("info", Exports::default()),
-        Command::Token(_) | Command::PrintAccessToken(_) | Command::PrintIdentityToken(_) => {
-            ("warn", Exports::default())
-        }
+        Command::Token(_)
+        | Command::PrintAccessToken(_)
+        | Command::PrintIdentityToken(_)
+        | Command::CredentialHelper(_)
+        | Command::ConfigureDocker(_) => ("warn", Exports::default()),
     };
     let telemetry = match telemetry::init(cli.log_format, default_log, exports) {
         Ok(telemetry) => telemetry,
@@ -81,6 +86,14 @@ async fn run(cli: Cli, activation: Activation) -> ExitCode {
         Command::Token(TokenCommand::Id(args)) | Command::PrintIdentityToken(args) => {
             client_result(cli::id_token(args).await)
         }
+        Command::CredentialHelper(HelperCommand::Docker(args)) => {
+            client_result(docker::run(args).await)
+        }
+        Command::CredentialHelper(HelperCommand::Git(args)) => client_result(git::run(args).await),
+        Command::CredentialHelper(HelperCommand::Kubectl(args)) => {
+            client_result(kubectl::run(args).await)
+        }
+        Command::ConfigureDocker(args) => client_result(docker_config::run(args)),
     };
     telemetry.shutdown();
     code

@@ -6,7 +6,8 @@
 #           in target/node-example
 # Tools come from Debian's packages, installed only when missing (as root;
 # otherwise the script says what to install):
-#   tools   curl, systemd-analyze, node and npm (and python3-venv, when a
+#   tools   curl, git (the credential helper test clones with it),
+#           systemd-analyze, node and npm (and python3-venv, when a
 #           virtualenv cannot be made without it)
 #   go      Go, protoc and Debian's Go gRPC packages (examples/go/build.sh)
 # Idempotent and safe to run concurrently: does nothing when what is installed
@@ -33,6 +34,7 @@ debian_packages() {
 tools() {
   local missing=()
   command -v curl >/dev/null || missing+=(curl)
+  command -v git >/dev/null || missing+=(git)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   command -v npm >/dev/null || missing+=(nodejs npm)
   if [ ${#missing[@]} -gt 0 ]; then

@@ -50,6 +50,12 @@ pub enum CliError {
     /// The token could not be written to stdout.
     #[error("cannot write the token to stdout: {0}")]
     Output(io::Error),
+    /// A credential helper's input (stdin, the environment) is malformed.
+    #[error("{0}")]
+    Input(String),
+    /// A credential helper has nothing for what was asked (another host).
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl CliError {
@@ -61,11 +67,11 @@ impl CliError {
     /// The exit code as a number.
     pub fn exit_code_number(&self) -> u8 {
         match self {
-            Self::Usage(_) => EXIT_USAGE,
+            Self::Usage(_) | Self::Input(_) => EXIT_USAGE,
             Self::Client(ClientError::Connect { .. }) => EXIT_CONNECT,
             Self::Client(ClientError::Status(status)) => status_exit_code(status.code()),
             Self::Client(ClientError::EmptyMessage) => status_exit_code(Code::Internal),
-            Self::Output(_) => 1,
+            Self::Output(_) | Self::NotFound(_) => 1,
         }
     }
 }

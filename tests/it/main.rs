@@ -22,6 +22,7 @@ mod fair_share;
 mod faults;
 mod federation;
 mod hardening;
+mod helpers;
 mod invalidate;
 mod lifecycle;
 mod limits;
