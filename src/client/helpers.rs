@@ -9,7 +9,7 @@ pub mod docker_config;
 pub mod git;
 pub mod kubectl;
 
-use std::io::Read;
+use std::io::BufRead;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -60,16 +60,28 @@ impl HelperArgs {
     /// An access token from the broker for these flags (`default_scopes`
     /// when none were given), valid at least [`MIN_VALID_FOR`].
     pub async fn access_token(&self, default_scopes: &[&str]) -> Result<pb::AccessToken, CliError> {
-        let scopes = if self.scopes.is_empty() {
+        // An empty variable (`TOKENBROKER_SCOPES=`) names no scope.
+        let given: Vec<String> = self
+            .scopes
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect();
+        let scopes = if given.is_empty() {
             default_scopes.iter().map(|s| s.to_string()).collect()
         } else {
-            self.scopes.clone()
+            given
         };
         let min_valid_for = self.min_valid_for.max(MIN_VALID_FOR);
         let request = pb::GetAccessTokenRequest {
             service_account: self.service_account.clone(),
             scopes,
-            min_valid_for: prost_types::Duration::try_from(min_valid_for).ok(),
+            min_valid_for: Some(prost_types::Duration::try_from(min_valid_for).unwrap_or(
+                prost_types::Duration {
+                    seconds: i64::MAX,
+                    nanos: 0,
+                },
+            )),
             ..Default::default()
         };
         let call = async {
@@ -92,18 +104,31 @@ impl HelperArgs {
 
 /// What the tool wrote on stdin, at most [`MAX_INPUT`] bytes, as text.
 pub fn read_stdin() -> Result<String, CliError> {
-    let mut input = String::new();
-    std::io::stdin()
-        .lock()
-        .take(MAX_INPUT + 1)
-        .read_to_string(&mut input)
-        .map_err(|error| CliError::Input(format!("cannot read stdin: {error}")))?;
-    if input.len() as u64 > MAX_INPUT {
+    read_until(std::io::stdin().lock(), |_| false)
+}
+
+/// Lines of `input` up to (not including) the first for which `last` is
+/// true, or its end; at most [`MAX_INPUT`] bytes. A tool that writes its
+/// request and waits for the answer before closing stdin is answered.
+pub fn read_until(
+    input: impl std::io::BufRead,
+    last: impl Fn(&str) -> bool,
+) -> Result<String, CliError> {
+    let mut text = String::new();
+    for line in input.take(MAX_INPUT + 1).lines() {
+        let line = line.map_err(|error| CliError::Input(format!("cannot read stdin: {error}")))?;
+        if last(&line) {
+            break;
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    if text.len() as u64 > MAX_INPUT {
         return Err(CliError::Input(format!(
             "more than {MAX_INPUT} bytes on stdin"
         )));
     }
-    Ok(input)
+    Ok(text)
 }
 
 /// A host a helper answers for: exact (`gcr.io`, `127.0.0.1:8443`), or
@@ -115,8 +140,12 @@ pub struct HostPattern(String);
 
 impl HostPattern {
     /// Checks a pattern as given on the command line.
+    /// An empty pattern (an empty environment variable) names no host.
     pub fn parse(pattern: &str) -> Result<Self, String> {
         let pattern = pattern.trim().to_ascii_lowercase();
+        if pattern.is_empty() {
+            return Ok(Self(pattern));
+        }
         let body = pattern
             .strip_prefix("*.")
             .or_else(|| pattern.strip_prefix("*-"))
@@ -136,6 +165,9 @@ impl HostPattern {
     /// Whether `host` is one this pattern names.
     pub fn matches(&self, host: &str) -> bool {
         let host = host.to_ascii_lowercase();
+        if self.0.is_empty() {
+            return false;
+        }
         if let Some(suffix) = self.0.strip_prefix("*.") {
             host.strip_suffix(suffix)
                 .and_then(|rest| rest.strip_suffix('.'))
@@ -151,7 +183,7 @@ impl HostPattern {
 
     /// Whether this pattern names one host (no wildcard).
     pub fn is_exact(&self) -> bool {
-        !self.0.starts_with('*')
+        !self.0.is_empty() && !self.0.starts_with('*')
     }
 
     /// The pattern as written (lower case).
@@ -208,8 +240,10 @@ mod tests {
 
     #[test]
     fn odd_patterns_are_refused() {
-        for bad in ["", "*", "a/b", "*.", "ev il.com", "x.*.com"] {
+        for bad in ["*", "a/b", "*.", "ev il.com", "x.*.com"] {
             assert!(HostPattern::parse(bad).is_err(), "{bad:?}");
         }
+        let empty = pattern("");
+        assert!(!empty.matches("") && !empty.matches("gcr.io") && !empty.is_exact());
     }
 }

@@ -630,3 +630,121 @@ async fn every_helper_fails_fast_on_stderr_with_the_broker_down() {
         assert!(stderr.contains("cannot connect to the broker"), "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn helpers_pass_scopes_through_and_never_accept_less_than_five_minutes() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let broker = Broker::start(&emulator, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = helper_on_path(dir.path());
+    let mut get = docker_helper(&bin, &broker.socket, "get");
+    get.env("TOKENBROKER_SCOPES", "s:one,s:two");
+    let out = with_stdin(&mut get, "gcr.io").await;
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let info = emulator
+        .token_info(answer["Secret"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(info.scopes, ["s:one", "s:two"]);
+    let mut empty = docker_helper(&bin, &broker.socket, "get");
+    empty.env("TOKENBROKER_SCOPES", "");
+    let out = with_stdin(&mut empty, "gcr.io").await;
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let info = emulator
+        .token_info(answer["Secret"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(info.scopes, [CLOUD], "an empty variable means the default");
+
+    // Tokens that live 4 minutes never meet the helpers' 5, whatever
+    // --min-valid-for says; `token access` takes them.
+    let short = emulator_with_lifetime_of(240).await;
+    let broker = Broker::start(&short, &[]).await;
+    let mut git = crate::common::binary();
+    git.args([
+        "credential-helper",
+        "git",
+        "get",
+        "--min-valid-for",
+        "1s",
+        "--socket",
+    ])
+    .arg(&broker.socket);
+    let out = with_stdin(
+        &mut git,
+        "protocol=https\nhost=source.developers.google.com\n\n",
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(24),
+        "UNAVAILABLE: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty());
+    succeeds(
+        crate::common::binary()
+            .args(["token", "access", "--socket"])
+            .arg(&broker.socket),
+    )
+    .await;
+}
+
+async fn emulator_with_lifetime_of(seconds: u64) -> Emulator {
+    crate::common::emulator_with_lifetime(Duration::from_secs(seconds)).await
+}
+
+#[tokio::test]
+async fn refusals_and_odd_input_are_one_line_on_stderr() {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    crate::common::chmod(dir.path(), 0o700);
+    let policy =
+        crate::common::write_policy(dir.path(), &crate::common::policy_rule(4242, "*", "*"));
+    let broker = Broker::start(&emulator, &["--policy", &policy]).await;
+    let bin = helper_on_path(dir.path());
+
+    let out = with_stdin(&mut docker_helper(&bin, &broker.socket, "get"), "gcr.io").await;
+    assert_eq!(out.status.code(), Some(17), "PERMISSION_DENIED");
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&policy), "{stderr}");
+
+    // Lookalike hosts are not Google's: docker's "not found", no token.
+    for lookalike in [
+        "gcr.io.evil.com",
+        "https://evil.com/gcr.io",
+        "user@gcr.io",
+        "gcr.io:444",
+        "GCR.IO.",
+    ] {
+        let out = with_stdin(&mut docker_helper(&bin, &broker.socket, "get"), lookalike).await;
+        assert_eq!(out.status.code(), Some(1), "{lookalike}");
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap().trim(),
+            "credentials not found in native keychain",
+            "{lookalike}"
+        );
+    }
+
+    // git's other operations, known or not, are accepted in silence.
+    for action in ["store", "erase", "capability"] {
+        let mut git = crate::common::binary();
+        git.args(["credential-helper", "git", action, "--socket"])
+            .arg(&broker.socket);
+        let out = with_stdin(&mut git, "protocol=https\nhost=x\npassword=p\n\n").await;
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "{action}"
+        );
+    }
+
+    let mut kubectl = crate::common::binary();
+    kubectl
+        .args(["credential-helper", "kubectl", "--socket"])
+        .arg(&broker.socket)
+        .env("KUBERNETES_EXEC_INFO", "{not json");
+    let out = with_stdin(&mut kubectl, "").await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KUBERNETES_EXEC_INFO"));
+}

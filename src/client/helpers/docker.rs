@@ -22,12 +22,14 @@ pub const HELPER_NAME: &str = "docker-credential-tokenbroker";
 /// and Artifact Registry.
 pub const GOOGLE_REGISTRIES: [&str; 3] = ["gcr.io", "*.gcr.io", "*-docker.pkg.dev"];
 
-/// Registries `list` names (docker shows them in `docker info`).
-const LISTED: [&str; 5] = [
+/// Registries `list` names: what `configure-docker` configures by
+/// default, and Artifact Registry's US host.
+const LISTED: [&str; 6] = [
     "gcr.io",
     "us.gcr.io",
     "eu.gcr.io",
     "asia.gcr.io",
+    "marketplace.gcr.io",
     "us-docker.pkg.dev",
 ];
 
@@ -99,11 +101,17 @@ pub async fn run(args: DockerArgs) -> Result<(), CliError> {
     match args.action {
         Action::Get => {
             let server_url = read_stdin()?.trim().to_string();
-            let host = registry_host(&server_url)?;
+            if server_url.is_empty() {
+                return Err(CliError::Input(
+                    "expected a registry's server URL on stdin (e.g. us-docker.pkg.dev)".into(),
+                ));
+            }
+            // A URL that names no plain host is nobody this helper knows.
+            let host = registry_host(&server_url).unwrap_or_default();
             if !any_matches(&registries, host) {
                 print(NOT_FOUND)?;
                 return Err(CliError::NotFound(format!(
-                    "{host} is not a Google registry this helper answers for (add it with --registry or TOKENBROKER_DOCKER_REGISTRIES)"
+                    "{server_url:?} is not a Google registry this helper answers for (add it with --registry or TOKENBROKER_DOCKER_REGISTRIES)"
                 )));
             }
             let token = args.helper.access_token(&SCOPES).await?;

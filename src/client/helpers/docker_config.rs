@@ -5,14 +5,14 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde_json::{Map, Value, json};
 
-use super::HostPattern;
-use super::docker::HELPER_NAME;
+use super::docker::{GOOGLE_REGISTRIES, HELPER_NAME};
+use super::{HostPattern, any_matches, with_defaults};
 use crate::client::cli::CliError;
 
 /// The name `credHelpers` gives the helper (docker runs
@@ -61,7 +61,8 @@ pub enum Outcome {
 
 /// Runs `configure-docker` and says what it did on stderr.
 pub fn run(args: ConfigureDockerArgs) -> Result<(), CliError> {
-    let dir = match args.config_dir {
+    // An empty DOCKER_CONFIG is unset, as docker reads it.
+    let dir = match args.config_dir.filter(|dir| !dir.as_os_str().is_empty()) {
         Some(dir) => dir,
         None => std::env::var_os("HOME")
             .map(|home| Path::new(&home).join(".docker"))
@@ -103,6 +104,12 @@ pub fn run(args: ConfigureDockerArgs) -> Result<(), CliError> {
             );
         }
     }
+    let google = with_defaults(&GOOGLE_REGISTRIES, &[]);
+    for registry in registries.iter().filter(|r| !any_matches(&google, r)) {
+        eprintln!(
+            "note: {registry} is not a Google registry; the helper answers for it only with TOKENBROKER_DOCKER_REGISTRIES={registry} in docker's environment"
+        );
+    }
     if !on_path(HELPER_NAME) {
         eprintln!(
             "note: docker runs {HELPER_NAME}, which is not on PATH; link it: ln -s \"$(command -v tokenbroker)\" /usr/local/bin/{HELPER_NAME}"
@@ -115,13 +122,17 @@ pub fn run(args: ConfigureDockerArgs) -> Result<(), CliError> {
 /// config file at `path` (created, with its directory, if missing).
 pub fn configure(path: &Path, registries: &[String]) -> Result<Outcome, CliError> {
     let refuse = |reason: String| CliError::Usage(format!("{}: {reason}", path.display()));
+    // A link (into a dotfiles repository) stays a link: its target changes.
+    let path = &match fs::canonicalize(path) {
+        Ok(target) => target,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => path.to_path_buf(),
+        Err(error) => return Err(refuse(error.to_string())),
+    };
     let old = match fs::metadata(path) {
-        Ok(meta) if meta.len() > MAX_CONFIG => {
-            return Err(refuse(format!(
-                "larger than {MAX_CONFIG} bytes; not changed"
-            )));
+        Ok(meta) if !meta.is_file() => {
+            return Err(refuse("not a regular file; not changed".into()));
         }
-        Ok(_) => Some(fs::read(path).map_err(|e| refuse(e.to_string()))?),
+        Ok(_) => Some(read_bounded(path).map_err(&refuse)?),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
         Err(error) => return Err(refuse(error.to_string())),
     };
@@ -154,12 +165,26 @@ pub fn configure(path: &Path, registries: &[String]) -> Result<Outcome, CliError
         return Ok(Outcome::Unchanged);
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|e| refuse(format!("cannot create its directory: {e}")))?;
-    let mode = fs::metadata(path).map_or(0o600, |meta| meta.permissions().mode() & 0o7777);
+    if !dir.exists() {
+        // As docker creates it: only its user may look inside.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| refuse(format!("cannot create its directory: {e}")))?;
+    }
+    let kept = fs::metadata(path).ok().map(|meta| {
+        use std::os::unix::fs::MetadataExt;
+        (meta.permissions().mode() & 0o7777, meta.uid(), meta.gid())
+    });
+    let (mode, owner) = match kept {
+        Some((mode, uid, gid)) => (mode, Some((uid, gid))),
+        None => (0o600, None),
+    };
     let backup = match &old {
         Some(bytes) => {
-            let backup = path.with_extension("json.bak");
-            write_new(&backup, bytes, mode)
+            let backup = free_backup_name(path);
+            write_new(&backup, bytes, mode, owner)
                 .map_err(|e| refuse(format!("cannot write the backup: {e}")))?;
             Some(backup)
         }
@@ -168,13 +193,47 @@ pub fn configure(path: &Path, registries: &[String]) -> Result<Outcome, CliError
     let mut text =
         serde_json::to_string_pretty(&Value::Object(config)).map_err(|e| refuse(e.to_string()))?;
     text.push('\n');
-    write_new(path, text.as_bytes(), mode).map_err(|e| refuse(format!("cannot write it: {e}")))?;
+    write_new(path, text.as_bytes(), mode, owner)
+        .map_err(|e| refuse(format!("cannot write it: {e}")))?;
     Ok(Outcome::Written { backup })
 }
 
+/// The file's bytes, refusing one larger than [`MAX_CONFIG`] however it
+/// grows while read.
+fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|file| file.take(MAX_CONFIG + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_CONFIG {
+        return Err(format!("larger than {MAX_CONFIG} bytes; not changed"));
+    }
+    Ok(bytes)
+}
+
+/// `config.json.bak`, or if that is taken (an earlier run's, or the
+/// user's own) `config.json.bak.N`: no backup is ever overwritten.
+fn free_backup_name(path: &Path) -> PathBuf {
+    let first = path.with_extension("json.bak");
+    if !first.exists() {
+        return first;
+    }
+    (1..=1000)
+        .map(|n| path.with_extension(format!("json.bak.{n}")))
+        .find(|candidate| !candidate.exists())
+        .unwrap_or_else(|| path.with_extension(format!("json.bak.{}", std::process::id())))
+}
+
 /// Replaces `path` with `contents` atomically: a new file beside it, with
-/// `mode`, synced, then renamed over it.
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+/// `mode` (whatever the umask) and `owner` (the old file's), synced, then
+/// renamed over it.
+fn write_new(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let temp = path.with_file_name(format!(".{name}.tokenbroker-{}", std::process::id()));
     let written = (|| {
@@ -183,14 +242,34 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
             .create_new(true)
             .mode(mode)
             .open(&temp)?;
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        if let Some((uid, gid)) = owner {
+            // Run by root for another user's file: it stays theirs.
+            let ours = (nix_uid(), nix_gid());
+            if ours != (uid, gid) {
+                std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+            }
+        }
         file.write_all(contents)?;
         file.sync_all()?;
-        fs::rename(&temp, path)
+        fs::rename(&temp, path)?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if written.is_err() {
         let _ = fs::remove_file(&temp);
     }
     written
+}
+
+fn nix_uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+fn nix_gid() -> u32 {
+    nix::unistd::getgid().as_raw()
 }
 
 /// Whether a program named `name` is on `PATH`.
@@ -252,6 +331,29 @@ mod tests {
             fs::read(&path).unwrap(),
             written,
             "unchanged means not written"
+        );
+    }
+
+    #[test]
+    fn a_linked_file_keeps_its_link_and_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("dotfiles-config.json");
+        fs::write(&target, "{}").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o640)).unwrap();
+        let link = dir.path().join("config.json");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        configure(&link, &registries()).unwrap();
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let config: Value = serde_json::from_slice(&fs::read(&target).unwrap()).unwrap();
+        assert_eq!(config["credHelpers"]["us-docker.pkg.dev"], "tokenbroker");
+        assert_eq!(
+            fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o640
         );
     }
 

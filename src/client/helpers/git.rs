@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 use std::io::Write;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
-use super::{HelperArgs, HostPattern, OAUTH2_USERNAME, any_matches, read_stdin, with_defaults};
+use super::{HelperArgs, HostPattern, OAUTH2_USERNAME, any_matches, read_until, with_defaults};
 use crate::client::cli::CliError;
 
 /// Hosts answered for without `--host`: Cloud Source Repositories and
@@ -26,9 +26,9 @@ const SCOPES: [&str; 1] = ["https://www.googleapis.com/auth/cloud-platform"];
 /// `tokenbroker credential-helper git ACTION`.
 #[derive(Debug, Args)]
 pub struct GitArgs {
-    /// What git asks: get, store or erase.
-    #[arg(value_enum)]
-    pub action: Action,
+    /// What git asks: get (store, erase and any other operation are
+    /// accepted and ignored, as git asks of helpers).
+    pub action: String,
 
     /// More hosts to answer for, besides source.developers.google.com and
     /// *.sourcemanager.dev (repeat or separate with commas; a leading *.
@@ -39,18 +39,6 @@ pub struct GitArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub helper: HelperArgs,
-}
-
-/// git's credential helper actions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Action {
-    /// The credentials for the request on stdin.
-    Get,
-    /// Keep credentials that worked (accepted, ignored).
-    Store,
-    /// Forget credentials that failed (accepted, ignored: the broker
-    /// refreshes by itself).
-    Erase,
 }
 
 /// One request as git writes it.
@@ -64,10 +52,14 @@ pub struct CredentialRequest {
 
 /// Answers one git request.
 pub async fn run(args: GitArgs) -> Result<(), CliError> {
-    let request = parse(&read_stdin()?)?;
-    if args.action != Action::Get {
+    // The request ends at a blank line; git may wait for the answer before
+    // it closes stdin.
+    let input = read_until(std::io::stdin().lock(), str::is_empty)?;
+    if args.action != "get" {
+        // store, erase, and operations of later gits: nothing to do.
         return Ok(());
     }
+    let request = parse(&input)?;
     let hosts = with_defaults(&GOOGLE_GIT_HOSTS, &args.hosts);
     if !any_matches(&hosts, &request.host) || !safe_protocol(&request) {
         // Not ours: say nothing, and git asks its next helper.

@@ -36,11 +36,20 @@ pub struct KubectlArgs {
 
 /// Prints the `ExecCredential` client-go asked for.
 pub async fn run(args: KubectlArgs) -> Result<(), CliError> {
-    let api_version = api_version(std::env::var(EXEC_INFO_ENV).ok().as_deref())?;
+    let exec_info = match std::env::var_os(EXEC_INFO_ENV) {
+        None => None,
+        Some(value) => Some(
+            value
+                .into_string()
+                .map_err(|_| CliError::Input(format!("{EXEC_INFO_ENV}: not UTF-8")))?,
+        ),
+    };
+    let api_version = api_version(exec_info.as_deref())?;
     let token = args.helper.access_token(&SCOPES).await?;
-    let expiry = token.expire_time.map_or(UNIX_EPOCH, |t| {
-        UNIX_EPOCH + Duration::from_secs(u64::try_from(t.seconds).unwrap_or(0))
-    });
+    let expiry = token
+        .expire_time
+        .and_then(|t| u64::try_from(t.seconds).ok())
+        .and_then(|seconds| UNIX_EPOCH.checked_add(Duration::from_secs(seconds)));
     let credential = exec_credential(api_version, &token.token, expiry);
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{credential}")
@@ -50,7 +59,7 @@ pub async fn run(args: KubectlArgs) -> Result<(), CliError> {
 
 /// The API version of the `KUBERNETES_EXEC_INFO` request, if any, checked.
 pub fn api_version(exec_info: Option<&str>) -> Result<&'static str, CliError> {
-    let Some(exec_info) = exec_info.filter(|info| !info.trim().is_empty()) else {
+    let Some(exec_info) = exec_info.filter(|info| !info.is_empty()) else {
         return Ok(API_VERSION);
     };
     let bad = |what: String| CliError::Input(format!("{EXEC_INFO_ENV}: {what}"));
@@ -68,16 +77,23 @@ pub fn api_version(exec_info: Option<&str>) -> Result<&'static str, CliError> {
     }
 }
 
-/// The `ExecCredential` holding `token`, which expires at `expiry`.
-pub fn exec_credential(api_version: &str, token: &str, expiry: SystemTime) -> Value {
+/// Latest expiry RFC 3339 can write (the end of year 9999).
+const LATEST_EXPIRY: Duration = Duration::from_secs(253_402_300_799);
+
+/// The `ExecCredential` holding `token`, which expires at `expiry`
+/// (without one, or past what RFC 3339 can write, client-go is not told,
+/// and asks again when the API server refuses the token).
+pub fn exec_credential(api_version: &str, token: &str, expiry: Option<SystemTime>) -> Value {
+    let mut status = json!({ "token": token });
+    if let Some(expiry) = expiry.filter(|e| *e <= UNIX_EPOCH + LATEST_EXPIRY) {
+        status["expirationTimestamp"] =
+            json!(humantime::format_rfc3339_seconds(expiry).to_string());
+    }
     json!({
         "apiVersion": api_version,
         "kind": "ExecCredential",
         "spec": {},
-        "status": {
-            "token": token,
-            "expirationTimestamp": humantime::format_rfc3339_seconds(expiry).to_string(),
-        },
+        "status": status,
     })
 }
 
@@ -105,11 +121,16 @@ mod tests {
     #[test]
     fn the_credential_has_the_token_and_an_rfc3339_expiry() {
         let expiry = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let credential = exec_credential(API_VERSION, "ya29.t", expiry);
+        let credential = exec_credential(API_VERSION, "ya29.t", Some(expiry));
         assert_eq!(credential["status"]["token"], "ya29.t");
         assert_eq!(
             credential["status"]["expirationTimestamp"],
             "2027-01-15T08:00:00Z"
         );
+        let far = UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
+        for expiry in [None, Some(far)] {
+            let credential = exec_credential(API_VERSION, "ya29.t", expiry);
+            assert!(credential["status"].get("expirationTimestamp").is_none());
+        }
     }
 }
