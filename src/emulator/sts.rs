@@ -152,6 +152,11 @@ pub(super) fn exchange(
     };
     let (token, lifetime) =
         issue_access_token(shared, &principal(&pool.audience, &subject), scopes);
+    exchanged(&token, lifetime)
+}
+
+/// STS's answer to an exchange: the access token and its lifetime.
+fn exchanged(token: &str, lifetime: u64) -> OAuthResult {
     Ok((
         json!({
             "access_token": token,
@@ -192,15 +197,7 @@ fn downscope(shared: &Shared, subject_token: &str, options: &str) -> OAuthResult
         Some(boundary),
         subject.exp,
     );
-    Ok((
-        json!({
-            "access_token": token,
-            "issued_token_type": ACCESS_TOKEN_TYPE,
-            "token_type": "Bearer",
-            "expires_in": lifetime,
-        }),
-        Target::Token,
-    ))
+    exchanged(&token, lifetime)
 }
 
 /// The `accessBoundary` of `options` (JSON, perhaps URL-encoded once more,

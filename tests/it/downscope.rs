@@ -70,6 +70,22 @@ async fn broker(emulator: &Emulator, extra: &[&str]) -> Broker {
     Broker::start(emulator, &args).await
 }
 
+/// A private directory, and a policy in it whose first rule lets this
+/// process have the default account's access tokens, with `rest` (more
+/// keys of that rule, then more rules).
+fn policy_for_me(rest: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o700);
+    let me = nix::unistd::getuid().as_raw();
+    let policy = write_policy(
+        dir.path(),
+        &format!(
+            "[[allow]]\nuids = [{me}]\nservice_accounts = [\"default\"]\nscopes = [\"*\"]\n{rest}"
+        ),
+    );
+    (dir, policy)
+}
+
 /// What `token` can reach, as the emulator's tokeninfo says.
 fn boundary_of(emulator: &Emulator, token: &str) -> Option<Value> {
     emulator
@@ -200,24 +216,14 @@ async fn a_refreshed_source_token_is_exchanged_again_and_watchers_get_it() {
 #[tokio::test]
 async fn a_policy_boundary_downscopes_every_front_door() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    chmod(dir.path(), 0o700);
-    let me = nix::unistd::getuid().as_raw();
-    let policy = write_policy(
-        dir.path(),
-        &format!(
-            r#"
-[[allow]]
-uids = [{me}]
-service_accounts = ["default"]
-scopes = ["*"]
+    let (dir, policy) = policy_for_me(&format!(
+        r#"
 audiences = ["https://*.a.run.app"]
 access_boundary = [
   {{ available_resource = "{BUCKET}", available_permissions = ["{VIEWER}"] }},
 ]
 "#
-        ),
-    );
+    ));
     let socket = dir.path().join("metadata.sock");
     let metadata_addr = format!("unix:{}", socket.display());
     let audit = dir.path().join("audit.log");
@@ -300,23 +306,13 @@ access_boundary = [
 #[tokio::test]
 async fn a_covered_request_is_narrowed_and_an_uncovered_one_never_reaches_sts() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    chmod(dir.path(), 0o700);
-    let me = nix::unistd::getuid().as_raw();
-    let policy = write_policy(
-        dir.path(),
-        &format!(
-            r#"
-[[allow]]
-uids = [{me}]
-service_accounts = ["default"]
-scopes = ["*"]
+    let (_dir, policy) = policy_for_me(&format!(
+        r#"
 access_boundary = [
   {{ available_resource = "{BUCKET}", available_permissions = ["{VIEWER}", "{ADMIN}"], expression = "resource.name.startsWith('projects/_/buckets/build-cache/objects/ci/')", title = "ci" }},
 ]
 "#
-        ),
-    );
+    ));
     let broker = broker(&emulator, &["--policy", &policy]).await;
     let mut client = broker.client().await;
     let narrower = client
@@ -514,21 +510,13 @@ access_token = {{ scopes = ["{CLOUD}"], access_boundary = [{{ available_resource
 #[tokio::test]
 async fn a_reloaded_boundary_ends_open_watches_and_invalidation_follows_the_key() {
     let emulator = emulator_with_lifetime(Duration::from_secs(6)).await;
-    let dir = tempfile::tempdir().unwrap();
-    chmod(dir.path(), 0o700);
-    let me = nix::unistd::getuid().as_raw();
     let policy_for = |resource: &str| {
         format!(
-            r#"
-[[allow]]
-uids = [{me}]
-service_accounts = ["default"]
-scopes = ["*"]
-access_boundary = [{{ available_resource = "{resource}", available_permissions = ["{VIEWER}"] }}]
+            r#"access_boundary = [{{ available_resource = "{resource}", available_permissions = ["{VIEWER}"] }}]
 "#
         )
     };
-    let policy = write_policy(dir.path(), &policy_for(BUCKET));
+    let (_dir, policy) = policy_for_me(&policy_for(BUCKET));
     let broker = broker(&emulator, &["--policy", &policy, "--expiry-skew", "1s"]).await;
     let mut client = broker.client().await;
 
@@ -569,7 +557,8 @@ access_boundary = [{{ available_resource = "{resource}", available_permissions =
         .unwrap()
         .into_inner();
     next_message(&mut tokens).await.unwrap();
-    std::fs::write(&policy, policy_for(OTHER_BUCKET)).unwrap();
+    let (_reloaded_dir, reloaded) = policy_for_me(&policy_for(OTHER_BUCKET));
+    std::fs::copy(&reloaded, &policy).unwrap();
     broker.signal(nix::sys::signal::Signal::SIGHUP);
     broker.wait_for_log("policy reloaded").await;
     let ended = loop {
@@ -634,25 +623,15 @@ async fn a_plain_http_sts_endpoint_off_loopback_stops_the_broker() {
 #[tokio::test]
 async fn neither_a_later_rule_nor_a_crafted_condition_widens_the_boundary() {
     let emulator = emulator(EmulatorConfig::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    chmod(dir.path(), 0o700);
-    let me = nix::unistd::getuid().as_raw();
-    let policy = write_policy(
-        dir.path(),
-        &format!(
-            r#"
-[[allow]]
-uids = [{me}]
-service_accounts = ["default"]
-scopes = ["*"]
+    let (_dir, policy) = policy_for_me(&format!(
+        r#"
 access_boundary = [{{ available_resource = "{BUCKET}", available_permissions = ["{VIEWER}"], expression = "resource.name.startsWith('projects/_/buckets/build-cache/objects/ci/')" }}]
 
 [[allow]]
 service_accounts = ["*"]
 scopes = ["*"]
 "#
-        ),
-    );
+    ));
     let broker = broker(&emulator, &["--policy", &policy]).await;
     let mut client = broker.client().await;
     let wider = client
