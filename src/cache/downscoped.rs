@@ -7,9 +7,8 @@
 //! outlives the token it was exchanged from.
 
 use std::sync::Arc;
-use std::time::Duration;
-
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
