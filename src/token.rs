@@ -131,6 +131,24 @@ mod tests {
     }
 
     #[test]
+    fn a_token_is_cut_to_expire_no_later_than_another() {
+        let at = (Instant::now(), SystemTime::now());
+        let token = |secs| {
+            Token::expiring_in(
+                Secret::new("t".into()),
+                "Bearer".into(),
+                Duration::from_secs(secs),
+                at,
+            )
+        };
+        let cut = token(7200).no_later_than(&token(3600));
+        assert_eq!(cut.expires_at(), at.0 + Duration::from_secs(3600));
+        assert_eq!(cut.expire_time(), at.1 + Duration::from_secs(3600));
+        let kept = token(600).no_later_than(&token(3600));
+        assert_eq!(kept.expires_at(), at.0 + Duration::from_secs(600));
+    }
+
+    #[test]
     fn a_past_wall_clock_expiry_is_already_expired() {
         let token = Token::expiring_at(
             Secret::new("t".into()),

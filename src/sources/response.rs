@@ -167,6 +167,27 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_downscoped_answer_without_expires_in_lives_as_long_as_its_source() {
+        let now = (Instant::now(), SystemTime::now());
+        let body = br#"{"access_token":"ya29.down","token_type":"Bearer"}"#;
+        let left = Duration::from_secs(1234);
+        let token = parse_access_token_or(body, now, Some(left)).unwrap();
+        assert_eq!(token.remaining(now.0), left);
+        let with = br#"{"access_token":"ya29.down","expires_in":60}"#;
+        let token = parse_access_token_or(with, now, Some(left)).unwrap();
+        assert_eq!(
+            token.remaining(now.0),
+            Duration::from_secs(60),
+            "STS's own wins"
+        );
+        let expired = parse_access_token_or(body, now, Some(Duration::ZERO));
+        assert!(
+            expired.is_err(),
+            "a source token already gone gives nothing"
+        );
+    }
+
     fn jwt(claims: serde_json::Value) -> Vec<u8> {
         jwt::sign_hs256(&claims, b"key").into_bytes()
     }
