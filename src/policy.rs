@@ -159,8 +159,9 @@ impl Policy {
     /// later rules say. `Err` explains the denial: what that boundary does
     /// not cover, or nothing (no rule covers the key).
     pub fn grant(&self, peer: &Peer, key: &TokenKey) -> Result<Grant, Option<String>> {
+        let source = key.source_key();
         for rule in self.rules.iter().filter(|rule| rule.matches(peer)) {
-            if !rule.covers(&key.source_key()) {
+            if !rule.covers(&source) {
                 continue;
             }
             let (Some(limit), TokenKey::Access(_) | TokenKey::Downscoped(_)) =
