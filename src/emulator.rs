@@ -4,16 +4,18 @@
 //! read, the real server's header rules, HS256-signed ID tokens, and failure
 //! modes switched on over HTTP (`/emulator/v1/...`) or from Rust.
 //! It also fakes Google's OAuth token endpoint and IAM Credentials API
-//! ([`google`]), verifying what they receive as the real ones do.
+//! ([`google`]), verifying what they receive as the real ones do, and a
+//! Kubernetes API server's pods and service accounts ([`kubernetes`]).
 
 pub mod aws;
 mod control;
 mod faults;
 pub mod google;
+pub mod kubernetes;
 mod metadata_api;
 pub mod sts;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -113,6 +115,18 @@ pub struct Stats {
     /// The most long-polls that waited at once.
     #[serde(default)]
     pub long_polls_most: u64,
+    /// Lists of the fake Kubernetes API (`GET /api/v1/pods`, ...) answered;
+    /// like the gets and watches below, not counting those refused (outage,
+    /// bearer token, bad parameters).
+    #[serde(default)]
+    pub kubernetes_lists: u64,
+    /// Gets of one Kubernetes object answered, `404 NotFound` included.
+    #[serde(default)]
+    pub kubernetes_gets: u64,
+    /// Kubernetes watches started, those that begin with `410 Expired`
+    /// included.
+    #[serde(default)]
+    pub kubernetes_watches: u64,
 }
 
 /// What the emulator knows about an access token it issued (like Google's
@@ -154,6 +168,9 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// What the fake Kubernetes API serves (apart from `state`: its watches
+    /// read it often and need no token state).
+    kubernetes: Mutex<kubernetes::Cluster>,
     stats: watch::Sender<Stats>,
     signing_key: [u8; 32],
     stop: CancellationToken,
@@ -186,6 +203,7 @@ impl Emulator {
                 google: google::Accounts::default(),
                 aws: aws::AwsState::default(),
             }),
+            kubernetes: Mutex::new(kubernetes::Cluster::default()),
             stats: watch::Sender::new(Stats::default()),
             signing_key,
             stop: CancellationToken::new(),
@@ -346,6 +364,53 @@ impl Emulator {
     pub fn token_info(&self, access_token: &str) -> Option<TokenInfo> {
         self.shared.lock().issued.get(access_token).cloned()
     }
+
+    /// A kubeconfig for the fake Kubernetes API: server
+    /// `http://{addr}`, the bearer token [`kubernetes::TOKEN`], cluster,
+    /// user and current context all named `emulator`.
+    pub fn kubeconfig(&self) -> String {
+        kubernetes::kubeconfig(self.addr)
+    }
+
+    /// Adds a pod to the fake Kubernetes API (an `ADDED` event), or replaces
+    /// the pod of its namespace and name (`MODIFIED`; with another `uid`, a
+    /// new pod under an old name: `DELETED`, then `ADDED`).
+    pub fn add_pod(&self, pod: kubernetes::FakePod) {
+        self.shared.cluster().put_pod(pod);
+    }
+
+    /// Deletes a pod (a `DELETED` event); false if there was none.
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> bool {
+        self.shared
+            .cluster()
+            .delete(kubernetes::Kind::Pod, namespace, name)
+    }
+
+    /// Adds or replaces a service account of the fake Kubernetes API, with
+    /// its annotations (e.g. `iam.gke.io/gcp-service-account`).
+    pub fn put_service_account(
+        &self,
+        namespace: &str,
+        name: &str,
+        annotations: BTreeMap<String, String>,
+    ) {
+        self.shared
+            .cluster()
+            .put_service_account(namespace, name, annotations);
+    }
+
+    /// Deletes a service account; false if there was none.
+    pub fn delete_service_account(&self, namespace: &str, name: &str) -> bool {
+        self.shared
+            .cluster()
+            .delete(kubernetes::Kind::ServiceAccount, namespace, name)
+    }
+
+    /// Takes the fake Kubernetes API down (every `/api/v1/` request gets
+    /// 503 and open watches end) or brings it back.
+    pub fn set_kubernetes_outage(&self, down: bool) {
+        self.shared.cluster().set_down(down);
+    }
 }
 
 impl Drop for Emulator {
@@ -358,6 +423,13 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; go on.
         self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The fake Kubernetes API's objects, history and outage switch.
+    fn cluster(&self) -> MutexGuard<'_, kubernetes::Cluster> {
+        self.kubernetes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -434,8 +506,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// Routes a request: the control API, the fake Google APIs, else the
-/// metadata API.
+/// Routes a request: the control API, the fake Google APIs, the fake
+/// Kubernetes API, else the metadata API.
 async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
@@ -452,6 +524,9 @@ async fn handle(
     }
     if let Some(api) = google::Api::of(request.method(), &path) {
         return google::serve(&shared, api, request).await;
+    }
+    if path.starts_with("/api/v1/") {
+        return Ok(kubernetes::serve(&shared, &request));
     }
     if path.starts_with("/latest/") {
         return Ok(aws::serve_instance_metadata(&shared, &request));

@@ -1,11 +1,13 @@
 //! The emulator's control API (`/emulator/v1/...`): request counts, faults,
-//! token lifetimes, tokeninfo, and the keys, users and accounts the fake
-//! Google APIs trust. Served only with `control` on.
+//! token lifetimes, tokeninfo, the keys, users and accounts the fake
+//! Google APIs trust, and the fake Kubernetes API's objects and outage.
+//! Served only with `control` on.
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::faults::FaultRule;
+use super::kubernetes::{FakePod, FakeServiceAccount, Kind, Outage};
 use super::{
     Body, Lifetimes, Shared, aws, google, json_response, parse_query, read_json, sts, text,
 };
@@ -91,9 +93,69 @@ pub(super) async fn serve(
             }
             Err(message) => text(StatusCode::BAD_REQUEST, &message),
         },
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=, PUT keys, PUT users, PUT impersonable, PUT pools, PUT aws-roles, PUT ec2-instance\n",
-        ),
+        (Method::PUT, "kubernetes/pods") => match read_json::<FakePod>(request)
+            .await
+            .and_then(FakePod::checked)
+        {
+            Ok(pod) => {
+                shared.cluster().put_pod(pod);
+                text(StatusCode::OK, "ok\n")
+            }
+            Err(message) => text(StatusCode::BAD_REQUEST, &message),
+        },
+        (Method::PUT, "kubernetes/serviceaccounts") => {
+            match read_json::<FakeServiceAccount>(request)
+                .await
+                .and_then(FakeServiceAccount::checked)
+            {
+                Ok(account) => {
+                    shared.cluster().put_service_account(
+                        &account.namespace,
+                        &account.name,
+                        account.annotations,
+                    );
+                    text(StatusCode::OK, "ok\n")
+                }
+                Err(message) => text(StatusCode::BAD_REQUEST, &message),
+            }
+        }
+        (Method::DELETE, path) if path.starts_with("kubernetes/") => delete_object(shared, path),
+        (Method::PUT, "kubernetes/outage") => match read_json::<Outage>(request).await {
+            Ok(outage) => {
+                tracing::info!(down = outage.down, "emulator Kubernetes outage switched");
+                shared.cluster().set_down(outage.down);
+                text(StatusCode::OK, "ok\n")
+            }
+            Err(message) => text(StatusCode::BAD_REQUEST, &message),
+        },
+        _ => not_found(),
     }
+}
+
+/// `DELETE kubernetes/{pods|serviceaccounts}/{namespace}/{name}`.
+fn delete_object(shared: &Shared, path: &str) -> Response<Body> {
+    let segments: Vec<&str> = path.split('/').collect();
+    let (kind, namespace, name) = match segments.as_slice() {
+        ["kubernetes", "pods", namespace, name] => (Kind::Pod, *namespace, *name),
+        ["kubernetes", "serviceaccounts", namespace, name] => {
+            (Kind::ServiceAccount, *namespace, *name)
+        }
+        _ => return not_found(),
+    };
+    if shared.cluster().delete(kind, namespace, name) {
+        text(StatusCode::OK, "ok\n")
+    } else {
+        text(
+            StatusCode::NOT_FOUND,
+            &format!("no {} {namespace}/{name}\n", kind.plural()),
+        )
+    }
+}
+
+/// The 404 that lists what the control API serves.
+fn not_found() -> Response<Body> {
+    text(
+        StatusCode::NOT_FOUND,
+        "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=, PUT keys, PUT users, PUT impersonable, PUT pools, PUT aws-roles, PUT ec2-instance, PUT kubernetes/pods, DELETE kubernetes/pods/{namespace}/{name}, PUT kubernetes/serviceaccounts, DELETE kubernetes/serviceaccounts/{namespace}/{name}, PUT kubernetes/outage\n",
+    )
 }
