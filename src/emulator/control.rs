@@ -120,6 +120,9 @@ pub(super) async fn serve(
             }
         }
         (Method::DELETE, path) if path.starts_with("kubernetes/") => delete_object(shared, path),
+        (Method::GET, "kubernetes/kubeconfig") => {
+            text(StatusCode::OK, &super::kubernetes::kubeconfig(shared.addr))
+        }
         (Method::PUT, "kubernetes/outage") => match read_json::<Outage>(request).await {
             Ok(outage) => {
                 tracing::info!(down = outage.down, "emulator Kubernetes outage switched");
@@ -156,6 +159,6 @@ fn delete_object(shared: &Shared, path: &str) -> Response<Body> {
 fn not_found() -> Response<Body> {
     text(
         StatusCode::NOT_FOUND,
-        "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=, PUT keys, PUT users, PUT impersonable, PUT pools, PUT aws-roles, PUT ec2-instance, PUT kubernetes/pods, DELETE kubernetes/pods/{namespace}/{name}, PUT kubernetes/serviceaccounts, DELETE kubernetes/serviceaccounts/{namespace}/{name}, PUT kubernetes/outage\n",
+        "control API: GET stats, PUT fault, DELETE fault, PUT lifetimes, GET tokeninfo?access_token=, PUT keys, PUT users, PUT impersonable, PUT pools, PUT aws-roles, PUT ec2-instance, PUT kubernetes/pods, DELETE kubernetes/pods/{namespace}/{name}, PUT kubernetes/serviceaccounts, DELETE kubernetes/serviceaccounts/{namespace}/{name}, PUT kubernetes/outage, GET kubernetes/kubeconfig\n",
     )
 }
