@@ -76,7 +76,7 @@ fn respond(
         "/readyz" if health.is_serving() => text(StatusCode::OK, "serving\n"),
         "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not serving: the metadata server cannot be reached and no cached token is valid\n",
+            "not serving: the token source cannot be reached and no cached token is valid, or (with workload identity) the node's pods have not been read from the Kubernetes API server yet\n",
         ),
         _ => text(
             StatusCode::NOT_FOUND,

@@ -24,14 +24,23 @@ use crate::socket::{self, BoundSocket, SocketError};
 use crate::sources::Upstream;
 use crate::sources::adc::Environment;
 use crate::sources::downscope::{DEFAULT_STS_ENDPOINT, Downscoper, Downscoping};
-use crate::sources::https::HttpsClient;
+use crate::sources::https::{self, HttpsClient};
+use crate::sources::impersonate::DEFAULT_IAM_ENDPOINT;
+use crate::sources::workload::WorkloadAccounts;
 use crate::systemd::Activation;
 use crate::telemetry::Telemetry;
 use crate::telemetry::health::Health;
-use crate::telemetry::metrics::{Metrics, register_cache_gauge, register_runtime_gauge};
+use crate::telemetry::metrics::{
+    Metrics, register_cache_gauge, register_runtime_gauge, register_workload_gauge,
+};
 use crate::upstream::Instrumented;
 use crate::upstream::limits::{RateLimited, UpstreamLimits};
 use crate::upstream::retry::{RetryPolicy, Retrying};
+use crate::workload::{Kubeconfig, Locator, WorkloadConfig, WorkloadIdentity, Workloads};
+
+/// The node `serve --emulator --workload-identity kubernetes` follows when
+/// no `--node-name` is given.
+pub const EMULATOR_NODE: &str = "emulator-node";
 
 /// What a subcommand fails with; printed by `main`.
 pub type AppResult = Result<(), Box<dyn Error + Send + Sync>>;
@@ -70,7 +79,8 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     let meter = telemetry.meter();
     let metrics = Metrics::new(&meter, args.metrics_label_audience);
     let health = Health::new();
-    let cache = token_cache(&args, &upstream, downscoper, &metrics, &health);
+    let workload_accounts = workload_accounts(&args, emulator.as_ref(), &upstream, &environment)?;
+    let cache = token_cache(&args, workload_accounts, downscoper, &metrics, &health);
     register_cache_gauge(&meter, {
         let cache = cache.clone();
         move |kind| cache.len_of(kind)
@@ -87,6 +97,14 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     let _stop_background = stop.clone().drop_guard();
     let watch_limits = WatchLimits::new(args.max_watchers, args.max_watchers_per_uid);
     let audit = open_audit_log(&args, &upstream, &metrics)?;
+    let workloads = start_workloads(&args, emulator.as_ref(), &health, stop.clone()).await?;
+    if let Some(workloads) = &workloads {
+        register_workload_gauge(&meter, {
+            let workloads = workloads.clone();
+            move || workloads.len()
+        });
+    }
+    let locator = workloads.is_some().then(|| Locator::new(&args.proc_root));
     let broker = Broker::new(
         cache.clone(),
         policy.clone(),
@@ -94,6 +112,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         watch_limits,
         drain.clone(),
         audit.clone(),
+        workloads,
     );
 
     tokio::spawn(reload_on_sighup(policy, audit, stop.clone()));
@@ -171,6 +190,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
                 long_polls: LongPolls::default(),
                 timeout: args.upstream_timeout,
                 reveal: args.metadata_passthrough,
+                locator: locator.clone(),
             };
             let listener = bind_metadata_endpoint(addr, &args).await?;
             let per_uid =
@@ -198,6 +218,7 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         ),
         max_concurrent_streams: args.max_concurrent_streams,
         idle_timeout: args.connection_idle_timeout,
+        locator,
     };
     let grpc = tokio::spawn(server::serve(socket, broker, config, drain.clone()));
 
@@ -260,17 +281,76 @@ fn downscoper(
     Downscoper::new(&endpoint, http)
 }
 
-/// The shared cache over `upstream` (and `downscoper` for downscoped
-/// keys): each attempt waits for the global limits and is recorded;
-/// retries wrap it all.
+/// With `--workload-identity kubernetes`, the node's pods, followed from
+/// the API server (`--kubeconfig`, else in-cluster; with `--emulator`, the
+/// emulator's fake API); serving waits until they have been read once.
+async fn start_workloads(
+    args: &ServeArgs,
+    emulator: Option<&Emulator>,
+    health: &Health,
+    stop: CancellationToken,
+) -> Result<Option<Workloads>, String> {
+    if args.workload_identity == WorkloadIdentity::Off {
+        return Ok(None);
+    }
+    let kubeconfig = match (&args.kubeconfig, emulator) {
+        (Some(path), _) => Kubeconfig::File(path.clone()),
+        (None, Some(emulator)) => Kubeconfig::Text(emulator.kubeconfig()),
+        (None, None) => Kubeconfig::Infer,
+    };
+    let node_name = match (&args.node_name, emulator) {
+        (Some(node), _) => node.clone(),
+        (None, Some(_)) => EMULATOR_NODE.to_string(),
+        (None, None) => {
+            return Err("--workload-identity kubernetes needs --node-name (env TOKENBROKER_NODE_NAME; in a DaemonSet, from the downward API's spec.nodeName)".into());
+        }
+    };
+    let workloads = Workloads::connect(WorkloadConfig {
+        kubeconfig,
+        node_name,
+        unmapped: args.unmapped_pods,
+    })
+    .await?;
+    health.require_pods(workloads.subscribe_synced());
+    workloads.follow(stop);
+    tracing::info!(
+        node = workloads.node(),
+        unmapped_pods = ?args.unmapped_pods,
+        proc_root = %args.proc_root.display(),
+        "workload identity: peers in this node's pods get their pods' Google service accounts"
+    );
+    Ok(Some(workloads))
+}
+
+/// The broker's source with the pods' Google service accounts beside it,
+/// impersonated at `--iam-endpoint` (with `--emulator` and the default,
+/// the emulator's fake IAM Credentials API).
+fn workload_accounts(
+    args: &ServeArgs,
+    emulator: Option<&Emulator>,
+    upstream: &Upstream,
+    environment: &Environment,
+) -> Result<WorkloadAccounts<Upstream>, String> {
+    let endpoint = match emulator {
+        Some(emulator) if args.iam_endpoint == DEFAULT_IAM_ENDPOINT => emulator.iam_endpoint(),
+        _ => args.iam_endpoint.clone(),
+    };
+    let endpoint = https::endpoint("--iam-endpoint", &endpoint)?;
+    let http = HttpsClient::new(args.upstream_timeout, environment.proxy.clone())?;
+    Ok(WorkloadAccounts::new(upstream.clone(), endpoint, http))
+}
+
+/// The shared cache over `source` (the broker's source and the pods'
+/// accounts, and `downscoper` for downscoped keys): each attempt waits
+/// for the global limits and is recorded; retries wrap it all.
 fn token_cache(
     args: &ServeArgs,
-    upstream: &Upstream,
+    source: WorkloadAccounts<Upstream>,
     downscoper: Downscoper,
     metrics: &Metrics,
     health: &Health,
 ) -> TokenCache {
-    let source = Downscoping::new(upstream.clone(), downscoper);
+    let source = Downscoping::new(source, downscoper);
     let attempt = Instrumented::new(source, metrics.clone(), health.clone());
     let limits = UpstreamLimits::new(args.upstream_max_rps, args.upstream_max_concurrency);
     let limited = RateLimited::new(attempt, limits);

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::peer::Place;
 use crate::policy::Caller;
 use crate::request::TokenKey;
 use crate::telemetry::RateLimitedLog;
@@ -175,6 +176,9 @@ struct PeerLine {
     pid: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     exe: Option<String>,
+    /// With workload identity, the UID of the peer's pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod_uid: Option<String>,
 }
 
 enum Message {
@@ -190,7 +194,7 @@ struct Record {
     kind: EventKind,
     rpc: Rpc,
     transport: &'static str,
-    peer: Option<crate::policy::Peer>,
+    peer: Option<crate::peer::Peer>,
     key: Option<TokenKey>,
     /// What `default` in the key stands for, if known.
     default_account: Option<Arc<str>>,
@@ -319,6 +323,10 @@ fn line(record: &Record) -> String {
         uid: peer.uid,
         gid: peer.gid,
         pid: peer.pid,
+        pod_uid: match peer.place {
+            Place::Pod(uid) => Some(uid.to_string()),
+            Place::Host | Place::Unknown => None,
+        },
         exe: peer.pid.and_then(|pid| {
             std::fs::read_link(format!("/proc/{pid}/exe"))
                 .ok()

@@ -4,6 +4,7 @@
 //! caller's deadline, and one span, the metrics and the log of each call.
 //! The front doors only translate their requests and answers.
 
+mod pods;
 mod watch;
 
 use std::future::Future;
@@ -19,11 +20,14 @@ use crate::cache::quota::Owner;
 use crate::cache::{Served, TokenCache};
 use crate::error::BrokerError;
 use crate::policy::{Caller, Grant, PolicyStore};
+use crate::quota::Holder;
 use crate::request::{Invalidation, TokenKey, TokenRequest};
 use crate::telemetry::RateLimitedLog;
 use crate::telemetry::metrics::{Metrics, Rpc, code_name};
 use crate::token::{Token, TokenKind};
+use crate::workload::{Pod, Workloads};
 
+pub use pods::PodIdentity;
 pub use watch::{DEFAULT_MAX_WATCHERS, DEFAULT_MAX_WATCHERS_PER_UID, Watch, WatchLimits};
 
 /// Hands out tokens; cloning is cheap (one `Arc`), and every clone serves
@@ -42,6 +46,8 @@ struct Inner {
     failures: RateLimitedLog,
     /// `--audit-log`, if on.
     audit: Option<AuditLog>,
+    /// With `--workload-identity kubernetes`, the node's pods.
+    workloads: Option<Workloads>,
 }
 
 impl Broker {
@@ -55,6 +61,7 @@ impl Broker {
         watch_limits: WatchLimits,
         drain: CancellationToken,
         audit: Option<AuditLog>,
+        workloads: Option<Workloads>,
     ) -> Self {
         let watched = cache.clone();
         tokio::spawn(async move {
@@ -69,6 +76,7 @@ impl Broker {
             denials: RateLimitedLog::default(),
             failures: RateLimitedLog::default(),
             audit,
+            workloads,
         }))
     }
 
@@ -84,7 +92,9 @@ impl Broker {
         deadline: Option<Duration>,
     ) -> Result<Arc<Token>, BrokerError> {
         let call = async {
-            let (request, _) = self.admit(rpc, Some(kind), request, |r| &mut r.key, &caller)?;
+            let (request, _) = self
+                .admit(rpc, Some(kind), request, |r| &mut r.key, &caller)
+                .await?;
             let result = within(deadline, self.0.cache.get(&request, owner_of(&caller))).await;
             self.report(rpc, Some(kind), audience(&request.key), result.as_ref());
             self.audit(|| match &result {
@@ -114,7 +124,9 @@ impl Broker {
     ) -> Result<bool, BrokerError> {
         let rpc = Rpc::InvalidateToken;
         let call = async {
-            let (invalidation, _) = self.admit(rpc, kind, request, |i| &mut i.key, &caller)?;
+            let (invalidation, _) = self
+                .admit(rpc, kind, request, |i| &mut i.key, &caller)
+                .await?;
             let kind = invalidation.key.kind();
             let result = self
                 .0
@@ -166,13 +178,15 @@ impl Broker {
     ) -> Result<Watch, BrokerError> {
         let span = rpc_span(rpc, kind);
         let call = async {
-            let (request, requested) = self.admit(rpc, kind, request, |r| &mut r.key, &caller)?;
+            let (request, admitted) = self
+                .admit(rpc, kind, request, |r| &mut r.key, &caller)
+                .await?;
             let kind = request.key.kind();
             let audience = audience(&request.key);
             let permit = self
                 .0
                 .watch_limits
-                .acquire(caller.uid())
+                .acquire(caller.holder())
                 .inspect_err(|error| self.report(rpc, Some(kind), audience, Err(error)))?;
             let result = within(deadline, self.0.cache.watch(&request, owner_of(&caller))).await;
             self.report(
@@ -192,7 +206,7 @@ impl Broker {
                 self.clone(),
                 rpc,
                 caller,
-                requested,
+                admitted,
                 first.token,
                 watch,
                 permit,
@@ -203,19 +217,20 @@ impl Broker {
     }
 
     /// The request (a token request or an invalidation, whose key `key`
-    /// reaches), once validated and allowed, with its key limited to the
-    /// access boundary the policy sets, if any; then also the key as it
-    /// was asked for. A refusal is reported. Audiences of refused requests
+    /// reaches), once validated and allowed, with its key rewritten to the
+    /// caller's pod's account (workload identity) and limited to the
+    /// access boundary the policy sets, if any; then also how it was
+    /// admitted. A refusal is reported. Audiences of refused requests
     /// never become labels: a denied peer could fill the series cap with
     /// them.
-    fn admit<R>(
+    async fn admit<R>(
         &self,
         rpc: Rpc,
         kind: Option<TokenKind>,
         request: Result<R, BrokerError>,
         key: impl Fn(&mut R) -> &mut TokenKey,
         caller: &Caller,
-    ) -> Result<(R, Option<TokenKey>), BrokerError> {
+    ) -> Result<(R, Admitted), BrokerError> {
         let mut request = request.inspect_err(|error| {
             self.report(rpc, kind, None, Err(error));
             self.audit(|| Event {
@@ -225,20 +240,34 @@ impl Broker {
         })?;
         let key = key(&mut request);
         let kind = key.kind();
+        let refused = |error: &BrokerError, key: &TokenKey| {
+            self.report(rpc, Some(kind), None, Err(error));
+            self.audit(|| Event {
+                code: error.code(),
+                ..event(EventKind::Deny, rpc, caller, Some(key))
+            });
+        };
+        let denied = |error: &BrokerError, pod: Option<&Pod>, key: &TokenKey| {
+            self.0.metrics.denied(rpc, kind);
+            self.log_denial(caller, pod, error);
+            refused(error, key);
+        };
+        let pod = self
+            .pod_identity(caller)
+            .await
+            .inspect_err(|error| denied(error, None, key))?;
+        if let Some(identity) = &pod {
+            pods::serve_as(key, identity)
+                .inspect_err(|error| denied(error, Some(&identity.pod), key))?;
+        }
         let grant = self
-            .authorize(rpc, kind, caller, key)
-            .inspect_err(|error| {
-                self.report(rpc, Some(kind), None, Err(error));
-                self.audit(|| Event {
-                    code: error.code(),
-                    ..event(EventKind::Deny, rpc, caller, Some(key))
-                });
-            })?;
-        let asked = match grant {
+            .authorize(rpc, kind, caller, pod.as_ref(), key)
+            .inspect_err(|error| refused(error, key))?;
+        let requested = match grant {
             Grant::AsAsked => None,
             Grant::Limited(limited) => Some(std::mem::replace(key, limited)),
         };
-        Ok((request, asked))
+        Ok((request, Admitted { requested, pod }))
     }
 
     /// Records the event `make` builds in the audit trail, if it is on.
@@ -248,35 +277,55 @@ impl Broker {
         }
     }
 
+    /// With workload identity, the Google service account `caller`'s pod
+    /// is served as: `None` for a host process, and for a pod served as
+    /// the node (`--unmapped-pods node`).
+    pub async fn pod_account(&self, caller: &Caller) -> Result<Option<String>, BrokerError> {
+        let identity = self.pod_identity(caller).await?;
+        Ok(identity.and_then(|identity| identity.google))
+    }
+
     /// Whether the policy lets `caller` read the metadata `path` (below
     /// `/computeMetadata/v1/`, `recursive` or not) beyond
     /// `--metadata-passthrough`.
     pub fn reveals(&self, caller: &Caller, path: &str, recursive: bool) -> bool {
-        self.0.policy.reveals(caller, path, recursive)
+        let pod = self.current_pod_identity(caller).ok().flatten();
+        let pod = pod.as_ref().map(|identity| &*identity.pod);
+        self.0.policy.reveals(caller, pod, path, recursive)
     }
 
-    /// Applies the access policy, logging and counting denials.
+    /// Applies the access policy to `caller` in `pod`, logging and
+    /// counting denials.
     fn authorize(
         &self,
         rpc: Rpc,
         kind: TokenKind,
         caller: &Caller,
+        pod: Option<&PodIdentity>,
         key: &TokenKey,
     ) -> Result<Grant, BrokerError> {
-        self.0.policy.check(caller, key).inspect_err(|error| {
+        let pod = pod.map(|identity| &*identity.pod);
+        self.0.policy.check(caller, pod, key).inspect_err(|error| {
             self.0.metrics.denied(rpc, kind);
-            let peer = caller.peer();
-            self.0.denials.warn(|denials| {
-                tracing::warn!(
-                    uid = peer.map(|p| p.uid),
-                    gid = peer.map(|p| p.gid),
-                    pid = peer.and_then(|p| p.pid),
-                    %error,
-                    denials,
-                    "request denied by policy (logged at most once a second, with the count since)"
-                )
-            });
+            self.log_denial(caller, pod, error);
         })
+    }
+
+    /// Logs a denial, naming the peer and its pod (rate-limited).
+    fn log_denial(&self, caller: &Caller, pod: Option<&Pod>, error: &BrokerError) {
+        let peer = caller.peer();
+        self.0.denials.warn(|denials| {
+            tracing::warn!(
+                uid = peer.map(|p| p.uid),
+                gid = peer.map(|p| p.gid),
+                pid = peer.and_then(|p| p.pid),
+                pod = pod.map(tracing::field::display),
+                kubernetes_service_account = pod.map(|pod| format!("{}/{}", pod.namespace, pod.service_account)),
+                %error,
+                denials,
+                "request denied (logged at most once a second, with the count since)"
+            )
+        });
     }
 
     /// Records the result of a call in the current span and in the metrics,
@@ -327,11 +376,25 @@ impl Broker {
     }
 }
 
+/// How a request was admitted: the key as the caller asked for it, when
+/// the policy limited it to an access boundary; the caller's pod, with
+/// workload identity.
+#[derive(Default)]
+pub(crate) struct Admitted {
+    /// The key as asked for, if the policy limited it.
+    pub requested: Option<TokenKey>,
+    /// The caller's pod and account.
+    pub pod: Option<PodIdentity>,
+}
+
 /// Whom the keys a caller creates are charged to: its uid, the shared
 /// bucket of callers without one, or nobody (the broker's own sinks).
 fn owner_of(caller: &Caller) -> Owner {
     match caller {
-        Caller::Local(Some(peer)) => Owner::Uid(peer.uid),
+        Caller::Local(Some(peer)) => match peer.holder() {
+            Holder::Uid(uid) => Owner::Uid(uid),
+            Holder::Pod(pod) => Owner::Pod(pod),
+        },
         Caller::Local(None) | Caller::Loopback => Owner::Unidentified,
         Caller::Broker => Owner::Broker,
     }

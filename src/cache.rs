@@ -385,7 +385,7 @@ impl Inner {
             );
         }
         BrokerError::KeyQuotaExceeded {
-            uid: owner.uid(),
+            creator: owner.creator(),
             limit: self.quota.limit(),
         }
     }

@@ -17,6 +17,7 @@ use crate::metadata_endpoint::reveal::Reveal;
 use crate::socket::DEFAULT_SOCKET;
 use crate::sources::SourceConfig;
 use crate::telemetry::LogFormat;
+use crate::workload::{UnmappedPods, WorkloadIdentity};
 
 /// Default time the calls in flight get to finish once the broker drains
 /// (5 s). `app` runs the drain; the default lives here because `app`
@@ -186,6 +187,37 @@ pub struct ServeArgs {
     /// the emulator's fake STS.
     #[arg(long, env = "TOKENBROKER_STS_ENDPOINT", default_value = crate::sources::downscope::DEFAULT_STS_ENDPOINT)]
     pub sts_endpoint: String,
+
+    /// Per-pod identity on a Kubernetes node: off (every peer gets the
+    /// broker's own identity), or kubernetes (a peer whose cgroup names a
+    /// pod gets tokens of the Google service account its Kubernetes
+    /// service account maps to, by the iam.gke.io/gcp-service-account
+    /// annotation or the policy's [[workload]] table; host processes are
+    /// served as before). See docs/workload-identity.md.
+    #[arg(long, env = "TOKENBROKER_WORKLOAD_IDENTITY", value_enum, default_value_t = WorkloadIdentity::Off)]
+    pub workload_identity: WorkloadIdentity,
+
+    /// This node's name, whose pods are followed (in a DaemonSet, from the
+    /// downward API's spec.nodeName). Needed with --workload-identity
+    /// kubernetes; with --emulator, the emulator's node is the default.
+    #[arg(long, env = "TOKENBROKER_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// The kubeconfig to reach the Kubernetes API with. Without it: the
+    /// in-cluster configuration (the pod's service-account token and CA);
+    /// with --emulator, the emulator's fake Kubernetes API.
+    #[arg(long, env = "TOKENBROKER_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Where /proc is: peers' cgroups are read at <proc-root>/<pid>/cgroup.
+    #[arg(long, env = "TOKENBROKER_PROC_ROOT", default_value = crate::peer::cgroup::DEFAULT_PROC_ROOT)]
+    pub proc_root: PathBuf,
+
+    /// What a pod whose Kubernetes service account maps to no Google
+    /// service account gets: deny (PERMISSION_DENIED, naming the
+    /// annotation to add) or node (the broker's own identity).
+    #[arg(long, env = "TOKENBROKER_UNMAPPED_PODS", value_enum, default_value_t = UnmappedPods::Deny)]
+    pub unmapped_pods: UnmappedPods,
 
     /// Lifetime of the tokens the in-process emulator issues.
     #[arg(long, env = "TOKENBROKER_EMULATOR_TOKEN_LIFETIME", default_value = human(crate::emulator::DEFAULT_TOKEN_LIFETIME), value_parser = positive_at_most::<86_400>)]
@@ -479,9 +511,9 @@ fn at_least_one(value: &str) -> Result<usize, String> {
 fn parse_email(value: &str) -> Result<String, String> {
     match crate::request::ServiceAccount::parse("service account", value.to_string()) {
         Ok(crate::request::ServiceAccount::Email(email)) => Ok(email),
-        Ok(crate::request::ServiceAccount::Default) => {
-            Err("name a service account by its email, not \"default\"".into())
-        }
+        Ok(
+            crate::request::ServiceAccount::Default | crate::request::ServiceAccount::Workload(_),
+        ) => Err("name a service account by its email, not \"default\"".into()),
         Err(error) => Err(error.to_string()),
     }
 }

@@ -68,7 +68,7 @@ use crate::telemetry::RateLimitedLog;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::quota::{Exceeded, Quota, QuotaPermit};
+use crate::quota::{Exceeded, Holder, Quota, QuotaPermit};
 
 /// Default most connections to the gRPC socket at once (4 096).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -170,8 +170,8 @@ pub enum Refused {
     Budget(usize),
     /// The listener's own cap.
     Listener(usize),
-    /// The cap of the peer's uid on this listener.
-    Uid(u32, usize),
+    /// The cap of the peer's uid (or pod) on this listener.
+    Holder(Holder, usize),
 }
 
 impl std::fmt::Display for Refused {
@@ -182,7 +182,8 @@ impl std::fmt::Display for Refused {
                 "all {n} client connections the descriptor limit allows are open"
             ),
             Self::Listener(n) => write!(f, "the listener's {n} connections are open"),
-            Self::Uid(uid, n) => write!(f, "uid {uid} holds its {n} connections"),
+            Self::Holder(Holder::Uid(uid), n) => write!(f, "uid {uid} holds its {n} connections"),
+            Self::Holder(Holder::Pod(pod), n) => write!(f, "pod {pod} holds its {n} connections"),
         }
     }
 }
@@ -240,10 +241,11 @@ impl ConnectionLimits {
 }
 
 impl ListenerLimits {
-    /// Admits a new connection from `uid` (`None`: unknown), or counts and
-    /// logs its refusal. The permit frees the place when dropped.
-    pub fn admit(&self, uid: Option<u32>) -> Option<ConnectionPermit> {
-        match self.try_admit(uid) {
+    /// Admits a new connection from `holder` (its uid and pod, if known),
+    /// or counts and logs its refusal. The permit frees the place when
+    /// dropped.
+    pub fn admit(&self, holder: Option<Holder>) -> Option<ConnectionPermit> {
+        match self.try_admit(holder) {
             Ok(permit) => Some(permit),
             Err(refused) => {
                 self.instruments.refused.add(1, &self.listener.label());
@@ -261,15 +263,23 @@ impl ListenerLimits {
     }
 
     /// A permit, counted in the open-connections gauge until dropped.
-    fn try_admit(&self, uid: Option<u32>) -> Result<ConnectionPermit, Refused> {
-        let own = self.own.acquire(uid).map_err(|exceeded| match exceeded {
-            Exceeded::Total(max) => Refused::Listener(max),
-            Exceeded::Owner(max) => Refused::Uid(uid.unwrap_or_default(), max),
-        })?;
-        let budget = self
-            .budget
-            .acquire(None)
-            .map_err(|(Exceeded::Total(size) | Exceeded::Owner(size))| Refused::Budget(size))?;
+    fn try_admit(&self, holder: Option<Holder>) -> Result<ConnectionPermit, Refused> {
+        let own = self
+            .own
+            .acquire(holder)
+            .map_err(|exceeded| match (exceeded, holder) {
+                (Exceeded::Owner(max) | Exceeded::Pod(max), Some(holder)) => {
+                    Refused::Holder(holder, max)
+                }
+                (Exceeded::Total(max) | Exceeded::Owner(max) | Exceeded::Pod(max), _) => {
+                    Refused::Listener(max)
+                }
+            })?;
+        let budget = self.budget.acquire(None).map_err(
+            |(Exceeded::Total(size) | Exceeded::Owner(size) | Exceeded::Pod(size))| {
+                Refused::Budget(size)
+            },
+        )?;
         self.instruments.open.add(1, &self.listener.label());
         Ok(ConnectionPermit {
             _places: (own, budget),
@@ -415,14 +425,21 @@ mod tests {
     fn a_uid_at_its_cap_leaves_room_for_others() {
         let limits = limits(100);
         let grpc = limits.listener(Listener::Grpc, 10, Some(3));
-        let held: Vec<_> = (0..3).map(|_| grpc.admit(Some(1000)).unwrap()).collect();
+        let held: Vec<_> = (0..3)
+            .map(|_| grpc.admit(Some(Holder::Uid(1000))).unwrap())
+            .collect();
         assert_eq!(
-            grpc.try_admit(Some(1000)).err(),
-            Some(Refused::Uid(1000, 3))
+            grpc.try_admit(Some(Holder::Uid(1000))).err(),
+            Some(Refused::Holder(Holder::Uid(1000), 3))
         );
-        let other = grpc.admit(Some(0)).expect("another uid gets in");
+        let other = grpc
+            .admit(Some(Holder::Uid(0)))
+            .expect("another uid gets in");
         drop(held);
-        assert!(grpc.admit(Some(1000)).is_some(), "places are freed on drop");
+        assert!(
+            grpc.admit(Some(Holder::Uid(1000))).is_some(),
+            "places are freed on drop"
+        );
         drop(other);
     }
 

@@ -26,13 +26,13 @@ pub enum BrokerError {
         /// The configured bound.
         limit: usize,
     },
-    /// The caller's uid (or the shared bucket of callers without one) holds
-    /// as many keys it created as `--max-keys-per-uid` allows.
-    #[error("{}", quota_message(*uid, *limit))]
+    /// The caller's uid or pod (or the shared bucket of callers without a
+    /// uid) holds as many keys it created as `--max-keys-per-uid` allows.
+    #[error("{}", quota_message(creator.as_deref(), *limit))]
     KeyQuotaExceeded {
-        /// Whom the new key would have been charged to: a uid, or `None`
-        /// for the bucket callers without a uid share.
-        uid: Option<u32>,
+        /// Whom the new key would have been charged to (`uid 1000`, `pod
+        /// <uid>`), or `None` for the bucket callers without a uid share.
+        creator: Option<String>,
         /// The configured quota.
         limit: usize,
     },
@@ -137,6 +137,20 @@ pub enum BrokerError {
         /// The policy file.
         policy: String,
     },
+    /// Workload identity: the peer's pod may not have this token, or the
+    /// peer's pod cannot be told (the reason says which, and what to do).
+    #[error("{reason}")]
+    PodDenied {
+        /// Why, naming the pod and its Kubernetes service account.
+        reason: String,
+    },
+    /// Workload identity: the peer's pod cannot be identified now (the
+    /// Kubernetes API server is out of reach and the pod is not known).
+    #[error("{reason}")]
+    PodUnavailable {
+        /// Why, naming the pod.
+        reason: String,
+    },
     /// The caller's deadline passed while waiting for the metadata server.
     #[error(
         "no token within the call's deadline of {}; the fetch goes on in the background, so a retry may be served from the cache",
@@ -165,10 +179,11 @@ pub enum BrokerError {
     ShuttingDown,
 }
 
-fn quota_message(uid: Option<u32>, limit: usize) -> String {
-    let holder = match uid {
-        Some(uid) => {
-            format!("uid {uid} holds {limit} cached keys it created, the most one uid may hold")
+fn quota_message(creator: Option<&str>, limit: usize) -> String {
+    let holder = match creator {
+        Some(creator) => {
+            let one = creator.split(' ').next().unwrap_or("uid");
+            format!("{creator} holds {limit} cached keys it created, the most one {one} may hold")
         }
         None => format!(
             "callers without a uid (the metadata endpoint on loopback TCP) hold {limit} cached keys they created, the most they may hold together"
@@ -240,6 +255,7 @@ impl BrokerError {
             },
             Self::PolicyDenied { .. }
             | Self::BoundaryNotCovered { .. }
+            | Self::PodDenied { .. }
             | Self::AccountNotAvailable { .. } => Code::PermissionDenied,
             Self::Unsupported { .. } => Code::InvalidArgument,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -247,6 +263,7 @@ impl BrokerError {
             | Self::MinValidForThrottled { .. }
             | Self::Expired { .. }
             | Self::GrantChanged { .. }
+            | Self::PodUnavailable { .. }
             | Self::EntryRetired
             | Self::ShuttingDown => Code::Unavailable,
         }
@@ -264,7 +281,9 @@ impl BrokerError {
             Self::LimitExceeded { .. }
             | Self::KeyQuotaExceeded { .. }
             | Self::InvalidateThrottled { .. } => (Http::TOO_MANY_REQUESTS, None),
-            Self::PolicyDenied { .. } | Self::BoundaryNotCovered { .. } => (Http::FORBIDDEN, None),
+            Self::PolicyDenied { .. }
+            | Self::BoundaryNotCovered { .. }
+            | Self::PodDenied { .. } => (Http::FORBIDDEN, None),
             // What the metadata server answers for an account it lacks.
             Self::AccountNotAvailable { .. } => (Http::NOT_FOUND, None),
             Self::Upstream { source, .. } => match source {
@@ -286,6 +305,7 @@ impl BrokerError {
             Self::MinValidForUnmet { .. }
             | Self::Expired { .. }
             | Self::GrantChanged { .. }
+            | Self::PodUnavailable { .. }
             | Self::DeadlineExceeded(_)
             | Self::EntryRetired
             | Self::ShuttingDown => (Http::SERVICE_UNAVAILABLE, None),

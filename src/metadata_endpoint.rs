@@ -14,6 +14,7 @@
 //! trusted ([`Caller::Loopback`]).
 
 mod pass_through;
+mod pod_accounts;
 mod query;
 pub mod reveal;
 mod route;
@@ -40,7 +41,9 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::connections::{self, Acceptor, Listener, ListenerLimits};
 use crate::error::BrokerError;
-use crate::policy::{Caller, Peer};
+use crate::peer::Peer;
+use crate::peer::cgroup::{self, Locator};
+use crate::policy::Caller;
 use crate::request::TokenRequest;
 use crate::socket::BoundSocket;
 use crate::sources::metadata::MetadataClient;
@@ -122,6 +125,9 @@ pub struct MetadataEndpoint {
     pub timeout: Duration,
     /// Which paths besides tokens are passed through.
     pub reveal: Reveal,
+    /// With workload identity, finds each `unix:` peer's pod when it
+    /// connects (loopback TCP peers cannot be told apart).
+    pub locator: Option<Locator>,
 }
 
 /// Serves the endpoint on `listener`, within `limits`, until `drain` is
@@ -145,15 +151,15 @@ pub async fn serve(
         let (stream, caller) = match accepted {
             Connection::Tcp(stream) => (Either::Left(stream), Caller::Loopback),
             Connection::Unix(stream) => {
-                let peer = stream.peer_cred().ok().map(|credentials| Peer {
-                    uid: credentials.uid(),
-                    gid: credentials.gid(),
-                    pid: credentials.pid(),
-                });
+                let locator = endpoint.locator.as_ref();
+                let peer = stream
+                    .peer_cred()
+                    .ok()
+                    .map(|c| Peer::new(c, cgroup::place(locator, c.pid())));
                 (Either::Right(stream), Caller::Local(peer))
             }
         };
-        let Some(permit) = limits.admit(caller.uid()) else {
+        let Some(permit) = limits.admit(caller.holder()) else {
             continue;
         };
         let endpoint = endpoint.clone();
@@ -227,6 +233,15 @@ impl MetadataEndpoint {
                 token.map_or_else(|error| error_response(&error), |t| raw_jwt(&t))
             }
             Route::PassThrough(path) => {
+                if let Some(below) = path.strip_prefix(route::ACCOUNTS) {
+                    match self.broker.pod_account(&caller).await {
+                        Err(error) => return error_response(&error),
+                        Ok(Some(google)) => {
+                            return pod_answer(pod_accounts::answer(below, query, &google));
+                        }
+                        Ok(None) => {}
+                    }
+                }
                 let below_root = path.strip_prefix(route::ROOT).unwrap_or_default();
                 if self.reveal.allows(below_root, query)
                     || self.broker.reveals(
@@ -311,6 +326,20 @@ fn raw_jwt(token: &Token) -> Response<Full<Bytes>> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
+    with_flavor(response)
+}
+
+/// A pod's own account listing, email, aliases or scopes.
+fn pod_answer(answer: pod_accounts::Answer) -> Response<Full<Bytes>> {
+    let (body, content_type) = match answer {
+        pod_accounts::Answer::Json(body) => (body, "application/json"),
+        pod_accounts::Answer::Text(body) => (body, "application/text"),
+        pod_accounts::Answer::NotFound => return text(StatusCode::NOT_FOUND, "Not Found\n"),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     with_flavor(response)
 }
 

@@ -4,6 +4,7 @@
 //! Without a file every peer that can open the socket is allowed. The file
 //! is re-read on SIGHUP; a bad file is reported and the old rules stay.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -11,19 +12,10 @@ use std::sync::{Arc, RwLock};
 use serde::Deserialize;
 
 use crate::error::BrokerError;
+use crate::peer::{Holder, Peer};
 use crate::request::boundary::{AccessBoundary, BoundaryEntry};
 use crate::request::{ServiceAccount, TokenKey};
-
-/// The identity of a connected process, from `SO_PEERCRED`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Peer {
-    /// Effective user id.
-    pub uid: u32,
-    /// Effective (primary) group id; supplementary groups are not known.
-    pub gid: u32,
-    /// Process id, for logs.
-    pub pid: Option<i32>,
-}
+use crate::workload::Pod;
 
 /// Who sent a request, as far as its transport can tell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,9 +40,9 @@ impl Caller {
         }
     }
 
-    /// The calling process's uid, when the kernel named it.
-    pub fn uid(&self) -> Option<u32> {
-        self.peer().map(|peer| peer.uid)
+    /// Whom the places this caller takes are charged to, if anybody.
+    pub fn holder(&self) -> Option<Holder> {
+        self.peer().map(Peer::holder)
     }
 }
 
@@ -80,15 +72,35 @@ pub enum PolicyError {
 struct PolicyFile {
     #[serde(default)]
     allow: Vec<Rule>,
+    #[serde(default)]
+    workload: Vec<WorkloadBinding>,
+}
+
+/// One `[[workload]]` entry: with workload identity, the pods of this
+/// Kubernetes service account get tokens of this Google service account
+/// (over the account's `iam.gke.io/gcp-service-account` annotation).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkloadBinding {
+    namespace: String,
+    service_account: String,
+    google_service_account: String,
 }
 
 /// One `[[allow]]` rule. Lists that are left out match any peer (`uids`,
-/// `gids`) or allow nothing (`audiences`, `scopes`).
+/// `gids`, `namespaces`, `kubernetes_service_accounts`) or allow nothing
+/// (`audiences`, `scopes`). A rule with `namespaces` or
+/// `kubernetes_service_accounts` matches only peers in pods (workload
+/// identity).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Rule {
     uids: Option<Vec<u32>>,
     gids: Option<Vec<u32>>,
+    /// Pods' namespaces.
+    namespaces: Option<Vec<String>>,
+    /// Pods' Kubernetes service accounts, as `namespace/name`.
+    kubernetes_service_accounts: Option<Vec<String>>,
     service_accounts: Vec<String>,
     audiences: Option<Vec<String>>,
     scopes: Option<Vec<String>>,
@@ -118,6 +130,9 @@ pub enum Grant {
 pub struct Policy {
     source: PathBuf,
     rules: Vec<Rule>,
+    /// `[[workload]]`: (namespace, Kubernetes service account) → Google
+    /// service account.
+    workloads: HashMap<(String, String), String>,
 }
 
 impl Policy {
@@ -141,10 +156,45 @@ impl Policy {
             rule.validate()
                 .map_err(|message| invalid(format!("[[allow]] rule {}: {message}", index + 1)))?;
         }
+        let mut workloads = HashMap::new();
+        for (index, binding) in file.workload.into_iter().enumerate() {
+            let at = |message: String| invalid(format!("[[workload]] {}: {message}", index + 1));
+            if binding.namespace.is_empty() || binding.service_account.is_empty() {
+                return Err(at("namespace and service_account must not be empty".into()));
+            }
+            ServiceAccount::parse(
+                "google_service_account",
+                binding.google_service_account.clone(),
+            )
+            .ok()
+            .filter(|account| *account != ServiceAccount::Default)
+            .ok_or_else(|| {
+                at(format!(
+                    "google_service_account {:?} is not a service account email",
+                    binding.google_service_account
+                ))
+            })?;
+            let key = (binding.namespace, binding.service_account);
+            if workloads
+                .insert(key.clone(), binding.google_service_account)
+                .is_some()
+            {
+                return Err(at(format!("{}/{} is bound twice", key.0, key.1)));
+            }
+        }
         Ok(Self {
             source: source.to_path_buf(),
             rules: file.allow,
+            workloads,
         })
+    }
+
+    /// The Google service account `[[workload]]` binds the Kubernetes
+    /// service account `namespace/service_account` to, if any.
+    pub fn workload_account(&self, namespace: &str, service_account: &str) -> Option<&str> {
+        self.workloads
+            .get(&(namespace.to_string(), service_account.to_string()))
+            .map(String::as_str)
     }
 
     /// How many rules the policy has.
@@ -158,9 +208,14 @@ impl Policy {
     /// decides: a requested boundary it does not cover is denied, whatever
     /// later rules say. `Err` explains the denial: what that boundary does
     /// not cover, or nothing (no rule covers the key).
-    pub fn grant(&self, peer: &Peer, key: &TokenKey) -> Result<Grant, Option<String>> {
+    pub fn grant(
+        &self,
+        peer: &Peer,
+        pod: Option<&Pod>,
+        key: &TokenKey,
+    ) -> Result<Grant, Option<String>> {
         let source = key.source_key();
-        for rule in self.rules.iter().filter(|rule| rule.matches(peer)) {
+        for rule in self.rules.iter().filter(|rule| rule.matches(peer, pod)) {
             if !rule.covers(&source) {
                 continue;
             }
@@ -181,7 +236,7 @@ impl Policy {
     /// Whether some rule matches `peer` and covers `key`.
     #[cfg(test)]
     pub fn allows(&self, peer: &Peer, key: &TokenKey) -> bool {
-        self.grant(peer, key).is_ok()
+        self.grant(peer, None, key).is_ok()
     }
 
     /// Whether some rule matching `peer` lists `path` (below
@@ -189,10 +244,10 @@ impl Policy {
     /// plain parameters (`recursive` in any spelling) might show what lies
     /// below the path too, so only a prefix pattern (which covers all of
     /// that) allows one.
-    pub fn reveals(&self, peer: &Peer, path: &str, recursive: bool) -> bool {
+    pub fn reveals(&self, peer: &Peer, pod: Option<&Pod>, path: &str, recursive: bool) -> bool {
         self.rules
             .iter()
-            .filter(|rule| rule.matches(peer))
+            .filter(|rule| rule.matches(peer, pod))
             .any(|rule| {
                 rule.metadata_paths.iter().flatten().any(|pattern| {
                     match pattern.strip_suffix('*') {
@@ -210,6 +265,16 @@ impl Rule {
             let boundary = AccessBoundary::from_entries("access_boundary", entries)
                 .map_err(|e| e.to_string())?;
             self.boundary = Some(Arc::new(boundary));
+        }
+        for name in self.kubernetes_service_accounts.iter().flatten() {
+            let well_formed = name
+                .split_once('/')
+                .is_some_and(|(namespace, account)| !namespace.is_empty() && !account.is_empty());
+            if !well_formed {
+                return Err(format!(
+                    "Kubernetes service account {name:?} is not namespace/name"
+                ));
+            }
         }
         for account in &self.service_accounts {
             if account != "*" {
@@ -250,10 +315,19 @@ impl Rule {
         Ok(())
     }
 
-    fn matches(&self, peer: &Peer) -> bool {
+    fn matches(&self, peer: &Peer, pod: Option<&Pod>) -> bool {
         let listed =
             |ids: &Option<Vec<u32>>, id: u32| ids.as_ref().is_none_or(|ids| ids.contains(&id));
-        listed(&self.uids, peer.uid) && listed(&self.gids, peer.gid)
+        let in_pod = |names: &Option<Vec<String>>, name: &dyn Fn(&Pod) -> String| match names {
+            None => true,
+            Some(names) => pod.is_some_and(|pod| names.contains(&name(pod))),
+        };
+        listed(&self.uids, peer.uid)
+            && listed(&self.gids, peer.gid)
+            && in_pod(&self.namespaces, &|pod| pod.namespace.clone())
+            && in_pod(&self.kubernetes_service_accounts, &|pod| {
+                format!("{}/{}", pod.namespace, pod.service_account)
+            })
     }
 
     fn covers(&self, key: &TokenKey) -> bool {
@@ -360,38 +434,51 @@ impl PolicyStore {
     /// `/computeMetadata/v1/`) through the metadata endpoint beyond
     /// `--metadata-passthrough`: only a known peer on a Unix socket whose
     /// rule lists it.
-    pub fn reveals(&self, caller: &Caller, path: &str, recursive: bool) -> bool {
+    pub fn reveals(&self, caller: &Caller, pod: Option<&Pod>, path: &str, recursive: bool) -> bool {
         let Caller::Local(Some(peer)) = caller else {
             return false;
         };
-        let current = self
-            .current
+        self.current()
+            .is_some_and(|policy| policy.reveals(peer, pod, path, recursive))
+    }
+
+    /// The Google service account the policy's `[[workload]]` table binds
+    /// the Kubernetes service account `namespace/service_account` to.
+    pub fn workload_account(&self, namespace: &str, service_account: &str) -> Option<String> {
+        self.current()?
+            .workload_account(namespace, service_account)
+            .map(str::to_string)
+    }
+
+    fn current(&self) -> Option<Arc<Policy>> {
+        self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        current.is_some_and(|policy| policy.reveals(peer, path, recursive))
+            .clone()
     }
 
     /// Allows the request, as asked or limited to an access boundary, or
     /// explains the denial (naming the policy file, never a token).
-    pub fn check(&self, caller: &Caller, key: &TokenKey) -> Result<Grant, BrokerError> {
+    pub fn check(
+        &self,
+        caller: &Caller,
+        pod: Option<&Pod>,
+        key: &TokenKey,
+    ) -> Result<Grant, BrokerError> {
         let peer = match caller {
             Caller::Local(peer) => peer.as_ref(),
             Caller::Loopback | Caller::Broker => return Ok(Grant::AsAsked),
         };
-        let current = self
-            .current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let Some(policy) = current else {
+        let Some(policy) = self.current() else {
             return Ok(Grant::AsAsked);
         };
-        let who = |peer: Option<&Peer>| {
-            peer.map_or_else(
-                || "a peer whose credentials are unknown".to_string(),
-                |p| format!("uid {} (gid {})", p.uid, p.gid),
-            )
+        let who = |peer: Option<&Peer>| match (peer, pod) {
+            (None, _) => "a peer whose credentials are unknown".to_string(),
+            (Some(p), None) => format!("uid {} (gid {})", p.uid, p.gid),
+            (Some(p), Some(pod)) => format!(
+                "uid {} (gid {}) of pod {pod} (Kubernetes service account {}/{})",
+                p.uid, p.gid, pod.namespace, pod.service_account
+            ),
         };
         let Some(peer) = peer else {
             return Err(BrokerError::PolicyDenied {
@@ -401,7 +488,7 @@ impl PolicyStore {
             });
         };
         policy
-            .grant(peer, key)
+            .grant(peer, pod, key)
             .map_err(|uncovered| match uncovered {
                 Some(reason) => BrokerError::BoundaryNotCovered {
                     policy: policy.source.display().to_string(),
@@ -447,6 +534,7 @@ fn describe(key: &TokenKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peer::Place;
     use crate::request::{AccessTokenKey, IdTokenFormat, IdTokenKey};
 
     const POLICY: &str = r#"
@@ -477,6 +565,7 @@ mod tests {
             uid,
             gid,
             pid: Some(42),
+            place: Place::Host,
         }
     }
 
@@ -546,13 +635,14 @@ mod tests {
             uid,
             gid: 0,
             pid: None,
+            place: Place::Host,
         };
-        assert!(policy.reveals(&peer(7), "instance/attributes/cluster-name", false));
-        assert!(policy.reveals(&peer(7), "project/attributes/team-a", true));
-        assert!(!policy.reveals(&peer(7), "instance/attributes/cluster-name", true));
-        assert!(!policy.reveals(&peer(7), "instance/attributes/kube-env", false));
-        assert!(!policy.reveals(&peer(7), "instance/attributes/cluster-name/", false));
-        assert!(!policy.reveals(&peer(8), "instance/attributes/cluster-name", false));
+        assert!(policy.reveals(&peer(7), None, "instance/attributes/cluster-name", false));
+        assert!(policy.reveals(&peer(7), None, "project/attributes/team-a", true));
+        assert!(!policy.reveals(&peer(7), None, "instance/attributes/cluster-name", true));
+        assert!(!policy.reveals(&peer(7), None, "instance/attributes/kube-env", false));
+        assert!(!policy.reveals(&peer(7), None, "instance/attributes/cluster-name/", false));
+        assert!(!policy.reveals(&peer(8), None, "instance/attributes/cluster-name", false));
         for bad in [
             "/instance/x",
             "instance/../x",
@@ -652,6 +742,7 @@ mod tests {
         let store = PolicyStore::open(Some(path.clone())).unwrap();
         let denied = store.check(
             &local(peer(7, 7)),
+            None,
             &id("default", "https://api.example.com"),
         );
         let Err(error) = denied else {
@@ -662,7 +753,7 @@ mod tests {
         assert!(message.contains("uid 7"), "{message}");
         assert!(
             store
-                .check(&Caller::Local(None), &access("default", &[CLOUD]))
+                .check(&Caller::Local(None), None, &access("default", &[CLOUD]))
                 .is_err()
         );
 
@@ -670,7 +761,7 @@ mod tests {
         assert!(store.reload().is_err());
         assert!(
             store
-                .check(&local(peer(1000, 1)), &access("default", &[CLOUD]))
+                .check(&local(peer(1000, 1)), None, &access("default", &[CLOUD]))
                 .is_ok()
         );
 
@@ -684,13 +775,14 @@ mod tests {
             store
                 .check(
                     &local(peer(7, 7)),
+                    None,
                     &id("default", "https://api.example.com")
                 )
                 .is_ok()
         );
         assert!(
             store
-                .check(&local(peer(1000, 1)), &access("default", &[CLOUD]))
+                .check(&local(peer(1000, 1)), None, &access("default", &[CLOUD]))
                 .is_err()
         );
     }
@@ -702,8 +794,8 @@ mod tests {
         std::fs::write(&path, POLICY).unwrap();
         let store = PolicyStore::open(Some(path)).unwrap();
         let key = id("default", "https://api.example.com");
-        assert!(store.check(&local(peer(7, 7)), &key).is_err());
-        assert!(store.check(&Caller::Loopback, &key).is_ok());
+        assert!(store.check(&local(peer(7, 7)), None, &key).is_err());
+        assert!(store.check(&Caller::Loopback, None, &key).is_ok());
     }
 
     fn local(peer: Peer) -> Caller {
@@ -715,7 +807,7 @@ mod tests {
         let store = PolicyStore::open(None).unwrap();
         assert!(
             store
-                .check(&Caller::Local(None), &id("default", "x"))
+                .check(&Caller::Local(None), None, &id("default", "x"))
                 .is_ok()
         );
         assert_eq!(store.reload().unwrap(), None);
@@ -755,7 +847,7 @@ mod tests {
     #[test]
     fn the_first_covering_rule_decides_and_its_boundary_limits_access_tokens() {
         let policy = Policy::parse(Path::new("p.toml"), BOUNDED).unwrap();
-        let limited = policy.grant(&peer(5, 5), &access("default", &[CLOUD]));
+        let limited = policy.grant(&peer(5, 5), None, &access("default", &[CLOUD]));
         assert_eq!(
             limited,
             Ok(Grant::Limited(
@@ -764,7 +856,7 @@ mod tests {
             "the first rule's boundary, although the second has none"
         );
         let id = id("default", "https://x.a.run.app");
-        assert_eq!(policy.grant(&peer(5, 5), &id), Ok(Grant::AsAsked));
+        assert_eq!(policy.grant(&peer(5, 5), None, &id), Ok(Grant::AsAsked));
     }
 
     #[test]
@@ -773,11 +865,11 @@ mod tests {
         // which decides, refused.
         let only = Policy::parse(Path::new("p.toml"), BOUNDED).unwrap();
         let asked = access("default", &[]).downscoped_to(boundary(BUCKET, "inRole:roles/owner"));
-        let reason = only.grant(&peer(5, 5), &asked).unwrap_err().unwrap();
+        let reason = only.grant(&peer(5, 5), None, &asked).unwrap_err().unwrap();
         assert!(reason.contains("inRole:roles/owner"), "{reason}");
         let within = access("default", &[]).downscoped_to(boundary(BUCKET, VIEWER));
         assert_eq!(
-            only.grant(&peer(5, 5), &within),
+            only.grant(&peer(5, 5), None, &within),
             Ok(Grant::Limited(within.clone()))
         );
         let store_error = BrokerError::BoundaryNotCovered {
@@ -800,5 +892,93 @@ mod tests {
             error.contains("rule 1") && error.contains("available_resource"),
             "{error}"
         );
+    }
+
+    fn pod(namespace: &str, service_account: &str) -> Pod {
+        Pod {
+            uid: crate::peer::PodUid::parse("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0").unwrap(),
+            namespace: namespace.into(),
+            name: "p-1".into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    #[test]
+    fn pod_matchers_match_only_peers_in_those_pods() {
+        let policy = Policy::parse(
+            Path::new("p.toml"),
+            "[[allow]]\nnamespaces = [\"shop\"]\nservice_accounts = [\"default\"]\nscopes = [\"*\"]\n\n[[allow]]\nkubernetes_service_accounts = [\"batch/report\"]\nservice_accounts = [\"*\"]\nscopes = [\"*\"]\n",
+        )
+        .unwrap();
+        let key = access("default", &[CLOUD]);
+        let me = peer(5, 5);
+        assert!(policy.grant(&me, Some(&pod("shop", "cart")), &key).is_ok());
+        assert!(
+            policy
+                .grant(&me, Some(&pod("batch", "report")), &key)
+                .is_ok()
+        );
+        assert!(
+            policy
+                .grant(&me, Some(&pod("batch", "other")), &key)
+                .is_err()
+        );
+        assert!(
+            policy
+                .grant(&me, Some(&pod("other", "report")), &key)
+                .is_err()
+        );
+        // A host process never matches a rule about pods.
+        assert!(policy.grant(&me, None, &key).is_err());
+    }
+
+    #[test]
+    fn the_workload_table_binds_service_accounts_and_is_checked() {
+        let policy = Policy::parse(
+            Path::new("p.toml"),
+            "[[workload]]\nnamespace = \"shop\"\nservice_account = \"cart\"\ngoogle_service_account = \"cart@p.iam.gserviceaccount.com\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            policy.workload_account("shop", "cart"),
+            Some("cart@p.iam.gserviceaccount.com")
+        );
+        assert_eq!(policy.workload_account("shop", "other"), None);
+        assert_eq!(policy.workload_account("other", "cart"), None);
+        for (bad, says) in [
+            (
+                "namespace = \"\"\nservice_account = \"a\"\ngoogle_service_account = \"a@p.iam.gserviceaccount.com\"",
+                "must not be empty",
+            ),
+            (
+                "namespace = \"n\"\nservice_account = \"a\"\ngoogle_service_account = \"default\"",
+                "not a service account email",
+            ),
+            (
+                "namespace = \"n\"\nservice_account = \"a\"\ngoogle_service_account = \"nope\"",
+                "not a service account email",
+            ),
+            (
+                "namespace = \"n\"\nservice_account = \"a\"",
+                "google_service_account",
+            ),
+        ] {
+            let error = Policy::parse(Path::new("p.toml"), &format!("[[workload]]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+        let twice = "[[workload]]\nnamespace = \"n\"\nservice_account = \"a\"\ngoogle_service_account = \"a@p.iam.gserviceaccount.com\"\n";
+        let error = Policy::parse(Path::new("p.toml"), &format!("{twice}{twice}"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("n/a is bound twice"), "{error}");
+        let error = Policy::parse(
+            Path::new("p.toml"),
+            "[[allow]]\nkubernetes_service_accounts = [\"noslash\"]\nservice_accounts = []\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("not namespace/name"), "{error}");
     }
 }

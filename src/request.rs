@@ -30,6 +30,10 @@ pub enum ServiceAccount {
     Default,
     /// An account named by its email.
     Email(String),
+    /// With workload identity, the Google service account a pod maps to
+    /// (an email), minted by impersonation with the broker's own
+    /// credentials. Only the broker sets it, never a request field.
+    Workload(String),
 }
 
 impl ServiceAccount {
@@ -46,7 +50,7 @@ impl ServiceAccount {
     pub fn as_str(&self) -> &str {
         match self {
             Self::Default => "default",
-            Self::Email(email) => email,
+            Self::Email(email) | Self::Workload(email) => email,
         }
     }
 }
@@ -154,6 +158,15 @@ impl TokenKey {
             Self::Access(key) => &key.account,
             Self::Id(key) => &key.account,
             Self::Downscoped(key) => &key.source.account,
+        }
+    }
+
+    /// The account, to be rewritten (workload identity).
+    pub fn account_mut(&mut self) -> &mut ServiceAccount {
+        match self {
+            Self::Access(key) => &mut key.account,
+            Self::Id(key) => &mut key.account,
+            Self::Downscoped(key) => &mut key.source.account,
         }
     }
 

@@ -14,6 +14,7 @@ pub mod jwt;
 pub mod keyfile;
 pub mod metadata;
 pub mod response;
+pub mod workload;
 
 use std::path::PathBuf;
 use std::sync::Arc;

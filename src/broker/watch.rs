@@ -6,12 +6,12 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::Broker;
+use super::{Admitted, Broker, PodIdentity};
 use crate::audit::{Event, EventKind, event};
 use crate::cache::TokenWatch;
 use crate::error::BrokerError;
 use crate::policy::{Caller, Grant};
-use crate::quota::{Quota, QuotaPermit};
+use crate::quota::{Holder, Quota, QuotaPermit};
 use crate::request::TokenKey;
 use crate::telemetry::metrics::Rpc;
 use crate::token::{Token, TokenKind};
@@ -35,13 +35,14 @@ impl WatchLimits {
         }
     }
 
-    /// Takes a place for a watch of the peer `uid` (unknown: only the
-    /// total applies), or fails with `RESOURCE_EXHAUSTED`.
-    pub fn acquire(&self, uid: Option<u32>) -> Result<QuotaPermit, BrokerError> {
-        self.quota.acquire(uid).map_err(|exceeded| {
+    /// Takes a place for a watch of `holder` (a uid or pod; unknown: only
+    /// the total applies), or fails with `RESOURCE_EXHAUSTED`.
+    pub fn acquire(&self, holder: Option<Holder>) -> Result<QuotaPermit, BrokerError> {
+        self.quota.acquire(holder).map_err(|exceeded| {
             exceeded.into_error(
                 "too many open watch streams",
                 "too many open watch streams for this uid",
+                "too many open watch streams for this pod",
             )
         })
     }
@@ -61,10 +62,19 @@ pub struct Watch {
     /// The key as the caller asked for it, when the policy limited it to
     /// an access boundary (boxed: most watches have none).
     requested: Option<Box<TokenKey>>,
+    /// With workload identity, the watching pod: the watch ends when the
+    /// pod goes or maps to another account (boxed: host peers have none).
+    pod: Option<Box<PodWatch>>,
     /// The call's span, when it is enabled (boxed: most watches have none,
     /// and each holds only a pointer's worth for it).
     span: Option<Box<tracing::Span>>,
     _permit: QuotaPermit,
+}
+
+/// The pod a watch was opened by, and the changes of the node's pods.
+struct PodWatch {
+    identity: PodIdentity,
+    changes: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Watch {
@@ -72,19 +82,24 @@ impl Watch {
         broker: Broker,
         rpc: Rpc,
         caller: Caller,
-        requested: Option<TokenKey>,
+        admitted: Admitted,
         first: Arc<Token>,
         watch: TokenWatch,
         permit: QuotaPermit,
     ) -> Self {
         broker.0.metrics.watchers(watch.key().kind(), 1);
+        let pod = admitted.pod.and_then(|identity| {
+            let changes = broker.0.workloads.as_ref()?.subscribe_changes();
+            Some(Box::new(PodWatch { identity, changes }))
+        });
         Self {
             first: Some(first),
             watch,
             broker,
             rpc,
             caller,
-            requested: requested.map(Box::new),
+            requested: admitted.requested.map(Box::new),
+            pod,
             span: None,
             _permit: permit,
         }
@@ -125,11 +140,27 @@ impl Watch {
         }
         let kind = self.kind();
         let next = async {
-            let token = self.watch.next().await?;
+            let token = loop {
+                let Some(pod) = self.pod.as_deref_mut() else {
+                    break self.watch.next().await?;
+                };
+                tokio::select! {
+                    token = self.watch.next() => break token?,
+                    changed = pod.changes.changed() => match changed {
+                        Ok(()) => still_the_pods(&self.broker, self.rpc, kind, &self.caller, &pod.identity)?,
+                        // The pods are no longer followed (the broker stops).
+                        Err(_) => return Err(BrokerError::ShuttingDown),
+                    },
+                }
+            };
+            if let Some(pod) = self.pod.as_deref() {
+                still_the_pods(&self.broker, self.rpc, kind, &self.caller, &pod.identity)?;
+            }
             still_granted(
                 &self.broker,
                 self.rpc,
                 &self.caller,
+                self.pod.as_deref().map(|pod| &pod.identity),
                 self.requested.as_deref(),
                 self.watch.key(),
             )
@@ -168,12 +199,13 @@ fn still_granted(
     broker: &Broker,
     rpc: Rpc,
     caller: &Caller,
+    pod: Option<&PodIdentity>,
     requested: Option<&TokenKey>,
     watched: &TokenKey,
 ) -> Result<(), BrokerError> {
     let kind = watched.kind();
     let asked = requested.unwrap_or(watched);
-    let grant = broker.authorize(rpc, kind, caller, asked)?;
+    let grant = broker.authorize(rpc, kind, caller, pod, asked)?;
     let granted = match &grant {
         Grant::AsAsked => asked,
         Grant::Limited(limited) => limited,
@@ -191,6 +223,31 @@ fn still_granted(
     })
 }
 
+/// Whether the watching pod is still on the node and still served as the
+/// same account; a pod that is gone, or that maps elsewhere now, ends the
+/// watch (the latter with `UNAVAILABLE`, so that it watches again).
+fn still_the_pods(
+    broker: &Broker,
+    rpc: Rpc,
+    kind: TokenKind,
+    caller: &Caller,
+    watching: &PodIdentity,
+) -> Result<(), BrokerError> {
+    let now = broker.current_pod_identity(caller);
+    let result = match now {
+        Ok(now) if now.as_ref().map(|i| &i.google) == Some(&watching.google) => return Ok(()),
+        Ok(_) => Err(BrokerError::PodUnavailable {
+            reason: format!(
+                "pod {} maps to another Google service account now; watch again",
+                watching.pod
+            ),
+        }),
+        Err(error) => Err(error),
+    };
+    broker.0.metrics.denied(rpc, kind);
+    result
+}
+
 impl Drop for Watch {
     fn drop(&mut self) {
         self.broker.0.metrics.watchers(self.kind(), -1);
@@ -204,14 +261,14 @@ mod tests {
     #[test]
     fn watch_limits_count_per_uid_and_in_total() {
         let limits = WatchLimits::new(3, 2);
-        let a1 = limits.acquire(Some(1)).unwrap();
-        let _a2 = limits.acquire(Some(1)).unwrap();
-        let error = limits.acquire(Some(1)).err().unwrap();
+        let a1 = limits.acquire(Some(Holder::Uid(1))).unwrap();
+        let _a2 = limits.acquire(Some(Holder::Uid(1))).unwrap();
+        let error = limits.acquire(Some(Holder::Uid(1))).err().unwrap();
         assert!(matches!(error, BrokerError::LimitExceeded { limit: 2, .. }));
-        let _b1 = limits.acquire(Some(2)).unwrap();
+        let _b1 = limits.acquire(Some(Holder::Uid(2))).unwrap();
         let error = limits.acquire(None).err().unwrap();
         assert!(matches!(error, BrokerError::LimitExceeded { limit: 3, .. }));
         drop(a1);
-        assert!(limits.acquire(Some(1)).is_ok());
+        assert!(limits.acquire(Some(Holder::Uid(1))).is_ok());
     }
 }

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::peer::PodUid;
+
 /// Least time between two warnings about one owner's refused keys (1 minute).
 pub const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -23,6 +25,8 @@ pub const WARN_INTERVAL: Duration = Duration::from_secs(60);
 pub enum Owner {
     /// A peer on a Unix socket, by uid.
     Uid(u32),
+    /// With workload identity, a peer in a pod, by the pod.
+    Pod(PodUid),
     /// Every caller without a uid, together.
     Unidentified,
     /// The broker itself (file sinks): charged to nobody.
@@ -30,10 +34,11 @@ pub enum Owner {
 }
 
 impl Owner {
-    /// The uid, for an owner that is one.
-    pub fn uid(self) -> Option<u32> {
+    /// The owner in words (`uid 1000`, `pod <uid>`), for one that is a
+    /// peer.
+    pub fn creator(self) -> Option<String> {
         match self {
-            Self::Uid(uid) => Some(uid),
+            Self::Uid(_) | Self::Pod(_) => Some(self.to_string()),
             Self::Unidentified | Self::Broker => None,
         }
     }
@@ -43,6 +48,7 @@ impl fmt::Display for Owner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Uid(uid) => write!(f, "uid {uid}"),
+            Self::Pod(pod) => write!(f, "pod {pod}"),
             Self::Unidentified => f.write_str("callers without a uid"),
             Self::Broker => f.write_str("the broker"),
         }

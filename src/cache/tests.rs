@@ -415,7 +415,7 @@ async fn one_uid_at_its_quota_leaves_new_keys_to_the_others() {
     assert_eq!(
         error,
         BrokerError::KeyQuotaExceeded {
-            uid: ME.uid(),
+            creator: ME.creator(),
             limit: 2
         }
     );

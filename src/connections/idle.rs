@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
 use super::ConnectionPermit;
+use crate::peer::Peer;
 
 /// Longest a new connection may stay silent (10 s): a client sends its
 /// preface as soon as it connects.
@@ -30,8 +31,8 @@ pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// extensions).
 #[derive(Clone)]
 pub struct ConnectionInfo {
-    /// The peer's address and credentials.
-    pub uds: UdsConnectInfo,
+    /// The peer, with the place (host or pod) read when it connected.
+    pub peer: Option<Peer>,
     /// Requests in flight on the connection.
     pub activity: Arc<Activity>,
 }
@@ -86,6 +87,7 @@ impl Drop for RequestGuard {
 pub struct IdleClose<IO> {
     io: IO,
     uds: UdsConnectInfo,
+    peer: Option<Peer>,
     activity: Arc<Activity>,
     timeout: Duration,
     timer: Pin<Box<Sleep>>,
@@ -94,17 +96,19 @@ pub struct IdleClose<IO> {
 }
 
 impl IdleClose<tokio::net::UnixStream> {
-    /// Wraps a connection from `uds` (its peer, read once at accept)
+    /// Wraps a connection from `uds` (its `peer`, read once at accept)
     /// admitted with `permit`; it may stay idle for `timeout`.
     pub fn new(
         io: tokio::net::UnixStream,
         uds: UdsConnectInfo,
+        peer: Option<Peer>,
         permit: ConnectionPermit,
         timeout: Duration,
     ) -> Self {
         Self {
             io,
             uds,
+            peer,
             activity: Arc::new(Activity::new()),
             timeout,
             timer: Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT)),
@@ -139,7 +143,7 @@ impl<IO> Connected for IdleClose<IO> {
 
     fn connect_info(&self) -> ConnectionInfo {
         ConnectionInfo {
-            uds: self.uds.clone(),
+            peer: self.peer,
             activity: self.activity.clone(),
         }
     }

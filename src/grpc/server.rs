@@ -22,6 +22,8 @@ use crate::connections::idle::{ActivityLayer, IdleClose};
 use crate::connections::{Acceptor, Listener, ListenerLimits};
 use crate::grpc::authority::{self, AnyAuthority};
 use crate::grpc::service::TokenBrokerService;
+use crate::peer::Peer;
+use crate::peer::cgroup::{self, Locator};
 use crate::proto::v1::FILE_DESCRIPTOR_SET;
 use crate::proto::v1::token_broker_server::TokenBrokerServer;
 use crate::socket::BoundSocket;
@@ -56,6 +58,8 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// Longest a connection may stay open with no call in flight.
     pub idle_timeout: Duration,
+    /// With workload identity, finds each peer's pod when it connects.
+    pub locator: Option<Locator>,
 }
 
 /// Serves `broker` on `socket` until `drain` is cancelled, then until the
@@ -88,7 +92,12 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     // Every client's `:authority` is accepted (see `authority`), and the
     // limits it enforces are the ones the server advertises.
-    let connections = accept(listener, config.connections, config.idle_timeout);
+    let connections = accept(
+        listener,
+        config.connections,
+        config.idle_timeout,
+        config.locator,
+    );
     let server = Server::builder()
         .max_frame_size(authority::MAX_FRAME_SIZE as u32)
         .http2_max_header_list_size(authority::MAX_HEADER_LIST_SIZE as u32)
@@ -118,23 +127,31 @@ fn accept(
     listener: tokio::net::UnixListener,
     limits: ListenerLimits,
     idle_timeout: Duration,
+    locator: Option<Locator>,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<AnyAuthority<IdleClose<tokio::net::UnixStream>>>>
 {
     let acceptor = Acceptor::new(Listener::Grpc.as_str());
-    let state = (listener, acceptor, limits);
-    futures_util::stream::unfold(state, move |(listener, mut acceptor, limits)| async move {
-        loop {
-            let stream = acceptor.accept(&listener).await;
-            let uds = stream.connect_info();
-            let peer = uds.peer_cred;
-            let Some(permit) = limits.admit(peer.map(|p| p.uid())) else {
-                continue;
-            };
-            let connection =
-                AnyAuthority::new(IdleClose::new(stream, uds, permit, idle_timeout), peer);
-            return Some((Ok(connection), (listener, acceptor, limits)));
-        }
-    })
+    let state = (listener, acceptor, limits, locator);
+    futures_util::stream::unfold(
+        state,
+        move |(listener, mut acceptor, limits, locator)| async move {
+            loop {
+                let stream = acceptor.accept(&listener).await;
+                let uds = stream.connect_info();
+                let credentials = uds.peer_cred;
+                // The pod is read once, now: the pid is freshest at accept.
+                let peer =
+                    credentials.map(|c| Peer::new(c, cgroup::place(locator.as_ref(), c.pid())));
+                let holder = peer.as_ref().map(Peer::holder);
+                let Some(permit) = limits.admit(holder) else {
+                    continue;
+                };
+                let idle = IdleClose::new(stream, uds, peer, permit, idle_timeout);
+                let connection = AnyAuthority::new(idle, credentials);
+                return Some((Ok(connection), (listener, acceptor, limits, locator)));
+            }
+        },
+    )
 }
 
 /// Reports an oversized request as `RESOURCE_EXHAUSTED`, as gRPC specifies

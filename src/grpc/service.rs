@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::broker::{Broker, Watch};
 use crate::connections::idle::ConnectionInfo;
 use crate::error::BrokerError;
-use crate::policy::{Caller, Peer};
+use crate::policy::Caller;
 use crate::proto::v1 as pb;
 use crate::request::TokenRequest;
 use crate::telemetry::metrics::Rpc;
@@ -128,12 +128,7 @@ fn caller_of<T>(request: &Request<T>) -> Caller {
     let peer = request
         .extensions()
         .get::<ConnectionInfo>()
-        .and_then(|connection| connection.uds.peer_cred)
-        .map(|credentials| Peer {
-            uid: credentials.uid(),
-            gid: credentials.gid(),
-            pid: credentials.pid(),
-        });
+        .and_then(|connection| connection.peer);
     Caller::Local(peer)
 }
 

@@ -57,7 +57,7 @@ impl MetadataEndpoint {
             };
             (query.to_string(), None, Some(permit))
         } else {
-            let place = match self.long_polls.0.acquire(caller.uid()) {
+            let place = match self.long_polls.0.acquire(caller.holder()) {
                 Ok(place) => place,
                 Err(exceeded) => return error_response(&long_polls_exceeded(exceeded)),
             };
@@ -94,6 +94,7 @@ fn long_polls_exceeded(exceeded: Exceeded) -> BrokerError {
     exceeded.into_error(
         "too many long-polls (wait_for_change=true) in flight",
         "too many long-polls (wait_for_change=true) in flight for this uid",
+        "too many long-polls (wait_for_change=true) in flight for this pod",
     )
 }
 

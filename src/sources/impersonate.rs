@@ -33,16 +33,60 @@ const SERVICE: &str = "the IAM Credentials API";
 
 /// Mints tokens for one account through the IAM Credentials API.
 pub struct ImpersonatedSource {
-    base: Arc<dyn TokenSource>,
+    base: Arc<BaseToken>,
     url: ImpersonationUrl,
     delegates: Vec<String>,
     /// Lifetime asked for access tokens.
     lifetime: Duration,
     http: HttpsClient,
-    /// The base source's latest access token, reused while it lasts. An
-    /// async lock, held across the base fetch, so that concurrent fetches
-    /// of several keys share one base token fetch.
-    base_token: tokio::sync::Mutex<Option<Arc<Token>>>,
+}
+
+/// The access token (cloud-platform scope) that authorises calls to the
+/// IAM Credentials API, from a base source, shared by every impersonation
+/// built on it.
+pub struct BaseToken {
+    source: Arc<dyn TokenSource>,
+    /// The latest token, reused while it lasts. An async lock, held across
+    /// the fetch, so that concurrent fetches of several keys share one
+    /// base token fetch.
+    cached: tokio::sync::Mutex<Option<Arc<Token>>>,
+}
+
+impl BaseToken {
+    /// The tokens of `source`'s default account.
+    pub fn new(source: Arc<dyn TokenSource>) -> Self {
+        Self {
+            source,
+            cached: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The base token, fetched again when close to expiry.
+    async fn get(&self) -> Result<Arc<Token>, FetchError> {
+        let mut cached = self.cached.lock().await;
+        if let Some(token) = cached
+            .as_ref()
+            .filter(|t| t.remaining(Instant::now()) > BASE_TOKEN_MARGIN)
+        {
+            return Ok(token.clone());
+        }
+        let key = TokenKey::Access(AccessTokenKey {
+            account: ServiceAccount::Default,
+            scopes: DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect(),
+        });
+        let token = Arc::new(self.source.fetch(&key).await?);
+        *cached = Some(token.clone());
+        Ok(token)
+    }
+
+    /// `refused` was turned away: fetch a new one next time (unless
+    /// another fetch already replaced it).
+    async fn refused(&self, refused: &Arc<Token>) {
+        let mut cached = self.cached.lock().await;
+        if cached.as_ref().is_some_and(|t| Arc::ptr_eq(t, refused)) {
+            *cached = None;
+        }
+    }
 }
 
 impl ImpersonatedSource {
@@ -51,6 +95,24 @@ impl ImpersonatedSource {
     /// by `base`'s access tokens, which live an hour.
     pub fn new(
         base: Arc<dyn TokenSource>,
+        target: &str,
+        delegates: Vec<String>,
+        endpoint: &Uri,
+        http: HttpsClient,
+    ) -> Result<Self, String> {
+        Self::sharing(
+            Arc::new(BaseToken::new(base)),
+            target,
+            delegates,
+            endpoint,
+            http,
+        )
+    }
+
+    /// [`ImpersonatedSource::new`] authorised by a `base` token shared
+    /// with other impersonations.
+    pub fn sharing(
+        base: Arc<BaseToken>,
         target: &str,
         delegates: Vec<String>,
         endpoint: &Uri,
@@ -70,13 +132,13 @@ impl ImpersonatedSource {
             access: url("generateAccessToken")?,
             id: url("generateIdToken")?,
         };
-        Ok(Self::at(
+        Ok(Self {
             base,
             url,
             delegates,
-            DEFAULT_IMPERSONATED_LIFETIME,
+            lifetime: DEFAULT_IMPERSONATED_LIFETIME,
             http,
-        ))
+        })
     }
 
     /// Impersonates at the URLs a credentials file names, asking for access
@@ -89,12 +151,11 @@ impl ImpersonatedSource {
         http: HttpsClient,
     ) -> Self {
         Self {
-            base,
+            base: Arc::new(BaseToken::new(base)),
             url,
             delegates,
             lifetime,
             http,
-            base_token: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -127,24 +188,6 @@ impl ImpersonatedSource {
         self.http.probe(SERVICE, &root).await
     }
 
-    /// The base source's access token, fetched again when close to expiry.
-    async fn base_token(&self) -> Result<Arc<Token>, FetchError> {
-        let mut cached = self.base_token.lock().await;
-        if let Some(token) = cached
-            .as_ref()
-            .filter(|t| t.remaining(Instant::now()) > BASE_TOKEN_MARGIN)
-        {
-            return Ok(token.clone());
-        }
-        let key = TokenKey::Access(AccessTokenKey {
-            account: ServiceAccount::Default,
-            scopes: DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect(),
-        });
-        let token = Arc::new(self.base.fetch(&key).await?);
-        *cached = Some(token.clone());
-        Ok(token)
-    }
-
     fn delegate_names(&self) -> Vec<String> {
         self.delegates
             .iter()
@@ -153,7 +196,7 @@ impl ImpersonatedSource {
     }
 
     async fn fetch_token(&self, key: &TokenKey) -> Result<Token, FetchError> {
-        let bearer = self.base_token().await?;
+        let bearer = self.base.get().await?;
         let (url, body) = match key {
             TokenKey::Access(access) => {
                 let scopes: Vec<&str> = if access.scopes.is_empty() {
@@ -189,12 +232,7 @@ impl ImpersonatedSource {
             )
             .await;
         if let Err(FetchError::Status { status: 401, .. }) = &response {
-            // The base token was refused: fetch a new one next time (unless
-            // another fetch already replaced it).
-            let mut cached = self.base_token.lock().await;
-            if cached.as_ref().is_some_and(|t| Arc::ptr_eq(t, &bearer)) {
-                *cached = None;
-            }
+            self.base.refused(&bearer).await;
         }
         let response = response?;
         match key {
@@ -311,7 +349,7 @@ mod tests {
         let tasks: Vec<_> = (0..20)
             .map(|_| {
                 let source = source.clone();
-                tokio::spawn(async move { source.base_token().await.unwrap() })
+                tokio::spawn(async move { source.base.get().await.unwrap() })
             })
             .collect();
         for task in tasks {
@@ -320,9 +358,6 @@ mod tests {
         assert_eq!(base.0.load(std::sync::atomic::Ordering::SeqCst), 1);
         // Close to expiry, it is fetched again.
         tokio::time::advance(Duration::from_secs(3600) - BASE_TOKEN_MARGIN).await;
-        assert_eq!(
-            source.base_token().await.unwrap().secret().expose(),
-            "base-1"
-        );
+        assert_eq!(source.base.get().await.unwrap().secret().expose(), "base-1");
     }
 }

@@ -146,8 +146,8 @@ pub fn admit_one_account(
 ) -> Result<(), BrokerError> {
     match key.account() {
         ServiceAccount::Default => {}
-        ServiceAccount::Email(asked) if asked == email => {}
-        ServiceAccount::Email(asked) => {
+        ServiceAccount::Email(asked) | ServiceAccount::Workload(asked) if asked == email => {}
+        ServiceAccount::Email(asked) | ServiceAccount::Workload(asked) => {
             return Err(BrokerError::AccountNotAvailable {
                 account: asked.clone(),
                 source_name: describe(),
@@ -185,11 +185,13 @@ pub fn admit_default_access_tokens(
     }
     match key.account() {
         ServiceAccount::Default => Ok(()),
-        ServiceAccount::Email(asked) => Err(BrokerError::AccountNotAvailable {
-            account: asked.clone(),
-            source_name: describe(),
-            allowed: "default".into(),
-        }),
+        ServiceAccount::Email(asked) | ServiceAccount::Workload(asked) => {
+            Err(BrokerError::AccountNotAvailable {
+                account: asked.clone(),
+                source_name: describe(),
+                allowed: "default".into(),
+            })
+        }
     }
 }
 

@@ -37,6 +37,8 @@ pub struct Health {
     contact: watch::Sender<Contact>,
     serving: watch::Sender<bool>,
     draining: Arc<AtomicBool>,
+    /// With workload identity: whether the node's pods have been read once.
+    pods_known: watch::Sender<bool>,
 }
 
 impl Default for Health {
@@ -52,6 +54,7 @@ impl Health {
             contact: watch::Sender::new(Contact::Unknown),
             serving: watch::Sender::new(false),
             draining: Arc::new(AtomicBool::new(false)),
+            pods_known: watch::Sender::new(true),
         }
     }
 
@@ -86,6 +89,18 @@ impl Health {
         });
     }
 
+    /// Makes serving wait for `pods_known` (workload identity: the node's
+    /// pods read once from the Kubernetes API server), which it follows.
+    pub fn require_pods(&self, mut pods_known: watch::Receiver<bool>) {
+        let sender = self.pods_known.clone();
+        sender.send_replace(*pods_known.borrow_and_update());
+        tokio::spawn(async move {
+            while pods_known.changed().await.is_ok() {
+                sender.send_replace(*pods_known.borrow_and_update());
+            }
+        });
+    }
+
     /// Whether the broker is serving now.
     pub fn is_serving(&self) -> bool {
         *self.serving.borrow()
@@ -111,18 +126,21 @@ impl Health {
         Fut: Future<Output = Result<(), FetchError>>,
     {
         let mut contact = self.contact.subscribe();
+        let mut pods_known = self.pods_known.subscribe();
         let mut backoff = Backoff::new(PROBE_INITIAL, PROBE_MAX);
         loop {
             let current = *contact.borrow_and_update();
-            let serving = current == Contact::Reached || has_usable_token();
+            let pods = *pods_known.borrow_and_update();
+            let serving = (current == Contact::Reached || has_usable_token()) && pods;
             if self.set_serving(serving) {
-                tracing::info!(serving, ?current, "health changed");
+                tracing::info!(serving, ?current, pods_known = pods, "health changed");
             }
             if current == Contact::Reached {
                 backoff.reset();
                 tokio::select! {
                     () = stop.cancelled() => return,
                     _ = contact.changed() => continue,
+                    _ = pods_known.changed() => continue,
                 }
             }
             let probed = probe().await;
@@ -136,6 +154,7 @@ impl Health {
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = contact.changed() => {}
+                _ = pods_known.changed() => {}
                 () = tokio::time::sleep(backoff.next_delay(fastrand::f64())) => {}
             }
         }

@@ -373,6 +373,16 @@ pub fn register_runtime_gauge(meter: &Meter, runtime: tokio::runtime::Handle) {
         .build();
 }
 
+/// Registers the `tokenbroker.workload_pods` gauge: the pods of this node
+/// the broker knows (workload identity).
+pub fn register_workload_gauge(meter: &Meter, pods: impl Fn() -> usize + Send + Sync + 'static) {
+    meter
+        .u64_observable_gauge("tokenbroker.workload_pods")
+        .with_description("Pods known on this node (--workload-identity kubernetes).")
+        .with_callback(move |observer| observer.observe(pods() as u64, &[]))
+        .build();
+}
+
 fn rpc_label(rpc: Rpc) -> KeyValue {
     KeyValue::new("rpc", rpc.as_str())
 }

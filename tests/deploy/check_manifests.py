@@ -22,6 +22,8 @@ POD_OWNERS = {"DaemonSet", "Deployment", "StatefulSet", "Job"}
 API_VERSIONS = {
     "Namespace": "v1", "ServiceAccount": "v1", "ConfigMap": "v1", "Pod": "v1",
     "DaemonSet": "apps/v1", "Deployment": "apps/v1",
+    "ClusterRole": "rbac.authorization.k8s.io/v1",
+    "ClusterRoleBinding": "rbac.authorization.k8s.io/v1",
 }
 SOCKET_DIR = "/run/tokenbroker"
 
@@ -95,6 +97,19 @@ def main(directory):
                 check(doc.get("apiVersion") == API_VERSIONS[kind], where,
                       f"apiVersion must be {API_VERSIONS[kind]}")
             summary["kinds"].append(kind)
+            if kind == "ClusterRole":
+                # Workload identity reads pods and service accounts, and
+                # nothing else.
+                rules = doc.get("rules", [])
+                granted = {(group, resource, verb) for rule in rules
+                           for group in rule.get("apiGroups", [])
+                           for resource in rule.get("resources", [])
+                           for verb in rule.get("verbs", [])}
+                wanted = {("", resource, verb) for resource in ("pods", "serviceaccounts")
+                          for verb in ("get", "list", "watch")}
+                check(granted == wanted, where,
+                      f"must grant exactly get/list/watch on pods and serviceaccounts, grants {sorted(granted)}")
+                summary.setdefault("cluster_roles", []).append(name)
             if kind == "ConfigMap":
                 configmaps[name] = doc.get("data", {})
                 if "tokenbroker.toml" in doc.get("data", {}):
@@ -127,6 +142,18 @@ def main(directory):
             for container in spec.get("initContainers", []) + spec.get("containers", []):
                 if container.get("args", [])[:1] == ["serve"]:
                     summary["broker_args"].append(container["args"])
+                    config = next((configmaps.get(v["configMap"]["name"], {}).get("tokenbroker.toml", "")
+                                   for v in volumes.values() if "configMap" in v), "")
+                    if 'workload_identity = "kubernetes"' in config:
+                        # Pods' pids are visible only in the host's pid
+                        # namespace; the node's name selects its pods.
+                        check(spec.get("hostPID") is True, where, "workload identity needs hostPID: true")
+                        node = [e for e in container.get("env", []) if e["name"] == "TOKENBROKER_NODE_NAME"]
+                        check(bool(node) and node[0].get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName",
+                              where, "TOKENBROKER_NODE_NAME must come from the downward API's spec.nodeName")
+                        check(spec.get("automountServiceAccountToken") is not False, where,
+                              "workload identity reads the API with the pod's service-account token")
+                        summary.setdefault("workload_identity", []).append(name)
             for container in spec.get("containers", []):
                 args = container.get("args", [])
                 is_broker = args[:1] == ["serve"]

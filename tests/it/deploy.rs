@@ -152,42 +152,57 @@ async fn the_kubernetes_manifests_are_valid_and_their_config_serves_the_probes()
     let checked = checked_manifests().await;
     let configs = checked["configs"].as_array().unwrap();
     assert!(
-        !configs.is_empty(),
-        "the DaemonSet's ConfigMap holds a tokenbroker.toml"
+        configs.len() >= 2,
+        "both DaemonSets' ConfigMaps hold a tokenbroker.toml"
+    );
+    assert_eq!(
+        checked["cluster_roles"],
+        serde_json::json!(["tokenbroker-workload-identity"])
+    );
+    assert_eq!(
+        checked["workload_identity"],
+        serde_json::json!(["tokenbroker"])
     );
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tokenbroker.toml");
-    std::fs::write(&config, configs[0].as_str().unwrap()).unwrap();
 
-    // Every broker's args parse, with the ConfigMap's file in place.
-    for args in checked["broker_args"].as_array().unwrap() {
-        let mut argv = vec!["tokenbroker".to_string()];
-        let mut args = args.as_array().unwrap().iter().map(|a| a.as_str().unwrap());
-        while let Some(arg) = args.next() {
-            argv.push(arg.to_string());
-            if arg == "--config" {
-                args.next();
-                argv.push(config.to_str().unwrap().to_string());
+    for text in configs {
+        std::fs::write(&config, text.as_str().unwrap()).unwrap();
+        // Every broker's args parse, with the ConfigMap's file in place.
+        for args in checked["broker_args"].as_array().unwrap() {
+            let mut argv = vec!["tokenbroker".to_string()];
+            let mut args = args.as_array().unwrap().iter().map(|a| a.as_str().unwrap());
+            while let Some(arg) = args.next() {
+                argv.push(arg.to_string());
+                if arg == "--config" {
+                    args.next();
+                    argv.push(config.to_str().unwrap().to_string());
+                }
             }
+            tokenbroker::config::file::parse(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
         }
-        tokenbroker::config::file::parse(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    }
 
-    // The DaemonSet's configuration, run for real (on the emulator, and a
-    // free port instead of 9464): the probes' paths answer.
-    let broker = Broker::emulated(&[
-        "--config",
-        config.to_str().unwrap(),
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ])
-    .await;
-    let addr = broker.metrics_addr().await;
-    assert_eq!(get_local(addr, "/healthz").await.status, 200);
-    // /readyz turns 200 once the start-up probe of the metadata server
-    // succeeded, which the broker logs.
-    broker.wait_until_serving().await;
-    assert_eq!(get_local(addr, "/readyz").await.status, 200);
+        // The DaemonSet's configuration, run for real (on the emulator, its
+        // fake Kubernetes API for workload identity, a free port instead of
+        // 9464 and a metadata socket in a temporary directory): the probes'
+        // paths answer.
+        let metadata = format!("unix:{}", dir.path().join("metadata.sock").display());
+        let broker = Broker::emulated(&[
+            "--config",
+            config.to_str().unwrap(),
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--metadata-addr",
+            &metadata,
+        ])
+        .await;
+        let addr = broker.metrics_addr().await;
+        assert_eq!(get_local(addr, "/healthz").await.status, 200);
+        // /readyz turns 200 once the start-up probe of the metadata server
+        // succeeded (and the pods were read), which the broker logs.
+        broker.wait_until_serving().await;
+        assert_eq!(get_local(addr, "/readyz").await.status, 200);
+    }
 }
 
 #[test]

@@ -159,7 +159,7 @@ async fn the_client_command_prints_and_watches_tokens() {
 
 /// Flags of `serve` whose absence is their default (a feature off, a
 /// file not read): their help says so in words, without `[default: ]`.
-const OPTIONAL_FLAGS: [&str; 10] = [
+const OPTIONAL_FLAGS: [&str; 12] = [
     "--config",
     "--audit-log",
     "--audit-log-group",
@@ -170,6 +170,8 @@ const OPTIONAL_FLAGS: [&str; 10] = [
     "--delegates",
     "--metrics-addr",
     "--metadata-addr",
+    "--node-name",
+    "--kubeconfig",
 ];
 
 #[tokio::test]

@@ -36,3 +36,4 @@ mod sinks;
 mod soak;
 mod sources;
 mod systemd;
+mod workload;

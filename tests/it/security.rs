@@ -120,7 +120,7 @@ async fn the_policy_decides_per_peer_and_is_reloaded_on_sighup() {
             .code(),
         Code::PermissionDenied
     );
-    broker.wait_for_log("request denied by policy").await;
+    broker.wait_for_log("request denied").await;
     assert!(
         broker.logs().contains(&format!("\"uid\":{me}")),
         "denial log lacks the uid"

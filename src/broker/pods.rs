@@ -1,0 +1,227 @@
+//! Workload identity in the broker: the pod a caller runs in, the Google
+//! service account it is served as (the policy's `[[workload]]` entry,
+//! else the Kubernetes service account's annotation), and its request's
+//! key rewritten to that account. A pod can name its account as empty,
+//! `default` or the account's email, and no other: no request field lets
+//! it claim another pod's identity.
+
+use std::sync::Arc;
+
+use super::Broker;
+use crate::error::BrokerError;
+use crate::peer::Place;
+use crate::policy::Caller;
+use crate::request::{ServiceAccount, TokenKey};
+use crate::workload::{GOOGLE_ACCOUNT_ANNOTATION, Pod, UnmappedPods, Workloads};
+
+/// A caller's pod, and the Google service account it is served as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodIdentity {
+    /// The pod.
+    pub pod: Arc<Pod>,
+    /// Its Google service account; `None` for a pod that maps to none and
+    /// gets the broker's own identity (`--unmapped-pods node`).
+    pub google: Option<String>,
+}
+
+impl Broker {
+    /// The identity of `caller`'s pod: `None` for a host process (and for
+    /// every caller without workload identity). A pod not in the map yet
+    /// costs one direct list of the node's pods.
+    pub(super) async fn pod_identity(
+        &self,
+        caller: &Caller,
+    ) -> Result<Option<PodIdentity>, BrokerError> {
+        let Some((workloads, place)) = self.place_of(caller)? else {
+            return Ok(None);
+        };
+        let uid = match place {
+            Place::Host => return Ok(None),
+            Place::Pod(uid) => uid,
+            Place::Unknown => return Err(unknown_peer(caller)),
+        };
+        if !workloads.is_synced() {
+            return Err(BrokerError::PodUnavailable {
+                reason: format!(
+                    "pod {uid}: the broker has not read this node's pods and service accounts from the Kubernetes API server yet; try again"
+                ),
+            });
+        }
+        let pod = workloads.pod(uid).await?;
+        self.identity_of(workloads, pod).map(Some)
+    }
+
+    /// [`Broker::pod_identity`] from the map alone, for open watches: a
+    /// pod that is gone is refused.
+    pub(super) fn current_pod_identity(
+        &self,
+        caller: &Caller,
+    ) -> Result<Option<PodIdentity>, BrokerError> {
+        let Some((workloads, place)) = self.place_of(caller)? else {
+            return Ok(None);
+        };
+        match place {
+            Place::Host => Ok(None),
+            Place::Unknown => Err(unknown_peer(caller)),
+            Place::Pod(uid) => {
+                let pod = workloads.known(uid).ok_or_else(|| BrokerError::PodDenied {
+                    reason: format!("pod {uid} is no longer on node {}", workloads.node()),
+                })?;
+                self.identity_of(workloads, pod).map(Some)
+            }
+        }
+    }
+
+    /// The workloads and the caller's place, when workload identity is on
+    /// and the caller is a process on a Unix socket.
+    fn place_of(&self, caller: &Caller) -> Result<Option<(&Workloads, Place)>, BrokerError> {
+        let Some(workloads) = &self.0.workloads else {
+            return Ok(None);
+        };
+        match caller {
+            Caller::Local(Some(peer)) => Ok(Some((workloads, peer.place))),
+            Caller::Local(None) => Err(unknown_peer(caller)),
+            Caller::Loopback | Caller::Broker => Ok(None),
+        }
+    }
+
+    /// The pod's Google service account: the policy's `[[workload]]`
+    /// entry, else the annotation; unmapped, a refusal naming what to add
+    /// (or, with `--unmapped-pods node`, none).
+    fn identity_of(
+        &self,
+        workloads: &Workloads,
+        pod: Arc<Pod>,
+    ) -> Result<PodIdentity, BrokerError> {
+        let google = self
+            .0
+            .policy
+            .workload_account(&pod.namespace, &pod.service_account)
+            .or_else(|| workloads.annotated_account(&pod));
+        if google.is_none() && workloads.unmapped() == UnmappedPods::Deny {
+            return Err(BrokerError::PodDenied {
+                reason: unmapped_message(&pod),
+            });
+        }
+        Ok(PodIdentity { pod, google })
+    }
+}
+
+/// Rewrites `key` to the account `identity` is served as: `default`, empty
+/// or the Google service account's email become that account. Any other
+/// account is refused. A pod served as the node keeps the key as asked.
+pub(super) fn serve_as(key: &mut TokenKey, identity: &PodIdentity) -> Result<(), BrokerError> {
+    let Some(google) = &identity.google else {
+        return Ok(());
+    };
+    let account = key.account_mut();
+    match account {
+        ServiceAccount::Default => {}
+        ServiceAccount::Email(asked) if asked == google => {}
+        ServiceAccount::Workload(asked) if asked == google => return Ok(()),
+        ServiceAccount::Email(asked) | ServiceAccount::Workload(asked) => {
+            let pod = &identity.pod;
+            return Err(BrokerError::PodDenied {
+                reason: format!(
+                    "pod {pod} (Kubernetes service account {}/{}) gets tokens of {google} only: ask for \"default\" or \"{google}\", not \"{asked}\"",
+                    pod.namespace, pod.service_account
+                ),
+            });
+        }
+    }
+    *account = ServiceAccount::Workload(google.clone());
+    Ok(())
+}
+
+fn unmapped_message(pod: &Pod) -> String {
+    let (namespace, account) = (&pod.namespace, &pod.service_account);
+    format!(
+        "pod {pod} runs as Kubernetes service account {namespace}/{account}, which maps to no Google service account: annotate it (kubectl annotate serviceaccount -n {namespace} {account} {GOOGLE_ACCOUNT_ANNOTATION}=NAME@PROJECT.iam.gserviceaccount.com) or bind it in the policy's [[workload]] table"
+    )
+}
+
+fn unknown_peer(caller: &Caller) -> BrokerError {
+    let pid = caller
+        .peer()
+        .and_then(|peer| peer.pid)
+        .filter(|pid| *pid > 0);
+    let reason = match pid {
+        Some(pid) => format!(
+            "cannot tell which pod, if any, process {pid} runs in (its cgroup could not be read, or names nothing); refused"
+        ),
+        None => "cannot tell which pod, if any, this process runs in: the kernel gave no pid in the broker's pid namespace (a broker in a pod needs hostPID: true); refused".to_string(),
+    };
+    BrokerError::PodDenied { reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{AccessTokenKey, IdTokenFormat, IdTokenKey};
+    use crate::workload::PodUid;
+
+    const GSA: &str = "app@p.iam.gserviceaccount.com";
+
+    fn identity(google: Option<&str>) -> PodIdentity {
+        PodIdentity {
+            pod: Arc::new(Pod {
+                uid: PodUid::parse("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0").unwrap(),
+                namespace: "shop".into(),
+                name: "cart-1".into(),
+                service_account: "cart".into(),
+            }),
+            google: google.map(str::to_string),
+        }
+    }
+
+    fn access(account: ServiceAccount) -> TokenKey {
+        TokenKey::Access(AccessTokenKey {
+            account,
+            scopes: vec![],
+        })
+    }
+
+    #[test]
+    fn a_pod_gets_its_account_for_default_or_its_email() {
+        for asked in [ServiceAccount::Default, ServiceAccount::Email(GSA.into())] {
+            let mut key = access(asked);
+            serve_as(&mut key, &identity(Some(GSA))).unwrap();
+            assert_eq!(key, access(ServiceAccount::Workload(GSA.into())));
+        }
+        let mut id = TokenKey::Id(IdTokenKey {
+            account: ServiceAccount::Default,
+            audience: "https://x".into(),
+            format: IdTokenFormat::Standard,
+            include_licenses: false,
+        });
+        serve_as(&mut id, &identity(Some(GSA))).unwrap();
+        assert_eq!(id.account(), &ServiceAccount::Workload(GSA.into()));
+    }
+
+    #[test]
+    fn a_pod_asking_for_another_account_is_refused_and_the_key_unchanged() {
+        let other = ServiceAccount::Email("other@p.iam.gserviceaccount.com".into());
+        let mut key = access(other.clone());
+        let error = serve_as(&mut key, &identity(Some(GSA))).unwrap_err();
+        assert_eq!(error.code(), tonic::Code::PermissionDenied);
+        let message = error.to_string();
+        assert!(message.contains("shop/cart-1") && message.contains("shop/cart"));
+        assert_eq!(key, access(other));
+    }
+
+    #[test]
+    fn a_pod_served_as_the_node_keeps_its_key() {
+        let mut key = access(ServiceAccount::Default);
+        serve_as(&mut key, &identity(None)).unwrap();
+        assert_eq!(key, access(ServiceAccount::Default));
+    }
+
+    #[test]
+    fn the_unmapped_message_names_the_annotation_to_add() {
+        let message = unmapped_message(&identity(None).pod);
+        assert!(message.contains("shop/cart,"), "{message}");
+        assert!(message.contains(
+            "kubectl annotate serviceaccount -n shop cart iam.gke.io/gcp-service-account="
+        ));
+    }
+}

@@ -1,0 +1,54 @@
+//! The process at the other end of a Unix socket: its uid, gid and pid
+//! from `SO_PEERCRED`, and where it runs (the host, or with workload
+//! identity a Kubernetes pod, read from its cgroup when it connects).
+
+pub mod cgroup;
+
+pub use cgroup::{Locator, Place, PodUid};
+
+/// The identity of a connected process, from `SO_PEERCRED`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective (primary) group id; supplementary groups are not known.
+    pub gid: u32,
+    /// Process id, for logs.
+    pub pid: Option<i32>,
+    /// Where the process runs: the host, or (with workload identity) a
+    /// pod, read from its cgroup when it connected.
+    pub place: Place,
+}
+
+/// Whom a peer's places (connections, watches, long-polls, cache keys)
+/// are charged to: a host process by its uid; with workload identity, a
+/// process in a pod by its pod, since the containers of many pods often
+/// share one uid and one pod must not use up the others' share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Holder {
+    /// A process of the host, by uid.
+    Uid(u32),
+    /// A process in a pod.
+    Pod(PodUid),
+}
+
+impl Peer {
+    /// The peer the kernel's credentials name, in `place`.
+    pub fn new(credentials: tokio::net::unix::UCred, place: Place) -> Self {
+        Self {
+            uid: credentials.uid(),
+            gid: credentials.gid(),
+            pid: credentials.pid(),
+            place,
+        }
+    }
+
+    /// Whom the places this peer takes are charged to: its pod, if it is
+    /// in one, else its uid.
+    pub fn holder(&self) -> Holder {
+        match self.place {
+            Place::Pod(pod) => Holder::Pod(pod),
+            Place::Host | Place::Unknown => Holder::Uid(self.uid),
+        }
+    }
+}
