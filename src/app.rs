@@ -112,10 +112,10 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
         watch_limits,
         drain.clone(),
         audit.clone(),
-        workloads,
+        workloads.clone(),
     );
 
-    tokio::spawn(reload_on_sighup(policy, audit, stop.clone()));
+    tokio::spawn(reload_on_sighup(policy, audit, workloads, stop.clone()));
     let probe = {
         let upstream = upstream.clone();
         move || {
@@ -454,6 +454,7 @@ fn open_audit_log(
 async fn reload_on_sighup(
     policy: Arc<PolicyStore>,
     audit: Option<AuditLog>,
+    workloads: Option<Workloads>,
     stop: CancellationToken,
 ) {
     let mut hangups = match signal(SignalKind::hangup()) {
@@ -472,7 +473,13 @@ async fn reload_on_sighup(
             audit.reopen();
         }
         match policy.reload() {
-            Ok(Some(rules)) => tracing::info!(rules, "policy reloaded"),
+            Ok(Some(rules)) => {
+                tracing::info!(rules, "policy reloaded");
+                // Its [[workload]] table may map pods elsewhere now.
+                if let Some(workloads) = &workloads {
+                    workloads.policy_reloaded();
+                }
+            }
             Ok(None) => tracing::info!("SIGHUP: no --policy to reload"),
             Err(error) => {
                 tracing::error!(%error, "policy not reloaded; the previous rules stay in force")

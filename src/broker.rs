@@ -280,7 +280,7 @@ impl Broker {
     /// With workload identity, the Google service account `caller`'s pod
     /// is served as: `None` for a host process, and for a pod served as
     /// the node (`--unmapped-pods node`).
-    pub async fn pod_account(&self, caller: &Caller) -> Result<Option<String>, BrokerError> {
+    pub async fn pod_account(&self, caller: &Caller) -> Result<Option<Arc<str>>, BrokerError> {
         let identity = self.pod_identity(caller).await?;
         Ok(identity.and_then(|identity| identity.google))
     }
@@ -288,8 +288,12 @@ impl Broker {
     /// Whether the policy lets `caller` read the metadata `path` (below
     /// `/computeMetadata/v1/`, `recursive` or not) beyond
     /// `--metadata-passthrough`.
+    /// A peer the broker refuses (an unknown one, a pod that is gone or
+    /// maps to nothing) is shown nothing.
     pub fn reveals(&self, caller: &Caller, path: &str, recursive: bool) -> bool {
-        let pod = self.current_pod_identity(caller).ok().flatten();
+        let Ok(pod) = self.current_pod_identity(caller) else {
+            return false;
+        };
         let pod = pod.as_ref().map(|identity| &*identity.pod);
         self.0.policy.reveals(caller, pod, path, recursive)
     }
@@ -394,6 +398,7 @@ fn owner_of(caller: &Caller) -> Owner {
         Caller::Local(Some(peer)) => match peer.holder() {
             Holder::Uid(uid) => Owner::Uid(uid),
             Holder::Pod(pod) => Owner::Pod(pod),
+            Holder::Unknown => Owner::Unidentified,
         },
         Caller::Local(None) | Caller::Loopback => Owner::Unidentified,
         Caller::Broker => Owner::Broker,

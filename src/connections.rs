@@ -184,6 +184,12 @@ impl std::fmt::Display for Refused {
             Self::Listener(n) => write!(f, "the listener's {n} connections are open"),
             Self::Holder(Holder::Uid(uid), n) => write!(f, "uid {uid} holds its {n} connections"),
             Self::Holder(Holder::Pod(pod), n) => write!(f, "pod {pod} holds its {n} connections"),
+            Self::Holder(Holder::Unknown, n) => {
+                write!(
+                    f,
+                    "peers whose pod cannot be told hold their {n} connections"
+                )
+            }
         }
     }
 }

@@ -233,16 +233,17 @@ impl MetadataEndpoint {
                 token.map_or_else(|error| error_response(&error), |t| raw_jwt(&t))
             }
             Route::PassThrough(path) => {
-                if let Some(below) = path.strip_prefix(route::ACCOUNTS) {
-                    match self.broker.pod_account(&caller).await {
-                        Err(error) => return error_response(&error),
-                        Ok(Some(google)) => {
-                            return pod_answer(pod_accounts::answer(below, query, &google));
-                        }
-                        Ok(None) => {}
-                    }
-                }
                 let below_root = path.strip_prefix(route::ROOT).unwrap_or_default();
+                // A pod served as its own account sees that account only.
+                match self.broker.pod_account(&caller).await {
+                    Err(error) => return error_response(&error),
+                    Ok(Some(google)) => {
+                        if let Some(answer) = pod_accounts::answer_for(below_root, query, &google) {
+                            return pod_answer(answer);
+                        }
+                    }
+                    Ok(None) => {}
+                }
                 if self.reveal.allows(below_root, query)
                     || self.broker.reveals(
                         &caller,

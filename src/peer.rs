@@ -30,6 +30,9 @@ pub enum Holder {
     Uid(u32),
     /// A process in a pod.
     Pod(PodUid),
+    /// Processes whose pod cannot be told (refused anyway), together: they
+    /// must not use up the places of their uid on the host.
+    Unknown,
 }
 
 impl Peer {
@@ -47,8 +50,9 @@ impl Peer {
     /// in one, else its uid.
     pub fn holder(&self) -> Holder {
         match self.place {
+            Place::Host => Holder::Uid(self.uid),
             Place::Pod(pod) => Holder::Pod(pod),
-            Place::Host | Place::Unknown => Holder::Uid(self.uid),
+            Place::Unknown => Holder::Unknown,
         }
     }
 }

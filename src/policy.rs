@@ -130,9 +130,9 @@ pub enum Grant {
 pub struct Policy {
     source: PathBuf,
     rules: Vec<Rule>,
-    /// `[[workload]]`: (namespace, Kubernetes service account) → Google
-    /// service account.
-    workloads: HashMap<(String, String), String>,
+    /// `[[workload]]`: namespace → Kubernetes service account → Google
+    /// service account (nested, so that a lookup allocates nothing).
+    workloads: HashMap<String, HashMap<String, Arc<str>>>,
 }
 
 impl Policy {
@@ -156,7 +156,7 @@ impl Policy {
             rule.validate()
                 .map_err(|message| invalid(format!("[[allow]] rule {}: {message}", index + 1)))?;
         }
-        let mut workloads = HashMap::new();
+        let mut workloads: HashMap<String, HashMap<String, Arc<str>>> = HashMap::new();
         for (index, binding) in file.workload.into_iter().enumerate() {
             let at = |message: String| invalid(format!("[[workload]] {}: {message}", index + 1));
             if binding.namespace.is_empty() || binding.service_account.is_empty() {
@@ -174,12 +174,16 @@ impl Policy {
                     binding.google_service_account
                 ))
             })?;
-            let key = (binding.namespace, binding.service_account);
-            if workloads
-                .insert(key.clone(), binding.google_service_account)
+            let names = workloads.entry(binding.namespace.clone()).or_default();
+            let account = Arc::from(binding.google_service_account);
+            if names
+                .insert(binding.service_account.clone(), account)
                 .is_some()
             {
-                return Err(at(format!("{}/{} is bound twice", key.0, key.1)));
+                return Err(at(format!(
+                    "{}/{} is bound twice",
+                    binding.namespace, binding.service_account
+                )));
             }
         }
         Ok(Self {
@@ -191,10 +195,8 @@ impl Policy {
 
     /// The Google service account `[[workload]]` binds the Kubernetes
     /// service account `namespace/service_account` to, if any.
-    pub fn workload_account(&self, namespace: &str, service_account: &str) -> Option<&str> {
-        self.workloads
-            .get(&(namespace.to_string(), service_account.to_string()))
-            .map(String::as_str)
+    pub fn workload_account(&self, namespace: &str, service_account: &str) -> Option<&Arc<str>> {
+        self.workloads.get(namespace)?.get(service_account)
     }
 
     /// How many rules the policy has.
@@ -315,19 +317,35 @@ impl Rule {
         Ok(())
     }
 
+    /// Whether the rule is about `peer` (in `pod`, with workload identity).
+    /// A rule without pod matchers is about host processes only: a rule
+    /// written for the host's uid 0 must not hand its tokens to every pod
+    /// whose containers run as root.
     fn matches(&self, peer: &Peer, pod: Option<&Pod>) -> bool {
         let listed =
             |ids: &Option<Vec<u32>>, id: u32| ids.as_ref().is_none_or(|ids| ids.contains(&id));
-        let in_pod = |names: &Option<Vec<String>>, name: &dyn Fn(&Pod) -> String| match names {
-            None => true,
-            Some(names) => pod.is_some_and(|pod| names.contains(&name(pod))),
+        if !listed(&self.uids, peer.uid) || !listed(&self.gids, peer.gid) {
+            return false;
+        }
+        let about_pods = self.namespaces.is_some() || self.kubernetes_service_accounts.is_some();
+        let Some(pod) = pod else {
+            return !about_pods;
         };
-        listed(&self.uids, peer.uid)
-            && listed(&self.gids, peer.gid)
-            && in_pod(&self.namespaces, &|pod| pod.namespace.clone())
-            && in_pod(&self.kubernetes_service_accounts, &|pod| {
-                format!("{}/{}", pod.namespace, pod.service_account)
-            })
+        let namespace_ok = self
+            .namespaces
+            .as_ref()
+            .is_none_or(|namespaces| namespaces.contains(&pod.namespace));
+        let account_ok = self
+            .kubernetes_service_accounts
+            .as_ref()
+            .is_none_or(|accounts| {
+                accounts.iter().any(|name| {
+                    name.split_once('/').is_some_and(|(namespace, account)| {
+                        namespace == pod.namespace && account == pod.service_account
+                    })
+                })
+            });
+        about_pods && namespace_ok && account_ok
     }
 
     fn covers(&self, key: &TokenKey) -> bool {
@@ -444,10 +462,10 @@ impl PolicyStore {
 
     /// The Google service account the policy's `[[workload]]` table binds
     /// the Kubernetes service account `namespace/service_account` to.
-    pub fn workload_account(&self, namespace: &str, service_account: &str) -> Option<String> {
+    pub fn workload_account(&self, namespace: &str, service_account: &str) -> Option<Arc<str>> {
         self.current()?
             .workload_account(namespace, service_account)
-            .map(str::to_string)
+            .cloned()
     }
 
     fn current(&self) -> Option<Arc<Policy>> {
@@ -928,8 +946,20 @@ mod tests {
                 .grant(&me, Some(&pod("other", "report")), &key)
                 .is_err()
         );
-        // A host process never matches a rule about pods.
+        // A host process never matches a rule about pods, and a pod never
+        // one about host processes.
         assert!(policy.grant(&me, None, &key).is_err());
+        let host_only = Policy::parse(
+            Path::new("p.toml"),
+            "[[allow]]\nuids = [5]\nservice_accounts = [\"*\"]\nscopes = [\"*\"]\n",
+        )
+        .unwrap();
+        assert!(host_only.grant(&me, None, &key).is_ok());
+        assert!(
+            host_only
+                .grant(&me, Some(&pod("shop", "cart")), &key)
+                .is_err()
+        );
     }
 
     #[test]
@@ -940,7 +970,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            policy.workload_account("shop", "cart"),
+            policy.workload_account("shop", "cart").map(|a| &**a),
             Some("cart@p.iam.gserviceaccount.com")
         );
         assert_eq!(policy.workload_account("shop", "other"), None);

@@ -93,7 +93,7 @@ impl Quota {
             let held = taken.per_owner.entry(holder).or_default();
             if *held >= max {
                 return Err(match holder {
-                    Holder::Uid(_) => Exceeded::Owner(max),
+                    Holder::Uid(_) | Holder::Unknown => Exceeded::Owner(max),
                     Holder::Pod(_) => Exceeded::Pod(max),
                 });
             }

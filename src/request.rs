@@ -33,7 +33,7 @@ pub enum ServiceAccount {
     /// With workload identity, the Google service account a pod maps to
     /// (an email), minted by impersonation with the broker's own
     /// credentials. Only the broker sets it, never a request field.
-    Workload(String),
+    Workload(Arc<str>),
 }
 
 impl ServiceAccount {
@@ -50,7 +50,8 @@ impl ServiceAccount {
     pub fn as_str(&self) -> &str {
         match self {
             Self::Default => "default",
-            Self::Email(email) | Self::Workload(email) => email,
+            Self::Email(email) => email,
+            Self::Workload(email) => email,
         }
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod as PodObject;
 use kube::api::{Api, ListParams};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::BrokerError;
@@ -28,8 +29,16 @@ pub use crate::peer::{Locator, PodUid};
 /// service account (the GKE Workload Identity convention).
 pub const GOOGLE_ACCOUNT_ANNOTATION: &str = "iam.gke.io/gcp-service-account";
 
-/// Longest wait for the direct list of an unknown pod (5 s).
+/// The annotation of a static pod's mirror pod that holds the UID its
+/// cgroup is named after.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// Longest wait for the direct list of an unknown pod (5 s), the wait
+/// for another caller's list included.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long what a direct list found (or did not find) answers for the
+/// pods the watcher has not told of yet (5 s).
+pub const LOOKUP_MEMORY: Duration = Duration::from_secs(5);
 
 /// Whether peers in pods get their own identity (`--workload-identity`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -95,9 +104,15 @@ impl fmt::Display for Pod {
 }
 
 impl Pod {
-    /// The pod an API object describes, if it has what identity needs.
+    /// The pod an API object describes, if it has what identity needs. A
+    /// static pod's cgroup is named after the hash its mirror pod carries
+    /// in [`MIRROR_ANNOTATION`], not after the mirror pod's own UID.
     fn of(object: &PodObject) -> Option<Self> {
         let meta = &object.metadata;
+        let mirror = meta
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(MIRROR_ANNOTATION));
         let service_account = object
             .spec
             .as_ref()
@@ -105,7 +120,7 @@ impl Pod {
             .filter(|name| !name.is_empty())
             .unwrap_or_else(|| "default".to_string());
         Some(Self {
-            uid: PodUid::parse(meta.uid.as_deref()?)?,
+            uid: PodUid::parse(mirror.or(meta.uid.as_ref())?)?,
             namespace: meta.namespace.clone()?,
             name: meta.name.clone()?,
             service_account,
@@ -134,11 +149,31 @@ struct Inner {
 
 #[derive(Default)]
 struct Directory {
+    /// The node's pods, as the watcher last saw them.
     pods: HashMap<PodUid, Arc<Pod>>,
-    /// (namespace, service account) → the annotated Google account.
-    bindings: HashMap<(String, String), String>,
+    /// Pods a direct list found (or did not find) before the watcher
+    /// told: kept [`LOOKUP_MEMORY`], and dropped as soon as the watcher
+    /// adds or deletes the pod, or lists again.
+    looked_up: HashMap<PodUid, (Option<Arc<Pod>>, Instant)>,
+    /// namespace → service account → the annotated Google account (nested,
+    /// so that a lookup by `&str` allocates nothing).
+    bindings: HashMap<String, HashMap<String, Arc<str>>>,
     pods_synced: bool,
     accounts_synced: bool,
+}
+
+impl Directory {
+    /// The pod with `uid`: in the map, or found by a recent direct list
+    /// (`Some(None)`: a recent list did not find it).
+    fn pod(&self, uid: PodUid, now: Instant) -> Option<Option<Arc<Pod>>> {
+        if let Some(pod) = self.pods.get(&uid) {
+            return Some(Some(pod.clone()));
+        }
+        self.looked_up
+            .get(&uid)
+            .filter(|(_, at)| now.saturating_duration_since(*at) < LOOKUP_MEMORY)
+            .map(|(pod, _)| pod.clone())
+    }
 }
 
 impl Workloads {
@@ -219,55 +254,96 @@ impl Workloads {
         self.0.changes.subscribe()
     }
 
-    /// The pod with `uid`, if the map has it now.
+    /// The pod with `uid`, if it is known now: from the watcher, or from a
+    /// direct list in the last [`LOOKUP_MEMORY`] that the watcher has not
+    /// contradicted.
     pub fn known(&self, uid: PodUid) -> Option<Arc<Pod>> {
-        self.read().pods.get(&uid).cloned()
+        self.read().pod(uid, Instant::now()).flatten()
     }
 
-    /// The pod with `uid`: from the map, else from one direct list of the
-    /// node's pods (shared by concurrent callers). A pod that is in
-    /// neither is refused; an API server that cannot be asked is
-    /// `UNAVAILABLE`.
+    /// The pod with `uid`: known, else from one direct list of the node's
+    /// pods (concurrent callers wait for it and share what it found, and
+    /// what it did not find is remembered [`LOOKUP_MEMORY`]). A pod that
+    /// is in neither is refused; an API server that cannot be asked within
+    /// [`LOOKUP_TIMEOUT`] is `UNAVAILABLE`.
     pub async fn pod(&self, uid: PodUid) -> Result<Arc<Pod>, BrokerError> {
-        if let Some(pod) = self.known(uid) {
-            return Ok(pod);
-        }
+        let unavailable = |reason: String| BrokerError::PodUnavailable {
+            reason: format!(
+                "pod {uid} is not known yet and the Kubernetes API server could not be asked: {reason}"
+            ),
+        };
+        // Bound first: the read guard must not live across the lookup.
+        let known = self.read().pod(uid, Instant::now());
+        let found = match known {
+            Some(found) => found,
+            None => tokio::time::timeout(LOOKUP_TIMEOUT, self.look_up(uid))
+                .await
+                .map_err(|_| unavailable(format!("no answer within {LOOKUP_TIMEOUT:?}")))?
+                .map_err(unavailable)?,
+        };
+        found.ok_or_else(|| BrokerError::PodDenied {
+            reason: format!(
+                "pod {uid} is not a pod of node {} (deleted, or not scheduled here)",
+                self.node()
+            ),
+        })
+    }
+
+    /// Lists the node's pods (one list at a time; a caller that waited
+    /// for another's takes its answer), remembers what was found and
+    /// whether `uid` was, and returns that.
+    async fn look_up(&self, uid: PodUid) -> Result<Option<Arc<Pod>>, String> {
         let _one_at_a_time = self.0.lookup.lock().await;
-        if let Some(pod) = self.known(uid) {
-            return Ok(pod);
+        let known = self.read().pod(uid, Instant::now());
+        if let Some(found) = known {
+            return Ok(found);
         }
         let api: Api<PodObject> = Api::all(self.0.client.clone());
-        let params = ListParams::default().fields(&format!("spec.nodeName={}", self.node()));
-        let listed = tokio::time::timeout(LOOKUP_TIMEOUT, api.list(&params))
+        let listed = api
+            .list(&ListParams::default().fields(&self.field_selector()))
             .await
-            .map_err(|_| format!("no answer within {LOOKUP_TIMEOUT:?}"))
-            .and_then(|listed| listed.map_err(|e| e.to_string()))
-            .map_err(|reason| BrokerError::PodUnavailable {
-                reason: format!(
-                    "pod {uid} is not known yet and the Kubernetes API server could not be asked: {reason}"
-                ),
-            })?;
-        listed
-            .items
-            .iter()
-            .filter_map(Pod::of)
-            .find(|pod| pod.uid == uid)
-            .map(Arc::new)
-            .ok_or_else(|| BrokerError::PodDenied {
-                reason: format!(
-                    "pod {uid} is not a pod of node {} (deleted, or not scheduled here)",
-                    self.node()
-                ),
-            })
+            .map_err(|e| e.to_string())?;
+        let now = Instant::now();
+        let mut directory = self.0.directory.write().unwrap_or_else(|e| e.into_inner());
+        directory
+            .looked_up
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < LOOKUP_MEMORY);
+        for pod in listed.items.iter().filter_map(Pod::of) {
+            if !directory.pods.contains_key(&pod.uid) {
+                directory
+                    .looked_up
+                    .insert(pod.uid, (Some(Arc::new(pod)), now));
+            }
+        }
+        let found = directory.pod(uid, now).flatten();
+        if found.is_none() {
+            directory.looked_up.insert(uid, (None, now));
+        }
+        Ok(found)
+    }
+
+    /// The node's running and pending pods: finished ones hold no process.
+    fn field_selector(&self) -> String {
+        format!(
+            "spec.nodeName={},status.phase!=Succeeded,status.phase!=Failed",
+            self.node()
+        )
     }
 
     /// The Google service account `pod`'s Kubernetes service account is
     /// annotated with, if any.
-    pub fn annotated_account(&self, pod: &Pod) -> Option<String> {
+    pub fn annotated_account(&self, pod: &Pod) -> Option<Arc<str>> {
         self.read()
             .bindings
-            .get(&(pod.namespace.clone(), pod.service_account.clone()))
+            .get(&pod.namespace)?
+            .get(&pod.service_account)
             .cloned()
+    }
+
+    /// The policy was reloaded: open watches check their pods' accounts
+    /// again (a `[[workload]]` entry may have changed).
+    pub fn policy_reloaded(&self) {
+        self.0.changes.send_modify(|generation| *generation += 1);
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
@@ -294,5 +370,47 @@ impl Workloads {
 
     fn client(&self) -> kube::Client {
         self.0.client.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodSpec;
+    use kube::api::ObjectMeta;
+
+    fn object(uid: &str, mirror: Option<&str>, service_account: Option<&str>) -> PodObject {
+        PodObject {
+            metadata: ObjectMeta {
+                name: Some("p-1".into()),
+                namespace: Some("shop".into()),
+                uid: Some(uid.into()),
+                annotations: mirror
+                    .map(|hash| [(MIRROR_ANNOTATION.to_string(), hash.to_string())].into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                service_account_name: service_account.map(str::to_string),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_pod_is_known_by_its_cgroups_uid() {
+        let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+        let pod = Pod::of(&object(uid, None, Some("cart"))).unwrap();
+        assert_eq!(pod.uid, PodUid::parse(uid).unwrap());
+        assert_eq!(
+            (pod.to_string(), pod.service_account.as_str()),
+            ("shop/p-1".into(), "cart")
+        );
+        // A static pod's cgroup is named after its mirror's hash.
+        let hash = "6d2a0a8f3ec1e0f1b1d25bd6a3cfcb21";
+        let mirror = Pod::of(&object(uid, Some(hash), None)).unwrap();
+        assert_eq!(mirror.uid, PodUid::parse(hash).unwrap());
+        assert_eq!(mirror.service_account, "default");
+        assert_eq!(Pod::of(&object("not-a-uid", None, None)), None);
     }
 }

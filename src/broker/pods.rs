@@ -21,7 +21,7 @@ pub struct PodIdentity {
     pub pod: Arc<Pod>,
     /// Its Google service account; `None` for a pod that maps to none and
     /// gets the broker's own identity (`--unmapped-pods node`).
-    pub google: Option<String>,
+    pub google: Option<Arc<str>>,
 }
 
 impl Broker {
@@ -93,11 +93,17 @@ impl Broker {
         workloads: &Workloads,
         pod: Arc<Pod>,
     ) -> Result<PodIdentity, BrokerError> {
-        let google = self
+        let google = match self
             .0
             .policy
             .workload_account(&pod.namespace, &pod.service_account)
-            .or_else(|| workloads.annotated_account(&pod));
+        {
+            Some(bound) => Some(bound),
+            None => workloads
+                .annotated_account(&pod)
+                .map(|annotated| checked_annotation(&pod, annotated))
+                .transpose()?,
+        };
         if google.is_none() && workloads.unmapped() == UnmappedPods::Deny {
             return Err(BrokerError::PodDenied {
                 reason: unmapped_message(&pod),
@@ -114,23 +120,36 @@ pub(super) fn serve_as(key: &mut TokenKey, identity: &PodIdentity) -> Result<(),
     let Some(google) = &identity.google else {
         return Ok(());
     };
-    let account = key.account_mut();
-    match account {
-        ServiceAccount::Default => {}
-        ServiceAccount::Email(asked) if asked == google => {}
-        ServiceAccount::Workload(asked) if asked == google => return Ok(()),
-        ServiceAccount::Email(asked) | ServiceAccount::Workload(asked) => {
-            let pod = &identity.pod;
-            return Err(BrokerError::PodDenied {
-                reason: format!(
-                    "pod {pod} (Kubernetes service account {}/{}) gets tokens of {google} only: ask for \"default\" or \"{google}\", not \"{asked}\"",
-                    pod.namespace, pod.service_account
-                ),
-            });
-        }
+    let asked = key.account();
+    let own = match asked {
+        ServiceAccount::Default => true,
+        other => other.as_str() == &**google,
+    };
+    if !own {
+        let pod = &identity.pod;
+        return Err(BrokerError::PodDenied {
+            reason: format!(
+                "pod {pod} (Kubernetes service account {}/{}) gets tokens of {google} only: ask for \"default\" or \"{google}\", not \"{asked}\"",
+                pod.namespace, pod.service_account
+            ),
+        });
     }
-    *account = ServiceAccount::Workload(google.clone());
+    *key.account_mut() = ServiceAccount::Workload(google.clone());
     Ok(())
+}
+
+/// An annotation's value, if it is a service account email; else a
+/// refusal naming it (a typo must not become a retried upstream error).
+fn checked_annotation(pod: &Pod, annotated: Arc<str>) -> Result<Arc<str>, BrokerError> {
+    match ServiceAccount::parse(GOOGLE_ACCOUNT_ANNOTATION, annotated.to_string()) {
+        Ok(ServiceAccount::Email(_)) => Ok(annotated),
+        _ => Err(BrokerError::PodDenied {
+            reason: format!(
+                "pod {pod} runs as Kubernetes service account {}/{}, whose annotation {GOOGLE_ACCOUNT_ANNOTATION}={annotated:?} is not a service account email",
+                pod.namespace, pod.service_account
+            ),
+        }),
+    }
 }
 
 fn unmapped_message(pod: &Pod) -> String {
@@ -170,7 +189,7 @@ mod tests {
                 name: "cart-1".into(),
                 service_account: "cart".into(),
             }),
-            google: google.map(str::to_string),
+            google: google.map(Arc::from),
         }
     }
 
@@ -186,7 +205,7 @@ mod tests {
         for asked in [ServiceAccount::Default, ServiceAccount::Email(GSA.into())] {
             let mut key = access(asked);
             serve_as(&mut key, &identity(Some(GSA))).unwrap();
-            assert_eq!(key, access(ServiceAccount::Workload(GSA.into())));
+            assert_eq!(key, access(ServiceAccount::Workload(Arc::from(GSA))));
         }
         let mut id = TokenKey::Id(IdTokenKey {
             account: ServiceAccount::Default,
@@ -195,7 +214,7 @@ mod tests {
             include_licenses: false,
         });
         serve_as(&mut id, &identity(Some(GSA))).unwrap();
-        assert_eq!(id.account(), &ServiceAccount::Workload(GSA.into()));
+        assert_eq!(id.account(), &ServiceAccount::Workload(Arc::from(GSA)));
     }
 
     #[test]
@@ -214,6 +233,20 @@ mod tests {
         let mut key = access(ServiceAccount::Default);
         serve_as(&mut key, &identity(None)).unwrap();
         assert_eq!(key, access(ServiceAccount::Default));
+    }
+
+    #[test]
+    fn an_annotation_that_is_no_email_is_refused_by_name() {
+        let pod = identity(None).pod;
+        assert!(checked_annotation(&pod, Arc::from(GSA)).is_ok());
+        for bad in ["", "nope", "a/../b@p.iam.gserviceaccount.com", "default"] {
+            let error = checked_annotation(&pod, Arc::from(bad)).unwrap_err();
+            assert_eq!(error.code(), tonic::Code::PermissionDenied);
+            assert!(
+                error.to_string().contains("is not a service account email"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -19,9 +19,24 @@ pub enum Answer {
     NotFound,
 }
 
+/// What a pod served as `google` gets for `path` (below
+/// `/computeMetadata/v1/`) and `query` instead of the pass-through: its
+/// own accounts' subtree, and nothing for a recursive read of the root or
+/// the instance directory (which would list the node's accounts). `None`:
+/// the path is no concern of this module.
+pub fn answer_for(path: &str, query: &str, google: &str) -> Option<Answer> {
+    if let Some(rest) = path.strip_prefix("instance/service-accounts")
+        && (rest.is_empty() || rest.starts_with('/'))
+    {
+        return Some(answer(rest.trim_start_matches('/'), query, google));
+    }
+    let directory = matches!(path, "" | "instance" | "instance/");
+    (directory && !super::reveal::only_plain_parameters(query)).then_some(Answer::NotFound)
+}
+
 /// The answer for `below` (the path after `…/instance/service-accounts/`)
 /// and `query`, for a pod served as `google`.
-pub fn answer(below: &str, query: &str, google: &str) -> Answer {
+fn answer(below: &str, query: &str, google: &str) -> Answer {
     let recursive = query::parameters(query).is_ok_and(|parameters| {
         parameters
             .iter()
@@ -73,6 +88,32 @@ mod tests {
         let other = "node@p.iam.gserviceaccount.com";
         assert_eq!(answer(&format!("{other}/email"), "", GSA), Answer::NotFound);
         assert_eq!(answer("default/token-ish", "", GSA), Answer::NotFound);
+    }
+
+    #[test]
+    fn no_spelling_shows_a_pod_the_nodes_accounts() {
+        assert_eq!(
+            answer_for("instance/service-accounts", "", GSA),
+            Some(Answer::Text(format!("default/\n{GSA}/\n")))
+        );
+        for (path, query) in [
+            ("", "recursive=true"),
+            ("instance/", "recursive=true"),
+            ("instance", "recursive=TRUE&alt=json"),
+        ] {
+            assert_eq!(
+                answer_for(path, query, GSA),
+                Some(Answer::NotFound),
+                "{path}?{query}"
+            );
+        }
+        assert_eq!(
+            answer_for("instance/", "", GSA),
+            None,
+            "the plain directory passes"
+        );
+        assert_eq!(answer_for("project/project-id", "", GSA), None);
+        assert_eq!(answer_for("instance/service-accountsx", "", GSA), None);
     }
 
     #[test]

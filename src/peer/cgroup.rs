@@ -25,14 +25,18 @@ pub struct PodUid(u128);
 
 impl PodUid {
     /// Parses a UUID with dashes (`0f1e…-…`) or, as the systemd driver
-    /// writes it, with underscores.
+    /// writes it, with underscores; or 32 hex digits, the UID kubelet gives
+    /// a static pod (its mirror pod carries it in the
+    /// `kubernetes.io/config.mirror` annotation).
     pub fn parse(text: &str) -> Option<Self> {
-        if text.len() != 36 {
-            return None;
-        }
+        let dashed = match text.len() {
+            36 => true,
+            32 => false,
+            _ => return None,
+        };
         let mut value = 0u128;
         for (i, byte) in text.bytes().enumerate() {
-            if matches!(i, 8 | 13 | 18 | 23) {
+            if dashed && matches!(i, 8 | 13 | 18 | 23) {
                 if byte != b'-' && byte != b'_' {
                     return None;
                 }
@@ -120,11 +124,12 @@ fn read_bounded(path: &Path) -> std::io::Result<String> {
     Ok(text)
 }
 
-/// The place a `/proc/<pid>/cgroup` text names: the pod of the first
-/// line whose path has a kubelet pod cgroup, else the host. A text with no
-/// well-formed line at all (`id:controllers:path`) is unknown.
+/// The place a `/proc/<pid>/cgroup` text names: the pod of a line whose
+/// path is a kubelet pod cgroup; unknown if a line lies in kubelet's
+/// hierarchy but names no pod (or no line is well formed: `id:controllers:path`);
+/// else the host.
 pub fn place_in(cgroup_file: &str) -> Place {
-    let mut well_formed = false;
+    let mut place = None;
     for line in cgroup_file.lines() {
         let mut fields = line.splitn(3, ':');
         let (Some(_), Some(_), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
@@ -133,47 +138,80 @@ pub fn place_in(cgroup_file: &str) -> Place {
         if !path.starts_with('/') {
             continue;
         }
-        well_formed = true;
-        if let Some(uid) = pod_in_path(path) {
-            return Place::Pod(uid);
+        match in_path(path) {
+            Place::Pod(uid) => return Place::Pod(uid),
+            Place::Unknown => place = Some(Place::Unknown),
+            Place::Host => {
+                place.get_or_insert(Place::Host);
+            }
         }
     }
-    if well_formed {
-        Place::Host
-    } else {
-        Place::Unknown
-    }
+    place.unwrap_or(Place::Unknown)
 }
 
-/// The pod UID a cgroup path names, if it lies below a `kubepods`
-/// hierarchy: the path segment after it (or after its QoS level) that is
-/// `pod<uid>` (cgroupfs) or `kubepods[-<qos>]-pod<uid>.slice` (systemd).
+/// The place one cgroup path names.
+///
+/// kubelet's hierarchy is `kubepods` (cgroupfs) or `kubepods.slice`
+/// (systemd) at the root of the cgroup file system, and only there: a
+/// host user may create a `kubepods/pod<uid>` of its own below its
+/// delegated `user.slice` subtree, which must not pass for that pod. Below
+/// it, the segment after it (or after its QoS level) is `pod<uid>`
+/// (cgroupfs) or `kubepods[-<qos>]-pod<uid>.slice` (systemd); anything
+/// else below it is unknown.
 ///
 /// A broker in its own cgroup namespace (a container's, on cgroup v2)
 /// reads paths relative to its own cgroup: `/../../kubepods-…-pod<uid>.slice/…`,
 /// where the common `kubepods` ancestor is one of the `..`. Then the
 /// segments after the `..` run stand where those after `kubepods` would.
-fn pod_in_path(path: &str) -> Option<PodUid> {
-    let relative: Vec<&str> = path.split('/').skip(1).skip_while(|s| *s == "..").collect();
-    let below = if path.starts_with("/../") {
-        &relative[..]
-    } else {
-        let at = relative.iter().position(|s| is_kubepods(s))?;
-        &relative[at + 1..]
-    };
-    below.iter().take(2).find_map(|segment| {
-        if let Some(uid) = segment.strip_prefix("pod") {
-            return PodUid::parse(uid);
+fn in_path(path: &str) -> Place {
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let below = match segments.split_first() {
+        Some((&"..", _)) => {
+            let after = segments
+                .iter()
+                .position(|s| *s != "..")
+                .unwrap_or(segments.len());
+            &segments[after..]
         }
-        let slice = segment.strip_prefix("kubepods-")?.strip_suffix(".slice")?;
-        let (qos, uid) = slice.rsplit_once("pod")?;
-        let qos_ok = matches!(qos, "" | "burstable-" | "besteffort-");
-        qos_ok.then(|| PodUid::parse(uid)).flatten()
-    })
+        Some((first, rest)) if is_kubepods(first) => rest,
+        _ => return Place::Host,
+    };
+    let found = below
+        .iter()
+        .take(2)
+        .find_map(|segment| pod_segment(segment));
+    match found {
+        Some(Some(uid)) => Place::Pod(uid),
+        // A pod segment with no UID in it, or a path in kubelet's hierarchy
+        // that names no pod.
+        Some(None) => Place::Unknown,
+        None if !path.starts_with("/../") => Place::Unknown,
+        None if below.first().is_some_and(|s| is_kubelet_level(s)) => Place::Unknown,
+        None => Place::Host,
+    }
+}
+
+/// `Some(uid)` for a pod's segment, `Some(None)` for one shaped like a
+/// pod's without a UID, `None` for any other segment.
+fn pod_segment(segment: &str) -> Option<Option<PodUid>> {
+    if let Some(uid) = segment.strip_prefix("pod") {
+        return Some(PodUid::parse(uid));
+    }
+    let slice = segment.strip_prefix("kubepods-")?.strip_suffix(".slice")?;
+    let (qos, uid) = slice.rsplit_once("pod")?;
+    let qos_ok = matches!(qos, "" | "burstable-" | "besteffort-");
+    Some(qos_ok.then(|| PodUid::parse(uid)).flatten())
 }
 
 fn is_kubepods(segment: &str) -> bool {
     segment == "kubepods" || segment == "kubepods.slice"
+}
+
+/// A QoS level of kubelet's hierarchy, in either driver's spelling.
+fn is_kubelet_level(segment: &str) -> bool {
+    is_kubepods(segment)
+        || matches!(segment, "burstable" | "besteffort")
+        || segment.starts_with("kubepods-")
 }
 
 #[cfg(test)]
@@ -255,17 +293,56 @@ mod tests {
             "0::/\n",
             "0::/system.slice/tokenbroker.service\n",
             "0::/user.slice/user-1000.slice/session-3.scope\n",
-            // A pod-like name outside a kubepods hierarchy.
+            // A pod-like name outside kubelet's hierarchy.
             &format!("0::/mine/pod{UID}/x\n"),
+            // A kubepods hierarchy a host user made in its own delegated
+            // subtree is not kubelet's.
+            &format!("0::/user.slice/user-1000.slice/user@1000.service/kubepods/pod{UID}/x\n"),
+            &format!(
+                "0::/user.slice/user-1000.slice/user@1000.service/kubepods.slice/kubepods-pod{}.slice/x\n",
+                UID.replace('-', "_")
+            ),
+            // Seen from the broker's cgroup namespace: still the host's.
+            &format!(
+                "0::/../../user.slice/user-1000.slice/user@1000.service/kubepods/pod{UID}/x\n"
+            ),
+        ] {
+            assert_eq!(place_in(text), Place::Host, "{text}");
+        }
+    }
+
+    #[test]
+    fn kubelets_hierarchy_without_a_pod_is_unknown() {
+        for text in [
             // A bad UID below kubepods.
             "0::/kubepods/besteffort/podnot-a-uid/x\n",
             // Deeper than the pod level: a container's own sub-cgroup named
             // like a pod is not the pod.
             &format!("0::/kubepods/besteffort/x/y/pod{UID}\n"),
             &format!("0::/kubepods.slice/kubepods-other-pod{UID}.slice/x\n"),
+            "0::/kubepods/burstable\n",
+            "0::/../../kubepods-besteffort.slice/x\n",
+            // A pod line wins over the others; an unknown one over the host.
+            &format!("1:name=systemd:/\n0::/kubepods/pod{UID}x/c\n"),
         ] {
-            assert_eq!(place_in(text), Place::Host, "{text}");
+            assert_eq!(place_in(text), Place::Unknown, "{text}");
         }
+    }
+
+    #[test]
+    fn static_pods_have_a_hash_for_a_uid() {
+        let hash = "6d2a0a8f3ec1e0f1b1d25bd6a3cfcb21";
+        let uid = PodUid::parse(hash).unwrap();
+        assert_eq!(
+            place_in(&format!("0::/kubepods/burstable/pod{hash}/c\n")),
+            Place::Pod(uid)
+        );
+        assert_eq!(
+            place_in(&format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice/crio-1.scope\n"
+            )),
+            Place::Pod(uid)
+        );
     }
 
     #[test]

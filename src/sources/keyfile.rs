@@ -146,10 +146,10 @@ pub fn admit_one_account(
 ) -> Result<(), BrokerError> {
     match key.account() {
         ServiceAccount::Default => {}
-        ServiceAccount::Email(asked) | ServiceAccount::Workload(asked) if asked == email => {}
-        ServiceAccount::Email(asked) | ServiceAccount::Workload(asked) => {
+        asked if asked.as_str() == email => {}
+        asked => {
             return Err(BrokerError::AccountNotAvailable {
-                account: asked.clone(),
+                account: asked.to_string(),
                 source_name: describe(),
                 allowed: email.to_string(),
             });
@@ -185,13 +185,11 @@ pub fn admit_default_access_tokens(
     }
     match key.account() {
         ServiceAccount::Default => Ok(()),
-        ServiceAccount::Email(asked) | ServiceAccount::Workload(asked) => {
-            Err(BrokerError::AccountNotAvailable {
-                account: asked.clone(),
-                source_name: describe(),
-                allowed: "default".into(),
-            })
-        }
+        asked => Err(BrokerError::AccountNotAvailable {
+            account: asked.to_string(),
+            source_name: describe(),
+            allowed: "default".into(),
+        }),
     }
 }
 

@@ -1,12 +1,11 @@
 //! Keeps the directory of [`Workloads`] current with kube's watcher: the
-//! pods of this node (`spec.nodeName`) and every service account's
-//! binding annotation. The watcher lists, then watches, and lists again
-//! (with backoff) whenever the watch breaks; the directory keeps the last
-//! known map meanwhile, and a new list replaces it whole, so pods deleted
-//! during an outage go then.
+//! pods of this node (`spec.nodeName`, running or pending) and every
+//! service account's binding annotation. The watcher lists, then watches,
+//! and lists again (with backoff) whenever the watch breaks; the directory
+//! keeps the last known map meanwhile, and a new list replaces it whole,
+//! so pods deleted during an outage go then.
 
 use std::collections::HashMap;
-use std::hash::Hash;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -22,72 +21,153 @@ use crate::telemetry::RateLimitedLog;
 /// Follows this node's pods until `stop`.
 pub(super) async fn pods(workloads: Workloads, stop: CancellationToken) {
     let api: Api<PodObject> = Api::all(workloads.client());
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={}", workloads.node()));
-    follow(
-        &workloads,
-        api,
-        config,
-        "pods",
-        |object| Pod::of(object).map(|pod| (pod.uid, Arc::new(pod))),
-        |object| object.metadata.uid.as_deref().and_then(PodUid::parse),
-        |directory| &mut directory.pods,
-        |directory| directory.pods_synced = true,
-        stop,
-    )
-    .await;
+    let config = watcher::Config::default().fields(&workloads.field_selector());
+    follow::<Pods>(&workloads, api, config, stop).await;
 }
 
 /// Follows every service account's binding annotation until `stop`.
 pub(super) async fn service_accounts(workloads: Workloads, stop: CancellationToken) {
     let api: Api<ServiceAccount> = Api::all(workloads.client());
-    follow(
-        &workloads,
-        api,
-        watcher::Config::default(),
-        "service accounts",
-        |object| {
-            let meta = &object.metadata;
-            let account = meta.annotations.as_ref()?.get(GOOGLE_ACCOUNT_ANNOTATION)?;
-            Some((account_key(object)?, account.trim().to_string()))
-        },
-        account_key,
-        |directory| &mut directory.bindings,
-        |directory| directory.accounts_synced = true,
-        stop,
-    )
-    .await;
+    follow::<Bindings>(&workloads, api, watcher::Config::default(), stop).await;
 }
 
-fn account_key(object: &ServiceAccount) -> Option<(String, String)> {
-    Some((
-        object.metadata.namespace.clone()?,
-        object.metadata.name.clone()?,
-    ))
+/// What one watcher keeps of its objects, and where in the directory.
+trait Kept {
+    /// The API object.
+    type Object: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static;
+    /// What the directory keeps of one object.
+    type Entry;
+    /// For logs.
+    const WHAT: &'static str;
+
+    /// The object's entry; `None`: not kept (or no longer).
+    fn entry(object: &Self::Object) -> Option<Self::Entry>;
+    /// Puts `entry` in; says whether something open watches depend on
+    /// changed.
+    fn apply(directory: &mut Directory, entry: Self::Entry) -> bool;
+    /// Takes the object out; says whether it was in.
+    fn remove(directory: &mut Directory, object: &Self::Object) -> bool;
+    /// Replaces everything with a whole new list; says whether anything
+    /// changed.
+    fn replace(directory: &mut Directory, listed: Vec<Self::Entry>) -> bool;
 }
 
-/// Feeds one watcher's events into one map of the directory: `entry`
-/// reads an object's entry (none: the object is not kept, or no longer),
-/// `key` its key for deletions.
-#[allow(clippy::too_many_arguments)]
-async fn follow<K, Key, Value>(
+/// The node's pods, by UID.
+struct Pods;
+
+impl Kept for Pods {
+    type Object = PodObject;
+    type Entry = Arc<Pod>;
+    const WHAT: &'static str = "pods";
+
+    fn entry(object: &PodObject) -> Option<Arc<Pod>> {
+        Pod::of(object).map(Arc::new)
+    }
+
+    fn apply(directory: &mut Directory, pod: Arc<Pod>) -> bool {
+        directory.looked_up.remove(&pod.uid);
+        // A new pod changes nothing for open watches; a changed one might.
+        let old = directory.pods.insert(pod.uid, pod.clone());
+        old.is_some_and(|old| old != pod)
+    }
+
+    fn remove(directory: &mut Directory, object: &PodObject) -> bool {
+        let Some(uid) = Pod::of(object).map(|pod| pod.uid).or_else(|| {
+            let uid = object.metadata.uid.as_deref()?;
+            PodUid::parse(uid)
+        }) else {
+            return false;
+        };
+        let looked_up = directory.looked_up.remove(&uid).is_some();
+        directory.pods.remove(&uid).is_some() || looked_up
+    }
+
+    fn replace(directory: &mut Directory, listed: Vec<Arc<Pod>>) -> bool {
+        let listed: HashMap<PodUid, Arc<Pod>> =
+            listed.into_iter().map(|pod| (pod.uid, pod)).collect();
+        // A whole list is newer than any direct one.
+        directory.looked_up.clear();
+        directory.pods_synced = true;
+        let gone_or_changed = directory
+            .pods
+            .iter()
+            .any(|(uid, pod)| listed.get(uid) != Some(pod));
+        directory.pods = listed;
+        gone_or_changed
+    }
+}
+
+/// Service accounts' binding annotations: (namespace, name, account).
+struct Bindings;
+
+impl Kept for Bindings {
+    type Object = ServiceAccount;
+    type Entry = (String, String, Arc<str>);
+    const WHAT: &'static str = "service accounts";
+
+    fn entry(object: &ServiceAccount) -> Option<Self::Entry> {
+        let meta = &object.metadata;
+        let account = meta.annotations.as_ref()?.get(GOOGLE_ACCOUNT_ANNOTATION)?;
+        Some((
+            meta.namespace.clone()?,
+            meta.name.clone()?,
+            Arc::from(account.trim()),
+        ))
+    }
+
+    fn apply(directory: &mut Directory, (namespace, name, account): Self::Entry) -> bool {
+        let old = directory
+            .bindings
+            .entry(namespace)
+            .or_default()
+            .insert(name, account.clone());
+        // A new binding matters too: a pod served as the node maps now.
+        old.is_none_or(|old| old != account)
+    }
+
+    fn remove(directory: &mut Directory, object: &ServiceAccount) -> bool {
+        let meta = &object.metadata;
+        let (Some(namespace), Some(name)) = (&meta.namespace, &meta.name) else {
+            return false;
+        };
+        let Some(names) = directory.bindings.get_mut(namespace) else {
+            return false;
+        };
+        let removed = names.remove(name).is_some();
+        if names.is_empty() {
+            directory.bindings.remove(namespace);
+        }
+        removed
+    }
+
+    fn replace(directory: &mut Directory, listed: Vec<Self::Entry>) -> bool {
+        let mut bindings: HashMap<String, HashMap<String, Arc<str>>> = HashMap::new();
+        for (namespace, name, account) in listed {
+            bindings.entry(namespace).or_default().insert(name, account);
+        }
+        directory.accounts_synced = true;
+        let changed = directory.bindings != bindings;
+        directory.bindings = bindings;
+        changed
+    }
+}
+
+/// Feeds one watcher's events into the directory until `stop`.
+async fn follow<K: Kept>(
     workloads: &Workloads,
-    api: Api<K>,
+    api: Api<K::Object>,
     config: watcher::Config,
-    what: &'static str,
-    entry: impl Fn(&K) -> Option<(Key, Value)>,
-    key: impl Fn(&K) -> Option<Key>,
-    map: impl Fn(&mut Directory) -> &mut HashMap<Key, Value>,
-    synced: impl Fn(&mut Directory),
     stop: CancellationToken,
-) where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
-    Key: Eq + Hash,
-    Value: PartialEq,
-{
+) {
     let errors = RateLimitedLog::default();
     let stream = watch_stream(api, config).default_backoff();
     let mut stream = std::pin::pin!(stream);
-    let mut listing: Option<HashMap<Key, Value>> = None;
+    let mut listing: Option<Vec<K::Entry>> = None;
     loop {
         let event = tokio::select! {
             () = stop.cancelled() => return,
@@ -98,51 +178,29 @@ async fn follow<K, Key, Value>(
             Some(Ok(event)) => event,
             Some(Err(error)) => {
                 errors.warn(|failures| {
-                    tracing::warn!(%error, failures, what, "Kubernetes watch failed; listing again with backoff, serving the pods known (logged at most once a second)")
+                    tracing::warn!(%error, failures, what = K::WHAT, "Kubernetes watch failed; listing again with backoff, serving the pods known (logged at most once a second)")
                 });
                 continue;
             }
         };
         match event {
-            Event::Init => listing = Some(HashMap::new()),
+            Event::Init => listing = Some(Vec::new()),
             Event::InitApply(object) => {
-                if let (Some(listing), Some((key, value))) = (&mut listing, entry(&object)) {
-                    listing.insert(key, value);
+                if let (Some(listing), Some(entry)) = (&mut listing, K::entry(&object)) {
+                    listing.push(entry);
                 }
             }
             Event::InitDone => {
                 let listed = listing.take().unwrap_or_default();
-                workloads.update(|directory| {
-                    synced(directory);
-                    let map = map(directory);
-                    // Anything gone, new or changed matters to open watches.
-                    let changed = map.len() != listed.len()
-                        || map
-                            .iter()
-                            .any(|(key, value)| listed.get(key) != Some(value));
-                    *map = listed;
-                    changed
-                });
-                tracing::debug!(what, "Kubernetes list read");
+                workloads.update(|directory| K::replace(directory, listed));
+                tracing::debug!(what = K::WHAT, "Kubernetes list read");
             }
-            Event::Apply(object) => match (entry(&object), key(&object)) {
-                (Some((key, value)), _) => workloads.update(|directory| {
-                    let map = map(directory);
-                    let changed = map.get(&key) != Some(&value);
-                    map.insert(key, value);
-                    changed
-                }),
+            Event::Apply(object) => match K::entry(&object) {
+                Some(entry) => workloads.update(|directory| K::apply(directory, entry)),
                 // No longer kept (an annotation removed): gone.
-                (None, Some(key)) => {
-                    workloads.update(|directory| map(directory).remove(&key).is_some())
-                }
-                (None, None) => {}
+                None => workloads.update(|directory| K::remove(directory, &object)),
             },
-            Event::Delete(object) => {
-                if let Some(key) = key(&object) {
-                    workloads.update(|directory| map(directory).remove(&key).is_some());
-                }
-            }
+            Event::Delete(object) => workloads.update(|directory| K::remove(directory, &object)),
         }
     }
 }
