@@ -14,6 +14,8 @@
 //! from an empty handler with a response of the same size; it drives both
 //! with the same clients, alternating rounds, and measures start-up time,
 //! a cold-miss storm, and memory with many keys and idle watch streams.
+//! As root it also drives the hits from inside a cgroup named as kubelet
+//! names a pod's, against a broker with workload identity.
 //!
 //! Cache hits are driven twice: by tonic's client, which sends `localhost`
 //! as `:authority`, and by the same client with its header blocks
@@ -44,6 +46,7 @@ use authority_shim::{Authority, AuthorityShim};
 use clap::{Parser, Subcommand};
 use futures_util::Stream;
 use hyper_util::rt::TokioIo;
+use tokenbroker::emulator::kubernetes::FakePod;
 use tokenbroker::emulator::{Emulator, EmulatorConfig, Fault, FaultRule};
 use tokenbroker::proto::v1::token_broker_client::TokenBrokerClient;
 use tokenbroker::proto::v1::token_broker_server::{TokenBroker, TokenBrokerServer};
@@ -709,6 +712,131 @@ async fn emulator() -> Emulator {
     .expect("emulator")
 }
 
+/// A cgroup named as kubelet names a pod's (cgroup v2, cgroupfs driver),
+/// which the emulator's fake Kubernetes API knows as a pod whose service
+/// account maps to [`POD_ACCOUNT`]; once joined, this process is in it
+/// until dropped.
+struct InPod {
+    created: Vec<PathBuf>,
+    leaf: PathBuf,
+    home: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+/// The Google service account the benchmark's pod is served as.
+const POD_ACCOUNT: &str = "loadgen@emulator-project.iam.gserviceaccount.com";
+/// The node the benchmark's pod runs on.
+const POD_NODE: &str = "loadgen-node";
+
+impl InPod {
+    /// Makes a new pod's cgroup, or says why it cannot.
+    fn create(emulator: &Emulator) -> Option<InPod> {
+        let skip = |why: &str| {
+            eprintln!("loadgen: the pod peer's hit path is not measured: {why}");
+            None
+        };
+        if !nix::unistd::geteuid().is_root() {
+            return skip("creating a pod cgroup needs root");
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let Some(root) = mounts.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+        }) else {
+            return skip("no cgroup v2 hierarchy is mounted");
+        };
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let Some(home) = own.lines().find_map(|line| line.strip_prefix("0::")) else {
+            return skip("this process is in no cgroup v2 cgroup");
+        };
+        let home = root.join(home.trim_start_matches('/'));
+        let uid = format!("00000000-0000-4000-8000-{:012x}", std::process::id());
+        let mut dir = root;
+        let mut created = Vec::new();
+        for segment in ["kubepods", "besteffort", &format!("pod{uid}"), "loadgen"] {
+            dir.push(segment);
+            if !dir.exists() {
+                if let Err(error) = std::fs::create_dir(&dir) {
+                    return skip(&format!("cannot create {}: {error}", dir.display()));
+                }
+                created.push(dir.clone());
+            }
+        }
+        let pod = InPod {
+            created,
+            leaf: dir,
+            home,
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        emulator.allow_impersonation(POD_ACCOUNT);
+        let annotation = (
+            "iam.gke.io/gcp-service-account".to_string(),
+            POD_ACCOUNT.to_string(),
+        );
+        emulator.put_service_account("bench", "loadgen", [annotation].into());
+        emulator.add_pod(FakePod {
+            namespace: "bench".into(),
+            name: "loadgen".into(),
+            uid: Some(uid),
+            node: POD_NODE.into(),
+            service_account: "loadgen".into(),
+        });
+        Some(pod)
+    }
+
+    /// Moves this process into the pod's cgroup.
+    fn join(&self) {
+        let procs = self.leaf.join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .unwrap_or_else(|error| panic!("cannot join {}: {error}", procs.display()));
+    }
+
+    /// The flags of a broker serving this pod.
+    fn broker_flags(&self, emulator: &Emulator) -> Vec<String> {
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, emulator.kubeconfig()).expect("kubeconfig written");
+        vec![
+            "--workload-identity".into(),
+            "kubernetes".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--node-name".into(),
+            POD_NODE.into(),
+            "--iam-endpoint".into(),
+            emulator.iam_endpoint(),
+        ]
+    }
+}
+
+impl Drop for InPod {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        for dir in self.created.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Waits until the broker on `socket` serves an ID token (a workload
+/// identity broker first reads the node's pods).
+async fn wait_until_answers(socket: &Path) {
+    let mut client = channels(socket, 1).await.remove(0);
+    for _ in 0..200 {
+        let request = GetIdTokenRequest {
+            audience: audience(0),
+            ..Default::default()
+        };
+        if client.get_id_token(request).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the broker in the pod never answered");
+}
+
 /// A FIFO for the broker's audit log, read at a fixed, slow rate by a
 /// thread of its own.
 struct SlowPipe {
@@ -854,6 +982,38 @@ async fn benchmark(args: Args) {
     );
     report.insert("audit_bytes_read", pipe.bytes_read().into());
     drop(audited);
+
+    // A peer in a pod (workload identity): this process moves into a cgroup
+    // named as kubelet names a pod's, and drives a broker that follows the
+    // emulator's fake Kubernetes API, against the host peer's broker and
+    // the baseline in alternating rounds. Root only.
+    if let Some(pod) = InPod::create(&emulator) {
+        let flags = pod.broker_flags(&emulator);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let (in_pod, _) = Server::broker(metadata, None, &flags).await;
+        pod.join();
+        wait_until_answers(&in_pod.socket).await;
+        warm(&in_pod.socket, 0..args.keys, 100).await;
+        let _ = drive(&in_pod.socket, &args, Duration::from_secs(1)).await;
+        let (mut on_pod, mut on_host, mut on_baseline_pod) =
+            (Load::default(), Load::default(), Load::default());
+        for _ in 0..args.rounds.max(1) {
+            on_pod.merge(drive(&in_pod.socket, &args, args.duration).await);
+            on_host.merge(drive(&broker.socket, &args, args.duration).await);
+            on_baseline_pod.merge(drive(&baseline.socket, &args, args.duration).await);
+        }
+        report.insert("broker_pod_rps", on_pod.rps().round().into());
+        report.insert(
+            "rps_ratio_pod",
+            round3(on_pod.rps() / on_baseline_pod.rps()).into(),
+        );
+        report.insert(
+            "pod_to_host_rps_ratio",
+            round3(on_pod.rps() / on_host.rps()).into(),
+        );
+        drop(in_pod);
+        drop(pod);
+    }
 
     // One caller at a time: the latency of a single call, not of a queue.
     let single = Args {
@@ -1039,6 +1199,14 @@ fn print_hits(report: &HashMap<&str, serde_json::Value>) {
         get("rps_ratio_audit"),
         verdict(get("rps_ratio_audit") >= 0.85)
     );
+    if let Some(ratio) = report.get("rps_ratio_pod").and_then(|v| v.as_f64()) {
+        println!(
+            "  throughput ratio {:.3} from a peer in a pod, workload identity on (target >= 0.90: {}); {:.3} of the host peer's",
+            ratio,
+            verdict(ratio >= 0.9),
+            get("pod_to_host_rps_ratio"),
+        );
+    }
     println!(
         "  throughput ratio {:.3} with the socket path as :authority (target >= 0.90: {})",
         get("rps_ratio_path_authority"),
