@@ -621,6 +621,10 @@ async fn each_pod_has_its_own_share_of_watches() {
         stderr.contains("too many open watch streams for this pod"),
         "{stderr}"
     );
+    // Ended before the pods' cgroups are removed.
+    for (mut child, _) in held {
+        child.kill().await.unwrap();
+    }
 }
 
 #[tokio::test]
@@ -686,4 +690,6 @@ async fn a_pod_mapped_elsewhere_is_watched_again_under_its_new_account() {
     write_policy(dir.path(), &bound);
     broker.signal(nix::sys::signal::Signal::SIGHUP);
     assert_eq!(next().await, CART);
+    // Ended before the pod's cgroup is removed.
+    watcher.kill().await.unwrap();
 }
