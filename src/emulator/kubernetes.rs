@@ -1282,52 +1282,20 @@ mod tests {
         let accounts: Api<ServiceAccount> = Api::namespaced(client, "apps");
         assert!(accounts.get_opt("default").await.expect("a get").is_some());
 
-        let bad = raw(
-            &emulator,
-            "PUT",
-            "/emulator/v1/kubernetes/pods",
-            "",
-            r#"{"namespace":"","name":"p"}"#,
-        )
-        .await;
-        assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
-        let deleted = raw(
-            &emulator,
-            "DELETE",
-            "/emulator/v1/kubernetes/pods/apps/p",
-            "",
-            "",
-        )
-        .await;
-        assert!(deleted.starts_with("HTTP/1.1 200"), "{deleted}");
-        let again = raw(
-            &emulator,
-            "DELETE",
-            "/emulator/v1/kubernetes/pods/apps/p",
-            "",
-            "",
-        )
-        .await;
-        assert!(again.starts_with("HTTP/1.1 404"), "{again}");
-        let deleted = raw(
-            &emulator,
-            "DELETE",
-            "/emulator/v1/kubernetes/serviceaccounts/apps/default",
-            "",
-            "",
-        )
-        .await;
-        assert!(deleted.starts_with("HTTP/1.1 200"), "{deleted}");
-
-        let down = raw(
-            &emulator,
-            "PUT",
-            "/emulator/v1/kubernetes/outage",
-            "",
-            r#"{"down":true}"#,
-        )
-        .await;
-        assert!(down.starts_with("HTTP/1.1 200"), "{down}");
+        // Each call in turn, and the status it gets.
+        for (method, path, body, status) in [
+            ("PUT", "pods", r#"{"namespace":"","name":"p"}"#, 400),
+            ("DELETE", "pods/apps/p", "", 200),
+            ("DELETE", "pods/apps/p", "", 404),
+            ("DELETE", "serviceaccounts/apps/default", "", 200),
+            ("GET", "kubeconfig", "", 200),
+            ("PUT", "outage", r#"{"down":true}"#, 200),
+        ] {
+            let path = format!("/emulator/v1/kubernetes/{path}");
+            let answer = raw(&emulator, method, &path, "", body).await;
+            let expected = format!("HTTP/1.1 {status}");
+            assert!(answer.starts_with(&expected), "{method} {path}: {answer}");
+        }
         assert_eq!(api_code(pods.get("p").await.expect_err("down")), 503);
     }
 }

@@ -287,22 +287,70 @@ async fn metadata(broker: &PodBroker, pod: &PodCgroup, path: &str) -> (u16, Stri
     (status.parse().unwrap(), body.to_string())
 }
 
+/// An emulator whose fake cluster has service account shop/cart bound to
+/// `CART`, which (like `REPORT`) the broker may impersonate.
+async fn shop() -> Emulator {
+    let emulator = emulator(EmulatorConfig::default()).await;
+    for account in [CART, REPORT] {
+        emulator.allow_impersonation(account);
+    }
+    emulator.put_service_account("shop", "cart", annotated(CART));
+    emulator
+}
+
+/// A new pod of service account shop/cart, named `name`, in a cgroup of
+/// `driver`'s naming.
+fn cart_pod(emulator: &Emulator, root: &Path, driver: Driver, name: &str) -> PodCgroup {
+    let pod = PodCgroup::create(root, driver);
+    emulator.add_pod(pod.pod("shop", name, "cart"));
+    pod
+}
+
+/// `tokenbroker token access FLAG` (`--watch` or `--watch-once`) in `pod`
+/// (or on the host), and the lines it prints.
+fn watching(
+    broker: &PodBroker,
+    pod: Option<&PodCgroup>,
+    flag: &str,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) {
+    let mut command = match pod {
+        Some(pod) => pod.command(BINARY),
+        None => crate::common::binary(),
+    };
+    command
+        .args(["token", "access", flag, "--socket"])
+        .arg(&broker.socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// What `child` printed on stderr, once it has ended.
+async fn stderr_of(child: &mut tokio::process::Child) -> String {
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+    stderr
+}
+
 #[tokio::test]
 async fn pods_get_their_own_accounts_through_grpc_and_the_metadata_socket() {
     let Some(root) = cgroups("the per-pod identity test") else {
         return;
     };
-    let emulator = emulator(EmulatorConfig::default()).await;
-    for account in [CART, REPORT] {
-        emulator.allow_impersonation(account);
-    }
     // cart's account by its annotation; report's by the policy's
     // [[workload]] table, which wins over its annotation.
-    emulator.put_service_account("shop", "cart", annotated(CART));
+    let emulator = shop().await;
     emulator.put_service_account("batch", "report", annotated(CART));
-    let cart = PodCgroup::create(&root, Driver::Systemd("burstable"));
+    let cart = cart_pod(&emulator, &root, Driver::Systemd("burstable"), "cart-1");
     let report = PodCgroup::create(&root, Driver::Cgroupfs("besteffort"));
-    emulator.add_pod(cart.pod("shop", "cart-1", "cart"));
     emulator.add_pod(report.pod("batch", "report-1", "report"));
     // A pod of another node is not this broker's.
     emulator.add_pod(FakePod {
@@ -404,9 +452,7 @@ async fn twenty_pods_of_one_account_cause_one_iam_call() {
     let Some(root) = cgroups("the shared-account test") else {
         return;
     };
-    let emulator = emulator(EmulatorConfig::default()).await;
-    emulator.allow_impersonation(CART);
-    emulator.put_service_account("shop", "cart", annotated(CART));
+    let emulator = shop().await;
     let pods: Vec<PodCgroup> = (0..20)
         .map(|i| {
             let driver = if i % 2 == 0 {
@@ -414,9 +460,7 @@ async fn twenty_pods_of_one_account_cause_one_iam_call() {
             } else {
                 Driver::Cgroupfs("")
             };
-            let pod = PodCgroup::create(&root, driver);
-            emulator.add_pod(pod.pod("shop", &format!("cart-{i}"), "cart"));
-            pod
+            cart_pod(&emulator, &root, driver, &format!("cart-{i}"))
         })
         .collect();
     let broker = broker(&emulator, &[]).await;
@@ -469,22 +513,11 @@ async fn deleting_a_pod_ends_its_watch() {
     let Some(root) = cgroups("the pod-deletion test") else {
         return;
     };
-    let emulator = emulator(EmulatorConfig::default()).await;
-    emulator.allow_impersonation(CART);
-    emulator.put_service_account("shop", "cart", annotated(CART));
-    let pod = PodCgroup::create(&root, Driver::Cgroupfs("burstable"));
-    emulator.add_pod(pod.pod("shop", "cart-1", "cart"));
+    let emulator = shop().await;
+    let pod = cart_pod(&emulator, &root, Driver::Cgroupfs("burstable"), "cart-1");
     let broker = broker(&emulator, &[]).await;
 
-    let mut command = pod.command(BINARY);
-    command
-        .args(["token", "access", "--watch", "--socket"])
-        .arg(&broker.socket)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut watcher = command.spawn().unwrap();
-    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    let (mut watcher, mut lines) = watching(&broker, Some(&pod), "--watch");
     let first = in_time("the first token", lines.next_line())
         .await
         .unwrap()
@@ -494,10 +527,7 @@ async fn deleting_a_pod_ends_its_watch() {
     assert!(emulator.delete_pod("shop", "cart-1"));
     let status = in_time("the watch to end", watcher.wait()).await.unwrap();
     assert!(!status.success());
-    let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut watcher.stderr.take().unwrap(), &mut stderr)
-        .await
-        .unwrap();
+    let stderr = stderr_of(&mut watcher).await;
     assert!(stderr.contains("no longer on node node-a"), "{stderr}");
     // And the deleted pod is not served again.
     let refused = access_token(&broker, Some(&pod), &[]).await;
@@ -509,11 +539,8 @@ async fn an_api_server_outage_keeps_known_pods_served_and_refuses_unknown_ones()
     let Some(root) = cgroups("the API-outage test") else {
         return;
     };
-    let emulator = emulator(EmulatorConfig::default()).await;
-    emulator.allow_impersonation(CART);
-    emulator.put_service_account("shop", "cart", annotated(CART));
-    let known = PodCgroup::create(&root, Driver::Systemd("besteffort"));
-    emulator.add_pod(known.pod("shop", "cart-1", "cart"));
+    let emulator = shop().await;
+    let known = cart_pod(&emulator, &root, Driver::Systemd("besteffort"), "cart-1");
     let broker = broker(&emulator, &[]).await;
 
     emulator.set_kubernetes_outage(true);
@@ -543,11 +570,8 @@ async fn an_api_server_down_at_start_keeps_pods_waiting_and_host_processes_serve
     let Some(root) = cgroups("the API-down-at-start test") else {
         return;
     };
-    let emulator = emulator(EmulatorConfig::default()).await;
-    emulator.allow_impersonation(CART);
-    emulator.put_service_account("shop", "cart", annotated(CART));
-    let pod = PodCgroup::create(&root, Driver::Systemd("burstable"));
-    emulator.add_pod(pod.pod("shop", "cart-1", "cart"));
+    let emulator = shop().await;
+    let pod = cart_pod(&emulator, &root, Driver::Systemd("burstable"), "cart-1");
     emulator.set_kubernetes_outage(true);
     let broker = start(&emulator, &[]).await;
     let addr = broker.metrics_addr().await;
@@ -572,34 +596,16 @@ async fn each_pod_has_its_own_share_of_watches() {
     let Some(root) = cgroups("the per-pod bounds test") else {
         return;
     };
-    let emulator = emulator(EmulatorConfig::default()).await;
-    emulator.allow_impersonation(CART);
-    emulator.put_service_account("shop", "cart", annotated(CART));
-    let first = PodCgroup::create(&root, Driver::Systemd("besteffort"));
-    let second = PodCgroup::create(&root, Driver::Systemd("besteffort"));
-    emulator.add_pod(first.pod("shop", "cart-1", "cart"));
-    emulator.add_pod(second.pod("shop", "cart-2", "cart"));
+    let emulator = shop().await;
+    let first = cart_pod(&emulator, &root, Driver::Systemd("besteffort"), "cart-1");
+    let second = cart_pod(&emulator, &root, Driver::Systemd("besteffort"), "cart-2");
     let broker = broker(&emulator, &["--max-watchers-per-uid", "1"]).await;
 
     // Both pods run as root here, as the test does: one pod's watch does
     // not use up the other's, nor the host's.
-    let watch = |pod: Option<&PodCgroup>| {
-        let mut command = match pod {
-            Some(pod) => pod.command(BINARY),
-            None => crate::common::binary(),
-        };
-        command
-            .args(["token", "access", "--watch-once", "--socket"])
-            .arg(&broker.socket)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        command.spawn().unwrap()
-    };
     let mut held = Vec::new();
     for pod in [Some(&first), Some(&second), None] {
-        let mut child = watch(pod);
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (child, mut lines) = watching(&broker, pod, "--watch-once");
         let token = in_time("a watch's first token", lines.next_line()).await;
         assert!(
             token.unwrap().is_some(),
@@ -608,15 +614,12 @@ async fn each_pod_has_its_own_share_of_watches() {
         );
         held.push((child, lines));
     }
-    let mut over = watch(Some(&first));
+    let (mut over, _) = watching(&broker, Some(&first), "--watch-once");
     let status = in_time("the refused watch to end", over.wait())
         .await
         .unwrap();
     assert!(!status.success());
-    let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut over.stderr.take().unwrap(), &mut stderr)
-        .await
-        .unwrap();
+    let stderr = stderr_of(&mut over).await;
     assert!(
         stderr.contains("too many open watch streams for this pod"),
         "{stderr}"
@@ -647,13 +650,8 @@ async fn a_pod_mapped_elsewhere_is_watched_again_under_its_new_account() {
     let Some(root) = cgroups("the remapping test") else {
         return;
     };
-    let emulator = emulator(EmulatorConfig::default()).await;
-    for account in [CART, REPORT] {
-        emulator.allow_impersonation(account);
-    }
-    emulator.put_service_account("shop", "cart", annotated(CART));
-    let pod = PodCgroup::create(&root, Driver::Systemd("besteffort"));
-    emulator.add_pod(pod.pod("shop", "cart-1", "cart"));
+    let emulator = shop().await;
+    let pod = cart_pod(&emulator, &root, Driver::Systemd("besteffort"), "cart-1");
     let dir = tempfile::tempdir().unwrap();
     let policy = write_policy(dir.path(), "");
     let broker = broker(&emulator, &["--policy", &policy]).await;
@@ -665,14 +663,7 @@ async fn a_pod_mapped_elsewhere_is_watched_again_under_its_new_account() {
 
     // `--watch` subscribes again when a stream ends with UNAVAILABLE, as
     // it does when the pod's account changes.
-    let mut command = pod.command(BINARY);
-    command
-        .args(["token", "access", "--watch", "--socket"])
-        .arg(&broker.socket)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut watcher = command.spawn().unwrap();
-    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    let (mut watcher, mut lines) = watching(&broker, Some(&pod), "--watch");
     let mut next = async || {
         let line = in_time("the next token", lines.next_line()).await.unwrap();
         owner_of(&emulator, &line.expect("the watch goes on"))
