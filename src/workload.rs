@@ -397,6 +397,96 @@ mod tests {
         }
     }
 
+    /// Workloads on `emulator`'s fake API for node `node-a`, without the
+    /// watchers: every pod comes from a direct list.
+    async fn unfollowed(emulator: &crate::emulator::Emulator) -> Workloads {
+        Workloads::connect(WorkloadConfig {
+            kubeconfig: Kubeconfig::Text(emulator.kubeconfig()),
+            node_name: "node-a".into(),
+            unmapped: UnmappedPods::Deny,
+        })
+        .await
+        .unwrap()
+    }
+
+    fn fake_pod(uid: &str, node: &str) -> crate::emulator::kubernetes::FakePod {
+        crate::emulator::kubernetes::FakePod {
+            namespace: "shop".into(),
+            name: format!("p-{uid}"),
+            uid: Some(uid.into()),
+            node: node.into(),
+            service_account: "cart".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_pods_cost_one_shared_list_and_its_answer_is_remembered() {
+        let emulator = crate::emulator::Emulator::start(
+            "127.0.0.1:0".parse().unwrap(),
+            crate::emulator::EmulatorConfig::default(),
+        )
+        .await
+        .unwrap();
+        let uids: Vec<String> = (0..10)
+            .map(|i| format!("00000000-0000-4000-8000-{i:012}"))
+            .collect();
+        for uid in &uids {
+            emulator.add_pod(fake_pod(uid, "node-a"));
+        }
+        let elsewhere = "00000000-0000-4000-8000-999999999999";
+        emulator.add_pod(fake_pod(elsewhere, "node-b"));
+        let workloads = unfollowed(&emulator).await;
+        let lists = || emulator.stats().kubernetes_lists;
+
+        // Ten new pods at once: one list answers them all.
+        let asked = uids
+            .iter()
+            .map(|uid| workloads.pod(PodUid::parse(uid).unwrap()));
+        let found = futures_util::future::join_all(asked).await;
+        assert!(found.iter().all(Result::is_ok), "{found:?}");
+        assert_eq!(lists(), 1);
+        assert_eq!(found[3].as_ref().unwrap().name, format!("p-{}", uids[3]));
+
+        // A pod of another node, or of none, is refused, and the miss is
+        // remembered rather than listed again.
+        for _ in 0..3 {
+            let refused = workloads.pod(PodUid::parse(elsewhere).unwrap()).await;
+            assert!(
+                matches!(refused, Err(BrokerError::PodDenied { .. })),
+                "{refused:?}"
+            );
+        }
+        assert_eq!(lists(), 2);
+        assert!(workloads.known(PodUid::parse(&uids[0]).unwrap()).is_some());
+
+        // The API server away: an unknown pod is UNAVAILABLE.
+        emulator.set_kubernetes_outage(true);
+        let unknown = PodUid::parse("00000000-0000-4000-8000-777777777777").unwrap();
+        let error = workloads.pod(unknown).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
+    }
+
+    #[tokio::test]
+    async fn the_watcher_overrules_what_a_direct_list_found() {
+        let emulator = crate::emulator::Emulator::start(
+            "127.0.0.1:0".parse().unwrap(),
+            crate::emulator::EmulatorConfig::default(),
+        )
+        .await
+        .unwrap();
+        let uid = "00000000-0000-4000-8000-000000000001";
+        emulator.add_pod(fake_pod(uid, "node-a"));
+        let workloads = unfollowed(&emulator).await;
+        let pod_uid = PodUid::parse(uid).unwrap();
+        let found = workloads.pod(pod_uid).await.unwrap();
+        // The watcher reports the pod deleted: it is gone at once, not
+        // when the lookup's memory ends.
+        let mut deleted = object(uid, None, Some("cart"));
+        deleted.spec.as_mut().unwrap().node_name = Some("node-a".into());
+        workloads.update(|directory| follow::remove_pod(directory, &deleted));
+        assert_eq!(workloads.known(pod_uid), None, "was {found:?}");
+    }
+
     #[test]
     fn a_pod_is_known_by_its_cgroups_uid() {
         let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";

@@ -31,6 +31,13 @@ pub(super) async fn service_accounts(workloads: Workloads, stop: CancellationTok
     follow::<Bindings>(&workloads, api, watcher::Config::default(), stop).await;
 }
 
+/// Takes a pod the watcher reports deleted out of the directory (and out
+/// of what direct lists found); says whether it was in.
+#[cfg(test)]
+pub(super) fn remove_pod(directory: &mut Directory, object: &PodObject) -> bool {
+    Pods::remove(directory, object)
+}
+
 /// What one watcher keeps of its objects, and where in the directory.
 trait Kept {
     /// The API object.
