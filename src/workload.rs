@@ -29,10 +29,6 @@ pub use crate::peer::{Locator, PodUid};
 /// service account (the GKE Workload Identity convention).
 pub const GOOGLE_ACCOUNT_ANNOTATION: &str = "iam.gke.io/gcp-service-account";
 
-/// The annotation of a static pod's mirror pod that holds the UID its
-/// cgroup is named after.
-pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
-
 /// Longest wait for the direct list of an unknown pod (5 s), the wait
 /// for another caller's list included.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -84,6 +80,26 @@ pub struct WorkloadConfig {
     pub unmapped: UnmappedPods,
 }
 
+/// A service account's binding annotation, checked once when read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Annotation {
+    /// A service account email.
+    Account(Arc<str>),
+    /// Anything else, kept to be named in refusals.
+    NotAnEmail(Arc<str>),
+}
+
+impl Annotation {
+    /// Reads an annotation's value.
+    pub fn read(value: &str) -> Self {
+        let value = value.trim();
+        match crate::request::ServiceAccount::parse(GOOGLE_ACCOUNT_ANNOTATION, value.to_string()) {
+            Ok(crate::request::ServiceAccount::Email(_)) => Self::Account(Arc::from(value)),
+            _ => Self::NotAnEmail(Arc::from(value)),
+        }
+    }
+}
+
 /// A pod on this node, as far as identity goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
@@ -104,15 +120,9 @@ impl fmt::Display for Pod {
 }
 
 impl Pod {
-    /// The pod an API object describes, if it has what identity needs. A
-    /// static pod's cgroup is named after the hash its mirror pod carries
-    /// in [`MIRROR_ANNOTATION`], not after the mirror pod's own UID.
+    /// The pod an API object describes, if it has what identity needs.
     fn of(object: &PodObject) -> Option<Self> {
         let meta = &object.metadata;
-        let mirror = meta
-            .annotations
-            .as_ref()
-            .and_then(|annotations| annotations.get(MIRROR_ANNOTATION));
         let service_account = object
             .spec
             .as_ref()
@@ -120,7 +130,7 @@ impl Pod {
             .filter(|name| !name.is_empty())
             .unwrap_or_else(|| "default".to_string());
         Some(Self {
-            uid: PodUid::parse(mirror.or(meta.uid.as_ref())?)?,
+            uid: PodUid::parse(meta.uid.as_ref()?)?,
             namespace: meta.namespace.clone()?,
             name: meta.name.clone()?,
             service_account,
@@ -152,12 +162,15 @@ struct Directory {
     /// The node's pods, as the watcher last saw them.
     pods: HashMap<PodUid, Arc<Pod>>,
     /// Pods a direct list found (or did not find) before the watcher
-    /// told: kept [`LOOKUP_MEMORY`], and dropped as soon as the watcher
-    /// adds or deletes the pod, or lists again.
+    /// told, and pods the watcher deleted (`None`): kept
+    /// [`LOOKUP_MEMORY`]; a pod the watcher adds, or a new whole list,
+    /// replaces them.
     looked_up: HashMap<PodUid, (Option<Arc<Pod>>, Instant)>,
-    /// namespace → service account → the annotated Google account (nested,
-    /// so that a lookup by `&str` allocates nothing).
-    bindings: HashMap<String, HashMap<String, Arc<str>>>,
+    /// When the pods' watcher last read a whole list.
+    listed_at: Option<Instant>,
+    /// namespace → service account → its binding annotation (nested, so
+    /// that a lookup by `&str` allocates nothing).
+    bindings: HashMap<String, HashMap<String, Annotation>>,
     pods_synced: bool,
     accounts_synced: bool,
 }
@@ -254,11 +267,20 @@ impl Workloads {
         self.0.changes.subscribe()
     }
 
-    /// The pod with `uid`, if it is known now: from the watcher, or from a
-    /// direct list in the last [`LOOKUP_MEMORY`] that the watcher has not
-    /// contradicted.
-    pub fn known(&self, uid: PodUid) -> Option<Arc<Pod>> {
-        self.read().pod(uid, Instant::now()).flatten()
+    /// The pod with `uid` as known now, from the watcher or a recent direct
+    /// list, for an open watch: refused if it is known to be gone;
+    /// `UNAVAILABLE` (watch again, which looks it up) if nothing is known
+    /// of it now.
+    pub fn current(&self, uid: PodUid) -> Result<Arc<Pod>, BrokerError> {
+        match self.read().pod(uid, Instant::now()) {
+            Some(Some(pod)) => Ok(pod),
+            Some(None) => Err(BrokerError::PodDenied {
+                reason: format!("pod {uid} is no longer on node {}", self.node()),
+            }),
+            None => Err(BrokerError::PodUnavailable {
+                reason: format!("pod {uid} is not known to the broker now; watch again"),
+            }),
+        }
     }
 
     /// The pod with `uid`: known, else from one direct list of the node's
@@ -330,9 +352,8 @@ impl Workloads {
         )
     }
 
-    /// The Google service account `pod`'s Kubernetes service account is
-    /// annotated with, if any.
-    pub fn annotated_account(&self, pod: &Pod) -> Option<Arc<str>> {
+    /// The binding annotation of `pod`'s Kubernetes service account, if any.
+    pub fn annotation(&self, pod: &Pod) -> Option<Annotation> {
         self.read()
             .bindings
             .get(&pod.namespace)?
@@ -379,14 +400,12 @@ mod tests {
     use k8s_openapi::api::core::v1::PodSpec;
     use kube::api::ObjectMeta;
 
-    fn object(uid: &str, mirror: Option<&str>, service_account: Option<&str>) -> PodObject {
+    fn object(uid: &str, service_account: Option<&str>) -> PodObject {
         PodObject {
             metadata: ObjectMeta {
                 name: Some("p-1".into()),
                 namespace: Some("shop".into()),
                 uid: Some(uid.into()),
-                annotations: mirror
-                    .map(|hash| [(MIRROR_ANNOTATION.to_string(), hash.to_string())].into()),
                 ..Default::default()
             },
             spec: Some(PodSpec {
@@ -457,7 +476,7 @@ mod tests {
             );
         }
         assert_eq!(lists(), 2);
-        assert!(workloads.known(PodUid::parse(&uids[0]).unwrap()).is_some());
+        assert!(workloads.current(PodUid::parse(&uids[0]).unwrap()).is_ok());
 
         // The API server away: an unknown pod is UNAVAILABLE.
         emulator.set_kubernetes_outage(true);
@@ -478,29 +497,55 @@ mod tests {
         emulator.add_pod(fake_pod(uid, "node-a"));
         let workloads = unfollowed(&emulator).await;
         let pod_uid = PodUid::parse(uid).unwrap();
-        let found = workloads.pod(pod_uid).await.unwrap();
+        workloads.pod(pod_uid).await.unwrap();
         // The watcher reports the pod deleted: it is gone at once, not
         // when the lookup's memory ends.
-        let mut deleted = object(uid, None, Some("cart"));
+        let mut deleted = object(uid, Some("cart"));
         deleted.spec.as_mut().unwrap().node_name = Some("node-a".into());
         workloads.update(|directory| follow::remove_pod(directory, &deleted));
-        assert_eq!(workloads.known(pod_uid), None, "was {found:?}");
+        let gone = workloads.current(pod_uid).unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::PermissionDenied, "{gone}");
+        // Nor does a direct list under way bring it back: the watcher's word
+        // is newer.
+        assert!(workloads.pod(pod_uid).await.is_err());
+        let unknown = PodUid::parse("00000000-0000-4000-8000-000000000002").unwrap();
+        let error = workloads.current(unknown).unwrap_err();
+        assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
+    }
+
+    #[test]
+    fn annotations_are_checked_once_when_read() {
+        let gsa = "cart@p.iam.gserviceaccount.com";
+        assert_eq!(
+            Annotation::read(&format!(" {gsa} ")),
+            Annotation::Account(Arc::from(gsa))
+        );
+        for bad in ["", "nope", "a/../b@p.iam.gserviceaccount.com", "default"] {
+            assert_eq!(
+                Annotation::read(bad),
+                Annotation::NotAnEmail(Arc::from(bad))
+            );
+        }
     }
 
     #[test]
     fn a_pod_is_known_by_its_cgroups_uid() {
         let uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
-        let pod = Pod::of(&object(uid, None, Some("cart"))).unwrap();
+        let pod = Pod::of(&object(uid, Some("cart"))).unwrap();
         assert_eq!(pod.uid, PodUid::parse(uid).unwrap());
         assert_eq!(
             (pod.to_string(), pod.service_account.as_str()),
             ("shop/p-1".into(), "cart")
         );
-        // A static pod's cgroup is named after its mirror's hash.
-        let hash = "6d2a0a8f3ec1e0f1b1d25bd6a3cfcb21";
-        let mirror = Pod::of(&object(uid, Some(hash), None)).unwrap();
-        assert_eq!(mirror.uid, PodUid::parse(hash).unwrap());
-        assert_eq!(mirror.service_account, "default");
-        assert_eq!(Pod::of(&object("not-a-uid", None, None)), None);
+        assert_eq!(
+            Pod::of(&object(uid, None)).unwrap().service_account,
+            "default"
+        );
+        // A static pod's hash is no UID: its mirror is not served.
+        assert_eq!(
+            Pod::of(&object("6d2a0a8f3ec1e0f1b1d25bd6a3cfcb21", None)),
+            None
+        );
+        assert_eq!(Pod::of(&object("not-a-uid", None)), None);
     }
 }

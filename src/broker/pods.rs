@@ -12,7 +12,7 @@ use crate::error::BrokerError;
 use crate::peer::Place;
 use crate::policy::Caller;
 use crate::request::{ServiceAccount, TokenKey};
-use crate::workload::{GOOGLE_ACCOUNT_ANNOTATION, Pod, UnmappedPods, Workloads};
+use crate::workload::{Annotation, GOOGLE_ACCOUNT_ANNOTATION, Pod, UnmappedPods, Workloads};
 
 /// A caller's pod, and the Google service account it is served as.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,9 +64,7 @@ impl Broker {
             Place::Host => Ok(None),
             Place::Unknown => Err(unknown_peer(caller)),
             Place::Pod(uid) => {
-                let pod = workloads.known(uid).ok_or_else(|| BrokerError::PodDenied {
-                    reason: format!("pod {uid} is no longer on node {}", workloads.node()),
-                })?;
+                let pod = workloads.current(uid)?;
                 self.identity_of(workloads, pod).map(Some)
             }
         }
@@ -99,10 +97,15 @@ impl Broker {
             .workload_account(&pod.namespace, &pod.service_account)
         {
             Some(bound) => Some(bound),
-            None => workloads
-                .annotated_account(&pod)
-                .map(|annotated| checked_annotation(&pod, annotated))
-                .transpose()?,
+            None => match workloads.annotation(&pod) {
+                Some(Annotation::Account(account)) => Some(account),
+                Some(Annotation::NotAnEmail(value)) => {
+                    return Err(BrokerError::PodDenied {
+                        reason: not_an_email_message(&pod, &value),
+                    });
+                }
+                None => None,
+            },
         };
         if google.is_none() && workloads.unmapped() == UnmappedPods::Deny {
             return Err(BrokerError::PodDenied {
@@ -138,18 +141,13 @@ pub(super) fn serve_as(key: &mut TokenKey, identity: &PodIdentity) -> Result<(),
     Ok(())
 }
 
-/// An annotation's value, if it is a service account email; else a
-/// refusal naming it (a typo must not become a retried upstream error).
-fn checked_annotation(pod: &Pod, annotated: Arc<str>) -> Result<Arc<str>, BrokerError> {
-    match ServiceAccount::parse(GOOGLE_ACCOUNT_ANNOTATION, annotated.to_string()) {
-        Ok(ServiceAccount::Email(_)) => Ok(annotated),
-        _ => Err(BrokerError::PodDenied {
-            reason: format!(
-                "pod {pod} runs as Kubernetes service account {}/{}, whose annotation {GOOGLE_ACCOUNT_ANNOTATION}={annotated:?} is not a service account email",
-                pod.namespace, pod.service_account
-            ),
-        }),
-    }
+/// A refusal naming an annotation that is no service account email (a
+/// typo must not become a retried upstream error).
+fn not_an_email_message(pod: &Pod, value: &str) -> String {
+    format!(
+        "pod {pod} runs as Kubernetes service account {}/{}, whose annotation {GOOGLE_ACCOUNT_ANNOTATION}={value:?} is not a service account email",
+        pod.namespace, pod.service_account
+    )
 }
 
 fn unmapped_message(pod: &Pod) -> String {
@@ -236,17 +234,13 @@ mod tests {
     }
 
     #[test]
-    fn an_annotation_that_is_no_email_is_refused_by_name() {
-        let pod = identity(None).pod;
-        assert!(checked_annotation(&pod, Arc::from(GSA)).is_ok());
-        for bad in ["", "nope", "a/../b@p.iam.gserviceaccount.com", "default"] {
-            let error = checked_annotation(&pod, Arc::from(bad)).unwrap_err();
-            assert_eq!(error.code(), tonic::Code::PermissionDenied);
-            assert!(
-                error.to_string().contains("is not a service account email"),
-                "{error}"
-            );
-        }
+    fn an_annotation_that_is_no_email_is_named() {
+        let message = not_an_email_message(&identity(None).pod, "nope");
+        assert!(
+            message.contains("shop/cart-1")
+                && message.contains("\"nope\" is not a service account email"),
+            "{message}"
+        );
     }
 
     #[test]

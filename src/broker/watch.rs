@@ -147,7 +147,19 @@ impl Watch {
                 tokio::select! {
                     token = self.watch.next() => break token?,
                     changed = pod.changes.changed() => match changed {
-                        Ok(()) => still_the_pods(&self.broker, self.rpc, kind, &self.caller, &pod.identity)?,
+                        // The pod went, its account changed, or the policy
+                        // was reloaded: check now, not at the next token.
+                        Ok(()) => {
+                            still_the_pods(&self.broker, self.rpc, kind, &self.caller, &pod.identity)?;
+                            still_granted(
+                                &self.broker,
+                                self.rpc,
+                                &self.caller,
+                                Some(&pod.identity),
+                                self.requested.as_deref(),
+                                self.watch.key(),
+                            )?;
+                        }
                         // The pods are no longer followed (the broker stops).
                         Err(_) => return Err(BrokerError::ShuttingDown),
                     },

@@ -25,18 +25,17 @@ pub struct PodUid(u128);
 
 impl PodUid {
     /// Parses a UUID with dashes (`0f1e…-…`) or, as the systemd driver
-    /// writes it, with underscores; or 32 hex digits, the UID kubelet gives
-    /// a static pod (its mirror pod carries it in the
-    /// `kubernetes.io/config.mirror` annotation).
+    /// writes it, with underscores. (A static pod's cgroup carries a hash
+    /// instead, which its mirror pod's annotation repeats; any user who may
+    /// create pods could forge that annotation, so static pods are not
+    /// told apart: their processes are unknown peers.)
     pub fn parse(text: &str) -> Option<Self> {
-        let dashed = match text.len() {
-            36 => true,
-            32 => false,
-            _ => return None,
-        };
+        if text.len() != 36 {
+            return None;
+        }
         let mut value = 0u128;
         for (i, byte) in text.bytes().enumerate() {
-            if dashed && matches!(i, 8 | 13 | 18 | 23) {
+            if matches!(i, 8 | 13 | 18 | 23) {
                 if byte != b'-' && byte != b'_' {
                     return None;
                 }
@@ -124,10 +123,11 @@ fn read_bounded(path: &Path) -> std::io::Result<String> {
     Ok(text)
 }
 
-/// The place a `/proc/<pid>/cgroup` text names: the pod of a line whose
-/// path is a kubelet pod cgroup; unknown if a line lies in kubelet's
-/// hierarchy but names no pod (or no line is well formed: `id:controllers:path`);
-/// else the host.
+/// The place a `/proc/<pid>/cgroup` text names. Every line counts (a
+/// hybrid host lists several v1 hierarchies and the v2 one): a pod if
+/// lines name one pod and none is unknown; unknown if any line is, if
+/// lines name different pods, or if no line is well formed
+/// (`id:controllers:path`); else the host.
 pub fn place_in(cgroup_file: &str) -> Place {
     let mut place = None;
     for line in cgroup_file.lines() {
@@ -138,13 +138,12 @@ pub fn place_in(cgroup_file: &str) -> Place {
         if !path.starts_with('/') {
             continue;
         }
-        match in_path(path) {
-            Place::Pod(uid) => return Place::Pod(uid),
-            Place::Unknown => place = Some(Place::Unknown),
-            Place::Host => {
-                place.get_or_insert(Place::Host);
-            }
-        }
+        place = Some(match (place, in_path(path)) {
+            (_, Place::Unknown) | (Some(Place::Unknown), _) => return Place::Unknown,
+            (Some(Place::Pod(a)), Place::Pod(b)) if a != b => return Place::Unknown,
+            (Some(Place::Pod(pod)), _) | (_, Place::Pod(pod)) => Place::Pod(pod),
+            (None | Some(Place::Host), Place::Host) => Place::Host,
+        });
     }
     place.unwrap_or(Place::Unknown)
 }
@@ -155,39 +154,58 @@ pub fn place_in(cgroup_file: &str) -> Place {
 /// (systemd) at the root of the cgroup file system, and only there: a
 /// host user may create a `kubepods/pod<uid>` of its own below its
 /// delegated `user.slice` subtree, which must not pass for that pod. Below
-/// it, the segment after it (or after its QoS level) is `pod<uid>`
-/// (cgroupfs) or `kubepods[-<qos>]-pod<uid>.slice` (systemd); anything
-/// else below it is unknown.
+/// it comes the pod's segment, `pod<uid>` (cgroupfs) or
+/// `kubepods[-<qos>]-pod<uid>.slice` (systemd), either first or after a
+/// QoS level (`burstable`, `besteffort`, `kubepods-<qos>.slice`). Anything
+/// else in kubelet's hierarchy, and any segment elsewhere that looks like
+/// kubelet's (a runtime whose cgroup driver differs from kubelet's writes
+/// `/system.slice/containerd.service/kubepods-…-pod<uid>.slice:cri-containerd:<id>`),
+/// is unknown rather than the host.
 ///
 /// A broker in its own cgroup namespace (a container's, on cgroup v2)
-/// reads paths relative to its own cgroup: `/../../kubepods-…-pod<uid>.slice/…`,
-/// where the common `kubepods` ancestor is one of the `..`. Then the
-/// segments after the `..` run stand where those after `kubepods` would.
+/// reads paths relative to its own cgroup: `/../../kubepods-…-pod<uid>.slice/…`.
+/// After the `..` run comes kubelet's hierarchy (from `kubepods`, a QoS
+/// level or a pod's segment), the host's top level (`system.slice`,
+/// `user.slice`, …), or, for the other containers of the broker's own pod,
+/// a container's scope, which is unknown.
 fn in_path(path: &str) -> Place {
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
-    let below = match segments.split_first() {
-        Some((&"..", _)) => {
-            let after = segments
-                .iter()
-                .position(|s| *s != "..")
-                .unwrap_or(segments.len());
-            &segments[after..]
+    let segments: Vec<&str> = path.split('/').skip(1).filter(|s| !s.is_empty()).collect();
+    let dots = segments.iter().take_while(|s| **s == "..").count();
+    let below = if dots > 0 {
+        let rest = &segments[dots..];
+        match rest.first() {
+            None => return Place::Unknown,
+            Some(first) if is_kubepods(first) => &rest[1..],
+            Some(first) if is_kubelet_level(first) || pod_segment(first).is_some() => rest,
+            Some(first) if is_container(first) => return Place::Unknown,
+            Some(_) => return host_unless_kubelet_like(rest),
         }
-        Some((first, rest)) if is_kubepods(first) => rest,
-        _ => return Place::Host,
+    } else {
+        match segments.split_first() {
+            Some((first, rest)) if is_kubepods(first) => rest,
+            _ => return host_unless_kubelet_like(&segments),
+        }
     };
-    let found = below
-        .iter()
-        .take(2)
-        .find_map(|segment| pod_segment(segment));
-    match found {
+    let pod = match below {
+        [first, ..] if pod_segment(first).is_some() => pod_segment(first),
+        [qos, second, ..] if is_qos_level(qos) => pod_segment(second),
+        _ => None,
+    };
+    match pod {
         Some(Some(uid)) => Place::Pod(uid),
-        // A pod segment with no UID in it, or a path in kubelet's hierarchy
-        // that names no pod.
-        Some(None) => Place::Unknown,
-        None if !path.starts_with("/../") => Place::Unknown,
-        None if below.first().is_some_and(|s| is_kubelet_level(s)) => Place::Unknown,
-        None => Place::Host,
+        _ => Place::Unknown,
+    }
+}
+
+/// The host, unless a segment looks like kubelet's (then unknown).
+fn host_unless_kubelet_like(segments: &[&str]) -> Place {
+    let kubelet_like = segments
+        .iter()
+        .any(|s| s.contains("kubepods") || pod_segment(s).is_some());
+    if kubelet_like {
+        Place::Unknown
+    } else {
+        Place::Host
     }
 }
 
@@ -208,10 +226,24 @@ fn is_kubepods(segment: &str) -> bool {
 }
 
 /// A QoS level of kubelet's hierarchy, in either driver's spelling.
+fn is_qos_level(segment: &str) -> bool {
+    matches!(
+        segment,
+        "burstable" | "besteffort" | "kubepods-burstable.slice" | "kubepods-besteffort.slice"
+    )
+}
+
+/// A level of kubelet's hierarchy.
 fn is_kubelet_level(segment: &str) -> bool {
-    is_kubepods(segment)
-        || matches!(segment, "burstable" | "besteffort")
-        || segment.starts_with("kubepods-")
+    is_kubepods(segment) || is_qos_level(segment)
+}
+
+/// A container's own cgroup: a runtime's scope, or a bare container id.
+fn is_container(segment: &str) -> bool {
+    ["cri-containerd-", "crio-", "docker-", "containerd-"]
+        .iter()
+        .any(|runtime| segment.starts_with(runtime))
+        || (segment.len() == 64 && segment.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -288,26 +320,34 @@ mod tests {
     }
 
     #[test]
-    fn host_processes_and_lookalikes_are_the_host() {
+    fn host_processes_are_the_host() {
         for text in [
             "0::/\n",
             "0::/system.slice/tokenbroker.service\n",
             "0::/user.slice/user-1000.slice/session-3.scope\n",
-            // A pod-like name outside kubelet's hierarchy.
-            &format!("0::/mine/pod{UID}/x\n"),
-            // A kubepods hierarchy a host user made in its own delegated
-            // subtree is not kubelet's.
-            &format!("0::/user.slice/user-1000.slice/user@1000.service/kubepods/pod{UID}/x\n"),
-            &format!(
-                "0::/user.slice/user-1000.slice/user@1000.service/kubepods.slice/kubepods-pod{}.slice/x\n",
-                UID.replace('-', "_")
-            ),
-            // Seen from the broker's cgroup namespace: still the host's.
-            &format!(
-                "0::/../../user.slice/user-1000.slice/user@1000.service/kubepods/pod{UID}/x\n"
-            ),
+            "1:name=systemd:/user.slice\n0::/init.scope\n",
+            // Seen from the broker's cgroup namespace.
+            "0::/../../../../system.slice/containerd.service\n",
         ] {
             assert_eq!(place_in(text), Place::Host, "{text}");
+        }
+    }
+
+    #[test]
+    fn lookalikes_of_kubelets_hierarchy_elsewhere_are_refused_not_served() {
+        let underscored = UID.replace('-', "_");
+        for text in [
+            // A pod-like name outside kubelet's hierarchy.
+            format!("0::/mine/pod{UID}/x\n"),
+            // A kubepods hierarchy a host user made in its own delegated
+            // subtree is not kubelet's: that user only refuses itself.
+            format!("0::/user.slice/user-1000.slice/user@1000.service/kubepods/pod{UID}/x\n"),
+            format!(
+                "0::/user.slice/user-1000.slice/user@1000.service/kubepods.slice/kubepods-pod{underscored}.slice/x\n"
+            ),
+            format!("0::/../../user.slice/user-1000.slice/user@1000.service/kubepods/pod{UID}/x\n"),
+        ] {
+            assert_eq!(place_in(&text), Place::Unknown, "{text}");
         }
     }
 
@@ -330,19 +370,49 @@ mod tests {
     }
 
     #[test]
-    fn static_pods_have_a_hash_for_a_uid() {
+    fn static_pods_and_misconfigured_runtimes_are_unknown() {
         let hash = "6d2a0a8f3ec1e0f1b1d25bd6a3cfcb21";
-        let uid = PodUid::parse(hash).unwrap();
-        assert_eq!(
-            place_in(&format!("0::/kubepods/burstable/pod{hash}/c\n")),
-            Place::Pod(uid)
-        );
-        assert_eq!(
-            place_in(&format!(
+        let underscored = UID.replace('-', "_");
+        for text in [
+            format!("0::/kubepods/burstable/pod{hash}/c\n"),
+            format!(
                 "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{hash}.slice/crio-1.scope\n"
-            )),
-            Place::Pod(uid)
-        );
+            ),
+            // containerd with another cgroup driver than kubelet's.
+            format!(
+                "0::/system.slice/containerd.service/kubepods-burstable-pod{underscored}.slice:cri-containerd:0123\n"
+            ),
+            // Lines naming different pods, or a pod and an unknown.
+            format!(
+                "4:memory:/kubepods/pod{UID}/c\n3:pids:/kubepods/pod{}/c\n",
+                UID.replace('f', "e")
+            ),
+            format!("4:memory:/kubepods/pod{UID}/c\n0::/kubepods/burstable\n"),
+            // Only the way up: the broker's own cgroup's parents.
+            "0::/..\n".to_string(),
+            "0::/../..\n".to_string(),
+            // The other containers of the broker's own pod.
+            "0::/../cri-containerd-0123.scope\n".to_string(),
+            // A pod segment after something that is no QoS level.
+            format!("0::/../ctr/pod{UID}\n"),
+            format!("0::/kubepods/ctr/kubepods-pod{underscored}.slice\n"),
+        ] {
+            assert_eq!(place_in(&text), Place::Unknown, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_broker_outside_kubelets_hierarchy_reads_relative_kubepods_paths() {
+        let underscored = UID.replace('-', "_");
+        for text in [
+            format!(
+                "0::/../../kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{underscored}.slice/crio-1.scope\n"
+            ),
+            format!("0::/../../kubepods/burstable/pod{UID}/c\n"),
+            format!("0::/../../kubepods.slice/kubepods-pod{underscored}.slice/c.scope\n"),
+        ] {
+            assert_eq!(place_in(&text), pod(), "{text}");
+        }
     }
 
     #[test]

@@ -13,9 +13,10 @@ use k8s_openapi::api::core::v1::{Pod as PodObject, ServiceAccount};
 use kube::api::Api;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch_stream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Directory, GOOGLE_ACCOUNT_ANNOTATION, Pod, PodUid, Workloads};
+use super::{Annotation, Directory, GOOGLE_ACCOUNT_ANNOTATION, Pod, PodUid, Workloads};
 use crate::telemetry::RateLimitedLog;
 
 /// Follows this node's pods until `stop`.
@@ -90,31 +91,37 @@ impl Kept for Pods {
         }) else {
             return false;
         };
-        let looked_up = directory.looked_up.remove(&uid).is_some();
-        directory.pods.remove(&uid).is_some() || looked_up
+        // Kept as gone for a while, so that a direct list under way cannot
+        // bring it back.
+        let looked_up = directory.looked_up.insert(uid, (None, Instant::now()));
+        let was_found = looked_up.is_some_and(|(pod, _)| pod.is_some());
+        directory.pods.remove(&uid).is_some() || was_found
     }
 
     fn replace(directory: &mut Directory, listed: Vec<Arc<Pod>>) -> bool {
         let listed: HashMap<PodUid, Arc<Pod>> =
             listed.into_iter().map(|pod| (pod.uid, pod)).collect();
-        // A whole list is newer than any direct one.
+        // A whole list is newer than any direct one; pods found only by
+        // those, and not in it, are gone.
+        let found_only = directory.looked_up.values().any(|(pod, _)| pod.is_some());
         directory.looked_up.clear();
+        directory.listed_at = Some(Instant::now());
         directory.pods_synced = true;
         let gone_or_changed = directory
             .pods
             .iter()
             .any(|(uid, pod)| listed.get(uid) != Some(pod));
         directory.pods = listed;
-        gone_or_changed
+        gone_or_changed || found_only
     }
 }
 
-/// Service accounts' binding annotations: (namespace, name, account).
+/// Service accounts' binding annotations: (namespace, name, annotation).
 struct Bindings;
 
 impl Kept for Bindings {
     type Object = ServiceAccount;
-    type Entry = (String, String, Arc<str>);
+    type Entry = (String, String, Annotation);
     const WHAT: &'static str = "service accounts";
 
     fn entry(object: &ServiceAccount) -> Option<Self::Entry> {
@@ -123,18 +130,18 @@ impl Kept for Bindings {
         Some((
             meta.namespace.clone()?,
             meta.name.clone()?,
-            Arc::from(account.trim()),
+            Annotation::read(account),
         ))
     }
 
-    fn apply(directory: &mut Directory, (namespace, name, account): Self::Entry) -> bool {
+    fn apply(directory: &mut Directory, (namespace, name, annotation): Self::Entry) -> bool {
         let old = directory
             .bindings
             .entry(namespace)
             .or_default()
-            .insert(name, account.clone());
+            .insert(name, annotation.clone());
         // A new binding matters too: a pod served as the node maps now.
-        old.is_none_or(|old| old != account)
+        old.is_none_or(|old| old != annotation)
     }
 
     fn remove(directory: &mut Directory, object: &ServiceAccount) -> bool {
@@ -153,9 +160,12 @@ impl Kept for Bindings {
     }
 
     fn replace(directory: &mut Directory, listed: Vec<Self::Entry>) -> bool {
-        let mut bindings: HashMap<String, HashMap<String, Arc<str>>> = HashMap::new();
-        for (namespace, name, account) in listed {
-            bindings.entry(namespace).or_default().insert(name, account);
+        let mut bindings: HashMap<String, HashMap<String, Annotation>> = HashMap::new();
+        for (namespace, name, annotation) in listed {
+            bindings
+                .entry(namespace)
+                .or_default()
+                .insert(name, annotation);
         }
         directory.accounts_synced = true;
         let changed = directory.bindings != bindings;
