@@ -416,6 +416,13 @@ mod tests {
         }
     }
 
+    async fn emulator() -> crate::emulator::Emulator {
+        let any_port = "127.0.0.1:0".parse().unwrap();
+        crate::emulator::Emulator::start(any_port, Default::default())
+            .await
+            .unwrap()
+    }
+
     /// Workloads on `emulator`'s fake API for node `node-a`, without the
     /// watchers: every pod comes from a direct list.
     async fn unfollowed(emulator: &crate::emulator::Emulator) -> Workloads {
@@ -440,12 +447,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_pods_cost_one_shared_list_and_its_answer_is_remembered() {
-        let emulator = crate::emulator::Emulator::start(
-            "127.0.0.1:0".parse().unwrap(),
-            crate::emulator::EmulatorConfig::default(),
-        )
-        .await
-        .unwrap();
+        let emulator = emulator().await;
         let uids: Vec<String> = (0..10)
             .map(|i| format!("00000000-0000-4000-8000-{i:012}"))
             .collect();
@@ -487,12 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_watcher_overrules_what_a_direct_list_found() {
-        let emulator = crate::emulator::Emulator::start(
-            "127.0.0.1:0".parse().unwrap(),
-            crate::emulator::EmulatorConfig::default(),
-        )
-        .await
-        .unwrap();
+        let emulator = emulator().await;
         let uid = "00000000-0000-4000-8000-000000000001";
         emulator.add_pod(fake_pod(uid, "node-a"));
         let workloads = unfollowed(&emulator).await;
