@@ -170,6 +170,7 @@ pub async fn serve(
         connections::spawn_http1(stream, service, permit, &drain, &connections);
     }
     drop(listener);
+    tracing::info!("metadata endpoint closed to new connections; finishing the requests in flight");
     connections.close();
     connections.wait().await;
 }

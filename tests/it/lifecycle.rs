@@ -298,6 +298,10 @@ async fn one_drain_stops_health_readiness_and_the_metadata_endpoint_together() {
     assert_eq!(health.next().await, ServingStatus::NotServing);
     let readyz = common::http::get_local(metrics, "/readyz").await;
     assert_eq!(readyz.status, 503, "/readyz during the drain");
+    // Health turns before the listeners close: wait for the endpoint's.
+    broker
+        .wait_for_log("metadata endpoint closed to new connections")
+        .await;
     assert!(
         tokio::net::TcpStream::connect(metadata).await.is_err(),
         "the metadata endpoint takes no new connection once draining"
