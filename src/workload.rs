@@ -155,7 +155,21 @@ struct Inner {
     synced: watch::Sender<bool>,
     /// One direct list at a time: a burst of unknown pods waits for it.
     lookup: tokio::sync::Mutex<()>,
+    /// What each pod was served as, for the generation of `changes` it was
+    /// worked out in: the hit path's one lookup.
+    served_as: RwLock<Memo>,
 }
+
+/// Identities worked out since the last change.
+#[derive(Default)]
+struct Memo {
+    generation: u64,
+    identities: HashMap<PodUid, Resolved>,
+}
+
+/// What a pod is served as: its pod, and its Google service account
+/// (`None`: the node's identity, with `--unmapped-pods node`).
+pub type Resolved = (Arc<Pod>, Option<Arc<str>>);
 
 #[derive(Default)]
 struct Directory {
@@ -228,6 +242,7 @@ impl Workloads {
             changes: watch::Sender::new(0),
             synced: watch::Sender::new(false),
             lookup: tokio::sync::Mutex::new(()),
+            served_as: RwLock::default(),
         })))
     }
 
@@ -359,6 +374,37 @@ impl Workloads {
             .get(&pod.namespace)?
             .get(&pod.service_account)
             .cloned()
+    }
+
+    /// What the pod with `uid` was served as since the last change, if it
+    /// was: nothing it depends on (the pod, its binding, the policy) has
+    /// changed since.
+    pub fn served_as(&self, uid: PodUid) -> Option<Resolved> {
+        let memo = self.0.served_as.read().unwrap_or_else(|e| e.into_inner());
+        if memo.generation != *self.0.changes.borrow() {
+            return None;
+        }
+        memo.identities.get(&uid).cloned()
+    }
+
+    /// Remembers what the pod with `uid` is served as, worked out when the
+    /// changes were at `generation` (read before it was worked out, so a
+    /// change meanwhile makes it stale at once).
+    pub fn remember(&self, uid: PodUid, generation: u64, resolved: Resolved) {
+        let mut memo = self.0.served_as.write().unwrap_or_else(|e| e.into_inner());
+        if memo.generation != generation {
+            if generation != *self.0.changes.borrow() {
+                return;
+            }
+            memo.generation = generation;
+            memo.identities.clear();
+        }
+        memo.identities.insert(uid, resolved);
+    }
+
+    /// The generation of changes now.
+    pub fn generation(&self) -> u64 {
+        *self.0.changes.borrow()
     }
 
     /// The policy was reloaded: open watches check their pods' accounts
@@ -508,6 +554,26 @@ mod tests {
         let unknown = PodUid::parse("00000000-0000-4000-8000-000000000002").unwrap();
         let error = workloads.current(unknown).unwrap_err();
         assert_eq!(error.code(), tonic::Code::Unavailable, "{error}");
+    }
+
+    #[tokio::test]
+    async fn what_a_pod_is_served_as_is_remembered_until_anything_changes() {
+        let emulator = emulator().await;
+        let workloads = unfollowed(&emulator).await;
+        let uid = PodUid::parse("00000000-0000-4000-8000-000000000001").unwrap();
+        let pod = Arc::new(Pod::of(&object(&uid.to_string(), Some("cart"))).unwrap());
+        let resolved = (pod, Some(Arc::from("cart@p.iam.gserviceaccount.com")));
+        let before = workloads.generation();
+        workloads.remember(uid, before, resolved.clone());
+        assert_eq!(workloads.served_as(uid), Some(resolved.clone()));
+        // A reload (or a pod gone, a binding changed) forgets it…
+        workloads.policy_reloaded();
+        assert_eq!(workloads.served_as(uid), None);
+        // …and what was worked out before the change is not remembered.
+        workloads.remember(uid, before, resolved.clone());
+        assert_eq!(workloads.served_as(uid), None);
+        workloads.remember(uid, workloads.generation(), resolved.clone());
+        assert_eq!(workloads.served_as(uid), Some(resolved));
     }
 
     #[test]

@@ -40,6 +40,10 @@ impl Broker {
             Place::Pod(uid) => uid,
             Place::Unknown => return Err(unknown_peer(caller)),
         };
+        // The hit path: one lookup, valid until anything changes.
+        if let Some((pod, google)) = workloads.served_as(uid) {
+            return Ok(Some(PodIdentity { pod, google }));
+        }
         if !workloads.is_synced() {
             return Err(BrokerError::PodUnavailable {
                 reason: format!(
@@ -47,8 +51,12 @@ impl Broker {
                 ),
             });
         }
+        let generation = workloads.generation();
         let pod = workloads.pod(uid).await?;
-        self.identity_of(workloads, pod).map(Some)
+        let identity = self.identity_of(workloads, pod)?;
+        let resolved = (identity.pod.clone(), identity.google.clone());
+        workloads.remember(uid, generation, resolved);
+        Ok(Some(identity))
     }
 
     /// [`Broker::pod_identity`] from the map alone, for open watches: a

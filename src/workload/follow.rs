@@ -92,27 +92,22 @@ impl Kept for Pods {
             return false;
         };
         // Kept as gone for a while, so that a direct list under way cannot
-        // bring it back.
-        let looked_up = directory.looked_up.insert(uid, (None, Instant::now()));
-        let was_found = looked_up.is_some_and(|(pod, _)| pod.is_some());
-        directory.pods.remove(&uid).is_some() || was_found
+        // bring it back. Always a change: what the pod was served as may be
+        // remembered even when the maps no longer hold it.
+        directory.looked_up.insert(uid, (None, Instant::now()));
+        directory.pods.remove(&uid);
+        true
     }
 
     fn replace(directory: &mut Directory, listed: Vec<Arc<Pod>>) -> bool {
-        let listed: HashMap<PodUid, Arc<Pod>> =
-            listed.into_iter().map(|pod| (pod.uid, pod)).collect();
-        // A whole list is newer than any direct one; pods found only by
-        // those, and not in it, are gone.
-        let found_only = directory.looked_up.values().any(|(pod, _)| pod.is_some());
+        // A whole list is newer than any direct one.
         directory.looked_up.clear();
         directory.listed_at = Some(Instant::now());
         directory.pods_synced = true;
-        let gone_or_changed = directory
-            .pods
-            .iter()
-            .any(|(uid, pod)| listed.get(uid) != Some(pod));
-        directory.pods = listed;
-        gone_or_changed || found_only
+        directory.pods = listed.into_iter().map(|pod| (pod.uid, pod)).collect();
+        // Always a change (lists are rare: at start, after a broken watch):
+        // a pod deleted meanwhile may be remembered outside the maps.
+        true
     }
 }
 
