@@ -147,8 +147,9 @@ struct Inner {
     config: WorkloadConfig,
     client: kube::Client,
     directory: RwLock<Directory>,
-    /// Bumped whenever a pod goes or a binding changes, so that watches
-    /// check their pod again.
+    /// Bumped whenever a pod goes or changes, a binding changes, a whole
+    /// list is read or the policy is reloaded: watches check their pod
+    /// again, and what pods were served as is worked out anew.
     changes: watch::Sender<u64>,
     /// Whether both lists have been read once: until then pods are not
     /// served and `/readyz` is 503.
@@ -277,7 +278,7 @@ impl Workloads {
         self.0.synced.subscribe()
     }
 
-    /// Changes whenever a pod goes or a binding changes.
+    /// Changes whenever anything a pod's identity depends on changes.
     pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
         self.0.changes.subscribe()
     }
