@@ -74,12 +74,15 @@ pub async fn serve(args: ServeArgs, activation: Activation, telemetry: &Telemetr
     let environment = Environment::from_process()?;
     let upstream = Upstream::build(&args.source_config(host), &environment)?;
     tracing::info!(source = %upstream.describe(), emulator = args.emulator, "fetching tokens");
-    let downscoper = downscoper(&args, emulator.as_ref(), &environment)?;
+    // One client (root certificates read once) for STS and the pods'
+    // impersonation.
+    let http = HttpsClient::new(args.upstream_timeout, environment.proxy.clone())?;
+    let downscoper = downscoper(&args, emulator.as_ref(), http.clone())?;
 
     let meter = telemetry.meter();
     let metrics = Metrics::new(&meter, args.metrics_label_audience);
     let health = Health::new();
-    let workload_accounts = workload_accounts(&args, emulator.as_ref(), &upstream, &environment)?;
+    let workload_accounts = workload_accounts(&args, emulator.as_ref(), &upstream, http)?;
     let cache = token_cache(&args, workload_accounts, downscoper, &metrics, &health);
     register_cache_gauge(&meter, {
         let cache = cache.clone();
@@ -271,14 +274,29 @@ async fn start_emulator(args: &ServeArgs) -> Result<Option<Emulator>, std::io::E
 fn downscoper(
     args: &ServeArgs,
     emulator: Option<&Emulator>,
-    environment: &Environment,
+    http: HttpsClient,
 ) -> Result<Downscoper, String> {
-    let endpoint = match emulator {
-        Some(emulator) if args.sts_endpoint == DEFAULT_STS_ENDPOINT => emulator.sts_endpoint(),
-        _ => args.sts_endpoint.clone(),
-    };
-    let http = HttpsClient::new(args.upstream_timeout, environment.proxy.clone())?;
+    let endpoint = emulated_or(
+        &args.sts_endpoint,
+        DEFAULT_STS_ENDPOINT,
+        emulator,
+        Emulator::sts_endpoint,
+    );
     Downscoper::new(&endpoint, http)
+}
+
+/// A Google endpoint's flag value; with `--emulator` and the flag at its
+/// `default`, the emulator's fake of it instead.
+fn emulated_or(
+    flag: &str,
+    default: &str,
+    emulator: Option<&Emulator>,
+    fake: impl Fn(&Emulator) -> String,
+) -> String {
+    match emulator {
+        Some(emulator) if flag == default => fake(emulator),
+        _ => flag.to_string(),
+    }
 }
 
 /// With `--workload-identity kubernetes`, the node's pods, followed from
@@ -329,14 +347,15 @@ fn workload_accounts(
     args: &ServeArgs,
     emulator: Option<&Emulator>,
     upstream: &Upstream,
-    environment: &Environment,
+    http: HttpsClient,
 ) -> Result<WorkloadAccounts<Upstream>, String> {
-    let endpoint = match emulator {
-        Some(emulator) if args.iam_endpoint == DEFAULT_IAM_ENDPOINT => emulator.iam_endpoint(),
-        _ => args.iam_endpoint.clone(),
-    };
+    let endpoint = emulated_or(
+        &args.iam_endpoint,
+        DEFAULT_IAM_ENDPOINT,
+        emulator,
+        Emulator::iam_endpoint,
+    );
     let endpoint = https::endpoint("--iam-endpoint", &endpoint)?;
-    let http = HttpsClient::new(args.upstream_timeout, environment.proxy.clone())?;
     Ok(WorkloadAccounts::new(upstream.clone(), endpoint, http))
 }
 
