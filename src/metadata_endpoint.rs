@@ -41,8 +41,8 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::connections::{self, Acceptor, Listener, ListenerLimits};
 use crate::error::BrokerError;
+use crate::peer::Locator;
 use crate::peer::Peer;
-use crate::peer::cgroup::{self, Locator};
 use crate::policy::Caller;
 use crate::request::TokenRequest;
 use crate::socket::BoundSocket;
@@ -152,10 +152,7 @@ pub async fn serve(
             Connection::Tcp(stream) => (Either::Left(stream), Caller::Loopback),
             Connection::Unix(stream) => {
                 let locator = endpoint.locator.as_ref();
-                let peer = stream
-                    .peer_cred()
-                    .ok()
-                    .map(|c| Peer::new(c, cgroup::place(locator, c.pid())));
+                let peer = stream.peer_cred().ok().map(|c| Peer::new(c, locator));
                 (Either::Right(stream), Caller::Local(peer))
             }
         };

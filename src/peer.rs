@@ -36,13 +36,16 @@ pub enum Holder {
 }
 
 impl Peer {
-    /// The peer the kernel's credentials name, in `place`.
-    pub fn new(credentials: tokio::net::unix::UCred, place: Place) -> Self {
+    /// The peer the kernel's credentials name, placed by `locator` with
+    /// workload identity on (read now: the pid is freshest at accept), else
+    /// on the host, as every peer is without it.
+    pub fn new(credentials: tokio::net::unix::UCred, locator: Option<&Locator>) -> Self {
+        let pid = credentials.pid();
         Self {
             uid: credentials.uid(),
             gid: credentials.gid(),
-            pid: credentials.pid(),
-            place,
+            pid,
+            place: locator.map_or(Place::Host, |locator| locator.place_of(pid)),
         }
     }
 

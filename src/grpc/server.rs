@@ -22,8 +22,8 @@ use crate::connections::idle::{ActivityLayer, IdleClose};
 use crate::connections::{Acceptor, Listener, ListenerLimits};
 use crate::grpc::authority::{self, AnyAuthority};
 use crate::grpc::service::TokenBrokerService;
+use crate::peer::Locator;
 use crate::peer::Peer;
-use crate::peer::cgroup::{self, Locator};
 use crate::proto::v1::FILE_DESCRIPTOR_SET;
 use crate::proto::v1::token_broker_server::TokenBrokerServer;
 use crate::socket::BoundSocket;
@@ -139,9 +139,7 @@ fn accept(
                 let stream = acceptor.accept(&listener).await;
                 let uds = stream.connect_info();
                 let credentials = uds.peer_cred;
-                // The pod is read once, now: the pid is freshest at accept.
-                let peer =
-                    credentials.map(|c| Peer::new(c, cgroup::place(locator.as_ref(), c.pid())));
+                let peer = credentials.map(|c| Peer::new(c, locator.as_ref()));
                 let holder = peer.as_ref().map(Peer::holder);
                 let Some(permit) = limits.admit(holder) else {
                     continue;

@@ -108,12 +108,6 @@ impl Locator {
     }
 }
 
-/// The place of the process `pid`: read by `locator` with workload
-/// identity on, else the host (as every peer is without it).
-pub fn place(locator: Option<&Locator>, pid: Option<i32>) -> Place {
-    locator.map_or(Place::Host, |locator| locator.place_of(pid))
-}
-
 fn read_bounded(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
     let mut text = String::new();
