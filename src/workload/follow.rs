@@ -85,10 +85,7 @@ impl Kept for Pods {
     }
 
     fn remove(directory: &mut Directory, object: &PodObject) -> bool {
-        let Some(uid) = Pod::of(object).map(|pod| pod.uid).or_else(|| {
-            let uid = object.metadata.uid.as_deref()?;
-            PodUid::parse(uid)
-        }) else {
+        let Some(uid) = object.metadata.uid.as_deref().and_then(PodUid::parse) else {
             return false;
         };
         // Kept as gone for a while, so that a direct list under way cannot

@@ -234,12 +234,17 @@ async fn start(emulator: &Emulator, extra: &[&str]) -> PodBroker {
     }
 }
 
-/// `tokenbroker token access` in `pod` (or on the host), with `args`.
-async fn access_token(broker: &Broker, pod: Option<&PodCgroup>, args: &[&str]) -> Output {
-    let mut command = match pod {
+/// The binary under test, run in `pod`, or on the host.
+fn cli(pod: Option<&PodCgroup>) -> Command {
+    match pod {
         Some(pod) => pod.command(BINARY),
         None => crate::common::binary(),
-    };
+    }
+}
+
+/// `tokenbroker token access` in `pod` (or on the host), with `args`.
+async fn access_token(broker: &Broker, pod: Option<&PodCgroup>, args: &[&str]) -> Output {
+    let mut command = cli(pod);
     command
         .args(["token", "access", "--socket"])
         .arg(&broker.socket)
@@ -316,10 +321,7 @@ fn watching(
     tokio::process::Child,
     tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 ) {
-    let mut command = match pod {
-        Some(pod) => pod.command(BINARY),
-        None => crate::common::binary(),
-    };
+    let mut command = cli(pod);
     command
         .args(["token", "access", flag, "--socket"])
         .arg(&broker.socket)
