@@ -447,28 +447,23 @@ async fn the_cli_reads_a_boundary_file_as_google_documents_it() {
     let file = dir.path().join("boundary.json");
     let boundary = json!({"accessBoundary": boundary_json(&[(BUCKET, &[VIEWER], Some("resource.name.startsWith('projects/_/buckets/build-cache/objects/a')"))])});
     std::fs::write(&file, boundary.to_string()).unwrap();
-    let token = succeeds(
-        binary()
+    let access_with_file = || {
+        let mut command = binary();
+        command
             .args(["token", "access", "--boundary"])
             .arg(&file)
             .arg("--socket")
-            .arg(&broker.socket),
-    )
-    .await;
+            .arg(&broker.socket);
+        command
+    };
+    let token = succeeds(&mut access_with_file()).await;
     assert_eq!(
         boundary_of(&emulator, token.trim()),
         Some(boundary["accessBoundary"].clone())
     );
 
     std::fs::write(&file, r#"{"accessBoundary": {"accessBoundaryRules": []}}"#).unwrap();
-    let refused = output(
-        binary()
-            .args(["token", "access", "--boundary"])
-            .arg(&file)
-            .arg("--socket")
-            .arg(&broker.socket),
-    )
-    .await;
+    let refused = output(&mut access_with_file()).await;
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("at least one rule"));
 }
