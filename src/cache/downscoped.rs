@@ -64,11 +64,11 @@ impl SourceLink {
         &self.exchanged_from
     }
 
-    /// Whether `token` lives exactly as long as the source token it came
-    /// from: then the source's refresh, not the token's own expiry, is
-    /// what replaces it.
+    /// Whether `token` lives as long as the source token it came from:
+    /// then the source's refresh, not the token's own expiry, is what
+    /// replaces it.
     pub(super) fn bounds(&self, token: &Token) -> bool {
-        token.expires_at() >= self.exchanged_from.expires_at()
+        ends_with(token.expires_at(), self.exchanged_from.expires_at())
     }
 }
 
@@ -136,6 +136,21 @@ fn source_failed(error: BrokerError) -> FetchError {
     }
 }
 
+/// How much earlier than its source token a downscoped token may end and
+/// still count as ending with it (5 s): STS says `expires_in` in whole
+/// seconds of the subject's remaining life, counted here from before the
+/// request was sent, so the same end comes back up to a second and a round
+/// trip early. Counted as its own end instead, it would be refreshed on
+/// its own timer, in a race with the source's refresh: an exchange of the
+/// old source token for a token no longer-lived than the one it replaces.
+const SAME_END_SLACK: Duration = Duration::from_secs(5);
+
+/// Whether a token ending at `end` ends with its source, ending at
+/// `source_end`.
+fn ends_with(end: Instant, source_end: Instant) -> bool {
+    end + SAME_END_SLACK >= source_end
+}
+
 /// Waits until the source token the link's downscoped token came from is
 /// replaced (or the source entry is retired); never, without a link.
 pub(super) async fn source_replaced(link: Option<&mut SourceLink>) {
@@ -169,6 +184,22 @@ pub(super) fn fallback_refresh(usable_for: Duration, margin: Duration) -> Durati
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_ending_within_seconds_of_its_source_ends_with_it() {
+        let source_end = Instant::now() + Duration::from_secs(3600);
+        // STS's whole seconds, and the round trip, make it a little early.
+        for early in [0, 1, 5] {
+            let end = source_end - Duration::from_secs(early);
+            assert!(ends_with(end, source_end), "{early} s early");
+        }
+        // A shorter STS lifetime is its own.
+        assert!(!ends_with(source_end - Duration::from_secs(6), source_end));
+        assert!(!ends_with(
+            source_end - Duration::from_secs(600),
+            source_end
+        ));
+    }
 
     #[test]
     fn the_fallback_comes_after_the_source_refreshes() {
