@@ -152,7 +152,7 @@ pub async fn serve(
             Connection::Tcp(stream) => (Either::Left(stream), Caller::Loopback),
             Connection::Unix(stream) => {
                 let locator = endpoint.locator.as_ref();
-                let peer = stream.peer_cred().ok().map(|c| Peer::new(c, locator));
+                let peer = Peer::of(&stream, locator);
                 (Either::Right(stream), Caller::Local(peer))
             }
         };

@@ -139,7 +139,7 @@ fn accept(
                 let stream = acceptor.accept(&listener).await;
                 let uds = stream.connect_info();
                 let credentials = uds.peer_cred;
-                let peer = credentials.map(|c| Peer::new(c, locator.as_ref()));
+                let peer = Peer::of(&stream, locator.as_ref());
                 let holder = peer.as_ref().map(Peer::holder);
                 let Some(permit) = limits.admit(holder) else {
                     continue;
