@@ -5,12 +5,14 @@
 pub mod cgroup;
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Once;
+use std::sync::{LazyLock, Once};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{getsockopt, sockopt};
 use tokio::net::UnixStream;
+
+use crate::telemetry::RateLimitedLog;
 
 pub use cgroup::{Locator, Place, PodUid};
 
@@ -71,11 +73,12 @@ impl Peer {
 }
 
 /// The place of the process at the other end of `stream`, whose pid the
-/// kernel gave as `pid`. A pid is only a number: once its process exits,
-/// the number may go to a process in another pod, whose cgroup would then
-/// be read. So the process itself is held (a pidfd, from `SO_PEERPIDFD`)
-/// while its cgroup is read, and its place is unknown unless it is still
-/// running after the read: a running process keeps its pid.
+/// kernel gave as `pid`. A pid is only a number: once its process has
+/// exited and been reaped, the number may go to a process in another pod,
+/// whose cgroup would then be read. So the peer is taken by a pidfd
+/// (`SO_PEERPIDFD`: the very process that connected), its cgroup read by
+/// pid, and its place is unknown if the pidfd then shows it has exited: a
+/// process keeps its pid until it has exited and been reaped.
 fn place_of_peer(stream: &impl AsFd, pid: Option<i32>, locator: &Locator) -> Place {
     let process = match getsockopt(stream, sockopt::PeerPidfd) {
         Ok(process) => Some(process),
@@ -84,22 +87,34 @@ fn place_of_peer(stream: &impl AsFd, pid: Option<i32>, locator: &Locator) -> Pla
             warn_without_pidfd();
             None
         }
+        // Linux 6.5 to 6.16 for a peer already reaped.
+        Err(Errno::EINVAL | Errno::ESRCH) => {
+            tracing::debug!(?pid, "the peer process has exited; its pod is unknown");
+            return Place::Unknown;
+        }
         Err(error) => {
-            tracing::debug!(?pid, %error, "the peer process cannot be held; it has exited");
+            CANNOT_TAKE_PIDFD.warn(|failures| {
+                tracing::warn!(?pid, %error, failures, "cannot take a pidfd of a peer process; its pod is unknown and it is refused (logged at most once a second)");
+            });
             return Place::Unknown;
         }
     };
     let place = locator.place_of(pid);
     match process {
         Some(process) if has_exited(&process) => {
-            tracing::debug!(?pid, "the peer process exited while its cgroup was read");
+            tracing::debug!(?pid, "the peer process has exited; its pod is unknown");
             Place::Unknown
         }
         _ => place,
     }
 }
 
-/// Whether the process a pidfd holds has exited (a pidfd is readable then).
+/// Failures to take a peer's pidfd other than its having exited (out of
+/// file descriptors, a seccomp or LSM policy): each refuses a peer.
+static CANNOT_TAKE_PIDFD: LazyLock<RateLimitedLog> = LazyLock::new(RateLimitedLog::default);
+
+/// Whether the process a pidfd names has exited (even if it is not yet
+/// reaped: a pidfd is readable from then on).
 fn has_exited(process: &OwnedFd) -> bool {
     let mut polled = [PollFd::new(process.as_fd(), PollFlags::POLLIN)];
     match nix::poll::poll(&mut polled, PollTimeout::ZERO) {
@@ -112,24 +127,33 @@ fn has_exited(process: &OwnedFd) -> bool {
     }
 }
 
-/// Says once that this kernel cannot hold a peer process while its cgroup
-/// is read.
+/// Says once that this kernel cannot tell a peer that has exited from
+/// the process that may have its pid now.
 fn warn_without_pidfd() {
     static WARNED: Once = Once::new();
     WARNED.call_once(|| {
         tracing::warn!(
             "this kernel has no SO_PEERPIDFD (Linux 6.5 or later has it): a peer's pod is read \
-             by pid alone, and a peer that exits before it is accepted may leave its pid to a \
-             process in another pod"
+             by pid alone, and a peer that exits before its cgroup is read may leave its pid to \
+             a process in another pod"
         );
     });
 }
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+    use std::path::Path;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+
     use super::*;
 
     const UID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+
+    /// Set for a child process of the test binary: the socket it connects
+    /// to, as a peer of the test.
+    const CONNECT_TO: &str = "TOKENBROKER_PEER_TEST_CONNECT_TO";
 
     /// A proc root where process `pid` runs in the pod `UID`.
     fn proc_root_with_pod_process(pid: u32) -> tempfile::TempDir {
@@ -142,6 +166,53 @@ mod tests {
         )
         .unwrap();
         root
+    }
+
+    /// Starts a peer: this test binary again, running `test` as a child,
+    /// which connects to `socket` and exits when its standard input closes.
+    fn peer_process(test: &str, socket: &Path) -> Child {
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test])
+            .env(CONNECT_TO, socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// In the child [`peer_process`] starts: connects, waits for standard
+    /// input to close, and says so (the test then ends). In the test
+    /// itself: says nothing.
+    fn was_the_peer_process() -> bool {
+        let Some(socket) = std::env::var_os(CONNECT_TO) else {
+            return false;
+        };
+        let _connected = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        std::io::stdin().read_to_end(&mut Vec::new()).unwrap();
+        true
+    }
+
+    /// Whether this kernel has `SO_PEERPIDFD` (Linux 6.5 or later); the
+    /// tests of what it adds say so and pass without it.
+    fn kernel_has_peer_pidfd() -> bool {
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let has = !matches!(
+            getsockopt(&ours, sockopt::PeerPidfd),
+            Err(Errno::ENOPROTOOPT)
+        );
+        if !has {
+            eprintln!("skipped: this kernel has no SO_PEERPIDFD (Linux 6.5 or later)");
+        }
+        has
+    }
+
+    async fn accept(listener: &tokio::net::UnixListener) -> UnixStream {
+        let accepted = tokio::time::timeout(Duration::from_secs(30), listener.accept());
+        accepted
+            .await
+            .expect("the peer process never connected")
+            .unwrap()
+            .0
     }
 
     #[tokio::test]
@@ -162,27 +233,47 @@ mod tests {
     /// its own, and the peer is unknown.
     #[tokio::test]
     async fn a_peer_that_has_exited_is_unknown_whatever_its_pid_now_names() {
+        if was_the_peer_process() || !kernel_has_peer_pidfd() {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s");
-        let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        let mut child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
-            ])
-            .arg(&path)
-            .spawn()
-            .unwrap();
-        let pid = child.id();
+        let socket = dir.path().join("s");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let mut child = peer_process(
+            "peer::tests::a_peer_that_has_exited_is_unknown_whatever_its_pid_now_names",
+            &socket,
+        );
+        drop(child.stdin.take());
         assert!(child.wait().unwrap().success());
-        let (stream, _) = listener.accept().await.unwrap();
-        let root = proc_root_with_pod_process(pid);
+        let stream = accept(&listener).await;
+        let root = proc_root_with_pod_process(child.id());
         let locator = Locator::new(root.path());
 
         let peer = Peer::of(&stream, Some(&locator)).unwrap();
 
-        assert_eq!(peer.pid, Some(pid as i32));
+        assert_eq!(peer.pid, Some(child.id() as i32));
         assert_eq!(peer.place, Place::Unknown);
         assert_eq!(peer.holder(), Holder::Unknown);
+    }
+
+    #[tokio::test]
+    async fn a_peers_pidfd_tells_whether_it_has_exited() {
+        if was_the_peer_process() || !kernel_has_peer_pidfd() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("s");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let mut child = peer_process(
+            "peer::tests::a_peers_pidfd_tells_whether_it_has_exited",
+            &socket,
+        );
+        let stream = accept(&listener).await;
+        let process = getsockopt(&stream, sockopt::PeerPidfd).unwrap();
+
+        assert!(!has_exited(&process), "the peer is running");
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        assert!(has_exited(&process), "the peer has exited");
     }
 }
