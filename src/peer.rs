@@ -143,7 +143,6 @@ fn warn_without_pidfd() {
 #[cfg(test)]
 mod tests {
     use std::io::Read;
-    use std::path::Path;
     use std::process::{Child, Command, Stdio};
     use std::time::Duration;
 
@@ -168,19 +167,52 @@ mod tests {
         root
     }
 
-    /// Starts a peer: this test binary again, running `test` as a child,
-    /// which connects to `socket` and exits when its standard input closes.
-    fn peer_process(test: &str, socket: &Path) -> Child {
-        Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", test])
-            .env(CONNECT_TO, socket)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap()
+    /// A peer of a socket of the test's own: this test binary again,
+    /// running `test` as a child, which connects and exits when its
+    /// standard input closes.
+    struct PeerProcess {
+        child: Child,
+        listener: tokio::net::UnixListener,
+        _dir: tempfile::TempDir,
     }
 
-    /// In the child [`peer_process`] starts: connects, waits for standard
+    impl PeerProcess {
+        fn start(test: &str) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("s");
+            let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+            let child = Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", test])
+                .env(CONNECT_TO, &socket)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            Self {
+                child,
+                listener,
+                _dir: dir,
+            }
+        }
+
+        /// Its connection.
+        async fn accept(&self) -> UnixStream {
+            let accepted = tokio::time::timeout(Duration::from_secs(30), self.listener.accept());
+            accepted
+                .await
+                .expect("the peer process never connected")
+                .unwrap()
+                .0
+        }
+
+        /// Lets it exit, and waits until it has.
+        fn exit(&mut self) {
+            drop(self.child.stdin.take());
+            assert!(self.child.wait().unwrap().success());
+        }
+    }
+
+    /// In the child [`PeerProcess`] starts: connects, waits for standard
     /// input to close, and says so (the test then ends). In the test
     /// itself: says nothing.
     fn was_the_peer_process() -> bool {
@@ -206,15 +238,6 @@ mod tests {
         has
     }
 
-    async fn accept(listener: &tokio::net::UnixListener) -> UnixStream {
-        let accepted = tokio::time::timeout(Duration::from_secs(30), listener.accept());
-        accepted
-            .await
-            .expect("the peer process never connected")
-            .unwrap()
-            .0
-    }
-
     #[tokio::test]
     async fn a_running_peer_is_placed_by_its_cgroup() {
         let (ours, _theirs) = UnixStream::pair().unwrap();
@@ -236,22 +259,18 @@ mod tests {
         if was_the_peer_process() || !kernel_has_peer_pidfd() {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("s");
-        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let mut child = peer_process(
+        let mut peer_process = PeerProcess::start(
             "peer::tests::a_peer_that_has_exited_is_unknown_whatever_its_pid_now_names",
-            &socket,
         );
-        drop(child.stdin.take());
-        assert!(child.wait().unwrap().success());
-        let stream = accept(&listener).await;
-        let root = proc_root_with_pod_process(child.id());
+        peer_process.exit();
+        let stream = peer_process.accept().await;
+        let pid = peer_process.child.id();
+        let root = proc_root_with_pod_process(pid);
         let locator = Locator::new(root.path());
 
         let peer = Peer::of(&stream, Some(&locator)).unwrap();
 
-        assert_eq!(peer.pid, Some(child.id() as i32));
+        assert_eq!(peer.pid, Some(pid as i32));
         assert_eq!(peer.place, Place::Unknown);
         assert_eq!(peer.holder(), Holder::Unknown);
     }
@@ -261,19 +280,13 @@ mod tests {
         if was_the_peer_process() || !kernel_has_peer_pidfd() {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("s");
-        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let mut child = peer_process(
-            "peer::tests::a_peers_pidfd_tells_whether_it_has_exited",
-            &socket,
-        );
-        let stream = accept(&listener).await;
+        let mut peer_process =
+            PeerProcess::start("peer::tests::a_peers_pidfd_tells_whether_it_has_exited");
+        let stream = peer_process.accept().await;
         let process = getsockopt(&stream, sockopt::PeerPidfd).unwrap();
 
         assert!(!has_exited(&process), "the peer is running");
-        drop(child.stdin.take());
-        assert!(child.wait().unwrap().success());
+        peer_process.exit();
         assert!(has_exited(&process), "the peer has exited");
     }
 }
