@@ -1,7 +1,8 @@
 //! A fake Kubernetes API server with just what per-pod identity reads: pods
 //! and service accounts under `/api/v1/`, listed (with field selectors),
-//! fetched one by one and watched as a stream of changes, behind a bearer
-//! token, with an outage switch. Objects come and go through the control
+//! fetched one by one and watched as a stream of changes, whole or (as
+//! kube's metadata watcher asks) metadata only, behind a bearer token, with
+//! an outage switch. Objects come and go through the control
 //! API or the [`Emulator`](super::Emulator)'s methods.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -466,18 +467,22 @@ impl Cluster {
     }
 
     /// The list answer: `{"kind":"PodList","metadata":{"resourceVersion"},"items"}`.
-    fn list(&self, kind: Kind, selector: &Selector) -> Value {
-        let items: Vec<&Value> = self.select(kind, selector).collect();
+    fn list(&self, kind: Kind, selector: &Selector, shape: Shape) -> Value {
+        let items: Vec<Value> = self
+            .select(kind, selector)
+            .map(|object| shape.of(object))
+            .collect();
+        let (api_version, list_kind) = shape.list_type(kind);
         json!({
-            "apiVersion": "v1",
-            "kind": kind.list_kind(),
+            "apiVersion": api_version,
+            "kind": list_kind,
             "metadata": {"resourceVersion": self.revision.to_string()},
             "items": items,
         })
     }
 
     /// What a watch that has seen everything up to `after` is sent next.
-    fn watch_step(&self, kind: Kind, selector: &Selector, after: u64) -> Step {
+    fn watch_step(&self, kind: Kind, selector: &Selector, shape: Shape, after: u64) -> Step {
         if self.down {
             return Step::End(Vec::new());
         }
@@ -497,7 +502,7 @@ impl Cluster {
         let mut lines = Vec::new();
         for event in self.history.range(start..).filter(|e| e.kind == kind) {
             if let Some((change, object)) = event.seen_through(selector) {
-                lines.extend(event_line(change.name(), &object));
+                lines.extend(event_line(change.name(), &shape.of(&object)));
             }
         }
         Step::More(lines, self.revision)
@@ -509,6 +514,53 @@ impl Cluster {
 enum Step {
     More(Vec<u8>, u64),
     End(Vec<u8>),
+}
+
+/// How objects are answered: whole, or only their metadata, as
+/// `meta.k8s.io/v1` `PartialObjectMetadata` (what a client asks for with
+/// `Accept: application/json;as=PartialObjectMetadata…`, as kube's
+/// metadata watcher does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    Whole,
+    Metadata,
+}
+
+impl Shape {
+    /// The shape a request's `Accept` header asks for.
+    fn asked_by(request: &Request<Incoming>) -> Self {
+        let metadata = request
+            .headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .any(|accept| accept.contains("as=PartialObjectMetadata"));
+        if metadata {
+            Self::Metadata
+        } else {
+            Self::Whole
+        }
+    }
+
+    /// `object` in this shape.
+    fn of(self, object: &Value) -> Value {
+        match self {
+            Self::Whole => object.clone(),
+            Self::Metadata => json!({
+                "apiVersion": "meta.k8s.io/v1",
+                "kind": "PartialObjectMetadata",
+                "metadata": object["metadata"],
+            }),
+        }
+    }
+
+    /// `(apiVersion, kind)` of a list of `kind` in this shape.
+    fn list_type(self, kind: Kind) -> (&'static str, &'static str) {
+        match self {
+            Self::Whole => ("v1", kind.list_kind()),
+            Self::Metadata => ("meta.k8s.io/v1", "PartialObjectMetadataList"),
+        }
+    }
 }
 
 fn uid_of(object: &Value) -> String {
@@ -616,23 +668,24 @@ pub(super) fn serve(shared: &Arc<Shared>, request: &Request<Incoming>) -> Respon
         );
     };
     let query = parse_query(request.uri().query().unwrap_or(""));
+    let shape = Shape::asked_by(request);
     let answer = match route {
         Route::Object {
             kind,
             namespace,
             name,
-        } => Ok(get(shared, kind, namespace, name)),
-        Route::Collection { kind, namespace } => collection(shared, kind, namespace, &query),
+        } => Ok(get(shared, kind, namespace, name, shape)),
+        Route::Collection { kind, namespace } => collection(shared, kind, namespace, shape, &query),
     };
     answer.unwrap_or_else(|message| status(StatusCode::BAD_REQUEST, "BadRequest", &message))
 }
 
-fn get(shared: &Shared, kind: Kind, namespace: &str, name: &str) -> Response<Body> {
+fn get(shared: &Shared, kind: Kind, namespace: &str, name: &str, shape: Shape) -> Response<Body> {
     shared.count(|s| s.kubernetes_gets += 1);
     let key = (kind, namespace.to_string(), name.to_string());
     let object = shared.cluster().objects.get(&key).cloned();
     match object {
-        Some(object) => json_answer(StatusCode::OK, &object),
+        Some(object) => json_answer(StatusCode::OK, &shape.of(&object)),
         None => {
             let response = json!({
                 "apiVersion": "v1",
@@ -654,6 +707,7 @@ fn collection(
     shared: &Arc<Shared>,
     kind: Kind,
     namespace: Option<&str>,
+    shape: Shape,
     query: &HashMap<String, String>,
 ) -> Result<Response<Body>, String> {
     let param = |name: &str| query.get(name).map(String::as_str);
@@ -671,7 +725,7 @@ fn collection(
     };
     if !watching {
         shared.count(|s| s.kubernetes_lists += 1);
-        let list = shared.cluster().list(kind, &selector);
+        let list = shared.cluster().list(kind, &selector, shape);
         return Ok(json_answer(StatusCode::OK, &list));
     }
     if param("sendInitialEvents") == Some("true") {
@@ -695,7 +749,7 @@ fn collection(
                 .map_err(|_| format!("resourceVersion={rv:?}: want a number"))?,
         ),
     };
-    Ok(watch(shared, kind, selector, from, deadline))
+    Ok(watch(shared, kind, selector, shape, from, deadline))
 }
 
 /// Starts a watch that streams until `deadline`: from `from`, or without
@@ -705,6 +759,7 @@ fn watch(
     shared: &Arc<Shared>,
     kind: Kind,
     selector: Selector,
+    shape: Shape,
     from: Option<u64>,
     deadline: tokio::time::Instant,
 ) -> Response<Body> {
@@ -717,7 +772,7 @@ fn watch(
             None => {
                 let lines = cluster
                     .select(kind, &selector)
-                    .flat_map(|object| event_line(Change::Added.name(), object))
+                    .flat_map(|object| event_line(Change::Added.name(), &shape.of(object)))
                     .collect();
                 (lines, cluster.revision, changed)
             }
@@ -728,6 +783,7 @@ fn watch(
         shared: shared.clone(),
         kind,
         selector,
+        shape,
         after,
         changed,
         sender,
@@ -746,6 +802,7 @@ struct OpenWatch {
     shared: Arc<Shared>,
     kind: Kind,
     selector: Selector,
+    shape: Shape,
     /// The revision it has sent everything up to.
     after: u64,
     changed: watch::Receiver<()>,
@@ -760,10 +817,10 @@ impl OpenWatch {
         loop {
             // Marks the tick seen before reading, so no change slips by.
             self.changed.borrow_and_update();
-            let step = self
-                .shared
-                .cluster()
-                .watch_step(self.kind, &self.selector, self.after);
+            let step =
+                self.shared
+                    .cluster()
+                    .watch_step(self.kind, &self.selector, self.shape, self.after);
             let end = match step {
                 Step::More(more, reached) => {
                     lines.extend(more);
@@ -828,6 +885,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
     use kube::api::{Api, ListParams, WatchEvent, WatchParams};
     use kube::config::{KubeConfigOptions, Kubeconfig};
+    use kube::core::PartialObjectMeta;
     use kube::runtime::watcher;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
@@ -1116,6 +1174,81 @@ mod tests {
         };
         assert_eq!(gone.metadata.name.as_deref(), Some("runner"));
         assert!(accounts.get_opt("runner").await.expect("a get").is_none());
+    }
+
+    /// What kube's watcher of `Api<PartialObjectMeta<_>>` reads: lists and
+    /// watch events of `PartialObjectMetadata`, the object's metadata only.
+    #[tokio::test]
+    async fn service_accounts_are_listed_and_watched_as_metadata_when_asked() {
+        let (emulator, client) = start().await;
+        let annotation = |gsa: &str| {
+            BTreeMap::from([(
+                "iam.gke.io/gcp-service-account".to_string(),
+                gsa.to_string(),
+            )])
+        };
+        emulator.put_service_account("apps", "runner", annotation("a@p.iam.gserviceaccount.com"));
+        let all = Api::<PartialObjectMeta<ServiceAccount>>::all(client);
+        let mut events = watcher(all, watcher::Config::default()).boxed();
+
+        assert!(matches!(
+            next(&mut events).await,
+            Some(Ok(watcher::Event::Init))
+        ));
+        let Some(Ok(watcher::Event::InitApply(listed))) = next(&mut events).await else {
+            panic!("the listed account");
+        };
+        let types = listed.types.as_ref().expect("typed");
+        assert_eq!(
+            (types.api_version.as_str(), types.kind.as_str()),
+            ("meta.k8s.io/v1", "PartialObjectMetadata")
+        );
+        assert_eq!(
+            listed.metadata.annotations,
+            Some(annotation("a@p.iam.gserviceaccount.com"))
+        );
+        assert!(matches!(
+            next(&mut events).await,
+            Some(Ok(watcher::Event::InitDone))
+        ));
+        emulator.put_service_account("apps", "runner", annotation("b@p.iam.gserviceaccount.com"));
+        let Some(Ok(watcher::Event::Apply(changed))) = next(&mut events).await else {
+            panic!("the change");
+        };
+        assert_eq!(changed.types, listed.types);
+        assert_eq!(
+            changed.metadata.annotations,
+            Some(annotation("b@p.iam.gserviceaccount.com"))
+        );
+
+        let accept = "Accept: application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1\r\n";
+        let authorization = format!("Authorization: Bearer {TOKEN}\r\n");
+        let whole = raw(
+            &emulator,
+            "GET",
+            "/api/v1/serviceaccounts",
+            &authorization,
+            "",
+        )
+        .await;
+        let metadata = raw(
+            &emulator,
+            "GET",
+            "/api/v1/serviceaccounts",
+            &format!("{authorization}{accept}"),
+            "",
+        )
+        .await;
+        assert!(whole.contains(r#""kind":"ServiceAccountList""#), "{whole}");
+        assert!(whole.contains(r#""kind":"ServiceAccount""#), "{whole}");
+        assert!(
+            metadata.contains(r#""kind":"PartialObjectMetadataList""#),
+            "{metadata}"
+        );
+        assert!(
+            !metadata.contains(r#""kind":"ServiceAccount"#),
+            "{metadata}"
+        );
     }
 
     #[tokio::test]

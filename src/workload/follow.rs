@@ -1,6 +1,7 @@
 //! Keeps the directory of [`Workloads`] current with kube's watcher: the
 //! pods of this node (`spec.nodeName`, running or pending) and every
-//! service account's binding annotation. The watcher lists, then watches,
+//! service account's binding annotation (their metadata only: the
+//! annotation is all that is read). The watcher lists, then watches,
 //! and lists again (with backoff) whenever the watch breaks; the directory
 //! keeps the last known map meanwhile, and a new list replaces it whole,
 //! so pods deleted during an outage go then.
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod as PodObject, ServiceAccount};
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch_stream};
 use tokio::time::Instant;
@@ -26,9 +28,10 @@ pub(super) async fn pods(workloads: Workloads, stop: CancellationToken) {
     follow::<Pods>(&workloads, api, config, stop).await;
 }
 
-/// Follows every service account's binding annotation until `stop`.
+/// Follows every service account's binding annotation until `stop`, from
+/// their metadata only.
 pub(super) async fn service_accounts(workloads: Workloads, stop: CancellationToken) {
-    let api: Api<ServiceAccount> = Api::all(workloads.client());
+    let api: Api<PartialObjectMeta<ServiceAccount>> = Api::all(workloads.client());
     follow::<Bindings>(&workloads, api, watcher::Config::default(), stop).await;
 }
 
@@ -41,7 +44,7 @@ pub(super) fn remove_pod(directory: &mut Directory, object: &PodObject) -> bool 
 
 /// What one watcher keeps of its objects, and where in the directory.
 trait Kept {
-    /// The API object.
+    /// The API object, as the watcher reads it.
     type Object: kube::Resource
         + Clone
         + std::fmt::Debug
@@ -112,11 +115,11 @@ impl Kept for Pods {
 struct Bindings;
 
 impl Kept for Bindings {
-    type Object = ServiceAccount;
+    type Object = PartialObjectMeta<ServiceAccount>;
     type Entry = (String, String, Annotation);
     const WHAT: &'static str = "service accounts";
 
-    fn entry(object: &ServiceAccount) -> Option<Self::Entry> {
+    fn entry(object: &Self::Object) -> Option<Self::Entry> {
         let meta = &object.metadata;
         let account = meta.annotations.as_ref()?.get(GOOGLE_ACCOUNT_ANNOTATION)?;
         Some((
@@ -136,7 +139,7 @@ impl Kept for Bindings {
         old.is_none_or(|old| old != annotation)
     }
 
-    fn remove(directory: &mut Directory, object: &ServiceAccount) -> bool {
+    fn remove(directory: &mut Directory, object: &Self::Object) -> bool {
         let meta = &object.metadata;
         let (Some(namespace), Some(name)) = (&meta.namespace, &meta.name) else {
             return false;
