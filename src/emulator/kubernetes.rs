@@ -1,9 +1,9 @@
 //! A fake Kubernetes API server with just what per-pod identity reads: pods
 //! and service accounts under `/api/v1/`, listed (with field selectors),
-//! fetched one by one and watched as a stream of changes, whole or (as
-//! kube's metadata watcher asks) metadata only, behind a bearer token, with
-//! an outage switch. Objects come and go through the control
-//! API or the [`Emulator`](super::Emulator)'s methods.
+//! fetched one by one and watched as a stream of changes, whole or (as kube
+//! asks for `PartialObjectMeta`) metadata only, behind a bearer token, with
+//! an outage switch. Objects come and go through the control API or the
+//! [`Emulator`](super::Emulator)'s methods.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -518,8 +518,8 @@ enum Step {
 
 /// How objects are answered: whole, or only their metadata, as
 /// `meta.k8s.io/v1` `PartialObjectMetadata` (what a client asks for with
-/// `Accept: application/json;as=PartialObjectMetadata…`, as kube's
-/// metadata watcher does).
+/// `Accept: application/json;as=PartialObjectMetadata…`, as kube does for
+/// an `Api<PartialObjectMeta<_>>`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Shape {
     Whole,
