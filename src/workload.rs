@@ -181,8 +181,6 @@ struct Directory {
     /// [`LOOKUP_MEMORY`]; a pod the watcher adds, or a new whole list,
     /// replaces them.
     looked_up: HashMap<PodUid, (Option<Arc<Pod>>, Instant)>,
-    /// When the pods' watcher last read a whole list.
-    listed_at: Option<Instant>,
     /// namespace → service account → its binding annotation (nested, so
     /// that a lookup by `&str` allocates nothing).
     bindings: HashMap<String, HashMap<String, Annotation>>,
@@ -336,7 +334,7 @@ impl Workloads {
         if let Some(found) = known {
             return Ok(found);
         }
-        let api: Api<PodObject> = Api::all(self.0.client.clone());
+        let api: Api<PodObject> = Api::all(self.client());
         let listed = api
             .list(&ListParams::default().fields(&self.field_selector()))
             .await

@@ -102,7 +102,6 @@ impl Kept for Pods {
     fn replace(directory: &mut Directory, listed: Vec<Arc<Pod>>) -> bool {
         // A whole list is newer than any direct one.
         directory.looked_up.clear();
-        directory.listed_at = Some(Instant::now());
         directory.pods_synced = true;
         directory.pods = listed.into_iter().map(|pod| (pod.uid, pod)).collect();
         // Always a change (lists are rare: at start, after a broken watch):
