@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::error::BrokerError;
 use crate::peer::{Holder, Peer};
 use crate::request::boundary::{AccessBoundary, BoundaryEntry};
-use crate::request::{ServiceAccount, TokenKey};
+use crate::request::{ServiceAccount, TokenKey, is_service_account_email};
 use crate::workload::Pod;
 
 /// Who sent a request, as far as its transport can tell.
@@ -162,18 +162,12 @@ impl Policy {
             if binding.namespace.is_empty() || binding.service_account.is_empty() {
                 return Err(at("namespace and service_account must not be empty".into()));
             }
-            ServiceAccount::parse(
-                "google_service_account",
-                binding.google_service_account.clone(),
-            )
-            .ok()
-            .filter(|account| *account != ServiceAccount::Default)
-            .ok_or_else(|| {
-                at(format!(
+            if !is_service_account_email(&binding.google_service_account) {
+                return Err(at(format!(
                     "google_service_account {:?} is not a service account email",
                     binding.google_service_account
-                ))
-            })?;
+                )));
+            }
             let names = workloads.entry(binding.namespace.clone()).or_default();
             let account = Arc::from(binding.google_service_account);
             if names

@@ -62,6 +62,12 @@ impl fmt::Display for ServiceAccount {
     }
 }
 
+/// Whether `value` is a service account email (neither `default` nor
+/// empty, which name the default account in a request).
+pub fn is_service_account_email(value: &str) -> bool {
+    check_email(value).is_ok()
+}
+
 fn check_email(value: &str) -> Result<(), String> {
     const HINT: &str =
         "use \"default\" or a service account email such as name@project.iam.gserviceaccount.com";

@@ -93,9 +93,10 @@ impl Annotation {
     /// Reads an annotation's value.
     pub fn read(value: &str) -> Self {
         let value = value.trim();
-        match crate::request::ServiceAccount::parse(GOOGLE_ACCOUNT_ANNOTATION, value.to_string()) {
-            Ok(crate::request::ServiceAccount::Email(_)) => Self::Account(Arc::from(value)),
-            _ => Self::NotAnEmail(Arc::from(value)),
+        if crate::request::is_service_account_email(value) {
+            Self::Account(Arc::from(value))
+        } else {
+            Self::NotAnEmail(Arc::from(value))
         }
     }
 }
