@@ -25,9 +25,8 @@ use crate::request::{Invalidation, TokenKey, TokenRequest};
 use crate::telemetry::RateLimitedLog;
 use crate::telemetry::metrics::{Metrics, Rpc, code_name};
 use crate::token::{Token, TokenKind};
-use crate::workload::{Pod, Workloads};
+use crate::workload::{Pod, PodIdentity, Workloads};
 
-pub use pods::PodIdentity;
 pub use watch::{DEFAULT_MAX_WATCHERS, DEFAULT_MAX_WATCHERS_PER_UID, Watch, WatchLimits};
 
 /// Hands out tokens; cloning is cheap (one `Arc`), and every clone serves

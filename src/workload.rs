@@ -166,12 +166,19 @@ struct Inner {
 #[derive(Default)]
 struct Memo {
     generation: u64,
-    identities: HashMap<PodUid, Resolved>,
+    identities: HashMap<PodUid, PodIdentity>,
 }
 
-/// What a pod is served as: its pod, and its Google service account
-/// (`None`: the node's identity, with `--unmapped-pods node`).
-pub type Resolved = (Arc<Pod>, Option<Arc<str>>);
+/// What a pod is served as: the pod, and the Google service account it
+/// maps to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodIdentity {
+    /// The pod.
+    pub pod: Arc<Pod>,
+    /// Its Google service account; `None` for a pod that maps to none and
+    /// gets the broker's own identity (`--unmapped-pods node`).
+    pub google: Option<Arc<str>>,
+}
 
 #[derive(Default)]
 struct Directory {
@@ -379,7 +386,7 @@ impl Workloads {
     /// What the pod with `uid` was served as since the last change, if it
     /// was: nothing it depends on (the pod, its binding, the policy) has
     /// changed since.
-    pub fn served_as(&self, uid: PodUid) -> Option<Resolved> {
+    pub fn served_as(&self, uid: PodUid) -> Option<PodIdentity> {
         let memo = self.0.served_as.read().unwrap_or_else(|e| e.into_inner());
         if memo.generation != *self.0.changes.borrow() {
             return None;
@@ -390,7 +397,7 @@ impl Workloads {
     /// Remembers what the pod with `uid` is served as, worked out when the
     /// changes were at `generation` (read before it was worked out, so a
     /// change meanwhile makes it stale at once).
-    pub fn remember(&self, uid: PodUid, generation: u64, resolved: Resolved) {
+    pub fn remember(&self, uid: PodUid, generation: u64, identity: PodIdentity) {
         let mut memo = self.0.served_as.write().unwrap_or_else(|e| e.into_inner());
         if memo.generation != generation {
             if generation != *self.0.changes.borrow() {
@@ -399,7 +406,7 @@ impl Workloads {
             memo.generation = generation;
             memo.identities.clear();
         }
-        memo.identities.insert(uid, resolved);
+        memo.identities.insert(uid, identity);
     }
 
     /// The generation of changes now.
@@ -562,7 +569,10 @@ mod tests {
         let workloads = unfollowed(&emulator).await;
         let uid = PodUid::parse("00000000-0000-4000-8000-000000000001").unwrap();
         let pod = Arc::new(Pod::of(&object(&uid.to_string(), Some("cart"))).unwrap());
-        let resolved = (pod, Some(Arc::from("cart@p.iam.gserviceaccount.com")));
+        let resolved = PodIdentity {
+            pod,
+            google: Some(Arc::from("cart@p.iam.gserviceaccount.com")),
+        };
         let before = workloads.generation();
         workloads.remember(uid, before, resolved.clone());
         assert_eq!(workloads.served_as(uid), Some(resolved.clone()));

@@ -12,17 +12,9 @@ use crate::error::BrokerError;
 use crate::peer::Place;
 use crate::policy::Caller;
 use crate::request::{ServiceAccount, TokenKey};
-use crate::workload::{Annotation, GOOGLE_ACCOUNT_ANNOTATION, Pod, UnmappedPods, Workloads};
-
-/// A caller's pod, and the Google service account it is served as.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodIdentity {
-    /// The pod.
-    pub pod: Arc<Pod>,
-    /// Its Google service account; `None` for a pod that maps to none and
-    /// gets the broker's own identity (`--unmapped-pods node`).
-    pub google: Option<Arc<str>>,
-}
+use crate::workload::{
+    Annotation, GOOGLE_ACCOUNT_ANNOTATION, Pod, PodIdentity, UnmappedPods, Workloads,
+};
 
 impl Broker {
     /// The identity of `caller`'s pod: `None` for a host process (and for
@@ -41,8 +33,8 @@ impl Broker {
             Place::Unknown => return Err(unknown_peer(caller)),
         };
         // The hit path: one lookup, valid until anything changes.
-        if let Some((pod, google)) = workloads.served_as(uid) {
-            return Ok(Some(PodIdentity { pod, google }));
+        if let Some(identity) = workloads.served_as(uid) {
+            return Ok(Some(identity));
         }
         if !workloads.is_synced() {
             return Err(BrokerError::PodUnavailable {
@@ -54,8 +46,7 @@ impl Broker {
         let generation = workloads.generation();
         let pod = workloads.pod(uid).await?;
         let identity = self.identity_of(workloads, pod)?;
-        let resolved = (identity.pod.clone(), identity.google.clone());
-        workloads.remember(uid, generation, resolved);
+        workloads.remember(uid, generation, identity.clone());
         Ok(Some(identity))
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::{Admitted, Broker, PodIdentity};
+use super::{Admitted, Broker};
 use crate::audit::{Event, EventKind, event};
 use crate::cache::TokenWatch;
 use crate::error::BrokerError;
@@ -15,6 +15,7 @@ use crate::quota::{Holder, Quota, QuotaPermit};
 use crate::request::TokenKey;
 use crate::telemetry::metrics::Rpc;
 use crate::token::{Token, TokenKind};
+use crate::workload::PodIdentity;
 
 /// Default most open watch streams (10 000).
 pub const DEFAULT_MAX_WATCHERS: usize = 10_000;
