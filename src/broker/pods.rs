@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::Broker;
 use crate::error::BrokerError;
-use crate::peer::Place;
+use crate::peer::{Place, PodUid};
 use crate::policy::Caller;
 use crate::request::{ServiceAccount, TokenKey};
 use crate::workload::{
@@ -24,13 +24,8 @@ impl Broker {
         &self,
         caller: &Caller,
     ) -> Result<Option<PodIdentity>, BrokerError> {
-        let Some((workloads, place)) = self.place_of(caller)? else {
+        let Some((workloads, uid)) = self.pod_of(caller)? else {
             return Ok(None);
-        };
-        let uid = match place {
-            Place::Host => return Ok(None),
-            Place::Pod(uid) => uid,
-            Place::Unknown => return Err(unknown_peer(caller)),
         };
         // The hit path: one lookup, valid until anything changes.
         if let Some(identity) = workloads.served_as(uid) {
@@ -56,29 +51,30 @@ impl Broker {
         &self,
         caller: &Caller,
     ) -> Result<Option<PodIdentity>, BrokerError> {
-        let Some((workloads, place)) = self.place_of(caller)? else {
+        let Some((workloads, uid)) = self.pod_of(caller)? else {
             return Ok(None);
         };
-        match place {
-            Place::Host => Ok(None),
-            Place::Unknown => Err(unknown_peer(caller)),
-            Place::Pod(uid) => {
-                let pod = workloads.current(uid)?;
-                self.identity_of(workloads, pod).map(Some)
-            }
-        }
+        let pod = workloads.current(uid)?;
+        self.identity_of(workloads, pod).map(Some)
     }
 
-    /// The workloads and the caller's place, when workload identity is on
-    /// and the caller is a process on a Unix socket.
-    fn place_of(&self, caller: &Caller) -> Result<Option<(&Workloads, Place)>, BrokerError> {
+    /// The workloads and the UID of the caller's pod, when workload
+    /// identity is on and the caller is a process on a Unix socket in a
+    /// pod; `None` for a host process. A peer whose pod cannot be told is
+    /// refused.
+    fn pod_of(&self, caller: &Caller) -> Result<Option<(&Workloads, PodUid)>, BrokerError> {
         let Some(workloads) = &self.0.workloads else {
             return Ok(None);
         };
-        match caller {
-            Caller::Local(Some(peer)) => Ok(Some((workloads, peer.place))),
-            Caller::Local(None) => Err(unknown_peer(caller)),
-            Caller::Loopback | Caller::Broker => Ok(None),
+        let place = match caller {
+            Caller::Local(Some(peer)) => peer.place,
+            Caller::Local(None) => return Err(unknown_peer(caller)),
+            Caller::Loopback | Caller::Broker => return Ok(None),
+        };
+        match place {
+            Place::Host => Ok(None),
+            Place::Pod(uid) => Ok(Some((workloads, uid))),
+            Place::Unknown => Err(unknown_peer(caller)),
         }
     }
 
@@ -174,7 +170,6 @@ fn unknown_peer(caller: &Caller) -> BrokerError {
 mod tests {
     use super::*;
     use crate::request::{AccessTokenKey, IdTokenFormat, IdTokenKey};
-    use crate::workload::PodUid;
 
     const GSA: &str = "app@p.iam.gserviceaccount.com";
 
