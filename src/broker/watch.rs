@@ -142,53 +142,32 @@ impl Watch {
         let kind = self.kind();
         let next = async {
             let token = loop {
-                let Some(pod) = self.pod.as_deref_mut() else {
-                    break self.watch.next().await?;
-                };
-                tokio::select! {
-                    token = self.watch.next() => break token?,
-                    changed = pod.changes.changed() => match changed {
-                        // The pod went, its account changed, or the policy
-                        // was reloaded: check now, not at the next token.
-                        Ok(()) => {
-                            still_the_pods(&self.broker, self.rpc, kind, &self.caller, &pod.identity)?;
-                            still_granted(
-                                &self.broker,
-                                self.rpc,
-                                &self.caller,
-                                Some(&pod.identity),
-                                self.requested.as_deref(),
-                                self.watch.key(),
-                            )?;
+                let token = match self.pod.as_deref_mut() {
+                    None => Some(self.watch.next().await?),
+                    Some(pod) => tokio::select! {
+                        token = self.watch.next() => Some(token?),
+                        changed = pod.changes.changed() => {
+                            // The pods are no longer followed: the broker stops.
+                            changed.map_err(|_| BrokerError::ShuttingDown)?;
+                            None
                         }
-                        // The pods are no longer followed (the broker stops).
-                        Err(_) => return Err(BrokerError::ShuttingDown),
                     },
+                };
+                // A new token, or a change of the pods (the pod went, its
+                // account changed, or the policy was reloaded): check now,
+                // not at the next token.
+                still_allowed(
+                    &self.broker,
+                    self.rpc,
+                    &self.caller,
+                    self.pod.as_deref().map(|pod| &pod.identity),
+                    self.requested.as_deref(),
+                    self.watch.key(),
+                )?;
+                if let Some(token) = token {
+                    break token;
                 }
             };
-            if let Some(pod) = self.pod.as_deref() {
-                still_the_pods(&self.broker, self.rpc, kind, &self.caller, &pod.identity)?;
-            }
-            still_granted(
-                &self.broker,
-                self.rpc,
-                &self.caller,
-                self.pod.as_deref().map(|pod| &pod.identity),
-                self.requested.as_deref(),
-                self.watch.key(),
-            )
-            .inspect_err(|error| {
-                // A reloaded policy that no longer allows the stream.
-                self.broker.audit(|| Event {
-                    code: error.code(),
-                    ..event(
-                        EventKind::Deny,
-                        self.rpc,
-                        &self.caller,
-                        Some(self.watch.key()),
-                    )
-                });
-            })?;
             let remaining = token.remaining(Instant::now());
             self.broker.0.metrics.streamed(kind, remaining);
             Ok(token)
@@ -201,6 +180,31 @@ impl Watch {
         };
         result.inspect_err(|error| tracing::info!(%error, "watch ended"))
     }
+}
+
+/// Whether the stream may go on: the watching pod (with workload
+/// identity) is still on the node and served as the same account, and the
+/// policy in force still grants the `watched` key. A refusal is audited.
+fn still_allowed(
+    broker: &Broker,
+    rpc: Rpc,
+    caller: &Caller,
+    pod: Option<&PodIdentity>,
+    requested: Option<&TokenKey>,
+    watched: &TokenKey,
+) -> Result<(), BrokerError> {
+    let allowed = match pod {
+        Some(pod) => still_the_pods(broker, rpc, watched.kind(), caller, pod),
+        None => Ok(()),
+    };
+    allowed
+        .and_then(|()| still_granted(broker, rpc, caller, pod, requested, watched))
+        .inspect_err(|error| {
+            broker.audit(|| Event {
+                code: error.code(),
+                ..event(EventKind::Deny, rpc, caller, Some(watched))
+            });
+        })
 }
 
 /// Whether the policy in force still grants `caller` the `watched` key:

@@ -16,7 +16,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::common::http::{Scrape, get_local, scrape_until};
-use crate::common::{BINARY, Broker, emulator, in_time, is_root, output, scrub_env, write_policy};
+use crate::common::{
+    BINARY, Broker, emulator, in_time, is_root, output, poll_until, scrub_env, write_policy,
+};
 
 /// The node the broker serves.
 const NODE: &str = "node-a";
@@ -656,7 +658,9 @@ async fn a_pod_mapped_elsewhere_is_watched_again_under_its_new_account() {
     let pod = cart_pod(&emulator, &root, Driver::Systemd("besteffort"), "cart-1");
     let dir = tempfile::tempdir().unwrap();
     let policy = write_policy(dir.path(), "");
-    let broker = broker(&emulator, &["--policy", &policy]).await;
+    let audit = dir.path().join("audit.log");
+    let audit_flag = audit.to_str().unwrap();
+    let broker = broker(&emulator, &["--policy", &policy, "--audit-log", audit_flag]).await;
     let allow =
         "[[allow]]\nnamespaces = [\"shop\"]\nservice_accounts = [\"*\"]\nscopes = [\"*\"]\n";
     write_policy(dir.path(), allow);
@@ -675,6 +679,24 @@ async fn a_pod_mapped_elsewhere_is_watched_again_under_its_new_account() {
     // The annotation changes: the stream ends, and the new one is report's.
     emulator.put_service_account("shop", "cart", annotated(REPORT));
     assert_eq!(next().await, REPORT);
+    // The stream's end is audited as a decision, naming the pod.
+    let ends = || -> Vec<serde_json::Value> {
+        let lines = std::fs::read_to_string(&audit).unwrap_or_default();
+        lines
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|event| event["event"] == "deny" && event["rpc"] == "WatchToken")
+            .collect()
+    };
+    poll_until(
+        "the audited end",
+        || !ends().is_empty(),
+        || format!("{:#?}", ends()),
+    )
+    .await;
+    let end = &ends()[0];
+    assert_eq!(end["code"], "UNAVAILABLE", "{end}");
+    assert_eq!(end["peer"]["pod_uid"], pod.uid.as_str(), "{end}");
 
     // A [[workload]] entry, read on SIGHUP, wins over the annotation.
     let bound = format!(
