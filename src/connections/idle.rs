@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Sleep};
-use tonic::transport::server::{Connected, UdsConnectInfo};
+use tonic::transport::server::Connected;
 
 use super::ConnectionPermit;
 use crate::peer::Peer;
@@ -86,7 +86,6 @@ impl Drop for RequestGuard {
 /// documentation), and holds its place in the connection bounds.
 pub struct IdleClose<IO> {
     io: IO,
-    uds: UdsConnectInfo,
     peer: Option<Peer>,
     activity: Arc<Activity>,
     timeout: Duration,
@@ -96,18 +95,16 @@ pub struct IdleClose<IO> {
 }
 
 impl IdleClose<tokio::net::UnixStream> {
-    /// Wraps a connection from `uds` (its `peer`, read once at accept)
-    /// admitted with `permit`; it may stay idle for `timeout`.
+    /// Wraps a connection from `peer` (read once at accept) admitted with
+    /// `permit`; it may stay idle for `timeout`.
     pub fn new(
         io: tokio::net::UnixStream,
-        uds: UdsConnectInfo,
         peer: Option<Peer>,
         permit: ConnectionPermit,
         timeout: Duration,
     ) -> Self {
         Self {
             io,
-            uds,
             peer,
             activity: Arc::new(Activity::new()),
             timeout,
@@ -166,7 +163,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for IdleClose<IO> {
         }
         if self.expired(cx) {
             tracing::debug!(
-                uid = self.uds.peer_cred.map(|c| c.uid()),
+                uid = self.peer.map(|p| p.uid),
                 spoken = self.spoken,
                 "closing an idle connection"
             );

@@ -23,8 +23,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::unix::UCred;
 use tonic::transport::server::Connected;
+
+use crate::peer::Peer;
 
 use frames::Rewriter;
 
@@ -46,12 +47,12 @@ pub struct AnyAuthority<IO> {
     io: IO,
     rewriter: Rewriter,
     /// Who is at the other end, for the log line of a refused connection.
-    peer: Option<UCred>,
+    peer: Option<Peer>,
 }
 
 impl<IO> AnyAuthority<IO> {
     /// Wraps a newly accepted connection from `peer`.
-    pub fn new(io: IO, peer: Option<UCred>) -> Self {
+    pub fn new(io: IO, peer: Option<Peer>) -> Self {
         Self {
             io,
             rewriter: Rewriter::new(),
@@ -96,8 +97,8 @@ impl<IO: AsyncRead + Unpin> AsyncRead for AnyAuthority<IO> {
             let (passed, refusal) = this.rewriter.accept(&buf.filled()[before..]);
             if let Some(refusal) = refusal {
                 tracing::debug!(
-                    uid = this.peer.map(|p| p.uid()),
-                    pid = this.peer.and_then(|p| p.pid()),
+                    uid = this.peer.map(|p| p.uid),
+                    pid = this.peer.and_then(|p| p.pid),
                     %refusal,
                     "closing an HTTP/2 connection with a connection error"
                 );

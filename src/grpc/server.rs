@@ -4,7 +4,6 @@
 //! removes the socket.
 
 use std::time::Duration;
-use tonic::transport::server::Connected;
 
 use bytes::Bytes;
 use http_body::Frame;
@@ -22,8 +21,7 @@ use crate::connections::idle::{ActivityLayer, IdleClose};
 use crate::connections::{Acceptor, Listener, ListenerLimits};
 use crate::grpc::authority::{self, AnyAuthority};
 use crate::grpc::service::TokenBrokerService;
-use crate::peer::Locator;
-use crate::peer::Peer;
+use crate::peer::{Locator, Peer};
 use crate::proto::v1::FILE_DESCRIPTOR_SET;
 use crate::proto::v1::token_broker_server::TokenBrokerServer;
 use crate::socket::BoundSocket;
@@ -137,15 +135,13 @@ fn accept(
         move |(listener, mut acceptor, limits, locator)| async move {
             loop {
                 let stream = acceptor.accept(&listener).await;
-                let uds = stream.connect_info();
-                let credentials = uds.peer_cred;
                 let peer = Peer::of(&stream, locator.as_ref());
                 let holder = peer.as_ref().map(Peer::holder);
                 let Some(permit) = limits.admit(holder) else {
                     continue;
                 };
-                let idle = IdleClose::new(stream, uds, peer, permit, idle_timeout);
-                let connection = AnyAuthority::new(idle, credentials);
+                let idle = IdleClose::new(stream, peer, permit, idle_timeout);
+                let connection = AnyAuthority::new(idle, peer);
                 return Some((Ok(connection), (listener, acceptor, limits, locator)));
             }
         },
