@@ -323,13 +323,12 @@ async fn start_workloads(
             return Err("--workload-identity kubernetes needs --node-name (env TOKENBROKER_NODE_NAME; in a DaemonSet, from the downward API's spec.nodeName)".into());
         }
     };
-    let workloads = Workloads::connect(WorkloadConfig {
+    let config = WorkloadConfig {
         kubeconfig,
         node_name,
         unmapped: args.unmapped_pods,
-    })
-    .await?;
-    health.require_pods(workloads.subscribe_synced());
+    };
+    let workloads = Workloads::connect(config, health.require_pods()).await?;
     workloads.follow(stop);
     tracing::info!(
         node = workloads.node(),

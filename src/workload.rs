@@ -211,8 +211,12 @@ impl Directory {
 }
 
 impl Workloads {
-    /// Connects to the API server as `config` says (nothing is sent yet).
-    pub async fn connect(config: WorkloadConfig) -> Result<Self, String> {
+    /// Connects to the API server as `config` says (nothing is sent yet);
+    /// `synced` is set once both lists have been read (it starts false).
+    pub async fn connect(
+        config: WorkloadConfig,
+        synced: watch::Sender<bool>,
+    ) -> Result<Self, String> {
         let custom = |file, name: String| async move {
             kube::Config::from_custom_kubeconfig(file, &Default::default())
                 .await
@@ -247,7 +251,7 @@ impl Workloads {
             client,
             directory: RwLock::default(),
             changes: watch::Sender::new(0),
-            synced: watch::Sender::new(false),
+            synced,
             lookup: tokio::sync::Mutex::new(()),
             served_as: RwLock::default(),
         })))
@@ -277,11 +281,6 @@ impl Workloads {
     /// Whether both lists have been read once.
     pub fn is_synced(&self) -> bool {
         *self.0.synced.borrow()
-    }
-
-    /// Follows whether both lists have been read once.
-    pub fn subscribe_synced(&self) -> watch::Receiver<bool> {
-        self.0.synced.subscribe()
     }
 
     /// Changes whenever anything a pod's identity depends on changes.
@@ -479,13 +478,14 @@ mod tests {
     /// Workloads on `emulator`'s fake API for node `node-a`, without the
     /// watchers: every pod comes from a direct list.
     async fn unfollowed(emulator: &crate::emulator::Emulator) -> Workloads {
-        Workloads::connect(WorkloadConfig {
+        let config = WorkloadConfig {
             kubeconfig: Kubeconfig::Text(emulator.kubeconfig()),
             node_name: "node-a".into(),
             unmapped: UnmappedPods::Deny,
-        })
-        .await
-        .unwrap()
+        };
+        Workloads::connect(config, watch::Sender::new(false))
+            .await
+            .unwrap()
     }
 
     fn fake_pod(uid: &str, node: &str) -> crate::emulator::kubernetes::FakePod {

@@ -89,16 +89,12 @@ impl Health {
         });
     }
 
-    /// Makes serving wait for `pods_known` (workload identity: the node's
-    /// pods read once from the Kubernetes API server), which it follows.
-    pub fn require_pods(&self, mut pods_known: watch::Receiver<bool>) {
-        let sender = self.pods_known.clone();
-        sender.send_replace(*pods_known.borrow_and_update());
-        tokio::spawn(async move {
-            while pods_known.changed().await.is_ok() {
-                sender.send_replace(*pods_known.borrow_and_update());
-            }
-        });
+    /// Makes serving wait until the node's pods have been read once from
+    /// the Kubernetes API server (workload identity): whoever reads them
+    /// sets the returned flag.
+    pub fn require_pods(&self) -> watch::Sender<bool> {
+        self.pods_known.send_replace(false);
+        self.pods_known.clone()
     }
 
     /// Whether the broker is serving now.
