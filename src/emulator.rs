@@ -546,10 +546,13 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 }
 
 fn json_response(value: &impl Serialize) -> Response<Body> {
-    let mut response = text(
-        StatusCode::OK,
-        &serde_json::to_string(value).unwrap_or_default(),
-    );
+    json_answer(StatusCode::OK, value)
+}
+
+/// `value` as JSON, with `status`: how every fake API answers JSON.
+fn json_answer(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let body = serde_json::to_string(value).unwrap_or_default();
+    let mut response = text(status, &body);
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         "application/json".parse().expect("valid header"),

@@ -574,15 +574,8 @@ fn api_error(shared: &Shared, code: u16, status: &str, message: &str) -> Respons
 }
 
 fn json_with_status(status: u16, body: &Value) -> Response<Body> {
-    let mut response = text(
-        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-        &body.to_string(),
-    );
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        "application/json".parse().expect("valid header"),
-    );
-    response
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    super::json_answer(status, body)
 }
 
 async fn read_body(request: Request<Incoming>) -> Option<String> {

@@ -6,21 +6,20 @@
 //! [`Emulator`](super::Emulator)'s methods.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{Body, Shared, parse_query};
+use super::{Body, Shared, json_answer, parse_query};
 
 /// The bearer token the fake API server accepts;
 /// [`Emulator::kubeconfig`](super::Emulator::kubeconfig) carries it.
@@ -863,20 +862,6 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
         "code": code.as_u16(),
     });
     json_answer(code, &body)
-}
-
-fn json_answer(code: StatusCode, value: &Value) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(value.to_string()))
-            .map_err(|never: Infallible| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = code;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        "application/json".parse().expect("valid header"),
-    );
-    response
 }
 
 #[cfg(test)]
