@@ -914,6 +914,17 @@ mod tests {
             .expect("the stream moves on")
     }
 
+    /// Every pod's events after `version`.
+    async fn watch_pods_from(
+        pods: &Api<Pod>,
+        version: &str,
+    ) -> impl Stream<Item = kube::Result<WatchEvent<Pod>>> + Unpin + use<> {
+        pods.watch(&WatchParams::default(), version)
+            .await
+            .expect("a watch")
+            .boxed()
+    }
+
     fn names(pods: &[Pod]) -> Vec<String> {
         let mut names: Vec<String> = pods
             .iter()
@@ -1255,11 +1266,7 @@ mod tests {
             .expect("a list")
             .metadata
             .resource_version;
-        let mut events = pods
-            .watch(&WatchParams::default(), &rv.expect("a resourceVersion"))
-            .await
-            .expect("a watch")
-            .boxed();
+        let mut events = watch_pods_from(&pods, &rv.expect("a resourceVersion")).await;
         emulator.add_pod(pod("apps", "p", "node-1"));
         assert!(matches!(
             next(&mut events).await,
@@ -1305,11 +1312,7 @@ mod tests {
             emulator.add_pod(pod("apps", "busy", "node-1"));
         }
         let pods: Api<Pod> = Api::all(client);
-        let mut events = pods
-            .watch(&WatchParams::default(), "1")
-            .await
-            .expect("a watch")
-            .boxed();
+        let mut events = watch_pods_from(&pods, "1").await;
         let Some(Ok(WatchEvent::Error(status))) = next(&mut events).await else {
             panic!("an ERROR event");
         };
@@ -1317,11 +1320,7 @@ mod tests {
         assert!(next(&mut events).await.is_none(), "then the end");
 
         // The oldest version still remembered is fine.
-        let mut events = pods
-            .watch(&WatchParams::default(), "2")
-            .await
-            .expect("a watch")
-            .boxed();
+        let mut events = watch_pods_from(&pods, "2").await;
         let Some(Ok(WatchEvent::Modified(busy))) = next(&mut events).await else {
             panic!("the change after 2");
         };

@@ -264,6 +264,13 @@ fn printed(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_string()
 }
 
+/// What a refused access-token call said on stderr; a panic if it was not
+/// refused.
+fn refusal(output: &Output) -> String {
+    assert!(!output.status.success(), "the call was not refused");
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
 /// Whose token `token` is, by the emulator's tokeninfo.
 fn owner_of(emulator: &Emulator, token: &str) -> String {
     emulator
@@ -395,9 +402,7 @@ async fn pods_get_their_own_accounts_through_grpc_and_the_metadata_socket() {
     let token = printed(&access_token(&broker, None, &[]).await);
     assert_eq!(owner_of(&emulator, &token), DEFAULT_ACCOUNT);
     // The policy decides which Google accounts a namespace may be served as.
-    let refused = access_token(&broker, Some(&sneaky), &[]).await;
-    assert!(!refused.status.success());
-    let said = String::from_utf8_lossy(&refused.stderr);
+    let said = refusal(&access_token(&broker, Some(&sneaky), &[]).await);
     assert!(
         said.contains("denied by policy") && said.contains("pod shop/sneaky-1"),
         "{said}"
@@ -405,9 +410,8 @@ async fn pods_get_their_own_accounts_through_grpc_and_the_metadata_socket() {
 
     // No request field gets a pod another account.
     for other in [REPORT, DEFAULT_ACCOUNT] {
-        let refused = access_token(&broker, Some(&cart), &["--service-account", other]).await;
-        assert!(!refused.status.success());
-        let said = String::from_utf8_lossy(&refused.stderr);
+        let said =
+            refusal(&access_token(&broker, Some(&cart), &["--service-account", other]).await);
         assert!(
             said.contains("PERMISSION_DENIED") || said.contains("ermission"),
             "{said}"
@@ -495,9 +499,7 @@ async fn an_unmapped_pod_is_refused_or_served_as_the_node() {
     emulator.add_pod(pod.pod("shop", "legacy-1", "legacy"));
 
     let refusing = broker(&emulator, &[]).await;
-    let refused = access_token(&refusing, Some(&pod), &[]).await;
-    assert!(!refused.status.success());
-    let said = String::from_utf8_lossy(&refused.stderr);
+    let said = refusal(&access_token(&refusing, Some(&pod), &[]).await);
     for needle in [
         "pod shop/legacy-1",
         "Kubernetes service account shop/legacy",
@@ -534,8 +536,7 @@ async fn deleting_a_pod_ends_its_watch() {
     let stderr = stderr_of(&mut watcher).await;
     assert!(stderr.contains("no longer on node node-a"), "{stderr}");
     // And the deleted pod is not served again.
-    let refused = access_token(&broker, Some(&pod), &[]).await;
-    assert!(!refused.status.success());
+    refusal(&access_token(&broker, Some(&pod), &[]).await);
 }
 
 #[tokio::test]
@@ -558,9 +559,7 @@ async fn an_api_server_outage_keeps_known_pods_served_and_refuses_unknown_ones()
     // A pod the broker never saw: one direct list, which fails.
     let unknown = PodCgroup::create(&root, Driver::Cgroupfs("besteffort"));
     emulator.add_pod(unknown.pod("shop", "cart-2", "cart"));
-    let refused = access_token(&broker, Some(&unknown), &[]).await;
-    assert!(!refused.status.success());
-    let said = String::from_utf8_lossy(&refused.stderr);
+    let said = refusal(&access_token(&broker, Some(&unknown), &[]).await);
     assert!(said.contains("could not be asked"), "{said}");
 
     // Back up: the watch resumes and the new pod is served.
@@ -582,9 +581,7 @@ async fn an_api_server_down_at_start_keeps_pods_waiting_and_host_processes_serve
 
     let token = printed(&access_token(&broker, None, &[]).await);
     assert_eq!(owner_of(&emulator, &token), DEFAULT_ACCOUNT);
-    let waiting = access_token(&broker, Some(&pod), &[]).await;
-    assert!(!waiting.status.success());
-    let said = String::from_utf8_lossy(&waiting.stderr);
+    let said = refusal(&access_token(&broker, Some(&pod), &[]).await);
     assert!(said.contains("has not read this node's pods"), "{said}");
     assert_eq!(get_local(addr, "/readyz").await.status, 503);
 
@@ -641,9 +638,7 @@ async fn a_peer_whose_pod_cannot_be_told_is_refused() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let empty = tempfile::tempdir().unwrap();
     let broker = broker(&emulator, &["--proc-root", empty.path().to_str().unwrap()]).await;
-    let refused = access_token(&broker, None, &[]).await;
-    assert!(!refused.status.success());
-    let said = String::from_utf8_lossy(&refused.stderr);
+    let said = refusal(&access_token(&broker, None, &[]).await);
     assert!(said.contains("cannot tell which pod"), "{said}");
     let scrape = Scrape::of(broker.metrics_addr().await).await;
     assert_eq!(scrape.value("tokenbroker_workload_pods", &[]), 0.0);
