@@ -323,7 +323,7 @@ impl Broker {
                 gid = peer.map(|p| p.gid),
                 pid = peer.and_then(|p| p.pid),
                 pod = pod.map(tracing::field::display),
-                kubernetes_service_account = pod.map(|pod| format!("{}/{}", pod.namespace, pod.service_account)),
+                kubernetes_service_account = pod.map(Pod::kubernetes_service_account),
                 %error,
                 denials,
                 "request denied (logged at most once a second, with the count since)"

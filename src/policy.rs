@@ -488,8 +488,10 @@ impl PolicyStore {
             (None, _) => "a peer whose credentials are unknown".to_string(),
             (Some(p), None) => format!("uid {} (gid {})", p.uid, p.gid),
             (Some(p), Some(pod)) => format!(
-                "uid {} (gid {}) of pod {pod} (Kubernetes service account {}/{})",
-                p.uid, p.gid, pod.namespace, pod.service_account
+                "uid {} (gid {}) of pod {pod} (Kubernetes service account {})",
+                p.uid,
+                p.gid,
+                pod.kubernetes_service_account()
             ),
         };
         let Some(peer) = peer else {

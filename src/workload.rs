@@ -121,6 +121,11 @@ impl fmt::Display for Pod {
 }
 
 impl Pod {
+    /// Its Kubernetes service account, as `namespace/name`.
+    pub fn kubernetes_service_account(&self) -> String {
+        format!("{}/{}", self.namespace, self.service_account)
+    }
+
     /// The pod an API object describes, if it has what identity needs.
     fn of(object: &PodObject) -> Option<Self> {
         let meta = &object.metadata;

@@ -127,8 +127,8 @@ pub(super) fn serve_as(key: &mut TokenKey, identity: &PodIdentity) -> Result<(),
         let pod = &identity.pod;
         return Err(BrokerError::PodDenied {
             reason: format!(
-                "pod {pod} (Kubernetes service account {}/{}) gets tokens of {google} only: ask for \"default\" or \"{google}\", not \"{asked}\"",
-                pod.namespace, pod.service_account
+                "pod {pod} (Kubernetes service account {}) gets tokens of {google} only: ask for \"default\" or \"{google}\", not \"{asked}\"",
+                pod.kubernetes_service_account()
             ),
         });
     }
@@ -140,8 +140,8 @@ pub(super) fn serve_as(key: &mut TokenKey, identity: &PodIdentity) -> Result<(),
 /// typo must not become a retried upstream error).
 fn not_an_email_message(pod: &Pod, value: &str) -> String {
     format!(
-        "pod {pod} runs as Kubernetes service account {}/{}, whose annotation {GOOGLE_ACCOUNT_ANNOTATION}={value:?} is not a service account email",
-        pod.namespace, pod.service_account
+        "pod {pod} runs as Kubernetes service account {}, whose annotation {GOOGLE_ACCOUNT_ANNOTATION}={value:?} is not a service account email",
+        pod.kubernetes_service_account()
     )
 }
 

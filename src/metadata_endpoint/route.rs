@@ -9,8 +9,7 @@ use crate::error::BrokerError;
 
 /// The prefix of every path the endpoint serves but `/`.
 pub const ROOT: &str = "/computeMetadata/v1/";
-/// The service accounts' subtree.
-pub const ACCOUNTS: &str = "/computeMetadata/v1/instance/service-accounts/";
+const ACCOUNTS: &str = "/computeMetadata/v1/instance/service-accounts/";
 
 /// The endpoint a request path names.
 #[derive(Debug, PartialEq, Eq)]
