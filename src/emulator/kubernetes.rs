@@ -486,15 +486,8 @@ impl Cluster {
             return Step::End(Vec::new());
         }
         if after < self.floor {
-            let expired = json!({
-                "apiVersion": "v1",
-                "kind": "Status",
-                "metadata": {},
-                "status": "Failure",
-                "code": 410,
-                "reason": "Expired",
-                "message": format!("too old resource version: {after} ({})", self.floor),
-            });
+            let message = format!("too old resource version: {after} ({})", self.floor);
+            let expired = failure(StatusCode::GONE, "Expired", &message);
             return Step::End(event_line("ERROR", &expired));
         }
         let start = self.history.partition_point(|e| e.revision <= after);
@@ -686,16 +679,9 @@ fn get(shared: &Shared, kind: Kind, namespace: &str, name: &str, shape: Shape) -
     match object {
         Some(object) => json_answer(StatusCode::OK, &shape.of(&object)),
         None => {
-            let response = json!({
-                "apiVersion": "v1",
-                "kind": "Status",
-                "metadata": {},
-                "status": "Failure",
-                "message": format!("{} \"{name}\" not found", kind.plural()),
-                "reason": "NotFound",
-                "details": {"name": name, "kind": kind.plural()},
-                "code": 404,
-            });
+            let message = format!("{} \"{name}\" not found", kind.plural());
+            let mut response = failure(StatusCode::NOT_FOUND, "NotFound", &message);
+            response["details"] = json!({"name": name, "kind": kind.plural()});
             json_answer(StatusCode::NOT_FOUND, &response)
         }
     }
@@ -850,9 +836,14 @@ impl OpenWatch {
     }
 }
 
-/// A Kubernetes `Status` failure.
+/// A Kubernetes `Status` failure, answered.
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    let body = json!({
+    json_answer(code, &failure(code, reason, message))
+}
+
+/// A Kubernetes `Status` failure object.
+fn failure(code: StatusCode, reason: &str, message: &str) -> Value {
+    json!({
         "apiVersion": "v1",
         "kind": "Status",
         "metadata": {},
@@ -860,8 +851,7 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
         "message": message,
         "reason": reason,
         "code": code.as_u16(),
-    });
-    json_answer(code, &body)
+    })
 }
 
 #[cfg(test)]
