@@ -163,7 +163,14 @@ impl Watch {
                     self.pod.as_deref().map(|pod| &pod.identity),
                     self.requested.as_deref(),
                     self.watch.key(),
-                )?;
+                )
+                .inspect_err(|error| {
+                    let key = Some(self.watch.key());
+                    self.broker.audit(|| Event {
+                        code: error.code(),
+                        ..event(EventKind::Deny, self.rpc, &self.caller, key)
+                    });
+                })?;
                 if let Some(token) = token {
                     break token;
                 }
@@ -182,9 +189,14 @@ impl Watch {
     }
 }
 
-/// Whether the stream may go on: the watching pod (with workload
-/// identity) is still on the node and served as the same account, and the
-/// policy in force still grants the `watched` key. A refusal is audited.
+/// Whether the stream may go on. With workload identity, the watching
+/// pod must still be on the node and served as the same account (see
+/// [`still_the_pods`]). The policy in force must still grant `caller` the
+/// `watched` key: the key as `requested` (if the policy limited it) is
+/// allowed, and limited to the same boundary as when the watch began.
+/// Otherwise the watch ends, as a denial or, under another boundary, with
+/// `UNAVAILABLE` so that clients watch again and get the token the policy
+/// now allows.
 fn still_allowed(
     broker: &Broker,
     rpc: Rpc,
@@ -193,34 +205,10 @@ fn still_allowed(
     requested: Option<&TokenKey>,
     watched: &TokenKey,
 ) -> Result<(), BrokerError> {
-    let allowed = match pod {
-        Some(pod) => still_the_pods(broker, rpc, watched.kind(), caller, pod),
-        None => Ok(()),
-    };
-    allowed
-        .and_then(|()| still_granted(broker, rpc, caller, pod, requested, watched))
-        .inspect_err(|error| {
-            broker.audit(|| Event {
-                code: error.code(),
-                ..event(EventKind::Deny, rpc, caller, Some(watched))
-            });
-        })
-}
-
-/// Whether the policy in force still grants `caller` the `watched` key:
-/// the key as `requested` (if the policy limited it) is allowed, and
-/// limited to the same boundary as when the watch began. Otherwise the
-/// watch ends, as a denial or, under another boundary, with `UNAVAILABLE`
-/// so that clients watch again and get the token the policy now allows.
-fn still_granted(
-    broker: &Broker,
-    rpc: Rpc,
-    caller: &Caller,
-    pod: Option<&PodIdentity>,
-    requested: Option<&TokenKey>,
-    watched: &TokenKey,
-) -> Result<(), BrokerError> {
     let kind = watched.kind();
+    if let Some(pod) = pod {
+        still_the_pods(broker, rpc, kind, caller, pod)?;
+    }
     let asked = requested.unwrap_or(watched);
     let grant = broker.authorize(rpc, kind, caller, pod, asked)?;
     let granted = match &grant {
