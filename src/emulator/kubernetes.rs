@@ -904,6 +904,12 @@ mod tests {
             .expect("the stream moves on")
     }
 
+    /// The fake API's latest `resourceVersion`, from a list.
+    async fn latest_version(pods: &Api<Pod>) -> String {
+        let list = pods.list(&ListParams::default()).await.expect("a list");
+        list.metadata.resource_version.expect("a resourceVersion")
+    }
+
     /// Every pod's events after `version`.
     async fn watch_pods_from(
         pods: &Api<Pod>,
@@ -1062,18 +1068,9 @@ mod tests {
     async fn a_pod_moved_off_the_node_or_recreated_is_reported_as_kubernetes_does() {
         let (emulator, client) = start().await;
         let pods: Api<Pod> = Api::all(client);
-        let rv = pods
-            .list(&ListParams::default())
-            .await
-            .expect("a list")
-            .metadata
-            .resource_version;
+        let rv = latest_version(&pods).await;
         let watch = WatchParams::default().fields("spec.nodeName=node-1");
-        let mut events = pods
-            .watch(&watch, &rv.expect("a resourceVersion"))
-            .await
-            .expect("a watch")
-            .boxed();
+        let mut events = pods.watch(&watch, &rv).await.expect("a watch").boxed();
         let mut first = pod("apps", "p", "node-1");
         first.uid = Some("uid-1".into());
         emulator.add_pod(first.clone());
@@ -1250,13 +1247,8 @@ mod tests {
             next(&mut watching).await,
             Some(Ok(watcher::Event::InitDone))
         ));
-        let rv = pods
-            .list(&ListParams::default())
-            .await
-            .expect("a list")
-            .metadata
-            .resource_version;
-        let mut events = watch_pods_from(&pods, &rv.expect("a resourceVersion")).await;
+        let rv = latest_version(&pods).await;
+        let mut events = watch_pods_from(&pods, &rv).await;
         emulator.add_pod(pod("apps", "p", "node-1"));
         assert!(matches!(
             next(&mut events).await,
