@@ -11,7 +11,6 @@ use futures_util::future::BoxFuture;
 use http::Uri;
 
 use crate::error::{BrokerError, FetchError};
-use crate::request::boundary::AccessBoundary;
 use crate::request::{ServiceAccount, TokenKey};
 use crate::sources::https::HttpsClient;
 use crate::sources::impersonate::{BaseToken, ImpersonatedSource};
@@ -19,7 +18,9 @@ use crate::sources::keyfile::admit_one_account;
 use crate::token::Token;
 use crate::upstream::TokenSource;
 
-/// The broker's source, with the pods' accounts beside it.
+/// The broker's source, with the pods' accounts beside it. Downscoped
+/// tokens are not its job: the [`Downscoping`](super::downscope::Downscoping)
+/// around it exchanges them.
 pub struct WorkloadAccounts<S> {
     inner: Arc<S>,
     base: Arc<BaseToken>,
@@ -74,15 +75,6 @@ impl<S: TokenSource> TokenSource for WorkloadAccounts<S> {
             Some(_) => self.fetch(key),
             None => self.inner.fetch_first(key),
         }
-    }
-
-    fn downscope<'a>(
-        &'a self,
-        boundary: &'a AccessBoundary,
-        subject: &'a Token,
-        established: bool,
-    ) -> BoxFuture<'a, Result<Token, FetchError>> {
-        self.inner.downscope(boundary, subject, established)
     }
 
     fn admits(&self, key: &TokenKey) -> Result<(), BrokerError> {
