@@ -17,10 +17,13 @@ use crate::common::{
     serve_fails, write_config,
 };
 
-/// The lines of the audit log at `path`, parsed.
+/// The complete lines of the audit log at `path`, parsed. A line still
+/// being written (no newline yet) is left for the next read, as `tail -f`
+/// would: a batch of lines is one write, but a reader may see part of it.
 fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
         .map(|line| serde_json::from_str(line).expect("a JSON line"))
         .collect()
