@@ -22,6 +22,7 @@ use serde::Deserialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{Event, EventKind, event};
 use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::permissions::{parse_group, parse_mode, parse_user};
@@ -365,7 +366,7 @@ impl OpenSink {
                             next = watch.next() => next,
                         };
                         match next {
-                            Ok(token) => self.write_logged(token).await,
+                            Ok(token) => self.write_logged(&broker, token).await,
                             Err(BrokerError::ShuttingDown) => break,
                             Err(error) => {
                                 tracing::warn!(sink = %self.path().display(), %error, "sink lost its token; asking again");
@@ -394,19 +395,46 @@ impl OpenSink {
         }
     }
 
-    async fn write_logged(self: &Arc<Self>, token: Arc<Token>) {
+    /// Writes `token` to the file, then logs and audits the outcome: a
+    /// `sink_write` line once the file holds the token, an `error` line
+    /// (without the token, which did not leave) when it could not be
+    /// written.
+    async fn write_logged(self: &Arc<Self>, broker: &Broker, token: Arc<Token>) {
         let sink = self.clone();
         let expire_time = humantime::format_rfc3339_seconds(token.expire_time());
-        let written = tokio::task::spawn_blocking(move || sink.write(&token)).await;
-        match written {
+        let written = {
+            let token = token.clone();
+            tokio::task::spawn_blocking(move || sink.write(&token)).await
+        };
+        let ok = match written {
             Ok(Ok(())) => {
-                tracing::info!(sink = %self.path().display(), %expire_time, "sink written")
+                tracing::info!(sink = %self.path().display(), %expire_time, "sink written");
+                true
             }
-            Ok(Err(error)) => tracing::error!(%error, "sink not written"),
+            Ok(Err(error)) => {
+                tracing::error!(%error, "sink not written");
+                false
+            }
             Err(error) => {
-                tracing::error!(sink = %self.path().display(), %error, "sink task failed")
+                tracing::error!(sink = %self.path().display(), %error, "sink task failed");
+                false
             }
-        }
+        };
+        let key = Some(&self.sink.request.key);
+        broker.audit(|| {
+            if ok {
+                Event {
+                    token: Some(&token),
+                    ..event(EventKind::SinkWrite, Rpc::Sink, &Caller::Broker, key)
+                }
+            } else {
+                // The broker's own failure to write a file.
+                Event {
+                    code: tonic::Code::Internal,
+                    ..event(EventKind::Error, Rpc::Sink, &Caller::Broker, key)
+                }
+            }
+        });
     }
 }
 

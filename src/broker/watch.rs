@@ -121,17 +121,22 @@ impl Watch {
     /// the watch: the token expired with no replacement, the broker is
     /// draining, or the policy (which may have been reloaded since the
     /// watch began) no longer lets the caller have it.
+    ///
+    /// Each token a client receives is audited as `watch_token`; a sink
+    /// audits its own write, once the file holds the token.
     pub async fn next(&mut self) -> Result<Arc<Token>, BrokerError> {
         let token = self.next_token().await?;
-        let kind = if self.caller == Caller::Broker {
-            EventKind::SinkWrite
-        } else {
-            EventKind::WatchToken
-        };
-        self.broker.audit(|| Event {
-            token: Some(&token),
-            ..event(kind, self.rpc, &self.caller, Some(self.watch.key()))
-        });
+        if self.caller != Caller::Broker {
+            self.broker.audit(|| Event {
+                token: Some(&token),
+                ..event(
+                    EventKind::WatchToken,
+                    self.rpc,
+                    &self.caller,
+                    Some(self.watch.key()),
+                )
+            });
+        }
         Ok(token)
     }
 

@@ -40,6 +40,18 @@ async fn wait_for_lines(path: &Path, count: usize) -> Vec<Value> {
     lines(path)
 }
 
+/// Waits until the audit log at `path` holds a line `matches`; returns the
+/// first such line.
+async fn wait_for_line(path: &Path, matches: impl Fn(&Value) -> bool) -> Value {
+    poll_until(
+        "the audit line",
+        || lines(path).iter().any(&matches),
+        || format!("{:#?}", lines(path)),
+    )
+    .await;
+    lines(path).into_iter().find(|line| matches(line)).unwrap()
+}
+
 /// The first 16 hex digits of the SHA-256 of `token`.
 fn fingerprint(token: &str) -> String {
     ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref()[..8]
@@ -199,6 +211,76 @@ async fn every_decision_is_a_json_line_with_the_peer_and_a_fingerprint_never_the
         assert!(!text.contains(token), "a token is in the audit log");
     }
     assert_eq!(crate::common::mode_of(&audit) & 0o777, 0o600);
+}
+
+/// A sink's `sink_write` line comes once its file holds the token. A write
+/// that fails (the path is now a directory) is an `error` line without the
+/// token, which never left; the next write that lands is a `sink_write`.
+#[tokio::test]
+async fn a_sink_write_is_audited_once_the_file_holds_the_token_and_a_failed_one_as_an_error() {
+    // 4 s tokens, usable for 3 s: the sink is rewritten every 1.5 s or so.
+    let emulator = crate::common::emulator_with_lifetime(std::time::Duration::from_secs(4)).await;
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o700);
+    let audit = dir.path().join("audit.log");
+    let sink = dir.path().join("sink.jwt");
+    let config = write_config(dir.path(), &id_sink(&sink, "https://sink.example.com", &[]));
+    let audit_flag = audit.to_str().unwrap().to_string();
+    let _broker = Broker::start(
+        &emulator,
+        &[
+            "--config",
+            &config,
+            "--audit-log",
+            &audit_flag,
+            "--expiry-skew",
+            "1s",
+        ],
+    )
+    .await;
+    let is_write = |line: &Value| line["event"] == "sink_write";
+    wait_for_line(&audit, is_write).await;
+    // The line came after the write: the file is there, and its token
+    // (this one or a later one) is audited.
+    let written = std::fs::read_to_string(&sink).expect("the sink's file");
+    let fingerprint_of = |token: &str| fingerprint(token.trim());
+    let first = fingerprint_of(&written);
+    wait_for_line(&audit, |line| {
+        is_write(line) && line["token_sha256"] == first
+    })
+    .await;
+
+    // The next write cannot replace a directory.
+    std::fs::remove_file(&sink).unwrap();
+    std::fs::create_dir(&sink).unwrap();
+    std::fs::write(sink.join("keep"), "").unwrap();
+    let failed = wait_for_line(&audit, |line| line["event"] == "error").await;
+    assert_eq!(failed["rpc"], "Sink");
+    assert_eq!(failed["transport"], "sink");
+    assert_eq!(failed["outcome"], "failed");
+    assert_eq!(failed["code"], "INTERNAL");
+    assert_eq!(failed["audience"], "https://sink.example.com");
+    assert!(failed.get("token_sha256").is_none(), "{failed}");
+    assert!(failed.get("expire_time").is_none(), "{failed}");
+
+    std::fs::remove_dir_all(&sink).unwrap();
+    let failures = lines(&audit)
+        .iter()
+        .position(|line| line["event"] == "error")
+        .unwrap();
+    poll_until(
+        "a write after the failure",
+        || lines(&audit)[failures..].iter().any(is_write),
+        || format!("{:#?}", lines(&audit)),
+    )
+    .await;
+    let rewritten = std::fs::read_to_string(&sink).expect("the sink's file");
+    assert_ne!(written, rewritten, "a fresh token");
+    let last = fingerprint_of(&rewritten);
+    wait_for_line(&audit, |line| {
+        is_write(line) && line["token_sha256"] == last
+    })
+    .await;
 }
 
 #[tokio::test]
