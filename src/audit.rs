@@ -5,7 +5,8 @@
 //! bounded queue to a writer thread, so a slow disk never slows the hit
 //! path: a full queue drops the line and counts it. The file is opened
 //! append-only (0600, or 0640 with `--audit-log-group`) and reopened on
-//! SIGHUP, as logrotate expects.
+//! SIGHUP, as logrotate expects: lines recorded before the signal go to
+//! the moved file, lines after it to the new one.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -183,6 +184,7 @@ struct PeerLine {
 
 enum Message {
     Record(Box<Record>),
+    /// Reopen the file once the lines queued before this are written.
     Reopen,
 }
 
@@ -233,7 +235,8 @@ pub struct AuditLog {
     /// Records in the queue, so that a full queue costs a request only a
     /// load and a count, not a record built to be thrown away.
     queued: Arc<AtomicUsize>,
-    /// Set by SIGHUP; the writer reopens the file before its next batch.
+    /// Set by SIGHUP when the queue is too full to hold the reopen: the
+    /// writer reopens the file after the batch it is writing.
     reopen: Arc<AtomicBool>,
 }
 
@@ -289,12 +292,14 @@ impl AuditLog {
         })
     }
 
-    /// Reopens the file (after logrotate moved it), before the writer's
-    /// next batch. Never blocks: the flag is what counts, and the message
-    /// only wakes an idle writer (a busy one sees the flag anyway).
+    /// Reopens the file (after logrotate moved it) once the lines recorded
+    /// before are written, so they land in the moved file and later ones
+    /// in the new file. Never blocks: with the queue full, the writer
+    /// reopens after its current batch instead (no line is lost either way).
     pub fn reopen(&self) {
-        self.reopen.store(true, Ordering::Release);
-        let _ = self.sender.try_send(Message::Reopen);
+        if self.sender.try_send(Message::Reopen).is_err() {
+            self.reopen.store(true, Ordering::Release);
+        }
     }
 
     /// Records `event`, or drops it (counted) if the writer is behind.
@@ -436,34 +441,35 @@ impl Writer {
     }
 
     /// Writes lines in batches as they come (a batch whenever the queue is
-    /// empty or holds [`BATCH_LINES`]), until every sender is gone.
+    /// empty, holds [`BATCH_LINES`] or comes to a reopen), until every
+    /// sender is gone.
     fn run(mut self, receiver: Receiver<Message>) {
         while let Ok(message) = receiver.recv() {
-            // Lines taken before the reopen was asked for may still land
-            // in the moved file, as logrotate expects; none is lost.
-            if self.reopen.swap(false, Ordering::Acquire) {
-                self.reopen_file();
-            }
-            self.take(message);
-            while self.lines < BATCH_LINES
+            let mut reopen = self.take(message);
+            while !reopen
+                && self.lines < BATCH_LINES
                 && let Ok(message) = receiver.try_recv()
             {
-                self.take(message);
+                reopen = self.take(message);
             }
             self.write();
+            if reopen || self.reopen.swap(false, Ordering::Acquire) {
+                self.reopen_file();
+            }
         }
     }
 
-    fn take(&mut self, message: Message) {
+    /// Adds a record to the batch; true for a reopen.
+    fn take(&mut self, message: Message) -> bool {
         match message {
             Message::Record(record) => {
                 self.queued.fetch_sub(1, Ordering::Relaxed);
                 self.batch.push_str(&line(&record));
                 self.batch.push('\n');
                 self.lines += 1;
+                false
             }
-            // Only wakes the writer: the flag was seen before this.
-            Message::Reopen => {}
+            Message::Reopen => true,
         }
     }
 
@@ -486,7 +492,6 @@ impl Writer {
     }
 
     fn reopen_file(&mut self) {
-        self.write();
         let Destination::File { path, group } = &self.destination else {
             return;
         };
@@ -588,6 +593,51 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert_eq!(audit.queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_reopen_splits_the_lines_where_it_was_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let moved = dir.path().join("audit.log.1");
+        let destination = Destination::File {
+            path: path.clone(),
+            group: None,
+        };
+        let audit = AuditLog::open(destination, None, |_| {}).unwrap();
+        let record = |n| {
+            for _ in 0..n {
+                audit.record(&event(
+                    EventKind::Error,
+                    Rpc::GetIdToken,
+                    &Caller::Loopback,
+                    None,
+                ));
+            }
+        };
+        // Queued faster than the writer writes them: many are still in the
+        // queue when the file is moved.
+        record(3000);
+        std::fs::rename(&path, &moved).unwrap();
+        audit.reopen();
+        record(1000);
+        let count = |path: &Path| {
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while count(&moved) + count(&path) < 4000 {
+            assert!(
+                Instant::now() < deadline,
+                "{} written",
+                count(&moved) + count(&path)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(audit.dropped.total.load(Ordering::Relaxed), 0);
+        assert_eq!((count(&moved), count(&path)), (3000, 1000));
     }
 
     #[test]
