@@ -68,7 +68,8 @@ use crate::telemetry::RateLimitedLog;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::quota::{Exceeded, Holder, Quota, QuotaPermit};
+use crate::peer::Holder;
+use crate::quota::{Exceeded, Quota, QuotaPermit};
 
 /// Default most connections to the gRPC socket at once (4 096).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -273,19 +274,14 @@ impl ListenerLimits {
         let own = self
             .own
             .acquire(holder)
-            .map_err(|exceeded| match (exceeded, holder) {
-                (Exceeded::Owner(max) | Exceeded::Pod(max), Some(holder)) => {
-                    Refused::Holder(holder, max)
-                }
-                (Exceeded::Total(max) | Exceeded::Owner(max) | Exceeded::Pod(max), _) => {
-                    Refused::Listener(max)
-                }
+            .map_err(|exceeded| match exceeded {
+                Exceeded::Total(max) => Refused::Listener(max),
+                Exceeded::Holder(holder, max) => Refused::Holder(holder, max),
             })?;
-        let budget = self.budget.acquire(None).map_err(
-            |(Exceeded::Total(size) | Exceeded::Owner(size) | Exceeded::Pod(size))| {
-                Refused::Budget(size)
-            },
-        )?;
+        let budget = self
+            .budget
+            .acquire(None)
+            .map_err(|(Exceeded::Total(size) | Exceeded::Holder(_, size))| Refused::Budget(size))?;
         self.instruments.open.add(1, &self.listener.label());
         Ok(ConnectionPermit {
             _places: (own, budget),

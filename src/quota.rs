@@ -8,22 +8,21 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::BrokerError;
-pub use crate::peer::Holder;
+use crate::peer::Holder;
 
 /// Which bound refused a place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exceeded {
     /// All this many places are taken.
     Total(usize),
-    /// The owner's uid holds this many places already.
-    Owner(usize),
-    /// The owner's pod holds this many places already.
-    Pod(usize),
+    /// This holder (a uid, a pod) holds this many places already.
+    Holder(Holder, usize),
 }
 
 impl Exceeded {
     /// The error a caller gets (`RESOURCE_EXHAUSTED`), saying `total`,
-    /// `per_uid` or `per_pod` by which bound refused it.
+    /// `per_uid` or `per_pod` by which bound refused it (peers whose pod
+    /// cannot be told are bounded as one uid is).
     pub fn into_error(
         self,
         total: &'static str,
@@ -32,8 +31,8 @@ impl Exceeded {
     ) -> BrokerError {
         let (what, limit) = match self {
             Self::Total(limit) => (total, limit),
-            Self::Owner(limit) => (per_uid, limit),
-            Self::Pod(limit) => (per_pod, limit),
+            Self::Holder(Holder::Uid(_) | Holder::Unknown, limit) => (per_uid, limit),
+            Self::Holder(Holder::Pod(_), limit) => (per_pod, limit),
         };
         BrokerError::LimitExceeded { what, limit }
     }
@@ -92,10 +91,7 @@ impl Quota {
             let max = self.state.max_per_owner;
             let held = taken.per_owner.entry(holder).or_default();
             if *held >= max {
-                return Err(match holder {
-                    Holder::Uid(_) | Holder::Unknown => Exceeded::Owner(max),
-                    Holder::Pod(_) => Exceeded::Pod(max),
-                });
+                return Err(Exceeded::Holder(holder, max));
             }
             *held += 1;
         }
@@ -136,7 +132,10 @@ mod tests {
         let quota = Quota::new(3, 2);
         let a1 = quota.acquire(uid(1)).unwrap();
         let _a2 = quota.acquire(uid(1)).unwrap();
-        assert_eq!(quota.acquire(uid(1)).err(), Some(Exceeded::Owner(2)));
+        assert_eq!(
+            quota.acquire(uid(1)).err(),
+            Some(Exceeded::Holder(Holder::Uid(1), 2))
+        );
         let _b1 = quota.acquire(uid(2)).unwrap();
         assert_eq!(quota.acquire(None).err(), Some(Exceeded::Total(3)));
         assert_eq!(quota.state.taken.lock().unwrap().total, 3);
@@ -153,10 +152,11 @@ mod tests {
         let quota = Quota::new(100, 2);
         let a = quota.acquire(pod(1)).unwrap();
         let _a2 = quota.acquire(pod(1)).unwrap();
-        assert_eq!(quota.acquire(pod(1)).err(), Some(Exceeded::Pod(2)));
+        let exceeded = quota.acquire(pod(1)).err().unwrap();
+        assert_eq!(exceeded, Exceeded::Holder(pod(1).unwrap(), 2));
         // Another pod, whatever uid its containers run as, has its own.
         assert!(quota.acquire(pod(2)).is_ok());
-        let error = Exceeded::Pod(2).into_error("many", "many for this uid", "many for this pod");
+        let error = exceeded.into_error("many", "many for this uid", "many for this pod");
         assert_eq!(error.to_string(), "many for this pod: the limit is 2");
         drop(a);
         assert!(quota.acquire(pod(1)).is_ok());
