@@ -113,6 +113,9 @@ struct Rule {
     /// `access_boundary`, validated at load.
     #[serde(skip)]
     boundary: Option<Arc<AccessBoundary>>,
+    /// `kubernetes_service_accounts` as (namespace, name), split at load.
+    #[serde(skip)]
+    pod_accounts: Option<Vec<(String, String)>>,
 }
 
 /// What the policy grants one request.
@@ -262,15 +265,16 @@ impl Rule {
                 .map_err(|e| e.to_string())?;
             self.boundary = Some(Arc::new(boundary));
         }
-        for name in self.kubernetes_service_accounts.iter().flatten() {
-            let well_formed = name
-                .split_once('/')
-                .is_some_and(|(namespace, account)| !namespace.is_empty() && !account.is_empty());
-            if !well_formed {
-                return Err(format!(
+        if let Some(names) = &self.kubernetes_service_accounts {
+            let split = |name: &String| match name.split_once('/') {
+                Some((namespace, account)) if !namespace.is_empty() && !account.is_empty() => {
+                    Ok((namespace.to_string(), account.to_string()))
+                }
+                _ => Err(format!(
                     "Kubernetes service account {name:?} is not namespace/name"
-                ));
-            }
+                )),
+            };
+            self.pod_accounts = Some(names.iter().map(split).collect::<Result<_, _>>()?);
         }
         for account in &self.service_accounts {
             if account != "*" {
@@ -329,16 +333,11 @@ impl Rule {
             .namespaces
             .as_ref()
             .is_none_or(|namespaces| namespaces.contains(&pod.namespace));
-        let account_ok = self
-            .kubernetes_service_accounts
-            .as_ref()
-            .is_none_or(|accounts| {
-                accounts.iter().any(|name| {
-                    name.split_once('/').is_some_and(|(namespace, account)| {
-                        namespace == pod.namespace && account == pod.service_account
-                    })
-                })
-            });
+        let account_ok = self.pod_accounts.as_ref().is_none_or(|accounts| {
+            accounts.iter().any(|(namespace, account)| {
+                *namespace == pod.namespace && *account == pod.service_account
+            })
+        });
         about_pods && namespace_ok && account_ok
     }
 
