@@ -4,7 +4,6 @@
 //! Without a file every peer that can open the socket is allowed. The file
 //! is re-read on SIGHUP; a bad file is reported and the old rules stay.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -15,7 +14,7 @@ use crate::error::BrokerError;
 use crate::peer::{Holder, Peer};
 use crate::request::boundary::{AccessBoundary, BoundaryEntry};
 use crate::request::{ServiceAccount, TokenKey, is_service_account_email};
-use crate::workload::Pod;
+use crate::workload::{ByServiceAccount, Pod};
 
 /// Who sent a request, as far as its transport can tell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,9 +132,9 @@ pub enum Grant {
 pub struct Policy {
     source: PathBuf,
     rules: Vec<Rule>,
-    /// `[[workload]]`: namespace → Kubernetes service account → Google
-    /// service account (nested, so that a lookup allocates nothing).
-    workloads: HashMap<String, HashMap<String, Arc<str>>>,
+    /// `[[workload]]`: the Google service account of each Kubernetes
+    /// service account it binds.
+    workloads: ByServiceAccount<Arc<str>>,
 }
 
 impl Policy {
@@ -159,7 +158,7 @@ impl Policy {
             rule.validate()
                 .map_err(|message| invalid(format!("[[allow]] rule {}: {message}", index + 1)))?;
         }
-        let mut workloads: HashMap<String, HashMap<String, Arc<str>>> = HashMap::new();
+        let mut workloads = ByServiceAccount::default();
         for (index, binding) in file.workload.into_iter().enumerate() {
             let at = |message: String| invalid(format!("[[workload]] {}: {message}", index + 1));
             if binding.namespace.is_empty() || binding.service_account.is_empty() {
@@ -171,10 +170,8 @@ impl Policy {
                     binding.google_service_account
                 )));
             }
-            let names = workloads.entry(binding.namespace.clone()).or_default();
-            let account = Arc::from(binding.google_service_account);
-            if names
-                .insert(binding.service_account.clone(), account)
+            if workloads
+                .get(&binding.namespace, &binding.service_account)
                 .is_some()
             {
                 return Err(at(format!(
@@ -182,6 +179,8 @@ impl Policy {
                     binding.namespace, binding.service_account
                 )));
             }
+            let account = Arc::from(binding.google_service_account);
+            workloads.insert(binding.namespace, binding.service_account, account);
         }
         Ok(Self {
             source: source.to_path_buf(),
@@ -193,7 +192,7 @@ impl Policy {
     /// The Google service account `[[workload]]` binds the Kubernetes
     /// service account `namespace/service_account` to, if any.
     pub fn workload_account(&self, namespace: &str, service_account: &str) -> Option<&Arc<str>> {
-        self.workloads.get(namespace)?.get(service_account)
+        self.workloads.get(namespace, service_account)
     }
 
     /// How many rules the policy has.

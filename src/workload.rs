@@ -101,6 +101,49 @@ impl Annotation {
     }
 }
 
+/// Values by Kubernetes service account: namespace, then name (nested,
+/// so that a lookup by `&str` allocates nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ByServiceAccount<T>(HashMap<String, HashMap<String, T>>);
+
+impl<T> Default for ByServiceAccount<T> {
+    fn default() -> Self {
+        Self(HashMap::new())
+    }
+}
+
+impl<T> ByServiceAccount<T> {
+    /// The value of `namespace/name`.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<&T> {
+        self.0.get(namespace)?.get(name)
+    }
+
+    /// Sets the value of `namespace/name`; returns the one it replaces.
+    pub fn insert(&mut self, namespace: String, name: String, value: T) -> Option<T> {
+        self.0.entry(namespace).or_default().insert(name, value)
+    }
+
+    /// Takes the value of `namespace/name` out.
+    pub fn remove(&mut self, namespace: &str, name: &str) -> Option<T> {
+        let names = self.0.get_mut(namespace)?;
+        let removed = names.remove(name);
+        if names.is_empty() {
+            self.0.remove(namespace);
+        }
+        removed
+    }
+}
+
+impl<T> FromIterator<(String, String, T)> for ByServiceAccount<T> {
+    fn from_iter<I: IntoIterator<Item = (String, String, T)>>(entries: I) -> Self {
+        let mut map = Self::default();
+        for (namespace, name, value) in entries {
+            map.insert(namespace, name, value);
+        }
+        map
+    }
+}
+
 /// A pod on this node, as far as identity goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pod {
@@ -194,9 +237,8 @@ struct Directory {
     /// [`LOOKUP_MEMORY`]; a pod the watcher adds, or a new whole list,
     /// replaces them.
     looked_up: HashMap<PodUid, (Option<Arc<Pod>>, Instant)>,
-    /// namespace → service account → its binding annotation (nested, so
-    /// that a lookup by `&str` allocates nothing).
-    bindings: HashMap<String, HashMap<String, Annotation>>,
+    /// Each service account's binding annotation.
+    bindings: ByServiceAccount<Annotation>,
     pods_synced: bool,
     accounts_synced: bool,
 }
@@ -382,8 +424,7 @@ impl Workloads {
     pub fn annotation(&self, pod: &Pod) -> Option<Annotation> {
         self.read()
             .bindings
-            .get(&pod.namespace)?
-            .get(&pod.service_account)
+            .get(&pod.namespace, &pod.service_account)
             .cloned()
     }
 
@@ -589,6 +630,22 @@ mod tests {
         assert_eq!(workloads.served_as(uid), None);
         workloads.remember(uid, workloads.generation(), resolved.clone());
         assert_eq!(workloads.served_as(uid), Some(resolved));
+    }
+
+    #[test]
+    fn values_by_service_account_are_found_by_namespace_and_name() {
+        let mut map: ByServiceAccount<u8> =
+            [("shop".into(), "cart".into(), 1)].into_iter().collect();
+        assert_eq!(map.insert("shop".into(), "cart".into(), 2), Some(1));
+        map.insert("shop".into(), "till".into(), 3);
+        assert_eq!(map.get("shop", "cart"), Some(&2));
+        assert_eq!(map.get("shop", "other"), None);
+        assert_eq!(map.get("cart", "shop"), None);
+        assert_eq!(map.remove("shop", "cart"), Some(2));
+        assert_eq!(map.remove("shop", "cart"), None);
+        assert_eq!(map.remove("shop", "till"), Some(3));
+        // An emptied namespace goes too: the map equals a new one.
+        assert_eq!(map, ByServiceAccount::default());
     }
 
     #[test]

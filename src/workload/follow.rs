@@ -6,7 +6,6 @@
 //! keeps the last known map meanwhile, and a new list replaces it whole,
 //! so pods deleted during an outage go then.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -18,7 +17,9 @@ use kube::runtime::{WatchStreamExt, watcher as watch_stream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Annotation, Directory, GOOGLE_ACCOUNT_ANNOTATION, Pod, PodUid, Workloads};
+use super::{
+    Annotation, ByServiceAccount, Directory, GOOGLE_ACCOUNT_ANNOTATION, Pod, PodUid, Workloads,
+};
 use crate::telemetry::RateLimitedLog;
 
 /// Follows this node's pods until `stop`.
@@ -131,9 +132,7 @@ impl Kept for Bindings {
     fn apply(directory: &mut Directory, (namespace, name, annotation): Self::Entry) -> bool {
         let old = directory
             .bindings
-            .entry(namespace)
-            .or_default()
-            .insert(name, annotation.clone());
+            .insert(namespace, name, annotation.clone());
         // A new binding matters too: a pod served as the node maps now.
         old.is_none_or(|old| old != annotation)
     }
@@ -143,24 +142,11 @@ impl Kept for Bindings {
         let (Some(namespace), Some(name)) = (&meta.namespace, &meta.name) else {
             return false;
         };
-        let Some(names) = directory.bindings.get_mut(namespace) else {
-            return false;
-        };
-        let removed = names.remove(name).is_some();
-        if names.is_empty() {
-            directory.bindings.remove(namespace);
-        }
-        removed
+        directory.bindings.remove(namespace, name).is_some()
     }
 
     fn replace(directory: &mut Directory, listed: Vec<Self::Entry>) -> bool {
-        let mut bindings: HashMap<String, HashMap<String, Annotation>> = HashMap::new();
-        for (namespace, name, annotation) in listed {
-            bindings
-                .entry(namespace)
-                .or_default()
-                .insert(name, annotation);
-        }
+        let bindings: ByServiceAccount<Annotation> = listed.into_iter().collect();
         directory.accounts_synced = true;
         let changed = directory.bindings != bindings;
         directory.bindings = bindings;
