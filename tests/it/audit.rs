@@ -4,53 +4,17 @@
 //! fingerprint of the token, never the token; a rotated file loses no line;
 //! an unsafe directory stops the broker.
 
-use std::path::Path;
-
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokenbroker::emulator::EmulatorConfig;
 use tokenbroker::proto::v1::{GetIdTokenRequest, InvalidateTokenRequest, invalidate_token_request};
 
+use crate::common::audit::{lines, wait_for_line, wait_for_lines};
 use crate::common::http::{Endpoint, get};
 use crate::common::{
     Broker, access_request, chmod, emulator, id_request, id_sink, next_token, poll_until,
     serve_fails, write_config,
 };
-
-/// The complete lines of the audit log at `path`, parsed. A line still
-/// being written (no newline yet) is left for the next read, as `tail -f`
-/// would: a batch of lines is one write, but a reader may see part of it.
-fn lines(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-    complete
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a JSON line"))
-        .collect()
-}
-
-/// Waits until the audit log at `path` holds `count` lines.
-async fn wait_for_lines(path: &Path, count: usize) -> Vec<Value> {
-    poll_until(
-        "the audit lines",
-        || lines(path).len() >= count,
-        || format!("{:#?}", lines(path)),
-    )
-    .await;
-    lines(path)
-}
-
-/// Waits until the audit log at `path` holds a line `matches`; returns the
-/// first such line.
-async fn wait_for_line(path: &Path, matches: impl Fn(&Value) -> bool) -> Value {
-    poll_until(
-        "the audit line",
-        || lines(path).iter().any(&matches),
-        || format!("{:#?}", lines(path)),
-    )
-    .await;
-    lines(path).into_iter().find(|line| matches(line)).unwrap()
-}
 
 /// The first 16 hex digits of the SHA-256 of `token`.
 fn fingerprint(token: &str) -> String {

@@ -281,21 +281,9 @@ access_boundary = [
     );
 
     // The audit trail names the boundary of every access token handed out.
-    let lines = || -> Vec<Value> {
-        std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect()
-    };
-    crate::common::poll_until(
-        "four audited grants",
-        || lines().len() >= 4,
-        || format!("{:#?}", lines()),
-    )
-    .await;
+    let lines = crate::common::audit::wait_for_lines(&audit, 4).await;
     let rules = &only_the_bucket.as_ref().unwrap()["accessBoundaryRules"];
-    for line in lines() {
+    for line in lines {
         match line["token_kind"].as_str() {
             Some("access_token") => assert_eq!(&line["access_boundary"], rules, "{line}"),
             _ => assert!(line.get("access_boundary").is_none(), "{line}"),

@@ -292,20 +292,8 @@ async fn a_reloaded_policy_cuts_off_open_watch_streams() {
         status.message()
     );
     // The audit trail shows the stream's token, then the denial.
-    let events = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect()
-    };
-    common::poll_until(
-        "the audited denial",
-        || events().iter().any(|e| e["event"] == "deny"),
-        || format!("{:#?}", events()),
-    )
-    .await;
-    let events = events();
+    common::audit::wait_for_line(&audit, |e| e["event"] == "deny").await;
+    let events = common::audit::lines(&audit);
     assert_eq!(events[0]["event"], "watch_token");
     let deny = events.iter().find(|e| e["event"] == "deny").unwrap();
     assert_eq!(deny["rpc"], "WatchToken");

@@ -16,9 +16,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::common::http::{Scrape, get_local, scrape_until};
-use crate::common::{
-    BINARY, Broker, emulator, in_time, is_root, output, poll_until, scrub_env, write_policy,
-};
+use crate::common::{BINARY, Broker, emulator, in_time, is_root, output, scrub_env, write_policy};
 
 /// The node the broker serves.
 const NODE: &str = "node-a";
@@ -675,21 +673,10 @@ async fn a_pod_mapped_elsewhere_is_watched_again_under_its_new_account() {
     emulator.put_service_account("shop", "cart", annotated(REPORT));
     assert_eq!(next().await, REPORT);
     // The stream's end is audited as a decision, naming the pod.
-    let ends = || -> Vec<serde_json::Value> {
-        let lines = std::fs::read_to_string(&audit).unwrap_or_default();
-        lines
-            .lines()
-            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-            .filter(|event| event["event"] == "deny" && event["rpc"] == "WatchToken")
-            .collect()
-    };
-    poll_until(
-        "the audited end",
-        || !ends().is_empty(),
-        || format!("{:#?}", ends()),
-    )
+    let end = &crate::common::audit::wait_for_line(&audit, |event| {
+        event["event"] == "deny" && event["rpc"] == "WatchToken"
+    })
     .await;
-    let end = &ends()[0];
     assert_eq!(end["code"], "UNAVAILABLE", "{end}");
     assert_eq!(end["peer"]["pod_uid"], pod.uid.as_str(), "{end}");
 

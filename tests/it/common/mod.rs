@@ -4,6 +4,7 @@
 //! share.
 
 pub mod activation;
+pub mod audit;
 pub mod authority_shim;
 mod broker;
 pub mod h2;
