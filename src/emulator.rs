@@ -396,7 +396,11 @@ impl Emulator {
     ) {
         self.shared
             .cluster()
-            .put_service_account(namespace, name, annotations);
+            .put_service_account(kubernetes::FakeServiceAccount {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                annotations,
+            });
     }
 
     /// Deletes a service account; false if there was none.
@@ -525,7 +529,7 @@ async fn handle(
     if let Some(api) = google::Api::of(request.method(), &path) {
         return google::serve(&shared, api, request).await;
     }
-    if path.starts_with("/api/v1/") {
+    if path.starts_with(kubernetes::PREFIX) {
         return Ok(kubernetes::serve(&shared, &request));
     }
     if path.starts_with("/latest/") {
@@ -553,11 +557,24 @@ fn json_response(value: &impl Serialize) -> Response<Body> {
 fn json_answer(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     let body = serde_json::to_string(value).unwrap_or_default();
     let mut response = text(status, &body);
+    as_json(&mut response);
+    response
+}
+
+/// Marks `response` as JSON.
+fn as_json(response: &mut Response<Body>) {
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        "application/json".parse().expect("valid header"),
+        header::HeaderValue::from_static("application/json"),
     );
-    response
+}
+
+/// The token of a request's `Authorization: Bearer` header.
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {

@@ -109,11 +109,7 @@ pub(super) async fn serve(
                 .and_then(FakeServiceAccount::checked)
             {
                 Ok(account) => {
-                    shared.cluster().put_service_account(
-                        &account.namespace,
-                        &account.name,
-                        account.annotations,
-                    );
+                    shared.cluster().put_service_account(account);
                     text(StatusCode::OK, "ok\n")
                 }
                 Err(message) => text(StatusCode::BAD_REQUEST, &message),
@@ -138,12 +134,11 @@ pub(super) async fn serve(
 /// `DELETE kubernetes/{pods|serviceaccounts}/{namespace}/{name}`.
 fn delete_object(shared: &Shared, path: &str) -> Response<Body> {
     let segments: Vec<&str> = path.split('/').collect();
-    let (kind, namespace, name) = match segments.as_slice() {
-        ["kubernetes", "pods", namespace, name] => (Kind::Pod, *namespace, *name),
-        ["kubernetes", "serviceaccounts", namespace, name] => {
-            (Kind::ServiceAccount, *namespace, *name)
-        }
-        _ => return not_found(),
+    let ["kubernetes", plural, namespace, name] = segments.as_slice() else {
+        return not_found();
+    };
+    let Some(kind) = Kind::of(plural) else {
+        return not_found();
     };
     if shared.cluster().delete(kind, namespace, name) {
         text(StatusCode::OK, "ok\n")

@@ -278,10 +278,7 @@ async fn form_endpoint(
         Ok((body, target)) => {
             let fault = shared.lock().take_fault(target);
             let mut response = respond(shared, fault, |_| body.to_string()).await?;
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                "application/json".parse().expect("valid header"),
-            );
+            super::as_json(&mut response);
             Ok(response)
         }
         Err((status, error, description)) => Ok(oauth_error(shared, status, error, &description)),
@@ -408,12 +405,7 @@ async fn iam(
     target: String,
     id_token_wanted: bool,
 ) -> Result<Response<Body>, std::io::Error> {
-    let bearer = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
+    let bearer = super::bearer(request.headers()).map(str::to_string);
     let body: Result<Value, String> = read_json(request).await;
     if let Some(bearer) = &bearer {
         shared.remember_credential(bearer);

@@ -31,7 +31,7 @@ pub const MAX_HISTORY: usize = 1000;
 /// asks for).
 pub const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 /// Where the fake API is served.
-const PREFIX: &str = "/api/v1/";
+pub(super) const PREFIX: &str = "/api/v1/";
 
 /// A pod of the fake cluster (`PUT /emulator/v1/kubernetes/pods` takes it
 /// as JSON).
@@ -146,6 +146,20 @@ impl FakeServiceAccount {
         check_names(&self.namespace, &self.name)?;
         Ok(self)
     }
+
+    /// The account as the API serves it, without its `resourceVersion`.
+    fn object(&self, uid: &str) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "uid": uid,
+                "annotations": self.annotations,
+            },
+        })
+    }
 }
 
 fn check_names(namespace: &str, name: &str) -> Result<(), String> {
@@ -171,7 +185,7 @@ pub(super) enum Kind {
 
 impl Kind {
     /// The kind named by a path segment (`pods`, `serviceaccounts`).
-    fn of(plural: &str) -> Option<Self> {
+    pub(super) fn of(plural: &str) -> Option<Self> {
         match plural {
             "pods" => Some(Self::Pod),
             "serviceaccounts" => Some(Self::ServiceAccount),
@@ -221,7 +235,7 @@ struct Term {
 }
 
 /// A field selector: terms that must all hold.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Selector(Vec<Term>);
 
 impl Selector {
@@ -370,29 +384,13 @@ impl Cluster {
     }
 
     /// Adds or replaces a service account.
-    pub(super) fn put_service_account(
-        &mut self,
-        namespace: &str,
-        name: &str,
-        annotations: BTreeMap<String, String>,
-    ) {
+    pub(super) fn put_service_account(&mut self, account: FakeServiceAccount) {
         let key = (
             Kind::ServiceAccount,
-            namespace.to_string(),
-            name.to_string(),
+            account.namespace.clone(),
+            account.name.clone(),
         );
-        self.put(key, None, |uid| {
-            json!({
-                "apiVersion": "v1",
-                "kind": "ServiceAccount",
-                "metadata": {
-                    "name": name,
-                    "namespace": namespace,
-                    "uid": uid,
-                    "annotations": annotations,
-                },
-            })
-        });
+        self.put(key, None, |uid| account.object(uid));
     }
 
     /// Deletes an object; false if there was none.
@@ -407,11 +405,13 @@ impl Cluster {
     }
 
     fn put(&mut self, key: Key, uid: Option<String>, object: impl FnOnce(&str) -> Value) {
-        let old_uid = self.objects.get(&key).map(uid_of);
-        if uid.is_some() && old_uid.is_some() && uid != old_uid {
+        let mut previous = self.objects.get(&key).cloned();
+        if let (Some(new), Some(old)) = (&uid, &previous)
+            && *new != uid_of(old)
+        {
             self.remove(&key);
+            previous = None;
         }
-        let previous = self.objects.get(&key).cloned();
         let uid = uid
             .or_else(|| previous.as_ref().map(uid_of))
             .unwrap_or_else(new_uid);
@@ -636,13 +636,7 @@ pub(super) fn serve(shared: &Arc<Shared>, request: &Request<Incoming>) -> Respon
             "the Kubernetes API is down (the emulator's outage switch is on)",
         );
     }
-    let authorized = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .is_some_and(|token| token == TOKEN);
-    if !authorized {
+    if super::bearer(request.headers()) != Some(TOKEN) {
         return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
     }
     if request.method() != Method::GET {
@@ -775,10 +769,7 @@ fn watch(
     };
     tokio::spawn(open.stream(lines, deadline));
     let mut response = Response::new(StreamBody::new(ReceiverStream::new(receiver)).boxed());
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        "application/json".parse().expect("valid header"),
-    );
+    super::as_json(&mut response);
     response
 }
 
@@ -902,6 +893,23 @@ mod tests {
         tokio::time::timeout(PATIENCE, stream.next())
             .await
             .expect("the stream moves on")
+    }
+
+    /// What a new kube watcher reads first: `Init`, the listed objects
+    /// (returned), `InitDone`.
+    async fn initial_list<K, S>(events: &mut S) -> Vec<K>
+    where
+        S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Unpin,
+    {
+        assert!(matches!(next(events).await, Some(Ok(watcher::Event::Init))));
+        let mut listed = Vec::new();
+        loop {
+            match next(events).await {
+                Some(Ok(watcher::Event::InitApply(object))) => listed.push(object),
+                Some(Ok(watcher::Event::InitDone)) => return listed,
+                _ => panic!("the initial list, then its end"),
+            }
+        }
     }
 
     /// The fake API's latest `resourceVersion`, from a list.
@@ -1034,18 +1042,8 @@ mod tests {
         let config = watcher::Config::default().fields("spec.nodeName=node-1");
         let mut events = watcher(Api::<Pod>::all(client), config).boxed();
 
-        assert!(matches!(
-            next(&mut events).await,
-            Some(Ok(watcher::Event::Init))
-        ));
-        let Some(Ok(watcher::Event::InitApply(old))) = next(&mut events).await else {
-            panic!("the existing pod first");
-        };
-        assert_eq!(old.metadata.name.as_deref(), Some("old"));
-        assert!(matches!(
-            next(&mut events).await,
-            Some(Ok(watcher::Event::InitDone))
-        ));
+        let listed = initial_list(&mut events).await;
+        assert_eq!(names(&listed), ["old"], "the existing pod first");
 
         emulator.add_pod(pod("apps", "other", "node-2"));
         emulator.add_pod(pod("apps", "new", "node-1"));
@@ -1139,18 +1137,7 @@ mod tests {
 
         let all = Api::<ServiceAccount>::all(client);
         let mut events = watcher(all, watcher::Config::default()).boxed();
-        assert!(matches!(
-            next(&mut events).await,
-            Some(Ok(watcher::Event::Init))
-        ));
-        assert!(matches!(
-            next(&mut events).await,
-            Some(Ok(watcher::Event::InitApply(_)))
-        ));
-        assert!(matches!(
-            next(&mut events).await,
-            Some(Ok(watcher::Event::InitDone))
-        ));
+        assert_eq!(initial_list(&mut events).await.len(), 1);
         assert!(emulator.delete_service_account("apps", "runner"));
         let Some(Ok(watcher::Event::Delete(gone))) = next(&mut events).await else {
             panic!("the deletion");
@@ -1174,11 +1161,7 @@ mod tests {
         let all = Api::<PartialObjectMeta<ServiceAccount>>::all(client);
         let mut events = watcher(all, watcher::Config::default()).boxed();
 
-        assert!(matches!(
-            next(&mut events).await,
-            Some(Ok(watcher::Event::Init))
-        ));
-        let Some(Ok(watcher::Event::InitApply(listed))) = next(&mut events).await else {
+        let [listed] = &initial_list(&mut events).await[..] else {
             panic!("the listed account");
         };
         let types = listed.types.as_ref().expect("typed");
@@ -1190,10 +1173,6 @@ mod tests {
             listed.metadata.annotations,
             Some(annotation("a@p.iam.gserviceaccount.com"))
         );
-        assert!(matches!(
-            next(&mut events).await,
-            Some(Ok(watcher::Event::InitDone))
-        ));
         emulator.put_service_account("apps", "runner", annotation("b@p.iam.gserviceaccount.com"));
         let Some(Ok(watcher::Event::Apply(changed))) = next(&mut events).await else {
             panic!("the change");
@@ -1239,14 +1218,7 @@ mod tests {
         let (emulator, client) = start().await;
         let pods: Api<Pod> = Api::all(client);
         let mut watching = watcher(pods.clone(), watcher::Config::default()).boxed();
-        assert!(matches!(
-            next(&mut watching).await,
-            Some(Ok(watcher::Event::Init))
-        ));
-        assert!(matches!(
-            next(&mut watching).await,
-            Some(Ok(watcher::Event::InitDone))
-        ));
+        assert!(initial_list(&mut watching).await.is_empty());
         let rv = latest_version(&pods).await;
         let mut events = watch_pods_from(&pods, &rv).await;
         emulator.add_pod(pod("apps", "p", "node-1"));
