@@ -81,7 +81,8 @@ def check_container(where, container, pod_security, ports_required, init=False):
 
 
 def main(directory):
-    summary = {"broker_args": [], "configs": [], "kinds": [], "socket_mounts": []}
+    summary = {"brokers": [], "configs": [], "kinds": [], "socket_mounts": [],
+               "cluster_roles": [], "workload_identity": []}
     files = sorted(pathlib.Path(directory).glob("*.yaml"))
     check(bool(files), directory, "no manifests")
     configmaps = {}
@@ -109,7 +110,7 @@ def main(directory):
                           for verb in ("get", "list", "watch")}
                 check(granted == wanted, where,
                       f"must grant exactly get/list/watch on pods and serviceaccounts, grants {sorted(granted)}")
-                summary.setdefault("cluster_roles", []).append(name)
+                summary["cluster_roles"].append(name)
             if kind == "ConfigMap":
                 configmaps[name] = doc.get("data", {})
                 if "tokenbroker.toml" in doc.get("data", {}):
@@ -141,9 +142,9 @@ def main(directory):
                             {"kind": kind, "volume": volume, "readOnly": mount.get("readOnly", False)})
             for container in spec.get("initContainers", []) + spec.get("containers", []):
                 if container.get("args", [])[:1] == ["serve"]:
-                    summary["broker_args"].append(container["args"])
                     config = next((configmaps.get(v["configMap"]["name"], {}).get("tokenbroker.toml", "")
                                    for v in volumes.values() if "configMap" in v), "")
+                    summary["brokers"].append({"args": container["args"], "config": config})
                     if 'workload_identity = "kubernetes"' in config:
                         # Pods' pids are visible only in the host's pid
                         # namespace; the node's name selects its pods.
@@ -153,7 +154,7 @@ def main(directory):
                               where, "TOKENBROKER_NODE_NAME must come from the downward API's spec.nodeName")
                         check(spec.get("automountServiceAccountToken") is not False, where,
                               "workload identity reads the API with the pod's service-account token")
-                        summary.setdefault("workload_identity", []).append(name)
+                        summary["workload_identity"].append(name)
             for container in spec.get("containers", []):
                 args = container.get("args", [])
                 is_broker = args[:1] == ["serve"]

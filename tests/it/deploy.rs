@@ -166,27 +166,29 @@ async fn the_kubernetes_manifests_are_valid_and_their_config_serves_the_probes()
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tokenbroker.toml");
 
-    for text in configs {
-        std::fs::write(&config, text.as_str().unwrap()).unwrap();
-        // Every broker's args parse, with the ConfigMap's file in place.
-        for args in checked["broker_args"].as_array().unwrap() {
-            let mut argv = vec!["tokenbroker".to_string()];
-            let mut args = args.as_array().unwrap().iter().map(|a| a.as_str().unwrap());
-            while let Some(arg) = args.next() {
-                argv.push(arg.to_string());
-                if arg == "--config" {
-                    args.next();
-                    argv.push(config.to_str().unwrap().to_string());
-                }
+    // Every broker's args parse, with its own ConfigMap's file in place.
+    for broker in checked["brokers"].as_array().unwrap() {
+        std::fs::write(&config, broker["config"].as_str().unwrap()).unwrap();
+        let mut argv = vec!["tokenbroker".to_string()];
+        let mut args = broker["args"].as_array().unwrap().iter();
+        while let Some(arg) = args.next().map(|a| a.as_str().unwrap()) {
+            argv.push(arg.to_string());
+            if arg == "--config" {
+                args.next();
+                argv.push(config.to_str().unwrap().to_string());
             }
-            tokenbroker::config::file::parse(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
         }
+        tokenbroker::config::file::parse(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    }
 
-        // The DaemonSet's configuration, run for real (on the emulator, its
-        // fake Kubernetes API for workload identity, a free port instead of
-        // 9464 and a metadata socket in a temporary directory): the probes'
-        // paths answer.
-        let metadata = format!("unix:{}", dir.path().join("metadata.sock").display());
+    for (index, text) in configs.iter().enumerate() {
+        std::fs::write(&config, text.as_str().unwrap()).unwrap();
+        // Each DaemonSet's configuration, run for real (on the emulator,
+        // its fake Kubernetes API for workload identity, a free port
+        // instead of 9464 and a metadata socket of its own in a temporary
+        // directory): the probes' paths answer.
+        let socket = dir.path().join(format!("metadata-{index}.sock"));
+        let metadata = format!("unix:{}", socket.display());
         let broker = Broker::emulated(&[
             "--config",
             config.to_str().unwrap(),
