@@ -8,15 +8,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use tokenbroker::emulator::kubernetes::FakePod;
 use tokenbroker::emulator::{DEFAULT_ACCOUNT, Emulator, EmulatorConfig};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::common::http::{Scrape, get_local, scrape_until};
-use crate::common::{BINARY, Broker, emulator, in_time, is_root, output, scrub_env, write_policy};
+use crate::common::{
+    BINARY, Broker, Printing, emulator, fails, is_root, output, scrub_env, succeeds, write_policy,
+};
 
 /// The node the broker serves.
 const NODE: &str = "node-a";
@@ -243,30 +243,26 @@ fn cli(pod: Option<&PodCgroup>) -> Command {
 }
 
 /// `tokenbroker token access` in `pod` (or on the host), with `args`.
-async fn access_token(broker: &Broker, pod: Option<&PodCgroup>, args: &[&str]) -> Output {
+fn access_token(broker: &Broker, pod: Option<&PodCgroup>, args: &[&str]) -> Command {
     let mut command = cli(pod);
     command
         .args(["token", "access", "--socket"])
         .arg(&broker.socket)
         .args(args);
-    output(&mut command).await
+    command
 }
 
-/// The token an access-token call printed, or a panic with its stderr.
-fn printed(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
+/// The token [`access_token`] printed; a panic with its stderr if it
+/// failed.
+async fn served(broker: &Broker, pod: Option<&PodCgroup>, args: &[&str]) -> String {
+    let printed = succeeds(&mut access_token(broker, pod, args)).await;
+    printed.trim().to_string()
 }
 
-/// What a refused access-token call said on stderr; a panic if it was not
+/// What a refused [`access_token`] said on stderr; a panic if it was not
 /// refused.
-fn refusal(output: &Output) -> String {
-    assert!(!output.status.success(), "the call was not refused");
-    String::from_utf8_lossy(&output.stderr).to_string()
+async fn refused(broker: &Broker, pod: Option<&PodCgroup>, args: &[&str]) -> String {
+    fails(&mut access_token(broker, pod, args)).await
 }
 
 /// Whose token `token` is, by the emulator's tokeninfo.
@@ -319,31 +315,20 @@ fn cart_pod(emulator: &Emulator, root: &Path, driver: Driver, name: &str) -> Pod
 }
 
 /// `tokenbroker token access FLAG` (`--watch` or `--watch-once`) in `pod`
-/// (or on the host), and the lines it prints.
-fn watching(
-    broker: &PodBroker,
-    pod: Option<&PodCgroup>,
-    flag: &str,
-) -> (
-    tokio::process::Child,
-    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-) {
-    let mut command = cli(pod);
-    command
-        .args(["token", "access", flag, "--socket"])
-        .arg(&broker.socket)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = command.spawn().unwrap();
-    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    (child, lines)
+/// (or on the host), printing its tokens; its stderr is kept.
+fn watching(broker: &PodBroker, pod: Option<&PodCgroup>, flag: &str) -> Printing {
+    Printing::spawn(
+        cli(pod)
+            .args(["token", "access", flag, "--socket"])
+            .arg(&broker.socket)
+            .stderr(std::process::Stdio::piped()),
+    )
 }
 
-/// What `child` printed on stderr, once it has ended.
-async fn stderr_of(child: &mut tokio::process::Child) -> String {
+/// What `watch` printed on stderr, once it has ended.
+async fn stderr_of(watch: &mut Printing) -> String {
     let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+    tokio::io::AsyncReadExt::read_to_string(&mut watch.child.stderr.take().unwrap(), &mut stderr)
         .await
         .unwrap();
     stderr
@@ -390,17 +375,17 @@ async fn pods_get_their_own_accounts_through_grpc_and_the_metadata_socket() {
     .await;
 
     // gRPC, through the CLI.
-    let token = printed(&access_token(&broker, Some(&cart), &[]).await);
+    let token = served(&broker, Some(&cart), &[]).await;
     assert_eq!(owner_of(&emulator, &token), CART);
-    let by_email = printed(&access_token(&broker, Some(&cart), &["--service-account", CART]).await);
+    let by_email = served(&broker, Some(&cart), &["--service-account", CART]).await;
     assert_eq!(by_email, token, "default and the email are one key");
-    let token = printed(&access_token(&broker, Some(&report), &[]).await);
+    let token = served(&broker, Some(&report), &[]).await;
     assert_eq!(owner_of(&emulator, &token), REPORT);
     // A host process is served as before: the node's own account.
-    let token = printed(&access_token(&broker, None, &[]).await);
+    let token = served(&broker, None, &[]).await;
     assert_eq!(owner_of(&emulator, &token), DEFAULT_ACCOUNT);
     // The policy decides which Google accounts a namespace may be served as.
-    let said = refusal(&access_token(&broker, Some(&sneaky), &[]).await);
+    let said = refused(&broker, Some(&sneaky), &[]).await;
     assert!(
         said.contains("denied by policy") && said.contains("pod shop/sneaky-1"),
         "{said}"
@@ -408,8 +393,7 @@ async fn pods_get_their_own_accounts_through_grpc_and_the_metadata_socket() {
 
     // No request field gets a pod another account.
     for other in [REPORT, DEFAULT_ACCOUNT] {
-        let said =
-            refusal(&access_token(&broker, Some(&cart), &["--service-account", other]).await);
+        let said = refused(&broker, Some(&cart), &["--service-account", other]).await;
         assert!(
             said.contains("PERMISSION_DENIED") || said.contains("ermission"),
             "{said}"
@@ -470,12 +454,8 @@ async fn twenty_pods_of_one_account_cause_one_iam_call() {
         })
         .collect();
     let broker = broker(&emulator, &[]).await;
-    let calls = pods.iter().map(|pod| access_token(&broker, Some(pod), &[]));
-    let tokens: Vec<String> = futures_util::future::join_all(calls)
-        .await
-        .iter()
-        .map(printed)
-        .collect();
+    let calls = pods.iter().map(|pod| served(&broker, Some(pod), &[]));
+    let tokens: Vec<String> = futures_util::future::join_all(calls).await;
     assert!(tokens.iter().all(|t| *t == tokens[0]), "one shared token");
     assert_eq!(owner_of(&emulator, &tokens[0]), CART);
     let minted: Vec<_> = emulator
@@ -497,7 +477,7 @@ async fn an_unmapped_pod_is_refused_or_served_as_the_node() {
     emulator.add_pod(pod.pod("shop", "legacy-1", "legacy"));
 
     let refusing = broker(&emulator, &[]).await;
-    let said = refusal(&access_token(&refusing, Some(&pod), &[]).await);
+    let said = refused(&refusing, Some(&pod), &[]).await;
     for needle in [
         "pod shop/legacy-1",
         "Kubernetes service account shop/legacy",
@@ -508,7 +488,7 @@ async fn an_unmapped_pod_is_refused_or_served_as_the_node() {
     refusing.wait_for_log("pod shop/legacy-1").await;
 
     let as_node = broker(&emulator, &["--unmapped-pods", "node"]).await;
-    let token = printed(&access_token(&as_node, Some(&pod), &[]).await);
+    let token = served(&as_node, Some(&pod), &[]).await;
     assert_eq!(owner_of(&emulator, &token), DEFAULT_ACCOUNT);
 }
 
@@ -521,20 +501,17 @@ async fn deleting_a_pod_ends_its_watch() {
     let pod = cart_pod(&emulator, &root, Driver::Cgroupfs("burstable"), "cart-1");
     let broker = broker(&emulator, &[]).await;
 
-    let (mut watcher, mut lines) = watching(&broker, Some(&pod), "--watch");
-    let first = in_time("the first token", lines.next_line())
-        .await
-        .unwrap()
-        .unwrap();
+    let mut watcher = watching(&broker, Some(&pod), "--watch");
+    let first = watcher.next_line().await;
     assert_eq!(owner_of(&emulator, &first), CART);
 
     assert!(emulator.delete_pod("shop", "cart-1"));
-    let status = in_time("the watch to end", watcher.wait()).await.unwrap();
+    let status = watcher.wait().await;
     assert!(!status.success());
     let stderr = stderr_of(&mut watcher).await;
     assert!(stderr.contains("no longer on node node-a"), "{stderr}");
     // And the deleted pod is not served again.
-    refusal(&access_token(&broker, Some(&pod), &[]).await);
+    refused(&broker, Some(&pod), &[]).await;
 }
 
 #[tokio::test]
@@ -549,20 +526,20 @@ async fn an_api_server_outage_keeps_known_pods_served_and_refuses_unknown_ones()
     emulator.set_kubernetes_outage(true);
     // Another key, so that it is fetched now, during the outage.
     let scope = "https://www.googleapis.com/auth/devstorage.read_only";
-    let token = printed(&access_token(&broker, Some(&known), &["--scope", scope]).await);
+    let token = served(&broker, Some(&known), &["--scope", scope]).await;
     assert_eq!(owner_of(&emulator, &token), CART);
-    let token = printed(&access_token(&broker, None, &[]).await);
+    let token = served(&broker, None, &[]).await;
     assert_eq!(owner_of(&emulator, &token), DEFAULT_ACCOUNT);
 
     // A pod the broker never saw: one direct list, which fails.
     let unknown = PodCgroup::create(&root, Driver::Cgroupfs("besteffort"));
     emulator.add_pod(unknown.pod("shop", "cart-2", "cart"));
-    let said = refusal(&access_token(&broker, Some(&unknown), &[]).await);
+    let said = refused(&broker, Some(&unknown), &[]).await;
     assert!(said.contains("could not be asked"), "{said}");
 
     // Back up: the watch resumes and the new pod is served.
     emulator.set_kubernetes_outage(false);
-    let token = printed(&access_token(&broker, Some(&unknown), &[]).await);
+    let token = served(&broker, Some(&unknown), &[]).await;
     assert_eq!(owner_of(&emulator, &token), CART);
 }
 
@@ -577,16 +554,16 @@ async fn an_api_server_down_at_start_keeps_pods_waiting_and_host_processes_serve
     let broker = start(&emulator, &[]).await;
     let addr = broker.metrics_addr().await;
 
-    let token = printed(&access_token(&broker, None, &[]).await);
+    let token = served(&broker, None, &[]).await;
     assert_eq!(owner_of(&emulator, &token), DEFAULT_ACCOUNT);
-    let said = refusal(&access_token(&broker, Some(&pod), &[]).await);
+    let said = refused(&broker, Some(&pod), &[]).await;
     assert!(said.contains("has not read this node's pods"), "{said}");
     assert_eq!(get_local(addr, "/readyz").await.status, 503);
 
     emulator.set_kubernetes_outage(false);
     broker.wait_until_serving().await;
     assert_eq!(get_local(addr, "/readyz").await.status, 200);
-    let token = printed(&access_token(&broker, Some(&pod), &[]).await);
+    let token = served(&broker, Some(&pod), &[]).await;
     assert_eq!(owner_of(&emulator, &token), CART);
 }
 
@@ -604,19 +581,13 @@ async fn each_pod_has_its_own_share_of_watches() {
     // not use up the other's, nor the host's.
     let mut held = Vec::new();
     for pod in [Some(&first), Some(&second), None] {
-        let (child, mut lines) = watching(&broker, pod, "--watch-once");
-        let token = in_time("a watch's first token", lines.next_line()).await;
-        assert!(
-            token.unwrap().is_some(),
-            "{pod:?}",
-            pod = pod.map(|p| &p.uid)
-        );
-        held.push((child, lines));
+        let mut watch = watching(&broker, pod, "--watch-once");
+        // A token for each (a refused watch prints none and ends).
+        watch.next_line().await;
+        held.push(watch);
     }
-    let (mut over, _) = watching(&broker, Some(&first), "--watch-once");
-    let status = in_time("the refused watch to end", over.wait())
-        .await
-        .unwrap();
+    let mut over = watching(&broker, Some(&first), "--watch-once");
+    let status = over.wait().await;
     assert!(!status.success());
     let stderr = stderr_of(&mut over).await;
     assert!(
@@ -624,8 +595,8 @@ async fn each_pod_has_its_own_share_of_watches() {
         "{stderr}"
     );
     // Ended before the pods' cgroups are removed.
-    for (mut child, _) in held {
-        child.kill().await.unwrap();
+    for mut watch in held {
+        watch.child.kill().await.unwrap();
     }
 }
 
@@ -636,7 +607,7 @@ async fn a_peer_whose_pod_cannot_be_told_is_refused() {
     let emulator = emulator(EmulatorConfig::default()).await;
     let empty = tempfile::tempdir().unwrap();
     let broker = broker(&emulator, &["--proc-root", empty.path().to_str().unwrap()]).await;
-    let said = refusal(&access_token(&broker, None, &[]).await);
+    let said = refused(&broker, None, &[]).await;
     assert!(said.contains("cannot tell which pod"), "{said}");
     let scrape = Scrape::of(broker.metrics_addr().await).await;
     assert_eq!(scrape.value("tokenbroker_workload_pods", &[]), 0.0);
@@ -662,11 +633,8 @@ async fn a_pod_mapped_elsewhere_is_watched_again_under_its_new_account() {
 
     // `--watch` subscribes again when a stream ends with UNAVAILABLE, as
     // it does when the pod's account changes.
-    let (mut watcher, mut lines) = watching(&broker, Some(&pod), "--watch");
-    let mut next = async || {
-        let line = in_time("the next token", lines.next_line()).await.unwrap();
-        owner_of(&emulator, &line.expect("the watch goes on"))
-    };
+    let mut watcher = watching(&broker, Some(&pod), "--watch");
+    let mut next = async || owner_of(&emulator, &watcher.next_line().await);
     assert_eq!(next().await, CART);
 
     // The annotation changes: the stream ends, and the new one is report's.
@@ -688,5 +656,5 @@ async fn a_pod_mapped_elsewhere_is_watched_again_under_its_new_account() {
     broker.signal(nix::sys::signal::Signal::SIGHUP);
     assert_eq!(next().await, CART);
     // Ended before the pod's cgroup is removed.
-    watcher.kill().await.unwrap();
+    watcher.child.kill().await.unwrap();
 }

@@ -357,7 +357,12 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let output = output(binary().args(args)).await;
+    fails(binary().args(args)).await
+}
+
+/// Runs `command`, which must fail; returns what it printed on stderr.
+pub async fn fails(command: &mut Command) -> String {
+    let output = output(command).await;
     assert!(!output.status.success(), "succeeded unexpectedly");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
