@@ -621,15 +621,12 @@ async fn a_pod_mapped_elsewhere_is_watched_again_under_its_new_account() {
     let emulator = shop().await;
     let pod = cart_pod(&emulator, &root, Driver::Systemd("besteffort"), "cart-1");
     let dir = tempfile::tempdir().unwrap();
-    let policy = write_policy(dir.path(), "");
+    let allow =
+        "[[allow]]\nnamespaces = [\"shop\"]\nservice_accounts = [\"*\"]\nscopes = [\"*\"]\n";
+    let policy = write_policy(dir.path(), allow);
     let audit = dir.path().join("audit.log");
     let audit_flag = audit.to_str().unwrap();
     let broker = broker(&emulator, &["--policy", &policy, "--audit-log", audit_flag]).await;
-    let allow =
-        "[[allow]]\nnamespaces = [\"shop\"]\nservice_accounts = [\"*\"]\nscopes = [\"*\"]\n";
-    write_policy(dir.path(), allow);
-    broker.signal(nix::sys::signal::Signal::SIGHUP);
-    broker.wait_for_log("policy reloaded").await;
 
     // `--watch` subscribes again when a stream ends with UNAVAILABLE, as
     // it does when the pod's account changes.
