@@ -622,6 +622,30 @@ impl Load {
     }
 }
 
+/// Fills a new broker's cache with the keys, then drives it for a second,
+/// before it is measured.
+async fn warm_up(socket: &Path, args: &Args) {
+    warm(socket, 0..args.keys, 100).await;
+    let _ = drive(socket, args, Duration::from_secs(1)).await;
+}
+
+/// `args.rounds` rounds, each driving every one of `sockets` in turn for
+/// `duration` (so that a noisy moment spreads over all): what each
+/// sustained.
+async fn alternate<const N: usize>(
+    sockets: [&Path; N],
+    args: &Args,
+    duration: Duration,
+) -> [Load; N] {
+    let mut loads = std::array::from_fn(|_| Load::default());
+    for _ in 0..args.rounds.max(1) {
+        for (socket, load) in sockets.iter().zip(&mut loads) {
+            load.merge(drive(socket, args, duration).await);
+        }
+    }
+    loads
+}
+
 async fn drive(socket: &Path, args: &Args, duration: Duration) -> Load {
     drive_with(socket, args, duration, ClientAuthority::Localhost).await
 }
@@ -751,23 +775,23 @@ impl InPod {
         };
         let home = root.join(home.trim_start_matches('/'));
         let uid = format!("00000000-0000-4000-8000-{:012x}", std::process::id());
-        let mut dir = root;
-        let mut created = Vec::new();
-        for segment in ["kubepods", "besteffort", &format!("pod{uid}"), "loadgen"] {
-            dir.push(segment);
-            if !dir.exists() {
-                if let Err(error) = std::fs::create_dir(&dir) {
-                    return skip(&format!("cannot create {}: {error}", dir.display()));
-                }
-                created.push(dir.clone());
-            }
-        }
-        let pod = InPod {
-            created,
-            leaf: dir,
+        // Made before the cgroups, so that those made are removed (on
+        // drop) whatever fails.
+        let mut pod = InPod {
+            created: Vec::new(),
+            leaf: root,
             home,
             dir: tempfile::tempdir().expect("temp dir"),
         };
+        for segment in ["kubepods", "besteffort", &format!("pod{uid}"), "loadgen"] {
+            pod.leaf.push(segment);
+            if !pod.leaf.exists() {
+                if let Err(error) = std::fs::create_dir(&pod.leaf) {
+                    return skip(&format!("cannot create {}: {error}", pod.leaf.display()));
+                }
+                pod.created.push(pod.leaf.clone());
+            }
+        }
         emulator.allow_impersonation(POD_ACCOUNT);
         let annotation = (
             "iam.gke.io/gcp-service-account".to_string(),
@@ -820,21 +844,34 @@ impl Drop for InPod {
     }
 }
 
-/// Waits until the broker on `socket` serves an ID token (a workload
-/// identity broker first reads the node's pods).
-async fn wait_until_answers(socket: &Path) {
-    let mut client = channels(socket, 1).await.remove(0);
-    for _ in 0..200 {
-        let request = GetIdTokenRequest {
-            audience: audience(0),
-            ..Default::default()
-        };
-        if client.get_id_token(request).await.is_ok() {
-            return;
+/// Waits (10 s at most) until the broker on `socket` serves, as its gRPC
+/// health says: a workload identity broker first reads the node's pods.
+async fn wait_until_serving(socket: &Path) {
+    use tonic_health::ServingStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let endpoint = Endpoint::from_shared(format!("unix://{}", socket.display())).expect("endpoint");
+    let mut health = HealthClient::new(endpoint.connect().await.expect("connect"));
+    let request = HealthCheckRequest {
+        service: "tokenbroker.v1.TokenBroker".into(),
+    };
+    let mut statuses = health
+        .watch(request)
+        .await
+        .expect("a health watch")
+        .into_inner();
+    let serving = async {
+        while let Some(status) = statuses.message().await.expect("health statuses") {
+            if status.status == ServingStatus::Serving as i32 {
+                return;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the broker in the pod never answered");
+        panic!("the health watch ended");
+    };
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("the broker in the pod never served");
 }
 
 /// A FIFO for the broker's audit log, read at a fixed, slow rate by a
@@ -968,13 +1005,9 @@ async fn benchmark(args: Args) {
     let pipe = SlowPipe::start(64 * 1024);
     let audit_flags = ["--audit-log", pipe.path()];
     let (audited, _) = Server::broker(metadata, None, &audit_flags).await;
-    warm(&audited.socket, 0..args.keys, 100).await;
-    let _ = drive(&audited.socket, &args, Duration::from_secs(1)).await;
-    let (mut on_audited, mut on_baseline_again) = (Load::default(), Load::default());
-    for _ in 0..args.rounds.max(1) {
-        on_audited.merge(drive(&audited.socket, &args, args.duration).await);
-        on_baseline_again.merge(drive(&baseline.socket, &args, args.duration).await);
-    }
+    warm_up(&audited.socket, &args).await;
+    let sockets = [&*audited.socket, &baseline.socket];
+    let [on_audited, on_baseline_again] = alternate(sockets, &args, args.duration).await;
     report.insert("broker_audited_rps", on_audited.rps().round().into());
     report.insert(
         "rps_ratio_audit",
@@ -992,16 +1025,10 @@ async fn benchmark(args: Args) {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let (in_pod, _) = Server::broker(metadata, None, &flags).await;
         pod.join();
-        wait_until_answers(&in_pod.socket).await;
-        warm(&in_pod.socket, 0..args.keys, 100).await;
-        let _ = drive(&in_pod.socket, &args, Duration::from_secs(1)).await;
-        let (mut on_pod, mut on_host, mut on_baseline_pod) =
-            (Load::default(), Load::default(), Load::default());
-        for _ in 0..args.rounds.max(1) {
-            on_pod.merge(drive(&in_pod.socket, &args, args.duration).await);
-            on_host.merge(drive(&broker.socket, &args, args.duration).await);
-            on_baseline_pod.merge(drive(&baseline.socket, &args, args.duration).await);
-        }
+        wait_until_serving(&in_pod.socket).await;
+        warm_up(&in_pod.socket, &args).await;
+        let sockets = [&*in_pod.socket, &broker.socket, &baseline.socket];
+        let [on_pod, on_host, on_baseline_pod] = alternate(sockets, &args, args.duration).await;
         report.insert("broker_pod_rps", on_pod.rps().round().into());
         report.insert(
             "rps_ratio_pod",
@@ -1021,11 +1048,9 @@ async fn benchmark(args: Args) {
         connections: 1,
         ..args.clone()
     };
-    let (mut alone_broker, mut alone_baseline) = (Load::default(), Load::default());
-    for _ in 0..args.rounds.max(1) {
-        alone_broker.merge(drive(&broker.socket, &single, args.duration / 2).await);
-        alone_baseline.merge(drive(&baseline.socket, &single, args.duration / 2).await);
-    }
+    let sockets = [&*broker.socket, &baseline.socket];
+    let [mut alone_broker, mut alone_baseline] =
+        alternate(sockets, &single, args.duration / 2).await;
     let (alone_broker_p50, alone_baseline_p50) =
         (alone_broker.percentile(0.5), alone_baseline.percentile(0.5));
     report.insert("single_client_broker_p50_us", alone_broker_p50.into());
