@@ -15,6 +15,7 @@ usage: check_manifests.py DIR
 import json
 import pathlib
 import sys
+import tomllib
 
 import yaml
 
@@ -145,7 +146,7 @@ def main(directory):
                     config = next((configmaps.get(v["configMap"]["name"], {}).get("tokenbroker.toml", "")
                                    for v in volumes.values() if "configMap" in v), "")
                     summary["brokers"].append({"args": container["args"], "config": config})
-                    if 'workload_identity = "kubernetes"' in config:
+                    if tomllib.loads(config).get("workload_identity") == "kubernetes":
                         # Pods' pids are visible only in the host's pid
                         # namespace; the node's name selects its pods.
                         check(spec.get("hostPID") is True, where, "workload identity needs hostPID: true")
