@@ -53,6 +53,7 @@ macro_rules! write_through {
 }
 pub(crate) use write_through;
 
+pub mod credentials;
 pub mod idle;
 
 use std::future::poll_fn;

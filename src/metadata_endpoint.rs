@@ -41,7 +41,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::Broker;
 use crate::connections::{self, Acceptor, Listener, ListenerLimits};
 use crate::error::BrokerError;
-use crate::peer::{Locator, Peer};
+use crate::peer::Locator;
 use crate::policy::Caller;
 use crate::request::TokenRequest;
 use crate::socket::BoundSocket;
@@ -151,7 +151,7 @@ pub async fn serve(
             Connection::Tcp(stream) => (Either::Left(stream), Caller::Loopback),
             Connection::Unix(stream) => {
                 let locator = endpoint.locator.as_ref();
-                let peer = Peer::of(&stream, locator);
+                let peer = connections::credentials::peer_of(&stream, locator);
                 (Either::Right(stream), Caller::Local(peer))
             }
         };

@@ -18,7 +18,7 @@ use tower::util::MapResponseLayer;
 
 use crate::broker::Broker;
 use crate::connections::idle::{ActivityLayer, IdleClose};
-use crate::connections::{Acceptor, Listener, ListenerLimits};
+use crate::connections::{Acceptor, Listener, ListenerLimits, credentials};
 use crate::grpc::authority::{self, AnyAuthority};
 use crate::grpc::service::TokenBrokerService;
 use crate::peer::{Locator, Peer};
@@ -135,7 +135,7 @@ fn accept(
         move |(listener, mut acceptor, limits, locator)| async move {
             loop {
                 let stream = acceptor.accept(&listener).await;
-                let peer = Peer::of(&stream, locator.as_ref());
+                let peer = credentials::peer_of(&stream, locator.as_ref());
                 let holder = peer.as_ref().map(Peer::holder);
                 let Some(permit) = limits.admit(holder) else {
                     continue;
